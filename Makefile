@@ -1,0 +1,27 @@
+# The two commands README.md documents:
+#   make demo   - set up everything, then run the demo lab (real VPN peers through vpnmasq)
+#   make test   - set up everything, then run the whole test suite (lint, types, layers, tests)
+.PHONY: setup demo test lint unit bench fuzz clean
+
+setup:
+	@./scripts/setup.sh
+
+demo: setup
+	.venv/bin/vpnmasq demo
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/mypy src/vpnmasq
+	.venv/bin/lint-imports
+
+test: lint
+	.venv/bin/pytest tests -q
+
+unit: setup
+	.venv/bin/pytest tests -q --ignore=tests/integration --ignore=tests/e2e
+
+bench: setup
+	.venv/bin/python bench/run.py
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,39 @@
+#!/bin/sh
+# One-time, idempotent set-up: system packages (apt) and the Python venv in .venv/.
+# Called by `make demo` and `make test`; safe to run again (it skips what is done).
+set -eu
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="iproute2 nftables iptables conntrack tcpdump tshark iperf3 socat \
+pptpd pptp-linux strongswan-charon strongswan-swanctl libcharon-extra-plugins \
+libstrongswan-extra-plugins netsniff-ng hping3 kmod"
+
+missing=""
+for p in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing system packages:$missing"
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+# Debian enables these on install; the lab runs its own instances in namespaces.
+for svc in pptpd strongswan-starter strongswan; do
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+done
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+STAMP=.venv/.setup-stamp
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -c 'import vpnmasq, scapy, click, pyroute2' 
+    touch "$STAMP"
+fi
+echo "setup: ready (.venv/bin/vpnmasq)"

@@ -1,0 +1,86 @@
+"""Allocators for outside identifiers: ports, ICMP ids, GRE Call IDs.
+
+RFC 4787 behaviour: port preservation when the port is free and in range, no port
+overloading (one alias per inside endpoint at a time, enforced by the caller's bindings),
+source ports below 1024 map below 1024. Exhaustion returns None (a counted refusal).
+The random source is injected, so tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+class IdAllocator:
+    """Hands out 16-bit identifiers from ranges, preserving the requested one when allowed."""
+
+    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve")
+
+    def __init__(
+        self,
+        ranges: list[tuple[int, int]],
+        rng: random.Random,
+        *,
+        preserve: bool = True,
+        always_preserve: frozenset[int] = frozenset(),
+    ) -> None:
+        self.ranges = [r for r in ranges if r[0] <= r[1]]
+        self.used: set[int] = set()
+        self.reserved: set[int] = set()
+        self.rng = rng
+        self.preserve = preserve
+        self.always_preserve = always_preserve
+
+    def _range_for(self, preferred: int | None) -> tuple[int, int]:
+        if preferred is not None and preferred < 1024:
+            for r in self.ranges:
+                if r[1] < 1024:
+                    return r
+        for r in self.ranges:
+            if r[0] >= 1024 or len(self.ranges) == 1:
+                return r
+        return self.ranges[0]
+
+    def free(self, ident: int) -> bool:
+        return ident not in self.used and ident not in self.reserved
+
+    def allocate(self, preferred: int | None = None) -> int | None:
+        """An unused identifier, ``preferred`` if allowed and free; None when exhausted."""
+        if preferred is not None and self.free(preferred):
+            if preferred in self.always_preserve or (
+                self.preserve and any(lo <= preferred <= hi for lo, hi in self.ranges)
+            ):
+                self.used.add(preferred)
+                return preferred
+        lo, hi = self._range_for(preferred)
+        size = hi - lo + 1
+        start = self.rng.randrange(size)
+        # random probing first (cheap when the range is sparse), then a full scan
+        for _ in range(16):
+            cand = lo + self.rng.randrange(size)
+            if self.free(cand):
+                self.used.add(cand)
+                return cand
+        for i in range(size):
+            cand = lo + (start + i) % size
+            if self.free(cand):
+                self.used.add(cand)
+                return cand
+        return None
+
+    def take(self, ident: int) -> bool:
+        """Claim exactly ``ident`` (e.g. ISAKMP keeps 500); False if in use."""
+        if not self.free(ident):
+            return False
+        self.used.add(ident)
+        return True
+
+    def reserve(self, ident: int) -> None:
+        """Never hand out ``ident`` (owned by a forward)."""
+        self.reserved.add(ident)
+
+    def unreserve(self, ident: int) -> None:
+        self.reserved.discard(ident)
+
+    def release(self, ident: int) -> None:
+        self.used.discard(ident)

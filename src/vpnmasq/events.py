@@ -1,0 +1,59 @@
+"""Past-tense events the engine reports; the daemon logs and counts them. Pure values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the masquerade table, as status shows it (like ``conntrack -L``)."""
+
+    proto: str
+    inside: str  # "10.77.0.11:1234" or "10.77.0.11"
+    outside: str  # public side as seen by the remote, "198.51.100.1:61001"
+    remote: str
+    state: str
+    expires_in: float
+    pkts_out: int = 0
+    pkts_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    detail: dict[str, str] = field(default_factory=dict)
+    offloaded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EntryCreated:
+    row: Row
+
+
+@dataclass(frozen=True, slots=True)
+class EntryExpired:
+    row: Row
+    why: str = "idle"
+
+
+@dataclass(frozen=True, slots=True)
+class PacketDropped:
+    reason: str
+    detail: str
+    flow: str  # "udp 10.77.0.11:500 -> 203.0.113.5:500"
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a person should know that is not a drop (e.g. AH seen, ambiguous IKE)."""
+
+    topic: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddressChanged:
+    old: str | None
+    new: str | None
+    entries_dropped: int
+
+
+Event = EntryCreated | EntryExpired | PacketDropped | Notice | AddressChanged

@@ -1,0 +1,14 @@
+"""Lab: real VPN peers in network namespaces, for the demo and the end-to-end tests.
+
+Nothing here is imported by the daemon. Modules:
+
+* :mod:`vpnmasq.lab.topology`   namespaces, veths, bridges, routes; process tracking; kernel NAT
+* :mod:`vpnmasq.lab.pppstub`    async-HDLC PPP stand-in (no kernel PPP here) for pptpd and pptp
+* :mod:`vpnmasq.lab.pptp_client` drives ``pptp --nolaunchpppd`` and checks echoed frames
+* :mod:`vpnmasq.lab.pptp_server` runs PoPToP ``pptpd`` with the stub as its ``ppp`` program
+* :mod:`vpnmasq.lab.strongswan` one charon (kernel-libipsec) per namespace, driven by swanctl
+* :mod:`vpnmasq.lab.rawpeers`   scapy raw ESP (proto 50) and ISAKMP (udp/500) peers
+* :mod:`vpnmasq.lab.plain`      ICMP pinger, TCP/UDP echo server and client
+
+Facts learnt while building these are in ``README-lab.md`` next to this file.
+"""

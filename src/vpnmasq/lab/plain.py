@@ -1,0 +1,261 @@
+"""Plain traffic helpers: ICMP pinger (no ``ping`` binary here), TCP and UDP echo.
+
+Each is a function (usable in-process, e.g. inside a namespace subprocess) and a CLI
+subcommand that prints one JSON object on stdout::
+
+    python -m vpnmasq.lab.plain ping 198.51.100.20 --count 3
+    python -m vpnmasq.lab.plain udp-echo-server --port 7           # runs until killed
+    python -m vpnmasq.lab.plain udp-echo-client 198.51.100.20 7 --count 5 --token h1
+    python -m vpnmasq.lab.plain tcp-echo-server --port 7
+    python -m vpnmasq.lab.plain tcp-echo-client 198.51.100.20 7 --count 5 --token h1
+
+Servers print ``{"event": "ready", ...}`` once listening and ``{"event": "peer", "peer":
+"ip:port"}`` the first time they see a peer, so a test can check what source address and
+port the masquerading gateway produced. Clients verify that each echo carries their own
+token and sequence number; an echo carrying another token counts as ``crosstalk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+ICMP_ECHO_REQUEST = 8
+ICMP_ECHO_REPLY = 0
+
+
+def inet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement sum (for ICMP)."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def ping(dst: str, *, count: int = 3, interval: float = 0.2, timeout: float = 2.0,
+         ident: int | None = None, payload: bytes = b"vpnmasq-lab") -> dict[str, Any]:
+    """Send ICMP echo requests over a raw socket; returns sent/received/rtts_ms."""
+    ident = (os.getpid() if ident is None else ident) & 0xFFFF
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    sent = received = 0
+    rtts: list[float] = []
+    pending: dict[int, float] = {}
+    try:
+        deadline = time.monotonic() + count * interval + timeout
+        next_send = time.monotonic()
+        seq = 0
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if seq < count and now >= next_send:
+                seq += 1
+                hdr = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
+                csum = inet_checksum(hdr + payload)
+                pkt = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, csum, ident, seq) + payload
+                s.sendto(pkt, (dst, 0))
+                pending[seq] = now
+                sent += 1
+                next_send = now + interval
+            if seq >= count and not pending:
+                break
+            wait = max(0.0, min(next_send if seq < count else deadline, deadline) - time.monotonic())
+            r, _, _ = select.select([s], [], [], wait)
+            if not r:
+                continue
+            data, addr = s.recvfrom(65535)
+            ihl = (data[0] & 0x0F) * 4
+            icmp = data[ihl:]
+            if len(icmp) < 8 or addr[0] != dst:
+                continue
+            typ, _code, _csum, rid, rseq = struct.unpack("!BBHHH", icmp[:8])
+            if typ == ICMP_ECHO_REPLY and rid == ident and rseq in pending:
+                rtts.append(round((time.monotonic() - pending.pop(rseq)) * 1000, 3))
+                received += 1
+    finally:
+        s.close()
+    return {"kind": "ping", "dst": dst, "ident": ident, "sent": sent, "received": received,
+            "rtts_ms": rtts, "ok": received == count}
+
+
+def _token_msg(token: str, seq: int) -> bytes:
+    return f"VMQ {token} {seq}".encode()
+
+
+def _parse_msg(data: bytes) -> tuple[str, int] | None:
+    parts = data.decode(errors="replace").split()
+    if len(parts) == 3 and parts[0] == "VMQ" and parts[2].isdigit():
+        return parts[1], int(parts[2])
+    return None
+
+
+def udp_echo_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 3600.0) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((bind, port))
+    _emit({"event": "ready", "proto": "udp", "port": port, "bind": bind})
+    seen: set[tuple[str, int]] = set()
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([s], [], [], 1.0)
+        if not r:
+            continue
+        data, peer = s.recvfrom(65535)
+        if peer not in seen:
+            seen.add(peer)
+            _emit({"event": "peer", "proto": "udp", "peer": f"{peer[0]}:{peer[1]}",
+                   "first": data[:64].decode(errors="replace")})
+        s.sendto(data, peer)
+
+
+def udp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
+                    interval: float = 0.1, timeout: float = 2.0, sport: int = 0,
+                    bind: str = "0.0.0.0") -> dict[str, Any]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((bind, sport))
+    got: set[int] = set()
+    crosstalk: list[str] = []
+    sent = 0
+    try:
+        deadline = time.monotonic() + count * interval + timeout
+        for seq in range(1, count + 1):
+            s.sendto(_token_msg(token, seq), (dst, port))
+            sent += 1
+            end = time.monotonic() + interval
+            while time.monotonic() < end:
+                _recv_udp(s, end, token, got, crosstalk)
+        while len(got) < count and time.monotonic() < deadline:
+            _recv_udp(s, deadline, token, got, crosstalk)
+        local = s.getsockname()
+    finally:
+        s.close()
+    return {"kind": "udp-echo", "dst": f"{dst}:{port}", "local": f"{local[0]}:{local[1]}",
+            "token": token, "sent": sent, "received": len(got) + len(crosstalk),
+            "verified": len(got), "crosstalk": crosstalk, "ok": len(got) == count and not crosstalk}
+
+
+def _recv_udp(s: socket.socket, until: float, token: str, got: set[int],
+              crosstalk: list[str]) -> None:
+    r, _, _ = select.select([s], [], [], max(0.0, until - time.monotonic()))
+    if not r:
+        return
+    data = s.recv(65535)
+    m = _parse_msg(data)
+    if m is None or m[0] != token:
+        crosstalk.append(data[:64].decode(errors="replace"))
+    else:
+        got.add(m[1])
+
+
+def tcp_echo_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 3600.0) -> None:
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((bind, port))
+    ls.listen(64)
+    _emit({"event": "ready", "proto": "tcp", "port": port, "bind": bind})
+    conns: list[socket.socket] = []
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([ls, *conns], [], [], 1.0)
+        for sock in r:
+            if sock is ls:
+                c, peer = ls.accept()
+                conns.append(c)
+                _emit({"event": "peer", "proto": "tcp", "peer": f"{peer[0]}:{peer[1]}"})
+                continue
+            try:
+                data = sock.recv(65535)
+            except OSError:
+                data = b""
+            if not data:
+                conns.remove(sock)
+                sock.close()
+            else:
+                sock.sendall(data)
+
+
+def tcp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
+                    timeout: float = 3.0) -> dict[str, Any]:
+    """One connection, `count` newline-terminated messages, each echoed back."""
+    got = 0
+    crosstalk: list[str] = []
+    local = ""
+    try:
+        with socket.create_connection((dst, port), timeout=timeout) as s:
+            la = s.getsockname()
+            local = f"{la[0]}:{la[1]}"
+            f = s.makefile("rb")
+            for seq in range(1, count + 1):
+                s.sendall(_token_msg(token, seq) + b"\n")
+                line = f.readline().rstrip(b"\n")
+                m = _parse_msg(line)
+                if m == (token, seq):
+                    got += 1
+                elif line:
+                    crosstalk.append(line[:64].decode(errors="replace"))
+        error = None
+    except OSError as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"kind": "tcp-echo", "dst": f"{dst}:{port}", "local": local, "token": token,
+            "sent": count, "verified": got, "crosstalk": crosstalk, "error": error,
+            "ok": got == count and not crosstalk and error is None}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.plain")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("ping")
+    p.add_argument("dst")
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--interval", type=float, default=0.2)
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.add_argument("--ident", type=int)
+    for name in ("udp-echo-server", "tcp-echo-server"):
+        q = sub.add_parser(name)
+        q.add_argument("--port", type=int, default=7)
+        q.add_argument("--bind", default="0.0.0.0")
+        q.add_argument("--max-seconds", type=float, default=3600.0)
+    for name in ("udp-echo-client", "tcp-echo-client"):
+        q = sub.add_parser(name)
+        q.add_argument("dst")
+        q.add_argument("port", type=int)
+        q.add_argument("--count", type=int, default=5)
+        q.add_argument("--token", default=f"pid{os.getpid()}")
+        q.add_argument("--timeout", type=float, default=2.0)
+        if name.startswith("udp"):
+            q.add_argument("--sport", type=int, default=0)
+            q.add_argument("--interval", type=float, default=0.1)
+    a = ap.parse_args(argv)
+    if a.cmd == "ping":
+        res = ping(a.dst, count=a.count, interval=a.interval, timeout=a.timeout, ident=a.ident)
+    elif a.cmd == "udp-echo-server":
+        udp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
+        return 0
+    elif a.cmd == "tcp-echo-server":
+        tcp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
+        return 0
+    elif a.cmd == "udp-echo-client":
+        res = udp_echo_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout,
+                              sport=a.sport, interval=a.interval)
+    else:
+        res = tcp_echo_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout)
+    _emit(res)
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""What the engine answers for each packet: a small, frozen value."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Direction(enum.Enum):
+    OUTBOUND = "out"  # from an inside network, to be masqueraded (source rewrite)
+    INBOUND = "in"  # arriving on the outside interface (destination rewrite)
+
+
+class Action(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    HOLD = "hold"  # verdict deferred: released later through Engine.handle_* results
+
+
+class DropReason(enum.Enum):
+    MALFORMED = "malformed"
+    BAD_CHECKSUM = "bad-checksum"
+    NO_MAPPING = "no-mapping"  # unsolicited inbound
+    FILTERED = "filtered"  # mapping exists, remote not allowed by the filtering policy
+    TABLE_FULL = "table-full"
+    HOST_LIMIT = "host-limit"
+    PORTS_EXHAUSTED = "ports-exhausted"
+    NOT_INSIDE = "not-inside"  # outbound from an address outside the inside networks
+    AH_UNSUPPORTED = "ah-cannot-be-masqueraded"
+    FWZ_UNSUPPORTED = "fwz-cannot-be-masqueraded"
+    ESP_SPI_ZERO = "esp-spi-zero"
+    ESP_WAITING = "esp-waiting-for-pending-init"
+    ESP_UNASSOCIATED = "esp-unassociated"
+    ESP_SERIALIZED = "esp-parallel-sessions-disabled"
+    GRE_UNKNOWN_CALL = "gre-unknown-call"
+    GRE_NOT_PPTP = "gre-not-pptp"
+    ISAKMP_ZERO_COOKIE = "isakmp-zero-cookie"
+    ISAKMP_UNKNOWN = "isakmp-unknown-session"
+    ISAKMP_AMBIGUOUS = "isakmp-ambiguous-remote-initiated"
+    ISAKMP_COLLISION = "isakmp-cookie-collision"
+    PPTP_BAD_MESSAGE = "pptp-bad-message"
+    FRAGMENT_TIMEOUT = "fragment-timeout"
+    FRAGMENT_OVERFLOW = "fragment-buffer-full"
+    TTL_EXCEEDED = "ttl-exceeded"
+    TOO_BIG = "too-big"
+    ICMP_NO_MAPPING = "icmp-error-no-mapping"
+    NO_ADDRESS = "no-public-address"
+    GENERIC_BUSY = "generic-protocol-remote-in-use"
+    NOT_FOR_US = "not-for-public-address"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """ACCEPT with ``payload`` None means "unchanged"; otherwise the rewritten datagram.
+
+    ``local`` marks an inbound packet that is not ours and is left to the gateway itself.
+    ``released`` carries verdicts for packets held earlier (out-of-order fragments), as
+    (token, Verdict) pairs, to be issued by the datapath now.
+    """
+
+    action: Action
+    payload: bytes | None = None
+    reason: DropReason | None = None
+    detail: str = ""
+    local: bool = False
+    released: tuple[tuple[object, Verdict], ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.action is Action.ACCEPT
+
+
+ACCEPT_UNCHANGED = Verdict(Action.ACCEPT)
+ACCEPT_LOCAL = Verdict(Action.ACCEPT, local=True)
+HOLD = Verdict(Action.HOLD)
+
+
+def accept(payload: bytes | bytearray) -> Verdict:
+    return Verdict(Action.ACCEPT, bytes(payload))
+
+
+def drop(reason: DropReason, detail: str = "") -> Verdict:
+    return Verdict(Action.DROP, None, reason, detail)
