@@ -664,7 +664,9 @@ FORWARD_KEYS: tuple[KeySpec, ...] = (
         _PORT,
         "Public port for tcp/udp. Omitted: inbound packets of that protocol on any port "
         "that belong to no masqueraded flow go to `to` (check-config warns). Not allowed "
-        "for gre/esp, and not inside port_range (or kernel_port_range in hybrid mode).",
+        "for gre/esp. The port is reserved: masqueraded flows never get it. When rules "
+        "overlap, one with a port wins over one without, and one with remote over one "
+        "without; rules equally specific must not overlap.",
     ),
     KeySpec("to_port", _PORT, "Port on the inside host; default: the same as port. Needs port."),
     KeySpec(
@@ -716,6 +718,7 @@ class _Locator:
 
     def __init__(self, text: str = "") -> None:
         self.lines: dict[str, int] = {}
+        self.first_header: int | None = None  # line of the first [table] or [[table]]
         self._s = text
         self._i = 0
         self._line = 1
@@ -771,6 +774,8 @@ class _Locator:
                 return
             line = self._line
             if self._peek() == "[":
+                if self.first_header is None:
+                    self.first_header = line
                 array = self._peek(1) == "["
                 self._i += 2 if array else 1
                 parts = self._key()
@@ -878,15 +883,15 @@ class _Locator:
                 self._blank(newlines=True)
                 if self._peek() == ",":
                     self._i += 1
-        elif c == "{":
+        elif c == "{":  # newlines tolerated (TOML 1.1 allows them; costs nothing here)
             self._i += 1
             while True:
-                self._blank(newlines=False)
+                self._blank(newlines=True)
                 if self._peek() == "}":
                     self._i += 1
                     return
                 self._pair(path)
-                self._blank(newlines=False)
+                self._blank(newlines=True)
                 if self._peek() == ",":
                     self._i += 1
         else:
@@ -1003,9 +1008,7 @@ def _load(text: str) -> tuple[Config, _Locator]:
     where = _Locator(text)
     errors = _Problems(where)
     kwargs: dict[str, object] = {}
-    first_table_line = min(
-        (where.lines[k] for k in (*_TABLES, "forward") if k in where.lines), default=None
-    )
+    first_table_line = where.first_header
     for key, value in data.items():
         if key in _TOP_BY_KEY:
             spec = _TOP_BY_KEY[key]
@@ -1026,12 +1029,22 @@ def _load(text: str) -> tuple[Config, _Locator]:
             if forwards is not None:
                 kwargs["forwards"] = forwards
         else:
-            errors.add(key, f"unknown key '{key}'" + _suggest(key, _TOP_NAMES))
+            errors.add(key, f"unknown key '{key}'" + (_suggest(key, _TOP_NAMES) or _elsewhere(key)))
     errors.raise_if_any()
     config = Config(**kwargs)  # type: ignore[arg-type]
     _cross_checks(config, errors)
     errors.raise_if_any()
     return config, where
+
+
+def _elsewhere(name: str) -> str:
+    """A table key written at the top level: say which table it belongs to."""
+    for table, (_, _, specs) in _TABLES.items():
+        if any(s.key == name for s in specs):
+            return f" ('{name}' belongs in the [{table}] table: did you mean '{table}.{name}'?)"
+    if any(s.key == name for s in FORWARD_KEYS):
+        return f" ('{name}' belongs in a [[forward]] table)"
+    return ""
 
 
 def _misplaced_hint(name: str, first_table_line: int | None) -> str:
@@ -1319,7 +1332,8 @@ def explain(fmt: Literal["text", "markdown"] = "text") -> str:
     for title, prefix, specs, inst in _sections():
         out += [title, "-" * len(title)]
         for s in specs:
-            out.append(f"{prefix}{s.key}  ({s.kind.name}; default {_default_text(s, inst)})")
+            default = "required" if s.required else f"default {_default_text(s, inst)}"
+            out.append(f"{prefix}{s.key}  ({s.kind.name}; {default})")
             out += wrap.wrap(s.doc)
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -198,6 +198,10 @@ class Engine:
         for spec in specs:
             inst = spec.factory(self)
             self.helper_by_name[spec.name] = inst
+            # a helper may declare timeout classes of its own (e.g. "esp_wait"); config wins
+            for tclass, secs in getattr(inst, "timeout_classes", {}).items():
+                self.timeouts.setdefault(tclass, secs)
+                self.table.timeouts.setdefault(tclass, secs)
             if spec.kind == "proto":
                 self.proto_helpers[spec.proto] = inst
             elif spec.kind == "udp-port":
@@ -588,7 +592,20 @@ class Engine:
             alg = self.tcp_algs.get(dport)
             if alg is not None:
                 e.alg = alg.attach(e, now, server_inside=False)
+        else:
+            e.alg = self._udp_watch(e, sport, dport, now, server_inside=False)
         return e
+
+    def _udp_watch(
+        self, e: Entry, inside_port: int, remote_port: int, now: float, *, server_inside: bool
+    ) -> Any:
+        """A udp-port helper with ``attach`` watches plain NAPT sessions on its port (NAT-T on
+        4500 labels IKE, ESP-in-UDP and keepalives); ``entry.alg`` then sees every packet."""
+        for port in (inside_port, remote_port):
+            attach = getattr(self.udp_helpers.get(port), "attach", None)
+            if attach is not None:
+                return attach(e, now, server_inside=server_inside)
+        return None
 
     def _inbound_new(
         self, ip: IPv4, proto: int, sport: int, dport: int, now: float, syn: bool = True
@@ -648,6 +665,8 @@ class Engine:
             alg = self.tcp_algs.get(b.inside_port)
             if alg is not None:
                 e.alg = alg.attach(e, now, server_inside=True)
+        else:
+            e.alg = self._udp_watch(e, b.inside_port, sport, now, server_inside=True)
         return e
 
     def match_forward(self, proto: int, port: int | None, remote: int) -> Forward | None:
@@ -896,7 +915,6 @@ class Engine:
         """A LAN host reaching a LAN host through the public address (RFC 4787 REQ-9):
         translate the source as for any outbound packet, then the destination as inbound."""
         pub = self.public_ip
-        ip.dst = pub  # type: ignore[assignment]
         p = ip.proto
         if p == PROTO_TCP:
             v = self._tcp_out(ip, now)

@@ -39,6 +39,7 @@ class DropReason(enum.Enum):
     ISAKMP_AMBIGUOUS = "isakmp-ambiguous-remote-initiated"
     ISAKMP_COLLISION = "isakmp-cookie-collision"
     PPTP_BAD_MESSAGE = "pptp-bad-message"
+    PPTP_OUT_OF_ORDER = "pptp-out-of-order"  # control segment beyond a gap; resent in order
     FRAGMENT_TIMEOUT = "fragment-timeout"
     FRAGMENT_OVERFLOW = "fragment-buffer-full"
     TTL_EXCEEDED = "ttl-exceeded"

@@ -30,6 +30,9 @@ Two ways to run something in a namespace:
   owned by the test process (sockets stay bound to the namespace they were created in). The
   same trick, ``with lab.entered(role): ...``, creates a netlink socket for an in-process
   NFQUEUE listener. It switches only the calling thread (``setns(2)``) and switches back.
+
+:class:`QueueWorker` runs an :class:`~vpnmasq.datapath.nfqueue.NfQueue` bound in a lab
+namespace on a thread of the test process, with a per-packet handler.
 """
 
 from __future__ import annotations
@@ -43,9 +46,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+from vpnmasq.datapath.nfqueue import NfQueue, QueuedPacket
 
 PREFIX = "vmq-t"
 NETNS_DIR = "/run/netns"
@@ -109,13 +116,13 @@ def netns_unavailable_reason() -> str | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped) counts as dead."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] != "Z"
 
 
 def _owner_pid(name: str, prefix: str) -> int | None:
@@ -226,8 +233,23 @@ class Lab:
         namespace names involved), both ends up."""
         self.run(
             a,
-            ["ip", "link", "add", a_if, "mtu", str(mtu), "type", "veth",
-             "peer", "name", b_if, "mtu", str(mtu), "netns", self.ns(b)],
+            [
+                "ip",
+                "link",
+                "add",
+                a_if,
+                "mtu",
+                str(mtu),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                b_if,
+                "mtu",
+                str(mtu),
+                "netns",
+                self.ns(b),
+            ],
         )
         self.run(a, ["ip", "link", "set", a_if, "up"])
         self.run(b, ["ip", "link", "set", b_if, "up"])
@@ -322,3 +344,54 @@ def gateway_topology(lab: Lab, *, mtu: int = 1500) -> GatewayTopology:
     lab.route(t.gw, t.remote_net, via=t.remote_link)
     lab.sysctl(t.gw, "net.ipv4.ip_forward", "1")
     return t
+
+
+# --- an in-process NFQUEUE listener --------------------------------------------------------
+
+#: A callback gets each packet and the queue; it must give (or defer) the verdict itself.
+Handler = Callable[[QueuedPacket, NfQueue], None]
+
+
+class QueueWorker:
+    """An :class:`NfQueue` bound in a lab namespace, served by a thread of the test process.
+
+    ``handler`` is called for every packet; exceptions are recorded (and re-raised by
+    :meth:`stop`) and the packet dropped, so a failing handler never leaks packets.
+    """
+
+    def __init__(self, lab: Lab, role: str, queue_num: int, handler: Handler, **kw: object) -> None:
+        with lab.entered(role):
+            self.queue = NfQueue(queue_num, **kw)  # type: ignore[arg-type]
+        self.handler = handler
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"nfq-{queue_num}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        q = self.queue
+        while not self._stop.is_set():
+            if not q.wait_readable(0.05):
+                q.flush()
+                continue
+            for pkt in q.recv_batch():
+                try:
+                    self.handler(pkt, q)
+                except Exception:
+                    self.errors.append(traceback.format_exc())
+                    try:
+                        q.drop(pkt.packet_id)
+                    except ValueError:
+                        pass
+            q.flush()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.queue.close()
+        if self.errors:
+            raise AssertionError("handler failed:\n" + "\n".join(self.errors))

@@ -14,7 +14,7 @@ import random
 class IdAllocator:
     """Hands out 16-bit identifiers from ranges, preserving the requested one when allowed."""
 
-    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve")
+    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve", "_in_range")
 
     def __init__(
         self,
@@ -30,6 +30,12 @@ class IdAllocator:
         self.rng = rng
         self.preserve = preserve
         self.always_preserve = always_preserve
+        self._in_range = [0] * len(self.ranges)  # used + reserved ids per range
+
+    def _count(self, ident: int, delta: int) -> None:
+        for i, (lo, hi) in enumerate(self.ranges):
+            if lo <= ident <= hi:
+                self._in_range[i] += delta
 
     def _range_for(self, preferred: int | None) -> tuple[int, int]:
         if preferred is not None and preferred < 1024:
@@ -51,20 +57,25 @@ class IdAllocator:
                 self.preserve and any(lo <= preferred <= hi for lo, hi in self.ranges)
             ):
                 self.used.add(preferred)
+                self._count(preferred, 1)
                 return preferred
         lo, hi = self._range_for(preferred)
         size = hi - lo + 1
+        if self._in_range[self.ranges.index((lo, hi))] >= size:
+            return None  # exhausted: O(1) refusal
         start = self.rng.randrange(size)
         # random probing first (cheap when the range is sparse), then a full scan
         for _ in range(16):
             cand = lo + self.rng.randrange(size)
             if self.free(cand):
                 self.used.add(cand)
+                self._count(cand, 1)
                 return cand
         for i in range(size):
             cand = lo + (start + i) % size
             if self.free(cand):
                 self.used.add(cand)
+                self._count(cand, 1)
                 return cand
         return None
 
@@ -73,14 +84,23 @@ class IdAllocator:
         if not self.free(ident):
             return False
         self.used.add(ident)
+        self._count(ident, 1)
         return True
 
     def reserve(self, ident: int) -> None:
         """Never hand out ``ident`` (owned by a forward)."""
+        if ident not in self.reserved and ident not in self.used:
+            self._count(ident, 1)
         self.reserved.add(ident)
 
     def unreserve(self, ident: int) -> None:
-        self.reserved.discard(ident)
+        if ident in self.reserved:
+            self.reserved.discard(ident)
+            if ident not in self.used:
+                self._count(ident, -1)
 
     def release(self, ident: int) -> None:
-        self.used.discard(ident)
+        if ident in self.used:
+            self.used.discard(ident)
+            if ident not in self.reserved:
+                self._count(ident, -1)

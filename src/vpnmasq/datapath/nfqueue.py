@@ -4,7 +4,7 @@ Shape of use (one thread owns the object; it is not thread-safe)::
 
     with NfQueue(0) as q:
         while running:
-            q.wait_readable(timeout)          # or select/epoll on q.fileno()
+            q.wait_readable(timeout)          # or poll/epoll on q.fileno()
             for pkt in q.recv_batch():
                 ...                           # q.accept(pkt.packet_id, new_bytes) / q.drop(...)
             q.flush()                         # all buffered verdicts, few send() calls
@@ -46,13 +46,15 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import math
+import operator
 import os
 import select
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = [
     "MAX_COPY_RANGE",
@@ -195,15 +197,15 @@ class NfQueueCounters:
 
 
 class VerdictMsg(NamedTuple):
-    """One verdict message to send: a batch (covers ``count`` packets up to ``packet_id``)
-    or an individual verdict (``count == 1``)."""
+    """One verdict message to send: a batch (covers ``n_packets`` packets up to ``packet_id``)
+    or an individual verdict (``n_packets == 1``)."""
 
     batch: bool
     packet_id: int
     verdict: int
     mark: int | None
     payload: bytes | None
-    count: int
+    n_packets: int
 
 
 PendingVerdict = tuple[int, int | None, bytes | None]  # verdict, mark, payload
@@ -264,11 +266,69 @@ def _attr(atype: int, data: bytes) -> bytes:
     return _NLA.pack(n, atype) + data + _PAD[n & 3]
 
 
+#: 4-byte attributes QueuedPacket keeps, in the order of its fields after the header
+_U32_FIELDS = (NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN, NFQA_SKB_INFO)
+#: values of absent attributes (appended to an unpacked tuple, picked by index)
+_DEFAULTS: tuple[int | None, ...] = (0, None, None, -1, 0)
+
+
+class _Layout(NamedTuple):
+    """The attribute layout of one packet message, as a single big-endian struct.
+
+    Attribute headers are read as raw 4-byte strings (they are host-endian) and compared
+    with those of the packet that taught the layout; values are read big-endian.
+    """
+
+    struct: struct.Struct
+    size: int  # from the first attribute to the payload data
+    headers: Callable[[tuple[object, ...]], object]
+    expected: object
+    fields: Callable[[tuple[object, ...]], tuple[Any, ...]]
+
+    @classmethod
+    def learn(cls, buf: bytearray, a: int, seen: list[tuple[int, int]]) -> _Layout | None:
+        fmt = [">"]
+        idx = 0
+        header_idx: list[int] = []
+        where: dict[int, int] = {}
+        for atype, padded in seen:
+            fmt.append("4s")
+            header_idx.append(idx)
+            idx += 1
+            if atype == NFQA_PACKET_HDR and padded == 12:
+                fmt.append("IHBx")
+                where[NFQA_PACKET_HDR] = idx
+                idx += 3
+            elif atype in _U32_FIELDS and padded == 8:
+                fmt.append("I")
+                where[atype] = idx
+                idx += 1
+            else:
+                fmt.append(f"{padded - 4}x")
+        if NFQA_PACKET_HDR not in where:
+            return None
+        fmt.append("4x")  # the payload attribute header, checked separately
+        st = struct.Struct("".join(fmt))
+        h = where[NFQA_PACKET_HDR]
+        pick = [h, h + 1, h + 2]
+        pick += [where.get(t, idx + i) for i, t in enumerate(_U32_FIELDS)]
+        headers = operator.itemgetter(*header_idx)
+        res = st.unpack_from(buf, a)
+        return cls(st, st.size, headers, headers(res), operator.itemgetter(*pick))
+
+
 class NfQueue:
     """A bound nfnetlink queue (see the module docstring for the kernel contract).
 
     Verdicts are buffered by :meth:`accept` / :meth:`drop` and sent by :meth:`flush`. They may
-    be given in any order, and a packet may be held across flushes. Not thread-safe.
+    be given in any order, and a packet may be held across flushes (held packets count
+    against ``queue_maxlen`` and stop VERDICT_BATCH above their id until released).
+    Not thread-safe: one thread receives, verdicts and flushes.
+
+    ``fail_open`` sets NFQA_CFG_F_FAIL_OPEN: when the queue is full the kernel accepts
+    packets instead of dropping them, i.e. lets them out *un-NATed*. ``mark`` in a verdict
+    replaces the whole 32-bit skb mark. ``rcvbuf``/``sndbuf`` are forced (SO_*BUFFORCE)
+    when we have CAP_NET_ADMIN, otherwise capped by net.core.[rw]mem_max.
     """
 
     def __init__(
@@ -302,6 +362,7 @@ class NfQueue:
         self._view = memoryview(self._buf)
         self._closed = False
         self._backlog: list[QueuedPacket] = []
+        self._layout: _Layout | None = None
         self._ack_seq = -1
         self._ack_err: int | None = None
 
@@ -312,7 +373,11 @@ class NfQueue:
             sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
             sock.bind((0, 0))
             self._sock = sock
-            self._send_limit = min(MAX_SEND_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64)
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
+            self._send_limit = min(
+                MAX_SEND_BYTES, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64
+            )
             self._configure()
             sock.setblocking(False)
         except BaseException:
@@ -341,7 +406,10 @@ class NfQueue:
         flags = NFQA_CFG_F_FAIL_OPEN if self.fail_open else 0
         attrs = b"".join(
             (
-                _attr(NFQA_CFG_CMD, struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_INET))),
+                _attr(
+                    NFQA_CFG_CMD,
+                    struct.pack("=BxH", NFQNL_CFG_CMD_BIND, socket.htons(socket.AF_INET)),
+                ),
                 _attr(NFQA_CFG_PARAMS, struct.pack(">IB", self.copy_range, NFQNL_COPY_PACKET)),
                 _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(self.queue_maxlen)),
                 # the mask names every flag we have an opinion on; F_GSO explicitly off
@@ -360,8 +428,7 @@ class NfQueue:
         self._ack_err = None
         try:
             while self._ack_err is None:
-                r, _, _ = select.select([self._sock], [], [], _ACK_TIMEOUT)
-                if not r:
+                if not self.wait_readable(_ACK_TIMEOUT):
                     raise NfQueueError(errno.ETIMEDOUT, "no reply to nfqueue config request")
                 n = self._sock.recv_into(self._buf, len(self._buf), socket.MSG_TRUNC)
                 if n > len(self._buf):
@@ -408,12 +475,15 @@ class NfQueue:
 
     # --- receiving --------------------------------------------------------------------
     def wait_readable(self, timeout: float | None) -> bool:
-        """Block until a packet (or reply) is readable, or ``timeout`` seconds pass."""
+        """Block until a packet (or reply) is readable, or ``timeout`` seconds pass.
+
+        Uses poll(), so it works with descriptors above FD_SETSIZE.
+        """
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
         try:
-            r, _, _ = select.select([self._sock], [], [], timeout)
+            return bool(self._poller.poll(ms))
         except InterruptedError:
             return False
-        return bool(r)
 
     def recv_batch(self, max_packets: int = 256) -> list[QueuedPacket]:
         """Return up to ``max_packets`` queued packets that are already waiting; never blocks."""
@@ -444,7 +514,6 @@ class NfQueue:
 
     def _parse(self, n: int, out: list[QueuedPacket]) -> None:
         buf = self._buf
-        view = self._view
         off = 0
         while off + 16 <= n:
             nlen, ntype, _fl, seq, _pid = _NLH.unpack_from(buf, off)
@@ -452,14 +521,16 @@ class NfQueue:
                 self.counters.recv_errors += 1
                 return
             if ntype == _MSG_PACKET:
-                pkt = self._parse_packet(buf, view, off + 20, off + nlen)
+                pkt = self._parse_packet(off + 20, off + nlen)
                 if pkt is None:
                     self.counters.recv_errors += 1
                 else:
-                    self.counters.received += 1
-                    if pkt.truncated:
-                        self.counters.truncated += 1
-                    self._outstanding[pkt.packet_id] = pkt.truncated
+                    c = self.counters
+                    c.received += 1
+                    truncated = pkt.orig_len > pkt.cap_len
+                    if truncated:
+                        c.truncated += 1
+                    self._outstanding[pkt.packet_id] = truncated
                     out.append(pkt)
             elif ntype == NLMSG_ERROR:
                 (err,) = _I32.unpack_from(buf, off + 16)
@@ -472,38 +543,74 @@ class NfQueue:
                 self.counters.enobufs += 1
             off += (nlen + 3) & ~3
 
-    @staticmethod
-    def _parse_packet(buf: bytearray, view: memoryview, a: int, end: int) -> QueuedPacket | None:
+    def _parse_packet(self, a: int, end: int) -> QueuedPacket | None:
+        """Parse the attributes in ``buf[a:end]``.
+
+        Fast path: packets of one queue nearly always carry the same attributes in the same
+        order (header first, payload last), so the layout of the previous packet is kept as a
+        single struct; if the attribute headers at those offsets match, the packet is
+        decoded with one ``unpack_from``. Anything else takes the generic walk, which also
+        learns the new layout.
+        """
+        lay = self._layout
+        if lay is not None and a + lay.size <= end:
+            buf = self._buf
+            res = lay.struct.unpack_from(buf, a)
+            if lay.headers(res) == lay.expected:
+                p = a + lay.size  # payload data
+                plen, ptype = _NLA.unpack_from(buf, p - 4)
+                if ptype & NLA_TYPE_MASK == NFQA_PAYLOAD and 0 <= end - (p - 4 + plen) < 4:
+                    payload = bytes(self._view[p : p - 4 + plen])
+                    pid, hwp, hook, mark, indev, outdev, orig, skb_info = lay.fields(
+                        res + _DEFAULTS
+                    )
+                    cap = plen - 4
+                    return QueuedPacket(
+                        pid, hook, hwp, payload, cap, orig if orig > cap else cap,
+                        mark, indev, outdev, skb_info,
+                    )  # fmt: skip
+        return self._parse_generic(a, end)
+
+    def _parse_generic(self, a0: int, end: int) -> QueuedPacket | None:
+        buf = self._buf
         pid = -1
         hook = hwp = mark = skb_info = 0
         indev: int | None = None
         outdev: int | None = None
         payload = b""
         orig = -1
-        unpack = _NLA.unpack_from
-        be32 = _BE32.unpack_from
+        seen: list[tuple[int, int]] = []  # (type, padded length) before the payload
+        payload_last = False
+        a = a0
         while a + 4 <= end:
-            alen, atype = unpack(buf, a)
+            alen, atype = _NLA.unpack_from(buf, a)
             if alen < 4 or a + alen > end:
                 return None
             atype &= NLA_TYPE_MASK
-            if atype == NFQA_PACKET_HDR:
-                pid, hwp, hook = _PKT_HDR.unpack_from(buf, a + 4)
-            elif atype == NFQA_PAYLOAD:
-                payload = bytes(view[a + 4 : a + alen])
-            elif atype == NFQA_MARK:
-                (mark,) = be32(buf, a + 4)
-            elif atype == NFQA_IFINDEX_INDEV:
-                (indev,) = be32(buf, a + 4)
-            elif atype == NFQA_IFINDEX_OUTDEV:
-                (outdev,) = be32(buf, a + 4)
-            elif atype == NFQA_CAP_LEN:
-                (orig,) = be32(buf, a + 4)
-            elif atype == NFQA_SKB_INFO:
-                (skb_info,) = be32(buf, a + 4)
+            payload_last = False
+            if atype == NFQA_PAYLOAD:
+                payload = bytes(self._view[a + 4 : a + alen])
+                payload_last = True
+            else:
+                seen.append((atype, (alen + 3) & ~3))
+                if atype == NFQA_PACKET_HDR:
+                    pid, hwp, hook = _PKT_HDR.unpack_from(buf, a + 4)
+                elif alen == 8 and atype in _U32_FIELDS:
+                    (value,) = _BE32.unpack_from(buf, a + 4)
+                    if atype == NFQA_MARK:
+                        mark = value
+                    elif atype == NFQA_IFINDEX_INDEV:
+                        indev = value
+                    elif atype == NFQA_IFINDEX_OUTDEV:
+                        outdev = value
+                    elif atype == NFQA_CAP_LEN:
+                        orig = value
+                    else:
+                        skb_info = value
             a += (alen + 3) & ~3
         if pid < 0:
             return None
+        self._layout = _Layout.learn(buf, a0, seen) if payload_last else None
         cap = len(payload)
         return QueuedPacket(
             pid, hook, hwp, payload, cap, orig if orig > cap else cap, mark, indev, outdev, skb_info
@@ -597,9 +704,9 @@ class NfQueue:
     def _account(self, m: VerdictMsg) -> None:
         c = self.counters
         if m.verdict == NF_ACCEPT:
-            c.accepted += m.count
+            c.accepted += m.n_packets
         else:
-            c.dropped += m.count
+            c.dropped += m.n_packets
         if m.batch:
             c.batch_msgs += 1
         else:

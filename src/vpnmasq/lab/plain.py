@@ -39,7 +39,7 @@ def inet_checksum(data: bytes) -> int:
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return int(~s & 0xFFFF)
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -47,8 +47,15 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def ping(dst: str, *, count: int = 3, interval: float = 0.2, timeout: float = 2.0,
-         ident: int | None = None, payload: bytes = b"vpnmasq-lab") -> dict[str, Any]:
+def ping(
+    dst: str,
+    *,
+    count: int = 3,
+    interval: float = 0.2,
+    timeout: float = 2.0,
+    ident: int | None = None,
+    payload: bytes = b"vpnmasq-lab",
+) -> dict[str, Any]:
     """Send ICMP echo requests over a raw socket; returns sent/received/rtts_ms."""
     ident = (os.getpid() if ident is None else ident) & 0xFFFF
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -72,7 +79,9 @@ def ping(dst: str, *, count: int = 3, interval: float = 0.2, timeout: float = 2.
                 next_send = now + interval
             if seq >= count and not pending:
                 break
-            wait = max(0.0, min(next_send if seq < count else deadline, deadline) - time.monotonic())
+            wait = max(
+                0.0, min(next_send if seq < count else deadline, deadline) - time.monotonic()
+            )
             r, _, _ = select.select([s], [], [], wait)
             if not r:
                 continue
@@ -87,8 +96,15 @@ def ping(dst: str, *, count: int = 3, interval: float = 0.2, timeout: float = 2.
                 received += 1
     finally:
         s.close()
-    return {"kind": "ping", "dst": dst, "ident": ident, "sent": sent, "received": received,
-            "rtts_ms": rtts, "ok": received == count}
+    return {
+        "kind": "ping",
+        "dst": dst,
+        "ident": ident,
+        "sent": sent,
+        "received": received,
+        "rtts_ms": rtts,
+        "ok": received == count,
+    }
 
 
 def _token_msg(token: str, seq: int) -> bytes:
@@ -116,14 +132,28 @@ def udp_echo_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 36
         data, peer = s.recvfrom(65535)
         if peer not in seen:
             seen.add(peer)
-            _emit({"event": "peer", "proto": "udp", "peer": f"{peer[0]}:{peer[1]}",
-                   "first": data[:64].decode(errors="replace")})
+            _emit(
+                {
+                    "event": "peer",
+                    "proto": "udp",
+                    "peer": f"{peer[0]}:{peer[1]}",
+                    "first": data[:64].decode(errors="replace"),
+                }
+            )
         s.sendto(data, peer)
 
 
-def udp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
-                    interval: float = 0.1, timeout: float = 2.0, sport: int = 0,
-                    bind: str = "0.0.0.0") -> dict[str, Any]:
+def udp_echo_client(
+    dst: str,
+    port: int,
+    *,
+    count: int = 5,
+    token: str = "t",
+    interval: float = 0.1,
+    timeout: float = 2.0,
+    sport: int = 0,
+    bind: str = "0.0.0.0",
+) -> dict[str, Any]:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((bind, sport))
@@ -143,13 +173,22 @@ def udp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
         local = s.getsockname()
     finally:
         s.close()
-    return {"kind": "udp-echo", "dst": f"{dst}:{port}", "local": f"{local[0]}:{local[1]}",
-            "token": token, "sent": sent, "received": len(got) + len(crosstalk),
-            "verified": len(got), "crosstalk": crosstalk, "ok": len(got) == count and not crosstalk}
+    return {
+        "kind": "udp-echo",
+        "dst": f"{dst}:{port}",
+        "local": f"{local[0]}:{local[1]}",
+        "token": token,
+        "sent": sent,
+        "received": len(got) + len(crosstalk),
+        "verified": len(got),
+        "crosstalk": crosstalk,
+        "ok": len(got) == count and not crosstalk,
+    }
 
 
-def _recv_udp(s: socket.socket, until: float, token: str, got: set[int],
-              crosstalk: list[str]) -> None:
+def _recv_udp(
+    s: socket.socket, until: float, token: str, got: set[int], crosstalk: list[str]
+) -> None:
     r, _, _ = select.select([s], [], [], max(0.0, until - time.monotonic()))
     if not r:
         return
@@ -188,8 +227,9 @@ def tcp_echo_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 36
                 sock.sendall(data)
 
 
-def tcp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
-                    timeout: float = 3.0) -> dict[str, Any]:
+def tcp_echo_client(
+    dst: str, port: int, *, count: int = 5, token: str = "t", timeout: float = 3.0
+) -> dict[str, Any]:
     """One connection, `count` newline-terminated messages, each echoed back."""
     got = 0
     crosstalk: list[str] = []
@@ -210,9 +250,17 @@ def tcp_echo_client(dst: str, port: int, *, count: int = 5, token: str = "t",
         error = None
     except OSError as e:
         error = f"{type(e).__name__}: {e}"
-    return {"kind": "tcp-echo", "dst": f"{dst}:{port}", "local": local, "token": token,
-            "sent": count, "verified": got, "crosstalk": crosstalk, "error": error,
-            "ok": got == count and not crosstalk and error is None}
+    return {
+        "kind": "tcp-echo",
+        "dst": f"{dst}:{port}",
+        "local": local,
+        "token": token,
+        "sent": count,
+        "verified": got,
+        "crosstalk": crosstalk,
+        "error": error,
+        "ok": got == count and not crosstalk and error is None,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -249,8 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         tcp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
         return 0
     elif a.cmd == "udp-echo-client":
-        res = udp_echo_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout,
-                              sport=a.sport, interval=a.interval)
+        res = udp_echo_client(
+            a.dst,
+            a.port,
+            count=a.count,
+            token=a.token,
+            timeout=a.timeout,
+            sport=a.sport,
+            interval=a.interval,
+        )
     else:
         res = tcp_echo_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout)
     _emit(res)

@@ -179,20 +179,35 @@ class EchoStub:
             if t is not None:
                 token, seq, _ = t
                 self.tokens[token] = self.tokens.get(token, 0) + 1
-                info = test_payload(token, seq) + f" ECHO pid={os.getpid()} peer={self.ipparam}".encode()
+                info = (
+                    test_payload(token, seq)
+                    + f" ECHO pid={os.getpid()} peer={self.ipparam}".encode()
+                )
                 return ppp_frame(PROTO_IP, info)
         return frame
 
     def hello(self) -> bytes:
-        info = test_payload(HELLO_TOKEN, 0) + f" HELLO pid={os.getpid()} peer={self.ipparam}".encode()
+        info = (
+            test_payload(HELLO_TOKEN, 0) + f" HELLO pid={os.getpid()} peer={self.ipparam}".encode()
+        )
         return ppp_frame(PROTO_IP, info)
 
     def snapshot(self) -> dict[str, Any]:
         st = self.decoder.stats
-        return {"pid": os.getpid(), "args": self.args, "ipparam": self.ipparam,
-                "addrs": self.addrs, "started": self.started, "frames_in": st.frames,
-                "bad_fcs": st.bad_fcs, "runts": st.runts, "too_long": st.too_long,
-                "bytes_in": st.bytes_in, "echoed": self.echoed, "tokens": self.tokens}
+        return {
+            "pid": os.getpid(),
+            "args": self.args,
+            "ipparam": self.ipparam,
+            "addrs": self.addrs,
+            "started": self.started,
+            "frames_in": st.frames,
+            "bad_fcs": st.bad_fcs,
+            "runts": st.runts,
+            "too_long": st.too_long,
+            "bytes_in": st.bytes_in,
+            "echoed": self.echoed,
+            "tokens": self.tokens,
+        }
 
     def dump(self, force: bool = False) -> None:
         if self.log_dir is None:
@@ -257,8 +272,9 @@ def _arg_after(args: Sequence[str], key: str) -> str | None:
 
 def write_wrapper(path: Path, log_dir: Path, python: str = sys.executable) -> Path:
     """Write the executable that pptpd's ``ppp`` option points at (it takes no arguments)."""
-    path.write_text("#!/bin/sh\n"
-                    f"exec {python} -m vpnmasq.lab.pppstub --log-dir {log_dir} -- \"$@\"\n")
+    path.write_text(
+        f'#!/bin/sh\nexec {python} -m vpnmasq.lab.pppstub --log-dir {log_dir} -- "$@"\n'
+    )
     path.chmod(0o755)
     return path
 

@@ -53,23 +53,41 @@ class PptpResult:
     first_echo_s: float | None = None  # time from start() to the first verified echo
     pptp_exit: int | None = None
 
+    sent_unique: int = 0  # distinct seqs judged (probes sent before the call was up excluded)
+
     @property
     def ok(self) -> bool:
         return self.verified > 0 and self.verified == self.sent_unique and not self.crosstalk
 
-    sent_unique: int = 0
-
     def as_dict(self) -> dict[str, Any]:
-        return {"token": self.token, "sent": self.sent, "sent_unique": self.sent_unique,
-                "received": self.received, "verified": self.verified,
-                "crosstalk": self.crosstalk, "unannotated": self.unannotated,
-                "bad_fcs": self.bad_fcs, "server_views": sorted(self.server_views), "hellos": self.hellos,
-                "first_echo_s": self.first_echo_s, "pptp_exit": self.pptp_exit, "ok": self.ok}
+        return {
+            "token": self.token,
+            "sent": self.sent,
+            "sent_unique": self.sent_unique,
+            "received": self.received,
+            "verified": self.verified,
+            "crosstalk": self.crosstalk,
+            "unannotated": self.unannotated,
+            "bad_fcs": self.bad_fcs,
+            "server_views": sorted(self.server_views),
+            "hellos": self.hellos,
+            "first_echo_s": self.first_echo_s,
+            "pptp_exit": self.pptp_exit,
+            "ok": self.ok,
+        }
 
 
 class PptpClient:
-    def __init__(self, topo: Topology, role: str, server_ip: str, *, token: str | None = None,
-                 run_dir: str | os.PathLike[str] | None = None, extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        topo: Topology,
+        role: str,
+        server_ip: str,
+        *,
+        token: str | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.topo = topo
         self.role = role
         self.server_ip = server_ip
@@ -90,12 +108,25 @@ class PptpClient:
     def start(self) -> PptpClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.stderr_path = self.run_dir.parent / f"pptp-{self.role}-{self.token}.stderr"
-        argv = ["pptp", self.server_ip, "--nolaunchpppd", "--nohostroute", "--loglevel", "1",
-                *self.extra_args]
+        argv = [
+            "pptp",
+            self.server_ip,
+            "--nolaunchpppd",
+            "--nohostroute",
+            "--loglevel",
+            "1",
+            *self.extra_args,
+        ]
         with open(self.stderr_path, "wb") as err:
-            self.proc = self.topo.popen(self.role, argv, name=f"pptp:{self.role}",
-                                        private_run=self.run_dir, stdin=theirs, stdout=theirs,
-                                        stderr=err)
+            self.proc = self.topo.popen(
+                self.role,
+                argv,
+                name=f"pptp:{self.role}",
+                private_run=self.run_dir,
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=err,
+            )
         theirs.close()
         ours.setblocking(False)
         self.sock = ours
@@ -176,8 +207,13 @@ class PptpClient:
                 return True
         return bool(self._seqs_ok)
 
-    def exchange(self, count: int = 5, *, timeout: float = 10.0, interval: float = 0.05,
-                 ) -> PptpResult:
+    def exchange(
+        self,
+        count: int = 5,
+        *,
+        timeout: float = 10.0,
+        interval: float = 0.05,
+    ) -> PptpResult:
         """wait_up(), then send `count` more frames and wait for all their echoes."""
         deadline = time.monotonic() + timeout
         if not self.wait_up(timeout):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 from typing import Any
 
 from .pppstub import read_stub_logs, write_wrapper
@@ -30,10 +29,18 @@ PPTP_PORT = 1723
 
 
 class PptpServer:
-    def __init__(self, topo: Topology, role: str, *, localip: str = "192.168.200.1",
-                 remoteip: str = "192.168.200.10-99", debug: bool = False,
-                 connections: int = 50, extra_conf: str = "",
-                 argv_prefix: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        role: str,
+        *,
+        localip: str = "192.168.200.1",
+        remoteip: str = "192.168.200.10-99",
+        debug: bool = False,
+        connections: int = 50,
+        extra_conf: str = "",
+        argv_prefix: tuple[str, ...] = (),
+    ) -> None:
         self.topo = topo
         self.role = role
         self.ip = topo.ip(role)
@@ -60,16 +67,30 @@ class PptpServer:
             f"localip {self.localip}\n"
             f"remoteip {self.remoteip}\n"
             f"connections {self.connections}\n"
-            f"listen {self.ip}\n"
-            + ("debug\n" if self.debug else "")
-            + self.extra_conf)
-        argv = [*self.argv_prefix, "pptpd", "--fg", "-c", str(conf), "-o", str(options),
-                "-p", str(self.run_dir / "pptpd.pid")]
+            f"listen {self.ip}\n" + ("debug\n" if self.debug else "") + self.extra_conf
+        )
+        argv = [
+            *self.argv_prefix,
+            "pptpd",
+            "--fg",
+            "-c",
+            str(conf),
+            "-o",
+            str(options),
+            "-p",
+            str(self.run_dir / "pptpd.pid"),
+        ]
         self.stderr_path = self.dir / "pptpd.stderr"
         with open(self.stderr_path, "wb") as err:
-            self.proc = self.topo.popen(self.role, argv, name=f"pptpd:{self.role}",
-                                        private_run=self.run_dir, stdout=err, stderr=err,
-                                        env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin")})
+            self.proc = self.topo.popen(
+                self.role,
+                argv,
+                name=f"pptpd:{self.role}",
+                private_run=self.run_dir,
+                stdout=err,
+                stderr=err,
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin")},
+            )
         self.topo.wait_listen(self.role, PPTP_PORT, "tcp", timeout)
         return self
 

@@ -77,8 +77,14 @@ class Node:
     ip: str | None  # primary address (gw: LAN side); None for switches
 
 
-def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-         input: str | bytes | None = None, text: bool = True) -> subprocess.CompletedProcess[Any]:
+def _run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float = 30.0,
+    input: str | bytes | None = None,
+    text: bool = True,
+) -> subprocess.CompletedProcess[Any]:
     cp = subprocess.run(list(argv), capture_output=True, text=text, timeout=timeout, input=input)
     if check and cp.returncode != 0:
         err = cp.stderr if text else cp.stderr.decode(errors="replace")
@@ -125,50 +131,80 @@ def _delete_ns(ns: str) -> None:
     _run([IP, "netns", "del", ns], check=False)
 
 
+def _proc_starttime(pid: int) -> str | None:
+    """Field 22 of /proc/<pid>/stat: tells a live owner from a recycled pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_alive(rec: dict[str, Any]) -> bool:
+    pid = int(rec.get("pid", 0))
+    if pid <= 0 or not _pid_alive(pid):
+        return False
+    st = rec.get("starttime")
+    return st is None or _proc_starttime(pid) == st
+
+
 def cleanup_stale(prefix: str = DEFAULT_PREFIX, *, force: bool = False) -> list[str]:
     """Delete namespaces named ``prefix*`` whose owning run is gone. Returns the names removed.
 
-    A lab run records its pid in ``/run/vmq-lab/<prefix><run_id>.json``. A namespace is stale
-    when that file names a dead pid. Namespaces with the prefix but no owner file belong to
-    someone else (e.g. another tool using the same prefix) and are left alone unless
-    ``force=True``. Processes still running inside a stale namespace are killed first.
+    A lab run records its pid in ``/run/vmq-lab/<prefix><run_id>.json``. A namespace is
+    stale when that record names a process that no longer exists. Namespaces with the prefix
+    but no record belong to someone else (another tool using the same prefix) and are left
+    alone unless ``force=True``; ``force`` also removes namespaces of live runs, except the
+    calling process's own. Processes still running inside are killed first.
     """
     removed: list[str] = []
-    owners: dict[str, int] = {}
+    records: dict[str, dict[str, Any]] = {}
     if OWNER_DIR.is_dir():
         for f in OWNER_DIR.glob(f"{prefix}*.json"):
             try:
                 rec = json.loads(f.read_text())
-                owners[rec["tag"]] = int(rec["pid"])
+                records[str(rec["tag"])] = rec
             except (OSError, ValueError, KeyError):
                 continue
+    me = os.getpid()
+
+    def stale(tag: str) -> bool:
+        rec = records.get(tag)
+        if rec is None:
+            return force
+        if int(rec.get("pid", 0)) == me:
+            return False
+        return force or not _owner_alive(rec)
+
     for ns in list_namespaces():
-        if not ns.startswith(prefix):
-            continue
-        tag = ns.rsplit("-", 1)[0]  # "<prefix><run_id>"
-        pid = owners.get(tag)
-        if pid is None and not force:
-            continue
-        if pid is not None and pid != os.getpid() and _pid_alive(pid) and not force:
-            continue
-        if pid == os.getpid() and not force:
-            continue
-        _delete_ns(ns)
-        removed.append(ns)
-    for tag, pid in owners.items():
-        if (force or not _pid_alive(pid)) and pid != os.getpid():
+        if ns.startswith(prefix) and stale(ns.rsplit("-", 1)[0]):
+            _delete_ns(ns)
+            removed.append(ns)
+    for tag, rec in records.items():
+        if stale(tag):
             with contextlib.suppress(OSError):
                 (OWNER_DIR / f"{tag}.json").unlink()
+            wd = rec.get("workdir")
+            if wd and Path(wd).name == tag:  # only our own tmp dirs, never a caller's
+                shutil.rmtree(wd, ignore_errors=True)
     return removed
 
 
 class Topology:
     """LAN hosts + LAN server + masquerading gateway + remote servers, one netns each."""
 
-    def __init__(self, hosts: int = 2, remotes: int = 1, *, lan_server: bool = True,
-                 prefix: str = DEFAULT_PREFIX, run_id: str | None = None,
-                 workdir: str | os.PathLike[str] | None = None,
-                 install_signal_handlers: bool = True, keep_workdir: bool = False) -> None:
+    def __init__(
+        self,
+        hosts: int = 2,
+        remotes: int = 1,
+        *,
+        lan_server: bool = True,
+        prefix: str = DEFAULT_PREFIX,
+        run_id: str | None = None,
+        workdir: str | os.PathLike[str] | None = None,
+        install_signal_handlers: bool = True,
+        keep_workdir: bool = False,
+    ) -> None:
         if not 1 <= hosts <= 100 or not 0 <= remotes <= 100:
             raise ValueError("hosts must be 1..100 and remotes 0..100")
         self.prefix = prefix
@@ -251,10 +287,18 @@ class Topology:
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
             OWNER_DIR.mkdir(parents=True, exist_ok=True)
-            (OWNER_DIR / f"{self.tag}.json").write_text(json.dumps({
-                "tag": self.tag, "pid": os.getpid(), "created": time.time(),
-                "namespaces": [n.ns for n in self.nodes.values()],
-                "workdir": str(self.workdir)}))
+            (OWNER_DIR / f"{self.tag}.json").write_text(
+                json.dumps(
+                    {
+                        "tag": self.tag,
+                        "pid": os.getpid(),
+                        "created": time.time(),
+                        "starttime": _proc_starttime(os.getpid()),
+                        "namespaces": [n.ns for n in self.nodes.values()],
+                        "workdir": str(self.workdir),
+                    }
+                )
+            )
             self._create()
         except BaseException:
             self.down()
@@ -271,14 +315,35 @@ class Topology:
             self._ip(sw, "link", "add", "br0", "type", "bridge")
             self._ip(sw, "link", "set", "br0", "up")
             # Bridged frames must not reach netfilter of the switch namespaces.
-            _run([IP, "netns", "exec", self.ns(sw), "sh", "-c",
-                  "for f in /proc/sys/net/bridge/bridge-nf-call-*; do "
-                  "[ -w $f ] && echo 0 > $f; done; true"], check=False)
+            _run(
+                [
+                    IP,
+                    "netns",
+                    "exec",
+                    self.ns(sw),
+                    "sh",
+                    "-c",
+                    "for f in /proc/sys/net/bridge/bridge-nf-call-*; do "
+                    "[ -w $f ] && echo 0 > $f; done; true",
+                ],
+                check=False,
+            )
 
         def plug(role: str, ifname: str, sw: str, cidr: str | None) -> None:
             port = f"p-{role}"
-            self._ip(role, "link", "add", ifname, "type", "veth", "peer", "name", port,
-                     "netns", self.ns(sw))
+            self._ip(
+                role,
+                "link",
+                "add",
+                ifname,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                port,
+                "netns",
+                self.ns(sw),
+            )
             self._ip(sw, "link", "set", port, "master", "br0")
             self._ip(sw, "link", "set", port, "up")
             if cidr:
@@ -287,8 +352,19 @@ class Topology:
 
         plug("gw", "lan0", "lan", f"{GW_LAN_IP}/{LAN_NET.prefixlen}")
         plug("gw", "wan0", "inet", f"{GW_WAN_IP}/{WAN_NET.prefixlen}")
-        _run([IP, "netns", "exec", self.ns("gw"), "sysctl", "-q", "-w",
-              "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"])
+        _run(
+            [
+                IP,
+                "netns",
+                "exec",
+                self.ns("gw"),
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+            ]
+        )
         lan_roles = (["srv"] if self.has_lan_server else []) + self.hosts
         for role in lan_roles:
             plug(role, "eth0", "lan", f"{self.ip(role)}/{LAN_NET.prefixlen}")
@@ -324,7 +400,10 @@ class Topology:
         if not self._atexit_registered:
             atexit.register(self.down)
             self._atexit_registered = True
-        if not self.install_signal_handlers or threading.current_thread() is not threading.main_thread():
+        if (
+            not self.install_signal_handlers
+            or threading.current_thread() is not threading.main_thread()
+        ):
             return
         for sig in (signal.SIGTERM, signal.SIGHUP):
             old = signal.getsignal(sig)
@@ -341,8 +420,12 @@ class Topology:
         self._old_handlers.clear()
 
     # -------------------------------------------------------------- processes
-    def _wrap(self, role: str, argv: Sequence[str], private_run: str | os.PathLike[str] | None,
-              ) -> list[str]:
+    def _wrap(
+        self,
+        role: str,
+        argv: Sequence[str],
+        private_run: str | os.PathLike[str] | None,
+    ) -> list[str]:
         ns = self.ns(role)
         argv = [str(a) for a in argv]
         if private_run is None:
@@ -353,21 +436,40 @@ class Topology:
         script = 'mount --bind "$0" /run && exec "$@"'
         return [IP, "netns", "exec", ns, "sh", "-c", script, str(private_run), *argv]
 
-    def exec(self, role: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0,
-             input: str | bytes | None = None, text: bool = True,
-             private_run: str | os.PathLike[str] | None = None,
-             ) -> subprocess.CompletedProcess[Any]:
+    def exec(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30.0,
+        input: str | bytes | None = None,
+        text: bool = True,
+        private_run: str | os.PathLike[str] | None = None,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run argv to completion in a namespace; capture stdout/stderr; raise LabError if check."""
-        return _run(self._wrap(role, argv, private_run), check=check, timeout=timeout,
-                    input=input, text=text)
+        return _run(
+            self._wrap(role, argv, private_run),
+            check=check,
+            timeout=timeout,
+            input=input,
+            text=text,
+        )
 
-    def popen(self, role: str, argv: Sequence[str], *, name: str | None = None,
-              private_run: str | os.PathLike[str] | None = None,
-              stdin: int | IO[Any] | None = subprocess.DEVNULL,
-              stdout: int | IO[Any] | None = subprocess.PIPE,
-              stderr: int | IO[Any] | None = subprocess.PIPE,
-              env: dict[str, str] | None = None, text: bool = False,
-              pass_fds: Sequence[int] = ()) -> subprocess.Popen[Any]:
+    def popen(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        name: str | None = None,
+        private_run: str | os.PathLike[str] | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        stdout: int | IO[Any] | None = subprocess.PIPE,
+        stderr: int | IO[Any] | None = subprocess.PIPE,
+        env: dict[str, str] | None = None,
+        text: bool = False,
+        pass_fds: Sequence[int] = (),
+    ) -> subprocess.Popen[Any]:
         """Start argv in a namespace, in its own session; tracked and killed by down().
 
         ``private_run``: a directory bind-mounted over /run (= /var/run) for this process
@@ -378,9 +480,16 @@ class Topology:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
-        p = subprocess.Popen(self._wrap(role, argv, private_run), stdin=stdin, stdout=stdout,
-                             stderr=stderr, env=full_env, text=text, start_new_session=True,
-                             pass_fds=tuple(pass_fds))
+        p = subprocess.Popen(
+            self._wrap(role, argv, private_run),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            env=full_env,
+            text=text,
+            start_new_session=True,
+            pass_fds=tuple(pass_fds),
+        )
         with self._lock:
             self._procs.append((name or f"{role}:{argv[0]}", p))
         return p
@@ -402,8 +511,14 @@ class Topology:
         """argv to run a module with this interpreter: ``topo.py("vpnmasq.lab.plain", ...)``."""
         return [sys.executable, "-m", module, *(str(a) for a in args)]
 
-    def run_json(self, role: str, argv: Sequence[str], *, timeout: float = 30.0,
-                 private_run: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    def run_json(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30.0,
+        private_run: str | os.PathLike[str] | None = None,
+    ) -> dict[str, Any]:
         """Run a lab CLI to completion; return the last JSON object it printed on stdout."""
         cp = self.exec(role, argv, check=False, timeout=timeout, private_run=private_run)
         for line in reversed(cp.stdout.splitlines()):
@@ -412,13 +527,22 @@ class Topology:
                 obj: dict[str, Any] = json.loads(line)
                 obj.setdefault("returncode", cp.returncode)
                 return obj
-        raise LabError(f"no JSON from {' '.join(map(str, argv))} in {role} "
-                       f"(rc={cp.returncode}):\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}")
+        raise LabError(
+            f"no JSON from {' '.join(map(str, argv))} in {role} "
+            f"(rc={cp.returncode}):\n{cp.stdout[-2000:]}\n{cp.stderr[-2000:]}"
+        )
 
-    def start_json(self, role: str, argv: Sequence[str], *, ready: str = "ready",
-                   timeout: float = 10.0, name: str | None = None,
-                   private_run: str | os.PathLike[str] | None = None,
-                   env: dict[str, str] | None = None) -> JsonProcess:
+    def start_json(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        ready: str = "ready",
+        timeout: float = 10.0,
+        name: str | None = None,
+        private_run: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> JsonProcess:
         """Start a lab server that prints JSON lines; wait for ``{"event": ready}``."""
         p = self.popen(role, argv, name=name, private_run=private_run, env=env)
         jp = JsonProcess(p)
@@ -433,8 +557,14 @@ class Topology:
         return d
 
     # ---------------------------------------------------------------- helpers
-    def wait_listen(self, role: str, port: int, proto: str = "tcp", timeout: float = 10.0,
-                    addr: str | None = None) -> None:
+    def wait_listen(
+        self,
+        role: str,
+        port: int,
+        proto: str = "tcp",
+        timeout: float = 10.0,
+        addr: str | None = None,
+    ) -> None:
         """Wait until something listens on port (ss), instead of sleeping."""
         flag = "-ltnH" if proto == "tcp" else "-lunH"
         deadline = time.monotonic() + timeout
@@ -445,7 +575,9 @@ class Topology:
                 if len(cols) >= 4:
                     local = cols[3]
                     host, _, p = local.rpartition(":")
-                    if p == str(port) and (addr is None or host.strip("[]") in (addr, "*", "0.0.0.0")):
+                    if p == str(port) and (
+                        addr is None or host.strip("[]") in (addr, "*", "0.0.0.0")
+                    ):
                         return
             if time.monotonic() > deadline:
                 raise LabError(f"nothing listens on {proto}/{port} in {role} after {timeout}s")
@@ -458,10 +590,12 @@ class Topology:
 
     def counters(self, role: str = "gw") -> str:
         """nft ruleset with counters, for debugging a failing test."""
-        return self.exec(role, ["nft", "list", "ruleset"], check=False).stdout
+        return str(self.exec(role, ["nft", "list", "ruleset"], check=False).stdout)
 
     # ----------------------------------------------------------- kernel NAT
-    def gateway_kernel_nat(self, *, pptp_helper: bool = True, forward_to_lan_server: Sequence[tuple[str, int]] = ()) -> None:
+    def gateway_kernel_nat(
+        self, *, pptp_helper: bool = True, forward_to_lan_server: Sequence[tuple[str, int]] = ()
+    ) -> None:
         """Install the Linux kernel's own NAT in the gateway, for comparison with vpnmasq.
 
         * ``masquerade`` of 10.77.0.0/24 leaving ``wan0``;
@@ -515,8 +649,9 @@ class Topology:
 
     # -------------------------------------------------------------- capture
     @contextlib.contextmanager
-    def capture(self, role: str, iface: str, path: str | os.PathLike[str],
-                bpf: str = "") -> Iterator[Path]:
+    def capture(
+        self, role: str, iface: str, path: str | os.PathLike[str], bpf: str = ""
+    ) -> Iterator[Path]:
         """tcpdump to a pcap while the block runs (``with topo.capture("gw", "wan0", f):``)."""
         argv = ["tcpdump", "-i", iface, "-n", "-U", "-w", str(path), "-s", "256"]
         if bpf:
@@ -550,8 +685,10 @@ class JsonProcess:
         self.other_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self._cv = threading.Condition()
-        self._threads = [threading.Thread(target=self._read, args=(p.stdout, False), daemon=True),
-                         threading.Thread(target=self._read, args=(p.stderr, True), daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._read, args=(p.stdout, False), daemon=True),
+            threading.Thread(target=self._read, args=(p.stderr, True), daemon=True),
+        ]
         for t in self._threads:
             t.start()
 
@@ -585,12 +722,16 @@ class JsonProcess:
                     if pred(ev):
                         return ev
                 if self.proc.poll() is not None and not any(t.is_alive() for t in self._threads):
-                    raise LabError(f"process exited ({self.proc.returncode}) before event; "
-                                   f"stderr: {self.stderr_lines[-20:]}")
+                    raise LabError(
+                        f"process exited ({self.proc.returncode}) before event; "
+                        f"stderr: {self.stderr_lines[-20:]}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise LabError(f"timeout waiting for event; have {self.events[-5:]}, "
-                                   f"stderr: {self.stderr_lines[-20:]}")
+                    raise LabError(
+                        f"timeout waiting for event; have {self.events[-5:]}, "
+                        f"stderr: {self.stderr_lines[-20:]}"
+                    )
                 self._cv.wait(min(left, 0.2))
 
     def wait_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:

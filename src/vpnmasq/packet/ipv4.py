@@ -58,6 +58,17 @@ class IPv4:
         "dst",
     )
 
+    buf: bytearray
+    ihl: int
+    total_len: int
+    ident: int
+    frag_offset: int
+    more_fragments: bool
+    ttl: int
+    proto: int
+    src: int
+    dst: int
+
     def __init__(self, buf: bytearray) -> None:
         self.buf = buf
         if len(buf) < MIN_HEADER:
@@ -82,7 +93,9 @@ class IPv4:
         self.src = src
         self.dst = dst
 
-    parse = classmethod(lambda cls, buf: cls(buf))
+    @classmethod
+    def parse(cls, buf: bytearray) -> IPv4:
+        return cls(buf)
 
     # --- fragments -------------------------------------------------------------------
     @property

@@ -1,0 +1,319 @@
+"""The control socket: ``vpnmasq status`` / ``flush`` talk to the running daemon here.
+
+A UNIX stream socket (root only: mode 0600 in a 0700 directory) speaking newline-delimited
+JSON. Each request is one line, ``{"cmd": "status" | "counters" | "flush" | "ping"}``; each
+answer is one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. A client may
+send several requests on one connection.
+
+The server never blocks and owns no thread: the daemon polls :meth:`ControlServer.fileno`
+(an epoll descriptor that is readable whenever the listener or any client needs service)
+in its own loop and calls :meth:`ControlServer.handle_ready`. The answers come from
+callbacks, so this module knows nothing about the engine::
+
+    server = ControlServer(
+        config.control_socket,
+        status=lambda: status.status_payload(engine.snapshot(clock()), engine.counters),
+        counters=lambda: dict(engine.counters),
+        flush=engine.flush,
+    )
+    ...
+    if server.fileno() in ready_fds:
+        server.handle_ready()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import selectors
+import socket
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vpnmasq import __version__
+
+COMMANDS = ("status", "counters", "flush", "ping")
+MAX_REQUEST = 64 * 1024  # a request is a short JSON object; anything longer is garbage
+MAX_CLIENTS = 16  # root-only socket, so a handful is plenty; more are refused
+READ_CHUNK = 64 * 1024
+CLIENT_TIMEOUT = 5.0
+
+
+class ControlError(RuntimeError):
+    """The daemon could not be asked, or said no. The message is meant for the operator."""
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    read_closed: bool = False
+
+
+class ControlServer:
+    """Non-blocking JSON-lines server on a UNIX socket; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        status: Callable[[], Mapping[str, Any]],
+        counters: Callable[[], Mapping[str, int]],
+        flush: Callable[[], int],
+        takeover: bool = False,
+    ) -> None:
+        """Bind ``path``. A stale socket file is replaced; a live one raises ControlError
+        unless ``takeover`` (handover from a running instance: it keeps serving its old
+        descriptor until it exits, new clients reach us)."""
+        self.path = path
+        self._status = status
+        self._counters = counters
+        self._flush = flush
+        self._clients: dict[int, _Client] = {}
+        self.last_error: Exception | None = None  # the daemon may log it
+        self._sel = selectors.EpollSelector()
+        self._listener = self._bind(path, takeover)
+        self._inode = os.stat(path).st_ino
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+
+    # ---------------------------------------------------------------- setup / teardown
+    @staticmethod
+    def _bind(path: str, takeover: bool) -> socket.socket:
+        directory = os.path.dirname(path) or "."
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+            if _is_live(path) and not takeover:
+                raise ControlError(f"another vpnmasq is already listening on {path}")
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # no window in which the socket is group/world accessible
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(MAX_CLIENTS)
+        sock.setblocking(False)
+        return sock
+
+    def fileno(self) -> int:
+        """Poll this for readability; then call :meth:`handle_ready`."""
+        return self._sel.fileno()
+
+    def close(self) -> None:
+        """Close every connection and remove the socket file if it is still ours."""
+        for c in list(self._clients.values()):
+            self._drop(c)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._listener)
+        self._listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self._inode:  # not a successor's socket
+                os.unlink(self.path)
+        self._sel.close()
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- event handling
+    def handle_ready(self) -> None:
+        """Serve whatever is ready now (accepts, reads, answers, writes); never blocks."""
+        for key, events in self._sel.select(timeout=0):
+            client: _Client | None = key.data
+            if client is None:
+                self._accept()
+                continue
+            if events & selectors.EVENT_READ:
+                self._read(client)
+            if client.sock.fileno() in self._clients and events & selectors.EVENT_WRITE:
+                self._write(client)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: try again on the next poll
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    return
+                raise
+            if len(self._clients) >= MAX_CLIENTS:
+                with contextlib.suppress(OSError):
+                    sock.send(_encode({"ok": False, "error": "too many control connections"}))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            c = _Client(sock)
+            self._clients[sock.fileno()] = c
+            self._sel.register(sock, selectors.EVENT_READ, c)
+
+    def _read(self, c: _Client) -> None:
+        try:
+            data = c.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(c)
+            return
+        if not data:
+            c.read_closed = True
+        c.inbuf += data
+        while b"\n" in c.inbuf:
+            line, _, rest = bytes(c.inbuf).partition(b"\n")
+            c.inbuf = bytearray(rest)
+            if line.strip():
+                c.outbuf += _encode(self.answer(line))
+        if len(c.inbuf) > MAX_REQUEST:
+            c.outbuf += _encode({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
+            c.inbuf.clear()
+            c.read_closed = True
+        if c.read_closed and c.inbuf.strip():  # last request without a newline
+            c.outbuf += _encode(self.answer(bytes(c.inbuf)))
+            c.inbuf.clear()
+        if c.outbuf:
+            self._write(c)  # usually fits the socket buffer: no extra poll round
+        else:
+            self._update(c)
+
+    def _write(self, c: _Client) -> None:
+        try:
+            sent = c.sock.send(c.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(c)
+            return
+        del c.outbuf[:sent]
+        self._update(c)
+
+    def _update(self, c: _Client) -> None:
+        if c.read_closed and not c.outbuf:
+            self._drop(c)
+            return
+        mask = (0 if c.read_closed else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if c.outbuf else 0
+        )
+        self._sel.modify(c.sock, mask, c)
+
+    def _drop(self, c: _Client) -> None:
+        fd = c.sock.fileno()
+        self._clients.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(c.sock)
+        c.sock.close()
+
+    # ---------------------------------------------------------------- requests
+    def answer(self, line: bytes) -> dict[str, Any]:
+        """The response object for one request line (public for tests and the daemon)."""
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return {"ok": False, "error": 'request is not JSON; send {"cmd": "status"}'}
+        cmd = req.get("cmd") if isinstance(req, dict) else None
+        if cmd not in COMMANDS:
+            return {
+                "ok": False,
+                "error": f"unknown command {cmd!r} (known: {', '.join(COMMANDS)})",
+            }
+        try:
+            if cmd == "ping":
+                return {"ok": True, "pid": os.getpid(), "version": __version__}
+            if cmd == "status":
+                return {"ok": True, **self._status()}
+            if cmd == "counters":
+                return {"ok": True, "counters": dict(self._counters())}
+            return {"ok": True, "flushed": int(self._flush())}
+        except Exception as e:  # a failing callback must not take the packet loop down
+            self.last_error = e
+            return {
+                "ok": False,
+                "error": f"{cmd} failed inside the daemon: {type(e).__name__}: {e}",
+            }
+
+
+def _encode(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def _is_live(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+# -------------------------------------------------------------------- client side
+def query(path: str, cmd: str, *, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
+    """Send one command to the daemon at ``path`` and return its answer (``ok`` true).
+
+    Raises ControlError with a message an operator can act on.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise ControlError(f"vpnmasq is not running (no socket at {path})") from None
+        except ConnectionRefusedError:
+            raise ControlError(
+                f"vpnmasq is not running (stale socket at {path}, nothing is listening)"
+            ) from None
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on {path}: the control socket is root-only; "
+                "run this command as root (e.g. with sudo)"
+            ) from None
+        except TimeoutError:
+            raise ControlError(
+                f"vpnmasq did not accept a connection on {path} within {timeout:g} s"
+            ) from None
+        except OSError as e:
+            raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+        buf = bytearray()
+        try:
+            s.sendall(_encode({"cmd": cmd}))
+            while b"\n" not in buf:
+                chunk = s.recv(READ_CHUNK)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise ControlError(f"vpnmasq did not answer '{cmd}' within {timeout:g} s") from None
+        except OSError as e:
+            raise ControlError(f"lost the connection to {path}: {e.strerror or e}") from None
+    finally:
+        s.close()
+    line, nl, _ = bytes(buf).partition(b"\n")
+    if not nl:
+        raise ControlError(f"vpnmasq closed the connection on {path} without answering")
+    try:
+        resp = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ControlError(f"vpnmasq sent an answer that is not JSON on {path}") from None
+    if not isinstance(resp, dict):
+        raise ControlError(f"vpnmasq sent an unexpected answer on {path}")
+    if not resp.get("ok"):
+        raise ControlError(f"vpnmasq refused '{cmd}': {resp.get('error', 'no reason given')}")
+    return resp

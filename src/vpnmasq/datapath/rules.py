@@ -1,0 +1,580 @@
+"""Netfilter rules for vpnmasq: generated as text by pure functions, applied by thin ones.
+
+Install and remove are symmetric (sshuttle style) and touch only what vpnmasq owns:
+
+* iptables (``iptables-restore --noflush``): chains ``VPNMASQ_RAW``, ``VPNMASQ_RAW_IN``,
+  ``VPNMASQ_RAW_OUT`` in ``raw`` and ``VPNMASQ_IN``, ``VPNMASQ_OUT`` in ``mangle``, plus one
+  jump to each dispatch chain inserted at the top of the built-in chain;
+* nftables (hybrid mode only): the table ``ip vpnmasq``.
+
+:func:`remove` works from what is actually present (``iptables-save`` output), so it is
+idempotent and cleans up after a crash or after an install with a different spec.
+
+Design, and where it deviates from the first spec (facts checked on kernel 6.18, nft 1.0.6,
+iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
+
+* Queueing uses the xtables ``NFQUEUE`` target: this kernel has no nft ``queue``
+  expression. Both iptables-nft and iptables-legacy load the rules.
+* Outbound packets are queued in mangle POSTROUTING (after routing), never in PREROUTING:
+  once the source is rewritten to the gateway's own public address, a routing decision
+  taken afterwards rejects it as a martian (local source on input). POSTROUTING also runs
+  after the admin's filter FORWARD rules, which therefore see the original LAN addresses,
+  as with kernel SNAT. Inbound packets are queued in mangle PREROUTING, before routing, so
+  the rewritten destination is what gets routed.
+* Every NFQUEUE rule also requires ``-m conntrack --ctstate UNTRACKED`` (ICMP errors:
+  ``INVALID,UNTRACKED``), for two reasons. (1) ``CT --notrack`` alone does not enable
+  conntrack in the namespace, and without conntrack there is no defragmentation either:
+  measured, userspace mode then queued a 3000-byte datagram as three fragments, so the
+  engine would see fragments without ports. A conntrack match enables conntrack and its
+  defrag hook (priority -400, before raw), so the engine sees whole datagrams (up to 65535
+  bytes; the kernel refragments on output). (2) Only what raw NOTRACKed is queued: the
+  engine never rewrites a packet that kernel conntrack is tracking.
+* The raw table runs before routing, so the NOTRACK rules for outbound traffic cannot test
+  the output interface. They use "not from outside_if, from an inside network, not to an
+  inside network, not to a local/broadcast/multicast address". A packet matched there but
+  routed elsewhere than outside_if is not queued and leaves un-NATed but also untracked.
+* An NFQUEUE verdict of ACCEPT resumes at the *next hook*, not at the next rule, so owned
+  packets skip mangle rules placed after our jump. The jumps are inserted first so that no
+  earlier ACCEPT can let an owned packet bypass the queue (which would leak LAN addresses).
+* ICMP errors are queued but not NOTRACKed in hybrid mode, and only when conntrack did not
+  relate them to a kernel-tracked flow (``--ctstate INVALID,UNTRACKED``): errors about
+  kernel-masqueraded flows are RELATED and must stay with kernel NAT. An error about one of
+  our untracked flows has no conntrack entry and is INVALID. This also covers *outbound*
+  errors (an inside host answering one of our flows with "port unreachable"): the spec
+  had none, but conntrack cannot relate them, so kernel NAT would let them out with the
+  inside source address.
+* The raw side has a dispatch chain plus ``VPNMASQ_RAW_IN``/``VPNMASQ_RAW_OUT`` because the
+  LAN-to-LAN exclusion needs ``! -d`` for several inside networks, which iptables cannot
+  express in one rule (``! -d a,b`` is rejected): one ``-d NET -j RETURN`` per network.
+* ``masquerade to :lo-hi`` needs a transport protocol match in nft 1.0.6, so hybrid mode
+  masquerades TCP/UDP into the kernel port range and everything else (ICMP) plainly.
+* ``ct timeout`` objects (nft 1.0.6) exist for TCP and UDP only (no ICMP policy, so ICMP
+  keeps the 30 s default). They are assigned to ``ct state new`` flows in a forward-hook
+  chain, before the entry is confirmed at the end of POSTROUTING; measured, a new UDP flow
+  then gets 120 s instead of 30 s, and TCP states the policy does not list keep the
+  kernel defaults (established stays at 5 days).
+* With ``public_address=None`` the inbound match is
+  ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
+
+The packet mark (``RuleSpec.mark``) is set by vpnmasq's verdicts, not by these rules.
+Untracked packets match neither ``ct state established`` nor ``ct state new`` in a stateful
+FORWARD policy. Inbound ones are rewritten and marked in PREROUTING, so admins add
+``iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT`` (see :func:`forward_mark_hint`).
+Outbound ones reach FORWARD before their verdict (POSTROUTING), unmarked, so the policy
+must accept LAN-to-WAN traffic by interface (``-i LAN -o WAN -j ACCEPT``), not by ct state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "CHAINS",
+    "DEFAULT_MARK",
+    "NFT_TABLE",
+    "RuleError",
+    "RuleSpec",
+    "forward_mark_hint",
+    "forward_mark_rule_present",
+    "install",
+    "installed",
+    "iptables_removal",
+    "iptables_rules",
+    "mark_rule_in_ruleset",
+    "nft_removal",
+    "nft_rules",
+    "ours_in_ruleset",
+    "port_range_warnings",
+    "remove",
+]
+
+Mode = Literal["hybrid", "userspace"]
+ForwardProto = Literal["tcp", "udp", "gre", "esp"]
+
+DEFAULT_MARK = 0x564D  # "VM"
+NFT_TABLE = "vpnmasq"
+CHAIN_PREFIX = "VPNMASQ_"
+#: table -> our chains, in the order they are declared
+CHAINS: dict[str, tuple[str, ...]] = {
+    "raw": ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT"),
+    "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT"),
+}
+PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
+#: ICMP errors the engine may have to translate: unreachable, source quench, time exceeded,
+#: parameter problem.
+ICMP_ERROR_TYPES = (3, 4, 11, 12)
+IKE_PORT = 500
+NATT_PORT = 4500
+PPTP_PORT = 1723
+#: RFC 4787 REQ-5: UDP mappings must live >= 2 min (5 min recommended); Linux defaults are
+#: 30 s (unreplied) / 120 s (replied).
+UDP_TIMEOUTS = {"unreplied": 120, "replied": 300}
+#: RFC 5382 REQ-5: transitory (half-open or closing) TCP idle timeout >= 4 min. Linux's
+#: established timeout (5 days) already exceeds the 2 h 4 min minimum; states not listed keep
+#: the kernel defaults.
+TCP_TIMEOUTS = {
+    "syn_sent": 240,
+    "syn_recv": 240,
+    "fin_wait": 240,
+    "close_wait": 240,
+    "last_ack": 240,
+}
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
+
+
+class RuleError(RuntimeError):
+    """Applying or removing rules failed (the tool's stderr is in the message)."""
+
+
+def _check_range(name: str, r: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = r
+    if not (1 <= lo <= hi <= 65535):
+        raise ValueError(f"{name}: invalid port range {lo}-{hi}")
+    return (lo, hi)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """What to install. Validated on construction (values end up in rule text)."""
+
+    outside_if: str
+    inside_networks: Sequence[str]
+    public_address: str | None = None
+    mode: Mode = "hybrid"
+    queue_num: int = 0
+    fail_open: bool = False
+    mark: int = DEFAULT_MARK
+    #: ports vpnmasq allocates on the public address; keep it outside
+    #: net.ipv4.ip_local_port_range (default 32768-60999), see port_range_warnings()
+    alias_port_range: tuple[int, int] = (61000, 65535)
+    #: ports kernel masquerade may use (hybrid mode); must not overlap alias_port_range
+    kernel_port_range: tuple[int, int] = (1024, 60999)
+    forwards: Sequence[tuple[str, int | None]] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
+            raise ValueError(f"invalid interface name: {self.outside_if!r}")
+        nets = tuple(str(ipaddress.IPv4Network(n, strict=False)) for n in self.inside_networks)
+        if not nets:
+            raise ValueError("at least one inside network is required")
+        object.__setattr__(self, "inside_networks", tuple(dict.fromkeys(nets)))
+        if self.public_address is not None:
+            object.__setattr__(
+                self, "public_address", str(ipaddress.IPv4Address(self.public_address))
+            )
+        if self.mode not in ("hybrid", "userspace"):
+            raise ValueError(f"invalid mode: {self.mode!r}")
+        if not 0 <= self.queue_num <= 65535:
+            raise ValueError(f"queue number out of range: {self.queue_num}")
+        if not 0 < self.mark <= 0xFFFFFFFF:
+            raise ValueError(f"mark must be a non-zero 32-bit value: {self.mark}")
+        a = _check_range("alias_port_range", tuple(self.alias_port_range))  # type: ignore[arg-type]
+        k = _check_range("kernel_port_range", tuple(self.kernel_port_range))  # type: ignore[arg-type]
+        object.__setattr__(self, "alias_port_range", a)
+        object.__setattr__(self, "kernel_port_range", k)
+        if self.mode == "hybrid" and not (a[1] < k[0] or k[1] < a[0]):
+            raise ValueError(f"alias port range {a} overlaps kernel port range {k}")
+        fwds: list[tuple[str, int | None]] = []
+        for proto, port in self.forwards:
+            if proto in ("tcp", "udp"):
+                if port is None or not 1 <= port <= 65535:
+                    raise ValueError(f"forward {proto} needs a port 1-65535, got {port}")
+            elif proto in ("gre", "esp"):
+                if port is not None:
+                    raise ValueError(f"forward {proto} takes no port")
+            else:
+                raise ValueError(f"invalid forward protocol: {proto!r}")
+            fwds.append((proto, port))
+        object.__setattr__(self, "forwards", tuple(dict.fromkeys(fwds)))
+
+
+# --- pure rule generation --------------------------------------------------------------
+
+
+def _range(r: tuple[int, int]) -> str:
+    return f"{r[0]}:{r[1]}" if r[0] != r[1] else str(r[0])
+
+
+def _inbound_owned(spec: RuleSpec) -> list[str]:
+    """Matches for inbound packets (already known to be for the public address) that
+    vpnmasq owns: NOTRACKed in raw and queued in mangle."""
+    alias = _range(spec.alias_port_range)
+    m: list[str] = []
+    if spec.mode == "userspace":
+        m += [
+            f"-p tcp --dport {alias}",
+            f"-p udp --dport {alias}",
+            f"-p udp -m multiport --dports {IKE_PORT},{NATT_PORT}",
+            "-p 1",
+        ]
+    else:
+        m += [
+            f"-p udp --dport {IKE_PORT}",
+            f"-p udp --sport {IKE_PORT} --dport {alias}",
+            f"-p tcp --sport {PPTP_PORT} --dport {alias}",
+        ]
+    m += ["-p 47", "-p 50", "-p 51"]
+    for proto, port in spec.forwards:
+        m.append(f"-p {proto} --dport {port}" if port is not None else f"-p {PROTO_NUM[proto]}")
+    return list(dict.fromkeys(m))
+
+
+def _outbound_owned(spec: RuleSpec) -> list[str]:
+    """Matches for forwarded packets from inside networks that vpnmasq owns."""
+    if spec.mode == "userspace":
+        return [""]
+    return [
+        "-p 47",
+        "-p 50",
+        "-p 51",
+        f"-p udp --sport {IKE_PORT}",
+        f"-p udp --dport {IKE_PORT}",
+        f"-p tcp --dport {PPTP_PORT}",
+    ]
+
+
+def _icmp_errors_unrelated() -> list[str]:
+    return [
+        f"-p icmp --icmp-type {t} -m conntrack --ctstate INVALID,UNTRACKED"
+        for t in ICMP_ERROR_TYPES
+    ]
+
+
+def _queue_target(spec: RuleSpec) -> str:
+    t = f"-j NFQUEUE --queue-num {spec.queue_num}"
+    return t + " --queue-bypass" if spec.fail_open else t
+
+
+def _rule(chain: str, match: str, target: str) -> str:
+    return " ".join(p for p in ("-A", chain, match, target) if p)
+
+
+def _to_public(spec: RuleSpec) -> str:
+    if spec.public_address is not None:
+        return f"-d {spec.public_address}/32"
+    return "-m addrtype --dst-type LOCAL --limit-iface-in"
+
+
+def _not_to_public(spec: RuleSpec) -> str:
+    if spec.public_address is not None:
+        return f"! -d {spec.public_address}/32"
+    return "-m addrtype ! --dst-type LOCAL --limit-iface-in"
+
+
+def iptables_rules(spec: RuleSpec) -> str:
+    """``iptables-restore --noflush`` input that installs vpnmasq's chains and jumps.
+
+    Declaring a chain in a ``--noflush`` restore flushes it if it exists, so the text is
+    also correct over a partial earlier install (but :func:`install` removes first anyway).
+    """
+    out_if = spec.outside_if
+    notrack = "-j CT --notrack"
+    queue = _queue_target(spec)
+    untracked = "-m conntrack --ctstate UNTRACKED"
+    raw: list[str] = ["*raw"]
+    raw += [f":{c} - [0:0]" for c in CHAINS["raw"]]
+    raw.append(_rule("VPNMASQ_RAW", f"-i {out_if} {_to_public(spec)}", "-j VPNMASQ_RAW_IN"))
+    raw.append(_rule("VPNMASQ_RAW", f"-i {out_if}", "-j RETURN"))
+    for net in spec.inside_networks:
+        raw.append(_rule("VPNMASQ_RAW", f"-s {net}", "-j VPNMASQ_RAW_OUT"))
+    for m in _inbound_owned(spec):
+        raw.append(_rule("VPNMASQ_RAW_IN", m, notrack))
+    for net in spec.inside_networks:
+        raw.append(_rule("VPNMASQ_RAW_OUT", f"-d {net}", "-j RETURN"))
+    raw.append(
+        _rule("VPNMASQ_RAW_OUT", "-m addrtype --dst-type LOCAL,BROADCAST,MULTICAST", "-j RETURN")
+    )
+    for m in _outbound_owned(spec):
+        raw.append(_rule("VPNMASQ_RAW_OUT", m, notrack))
+    raw.append("-I PREROUTING 1 -j VPNMASQ_RAW")
+    raw.append("COMMIT")
+
+    mangle: list[str] = ["*mangle"]
+    mangle += [f":{c} - [0:0]" for c in CHAINS["mangle"]]
+    mangle.append(_rule("VPNMASQ_IN", _not_to_public(spec), "-j RETURN"))
+    inbound = [f"{m} {untracked}" for m in _inbound_owned(spec)]
+    if spec.mode == "hybrid":
+        inbound += _icmp_errors_unrelated()
+    for m in inbound:
+        mangle.append(_rule("VPNMASQ_IN", m, queue))
+    outbound = [f"{m} {untracked}".strip() for m in _outbound_owned(spec)]
+    if spec.mode == "hybrid":
+        outbound += _icmp_errors_unrelated()
+    for net in spec.inside_networks:
+        for m in outbound:
+            mangle.append(_rule("VPNMASQ_OUT", f"-s {net} {m}", queue))
+    mangle.append(f"-I PREROUTING 1 -i {out_if} -j VPNMASQ_IN")
+    mangle.append(f"-I POSTROUTING 1 -o {out_if} -j VPNMASQ_OUT")
+    mangle.append("COMMIT")
+    return "\n".join(raw + mangle) + "\n"
+
+
+def nft_rules(spec: RuleSpec) -> str | None:
+    """``nft -f`` input for the ``ip vpnmasq`` table, or ``None`` (userspace mode has no
+    kernel masquerade). Replaces an existing table of that name atomically."""
+    if spec.mode != "hybrid":
+        return None
+    out_if = spec.outside_if
+    nets = ", ".join(spec.inside_networks)
+    klo, khi = spec.kernel_port_range
+    udp = ", ".join(f"{k} : {v}" for k, v in UDP_TIMEOUTS.items())
+    tcp = ", ".join(f"{k} : {v}" for k, v in TCP_TIMEOUTS.items())
+    match = f'oifname "{out_if}" ip saddr {{ {nets} }}'
+    return f"""\
+table ip {NFT_TABLE} {{}}
+delete table ip {NFT_TABLE}
+table ip {NFT_TABLE} {{
+	ct timeout udp_rfc4787 {{
+		protocol udp; l3proto ip;
+		policy = {{ {udp} }};
+	}}
+	ct timeout tcp_rfc5382 {{
+		protocol tcp; l3proto ip;
+		policy = {{ {tcp} }};
+	}}
+	chain postrouting {{
+		type nat hook postrouting priority srcnat; policy accept;
+		{match} meta l4proto {{ tcp, udp }} masquerade to :{klo}-{khi}
+		{match} masquerade
+	}}
+	chain timeouts {{
+		type filter hook forward priority filter - 1; policy accept;
+		{match} ct state new meta l4proto udp ct timeout set "udp_rfc4787"
+		{match} ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"
+	}}
+}}
+"""
+
+
+def nft_removal() -> str:
+    """``nft -f`` input deleting our table whether or not it exists (one transaction)."""
+    return f"table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\n"
+
+
+def _split_tables(save_text: str) -> dict[str, list[str]]:
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in save_text.splitlines():
+        line = line.strip()
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], [])
+        elif line == "COMMIT":
+            current = None
+        elif current is not None and line and not line.startswith("#"):
+            current.append(line)
+    return tables
+
+
+def _jump_target(tokens: list[str]) -> str | None:
+    for i, tok in enumerate(tokens[:-1]):
+        if tok in ("-j", "--jump", "-g", "--goto"):
+            return tokens[i + 1]
+    return None
+
+
+def _is_ours(chain: str) -> bool:
+    return chain.startswith(CHAIN_PREFIX)
+
+
+def iptables_removal(save_text: str) -> str:
+    """``iptables-restore --noflush`` input removing every vpnmasq chain and every jump to
+    one found in ``save_text`` (``iptables-save`` output). Empty if there is nothing."""
+    blocks: list[str] = []
+    for table, lines in _split_tables(save_text).items():
+        ours = [ln[1:].split()[0] for ln in lines if ln.startswith(":") and _is_ours(ln[1:])]
+        deletes = []
+        for ln in lines:
+            if not ln.startswith("-A "):
+                continue
+            try:
+                tokens = shlex.split(ln)
+            except ValueError:
+                continue
+            chain, target = tokens[1], _jump_target(tokens)
+            if not _is_ours(chain) and target is not None and _is_ours(target):
+                deletes.append("-D " + ln[3:])
+        if not ours and not deletes:
+            continue
+        blocks.append(f"*{table}")
+        blocks += deletes
+        blocks += [f"-F {c}" for c in ours]
+        blocks += [f"-X {c}" for c in ours]
+        blocks.append("COMMIT")
+    return "\n".join(blocks) + "\n" if blocks else ""
+
+
+def _nft_has_table(nft_text: str) -> bool:
+    return re.search(rf"^table ip {NFT_TABLE} \{{", nft_text, re.M) is not None
+
+
+def ours_in_ruleset(save_text: str, nft_text: str) -> bool:
+    """Whether any vpnmasq chain, jump or table appears in the given listings."""
+    return bool(iptables_removal(save_text)) or _nft_has_table(nft_text)
+
+
+_IPT_MARK = re.compile(r"\s-m mark --mark (0x[0-9a-fA-F]+|\d+)(?:/(0x[0-9a-fA-F]+|\d+))?")
+_NFT_MARK = re.compile(r"\bmark (0x[0-9a-fA-F]+|\d+)\b")
+
+
+def mark_rule_in_ruleset(save_text: str, nft_text: str, mark: int = DEFAULT_MARK) -> bool:
+    """Whether a FORWARD rule accepts packets carrying ``mark``.
+
+    Looks for ``-A FORWARD ... -m mark --mark MARK[/MASK] ... -j ACCEPT`` in the filter table
+    of ``iptables-save`` output, and for a rule ``... mark MARK ... accept`` in an nft chain
+    hooked at ``forward`` (any table). Rules in user chains jumped to from FORWARD are not
+    followed (a warning based on this is advisory).
+    """
+    for ln in _split_tables(save_text).get("filter", []):
+        if not ln.startswith("-A FORWARD ") or " ! -m mark" in ln or "! --mark" in ln:
+            continue
+        try:
+            tokens = shlex.split(ln)
+        except ValueError:
+            continue
+        if _jump_target(tokens) != "ACCEPT":
+            continue
+        m = _IPT_MARK.search(ln)
+        if m:
+            value = int(m.group(1), 0)
+            mask = int(m.group(2), 0) if m.group(2) else 0xFFFFFFFF
+            if value == mark & mask:
+                return True
+    in_forward = False
+    depth = 0
+    for raw_line in nft_text.splitlines():
+        line = raw_line.strip()
+        if line.startswith("chain ") and line.endswith("{"):
+            in_forward = False
+            depth = 1
+            continue
+        if depth and line.startswith("type ") and " hook forward " in f" {line} ":
+            in_forward = True
+            continue
+        if line == "}":
+            depth = 0
+            in_forward = False
+            continue
+        if in_forward and line.endswith("accept") and "mark != " not in line:
+            m2 = _NFT_MARK.search(line)
+            if m2 and int(m2.group(1), 0) == mark:
+                return True
+    return False
+
+
+def forward_mark_hint(mark: int = DEFAULT_MARK) -> str:
+    """The rule README asks admins to add when FORWARD filters untracked packets."""
+    return f"iptables -I FORWARD -m mark --mark {mark:#x} -j ACCEPT"
+
+
+def port_range_warnings(spec: RuleSpec, local_port_range: tuple[int, int]) -> list[str]:
+    """Warnings about port ranges (pure; pass ``net.ipv4.ip_local_port_range``).
+
+    Inbound packets to the alias range are NOTRACKed and queued, so a local socket of the
+    gateway bound to such a port would get untracked replies that a stateful INPUT policy
+    drops. Reserving the range (``net.ipv4.ip_local_reserved_ports``) avoids this.
+    """
+    warnings = []
+    a, loc = spec.alias_port_range, local_port_range
+    if not (a[1] < loc[0] or loc[1] < a[0]):
+        warnings.append(
+            f"alias port range {a[0]}-{a[1]} overlaps net.ipv4.ip_local_port_range "
+            f"{loc[0]}-{loc[1]}: set net.ipv4.ip_local_reserved_ports={a[0]}-{a[1]}"
+        )
+    return warnings
+
+
+# --- thin appliers -----------------------------------------------------------------------
+
+
+def _prefix(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def _run(argv: list[str], netns: str | None, stdin: str | None = None) -> str:
+    full = _prefix(netns) + argv
+    try:
+        r = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuleError(f"{' '.join(argv)}: {e}") from e
+    if r.returncode != 0:
+        detail = r.stderr.strip() or r.stdout.strip()
+        raise RuleError(
+            f"{' '.join(argv)} failed ({r.returncode}): {detail}\n--- input ---\n{stdin or ''}"
+        )
+    return r.stdout
+
+
+def _save(iptables: str, netns: str | None) -> str:
+    return _run([f"{iptables}-save"], netns)
+
+
+def _nft_list(netns: str | None) -> str:
+    try:
+        return _run(["nft", "list", "ruleset"], netns)
+    except RuleError:
+        return ""
+
+
+def _remove_iptables(iptables: str, netns: str | None) -> None:
+    text = iptables_removal(_save(iptables, netns))
+    if text:
+        _run([f"{iptables}-restore", "--noflush"], netns, text)
+
+
+def install(spec: RuleSpec, *, netns: str | None = None, iptables: str = "iptables") -> None:
+    """Remove any previous vpnmasq rules, then install ``spec``'s. On failure, whatever was
+    installed is removed again before the error is raised.
+
+    ``iptables`` names the tool family (``iptables``, ``iptables-nft``, ``iptables-legacy``);
+    ``netns`` runs the tools in a named network namespace (tests).
+    """
+    remove(netns=netns, iptables=iptables)
+    try:
+        _run([f"{iptables}-restore", "--noflush"], netns, iptables_rules(spec))
+        nft = nft_rules(spec)
+        if nft is not None:
+            _run(["nft", "-f", "-"], netns, nft)
+    except RuleError:
+        remove(netns=netns, iptables=iptables)
+        raise
+
+
+def remove(*, netns: str | None = None, iptables: str = "iptables") -> None:
+    """Remove every vpnmasq chain, jump and table present; a no-op when there is none.
+
+    Built-in tables and chains that iptables created on demand for our jumps (e.g. an
+    iptables-nft ``table ip raw`` with an empty PREROUTING) stay: they are shared with
+    whatever else uses iptables, and deleting them could race with another tool adding a
+    rule. They are empty, with policy ACCEPT, so they change nothing.
+    """
+    _remove_iptables(iptables, netns)
+    if _nft_has_table(_nft_list(netns)):
+        _run(["nft", "-f", "-"], netns, nft_removal())
+
+
+def installed(*, netns: str | None = None, iptables: str = "iptables") -> bool:
+    """Whether any piece of vpnmasq's rules is present (what :func:`remove` would remove)."""
+    return ours_in_ruleset(_save(iptables, netns), _nft_list(netns))
+
+
+def forward_mark_rule_present(
+    mark: int = DEFAULT_MARK,
+    *,
+    netns: str | None = None,
+    iptables_variants: Iterable[str] = ("iptables", "iptables-legacy"),
+) -> bool:
+    """Whether some FORWARD rule accepts ``mark`` (iptables of any variant, or nftables)."""
+    saves = []
+    for variant in iptables_variants:
+        try:
+            saves.append(_save(variant, netns))
+        except RuleError:
+            continue
+    return mark_rule_in_ruleset("\n".join(saves), _nft_list(netns), mark)

@@ -1,0 +1,348 @@
+"""Rendering of the masquerade table: pure functions over ``events.Row`` lists.
+
+The daemon answers ``status`` on its control socket with :func:`status_payload`
+(rows as JSON via :func:`rows_to_wire`); ``vpnmasq status`` turns the answer back into rows
+(:func:`rows_from_wire`) and prints :func:`render_text` (columns like ``conntrack -L``) or
+:func:`render_json`. The lab demo shows the same columns live with :func:`rich_table`.
+
+Per-protocol detail comes from ``Row.detail`` (filled by the helpers). These keys get
+columns of their own when the listing shows one kind of entry, and lead the ``DETAIL``
+column otherwise; any other key follows as ``key=value``:
+
+=========  ==========================================================================
+esp        ``spi_out``, ``spi_in`` (hex), ``assoc`` (association state) and ``how``
+           (how the SPI pair was associated)
+isakmp     ``icookie``, ``rcookie`` (16 hex digits), ``version``
+gre        ``call_id_inside`` (the inside host's Call ID), ``call_id_outside`` (what
+           the remote sees), ``peer_call_id`` (the remote's Call ID)
+pptp       ``call_ids`` ("inside>outside" pairs of the calls), ``control`` (state)
+natt       ``natt`` (what the UDP 4500 flow carries), ``spi_out``, ``spi_in``
+=========  ==========================================================================
+
+The kind of a row is ``detail["kind"]`` or ``detail["alg"]`` if set, else its IP protocol
+when that has columns (esp, gre), else a marker key (``icookie`` -> isakmp, ``natt`` ->
+natt, ``call_ids`` -> pptp), else the IP protocol.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+
+from vpnmasq.events import Row
+
+# kind -> ((detail key, column header), ...), in display order
+DETAIL_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "esp": (("spi_out", "SPI-OUT"), ("spi_in", "SPI-IN"), ("assoc", "ASSOC"), ("how", "HOW")),
+    "isakmp": (("icookie", "I-COOKIE"), ("rcookie", "R-COOKIE"), ("version", "VERSION")),
+    "gre": (
+        ("call_id_inside", "CALL-IN"),
+        ("call_id_outside", "CALL-OUT"),
+        ("peer_call_id", "PEER-CALL"),
+    ),
+    "pptp": (("call_ids", "CALL-IDS IN>OUT"), ("control", "CONTROL")),
+    "natt": (("natt", "NAT-T"), ("spi_out", "SPI-OUT"), ("spi_in", "SPI-IN")),
+}
+# detail key that identifies a helper's row when the IP protocol does not (UDP, TCP)
+MARKER_KEYS: dict[str, str] = {"icookie": "isakmp", "natt": "natt", "call_ids": "pptp"}
+
+BASE_COLUMNS: tuple[str, ...] = (
+    "PROTO",
+    "INSIDE",
+    "OUTSIDE",
+    "REMOTE",
+    "STATE",
+    "EXPIRES",
+    "PKTS OUT/IN",
+    "BYTES OUT/IN",
+)
+_RIGHT = {"EXPIRES", "PKTS OUT/IN", "BYTES OUT/IN"}
+_ADDR = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d+))?")
+
+
+# ------------------------------------------------------------------------------ helpers
+def kind_of(row: Row) -> str:
+    """Which helper's view applies (see the module docstring)."""
+    explicit = row.detail.get("kind") or row.detail.get("alg")
+    if explicit:
+        return explicit
+    if row.proto in DETAIL_COLUMNS:
+        return row.proto
+    for key, kind in MARKER_KEYS.items():
+        if key in row.detail:
+            return kind
+    return row.proto
+
+
+def format_expires(seconds: float) -> str:
+    """``42s``, ``7m05s``, ``2h04m``, ``3d01h``; ``never`` for permanent entries."""
+    if math.isinf(seconds) or math.isnan(seconds):
+        return "never"
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_bytes(n: int) -> str:
+    """Compact byte count: ``912``, ``1.5K``, ``23M``, ``4.0G`` (powers of 1024)."""
+    value = float(n)
+    for unit in ("", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            if not unit:
+                return str(n)
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _addr(endpoint: str) -> ipaddress.IPv4Address | None:
+    m = _ADDR.match(endpoint)
+    if not m:
+        return None
+    try:
+        return ipaddress.IPv4Address(m.group(1))
+    except ValueError:
+        return None
+
+
+def _sort_key(row: Row) -> tuple[Any, ...]:
+    def ep(s: str) -> tuple[int, int, str]:
+        m = _ADDR.match(s)
+        a = _addr(s)
+        return (int(a) if a else -1, int(m.group(2)) if m and m.group(2) else -1, s)
+
+    return (row.proto, kind_of(row), ep(row.inside), ep(row.remote), ep(row.outside))
+
+
+def parse_host(host: str) -> ipaddress.IPv4Network:
+    """A host filter: an address or a CIDR network. Raises ValueError with a clear message."""
+    try:
+        return ipaddress.IPv4Network(host.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"'{host}' is not an IPv4 address or network") from None
+
+
+def filter_rows(
+    rows: Iterable[Row], *, proto: str | None = None, host: str | None = None
+) -> list[Row]:
+    """Rows of protocol (or helper kind) ``proto`` that involve ``host`` on any side."""
+    net = parse_host(host) if host else None
+    want = proto.lower() if proto else None
+    out: list[Row] = []
+    for r in rows:
+        if want is not None and want not in (r.proto.lower(), kind_of(r).lower()):
+            continue
+        if net is not None:
+            addrs = (_addr(r.inside), _addr(r.outside), _addr(r.remote))
+            if not any(a is not None and a in net for a in addrs):
+                continue
+        out.append(r)
+    return sorted(out, key=_sort_key)
+
+
+def _detail_text(row: Row, skip: Sequence[str] = ()) -> str:
+    kind = kind_of(row)
+    known = [k for k, _ in DETAIL_COLUMNS.get(kind, ())]
+    order = [k for k in known if k in row.detail]
+    order += sorted(k for k in row.detail if k not in known and k not in ("kind", "alg"))
+    return " ".join(f"{k}={row.detail[k]}" for k in order if k not in skip)
+
+
+def _columns(rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+    """(headers, detail keys with their own column). One helper kind -> dedicated columns."""
+    kinds = {kind_of(r) for r in rows}
+    if len(kinds) == 1:
+        (kind,) = kinds
+        cols = DETAIL_COLUMNS.get(kind, ())
+        if cols:
+            keys = [k for k, _ in cols]
+            headers = [*BASE_COLUMNS, *(h for _, h in cols)]
+            if any(_detail_text(r, keys) for r in rows):
+                headers.append("DETAIL")
+            return headers, keys
+    headers = list(BASE_COLUMNS)
+    if any(r.detail for r in rows):
+        headers.append("DETAIL")
+    return headers, []
+
+
+def _cells(row: Row, headers: Sequence[str], keys: Sequence[str]) -> list[str]:
+    state = row.state + (" [offload]" if row.offloaded else "")
+    proto = kind_of(row) if kind_of(row) != row.proto else row.proto
+    cells = [
+        proto,
+        row.inside,
+        row.outside,
+        row.remote,
+        state,
+        format_expires(row.expires_in),
+        f"{row.pkts_out}/{row.pkts_in}",
+        f"{format_bytes(row.bytes_out)}/{format_bytes(row.bytes_in)}",
+    ]
+    cells += [row.detail.get(k, "-") for k in keys]
+    if "DETAIL" in headers:
+        cells.append(_detail_text(row, keys))
+    return cells
+
+
+# ------------------------------------------------------------------------------ renderers
+def render_text(
+    rows: Iterable[Row],
+    counters: Mapping[str, int],
+    *,
+    proto: str | None = None,
+    host: str | None = None,
+) -> str:
+    """The masquerade table as aligned text columns, then the counters."""
+    all_rows = list(rows)
+    shown = filter_rows(all_rows, proto=proto, host=host)
+    lines: list[str] = []
+    if shown:
+        headers, keys = _columns(shown)
+        table = [headers] + [_cells(r, headers, keys) for r in shown]
+        widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+        for line in table:
+            parts = [
+                cell.rjust(w) if h in _RIGHT else cell.ljust(w)
+                for cell, w, h in zip(line, widths, headers, strict=True)
+            ]
+            lines.append("  ".join(parts).rstrip())
+    filtered = proto is not None or host is not None
+    summary = (
+        f"{len(shown)} of {len(all_rows)} entries shown"
+        if filtered
+        else (f"{len(all_rows)} entries")
+    )
+    if lines:
+        lines.append("")
+    lines.append(summary)
+    if counters:
+        lines.append("")
+        lines.append("counters:")
+        width = max(len(k) for k in counters)
+        lines += [f"  {k.ljust(width)}  {counters[k]}" for k in sorted(counters)]
+    return "\n".join(lines) + "\n"
+
+
+def render_json(
+    rows: Iterable[Row],
+    counters: Mapping[str, int],
+    *,
+    proto: str | None = None,
+    host: str | None = None,
+) -> str:
+    """``{"entries": [...], "counters": {...}}``; ``expires_in`` is null for permanent entries."""
+    all_rows = list(rows)
+    shown = filter_rows(all_rows, proto=proto, host=host)
+    doc = {
+        "entries": rows_to_wire(shown),
+        "total_entries": len(all_rows),
+        "counters": dict(sorted(counters.items())),
+    }
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def rich_table(rows: Iterable[Row], *, title: str | None = "vpnmasq masquerade table") -> Table:
+    """The same columns as :func:`render_text`, as a rich Table (for live displays)."""
+    shown = sorted(rows, key=_sort_key)
+    headers, keys = _columns(shown) if shown else (list(BASE_COLUMNS), [])
+    table = Table(title=title, header_style="bold", expand=False)
+    for h in headers:
+        table.add_column(h, justify="right" if h in _RIGHT else "left", no_wrap=h != "DETAIL")
+    for r in shown:
+        cells = _cells(r, headers, keys)
+        style = "dim" if r.offloaded else None
+        table.add_row(*cells, style=style)
+    return table
+
+
+# ------------------------------------------------------------------------------ wire format
+def rows_to_wire(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts (``expires_in`` infinity -> null)."""
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        exp = None if math.isinf(r.expires_in) or math.isnan(r.expires_in) else r.expires_in
+        out.append(
+            {
+                "proto": r.proto,
+                "inside": r.inside,
+                "outside": r.outside,
+                "remote": r.remote,
+                "state": r.state,
+                "expires_in": exp,
+                "pkts_out": r.pkts_out,
+                "pkts_in": r.pkts_in,
+                "bytes_out": r.bytes_out,
+                "bytes_in": r.bytes_in,
+                "detail": dict(r.detail),
+                "offloaded": r.offloaded,
+            }
+        )
+    return out
+
+
+def rows_from_wire(data: object) -> list[Row]:
+    """Inverse of :func:`rows_to_wire`. Unknown fields are ignored (newer daemons may add
+    some); missing or mistyped ones raise ValueError naming the entry and field."""
+    if not isinstance(data, list):
+        raise ValueError("entries: expected a list")
+    rows: list[Row] = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ValueError(f"entries[{i}]: expected an object")
+
+        def get(
+            name: str, typ: type | tuple[type, ...], item: dict[str, Any] = item, i: int = i
+        ) -> Any:
+            if name not in item:
+                raise ValueError(f"entries[{i}].{name}: missing")
+            v = item[name]
+            if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+                raise ValueError(f"entries[{i}].{name}: unexpected {type(v).__name__}")
+            return v
+
+        exp = item.get("expires_in")
+        if exp is None:
+            expires = math.inf
+        elif isinstance(exp, int | float) and not isinstance(exp, bool):
+            expires = float(exp)
+        else:
+            raise ValueError(f"entries[{i}].expires_in: unexpected {type(exp).__name__}")
+        detail = item.get("detail", {})
+        if not isinstance(detail, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in detail.items()
+        ):
+            raise ValueError(f"entries[{i}].detail: expected an object of strings")
+        rows.append(
+            Row(
+                proto=get("proto", str),
+                inside=get("inside", str),
+                outside=get("outside", str),
+                remote=get("remote", str),
+                state=get("state", str),
+                expires_in=expires,
+                pkts_out=get("pkts_out", int),
+                pkts_in=get("pkts_in", int),
+                bytes_out=get("bytes_out", int),
+                bytes_in=get("bytes_in", int),
+                detail=dict(detail),
+                offloaded=bool(item.get("offloaded", False)),
+            )
+        )
+    return rows
+
+
+def status_payload(rows: Iterable[Row], counters: Mapping[str, int]) -> dict[str, Any]:
+    """What the daemon's control socket returns for ``status``."""
+    return {"entries": rows_to_wire(rows), "counters": dict(counters)}

@@ -1,0 +1,243 @@
+"""rules.install()/remove() against real iptables (nft and legacy) and nftables, and what the
+installed rules do to packets (nobody listens on the queue here: owned traffic is dropped)."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+from netns import GatewayTopology, Lab
+
+from vpnmasq.datapath import rules
+
+pytestmark = pytest.mark.netns
+
+VARIANTS = ["iptables", "iptables-legacy"]
+KERNEL_PORTS = (20000, 29999)
+
+
+def spec_for(t: GatewayTopology, mode: str, *, public: str | None = "public") -> rules.RuleSpec:
+    return rules.RuleSpec(
+        t.gw_wan_if,
+        [t.inside_net, "192.168.50.0/24"],
+        t.public if public == "public" else None,
+        mode=mode,  # type: ignore[arg-type]
+        queue_num=21,
+        kernel_port_range=KERNEL_PORTS,
+        forwards=[("tcp", 8022), ("udp", 5060), ("gre", None)],
+    )
+
+
+def snapshot(lab: Lab, role: str, variant: str) -> str:
+    save = lab.run(role, [f"{variant}-save"]).stdout
+    save = "\n".join(
+        re.sub(r"\[\d+:\d+\]", "", ln) for ln in save.splitlines() if not ln.startswith("#")
+    )
+    nft = lab.run(role, ["nft", "list", "ruleset"]).stdout
+    nft = re.sub(r"counter packets \d+ bytes \d+", "counter", nft)
+    return save + "\n----\n" + nft
+
+
+def add_foreign_state(lab: Lab, role: str, variant: str) -> None:
+    """Someone else's rules, and the built-in chains our jumps live in (iptables creates
+    those on first use and they stay, empty, when our jump is deleted: not ours to remove)."""
+    ipt = variant
+    for table, chain in (
+        ("raw", "PREROUTING"),
+        ("mangle", "PREROUTING"),
+        ("mangle", "POSTROUTING"),
+    ):
+        lab.run(role, [ipt, "-t", table, "-A", chain, "-j", "RETURN"])
+        lab.run(role, [ipt, "-t", table, "-D", chain, "-j", "RETURN"])
+    lab.run(role, f"{ipt} -t mangle -A PREROUTING -i eth9 -j MARK --set-mark 7")
+    lab.run(
+        role,
+        f"{ipt} -t raw -N FOREIGN && {ipt} -t raw -A FOREIGN -p udp --dport 53 -j CT --notrack",
+    )
+    lab.run(role, f"{ipt} -t raw -A PREROUTING -j FOREIGN")
+    lab.run(role, f"{ipt} -t filter -A FORWARD -p tcp --dport 25 -j DROP")
+    lab.run(
+        role,
+        "nft add table inet other && nft add chain inet other c '{ type filter hook input priority 0; }'",
+    )
+    lab.run(role, "nft add rule inet other c tcp dport 23 drop")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("mode", ["hybrid", "userspace"])
+def test_install_then_remove_leaves_no_trace(
+    lab: Lab, topo: GatewayTopology, variant: str, mode: str
+) -> None:
+    gw = lab.ns(topo.gw)
+    add_foreign_state(lab, topo.gw, variant)
+    before = snapshot(lab, topo.gw, variant)
+    spec = spec_for(topo, mode)
+
+    assert not rules.installed(netns=gw, iptables=variant)
+    rules.install(spec, netns=gw, iptables=variant)
+    assert rules.installed(netns=gw, iptables=variant)
+    first = snapshot(lab, topo.gw, variant)
+    for chain in ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT", "VPNMASQ_IN", "VPNMASQ_OUT"):
+        assert f":{chain} " in first
+    assert ("table ip vpnmasq" in first) == (mode == "hybrid")
+    # our jumps come first in the built-in chains
+    assert "-A PREROUTING -j VPNMASQ_RAW\n-A PREROUTING -j FOREIGN" in first
+    assert f"-A PREROUTING -i {topo.gw_wan_if} -j VPNMASQ_IN\n-A PREROUTING -i eth9" in first
+
+    rules.install(spec, netns=gw, iptables=variant)  # reinstall: same result, no duplicates
+    assert snapshot(lab, topo.gw, variant) == first
+
+    rules.remove(netns=gw, iptables=variant)
+    assert snapshot(lab, topo.gw, variant) == before
+    assert not rules.installed(netns=gw, iptables=variant)
+    rules.remove(netns=gw, iptables=variant)  # idempotent
+    assert snapshot(lab, topo.gw, variant) == before
+
+
+def test_remove_after_a_crash_with_pieces_missing(lab: Lab, topo: GatewayTopology) -> None:
+    gw = lab.ns(topo.gw)
+    add_foreign_state(lab, topo.gw, "iptables")
+    before = snapshot(lab, topo.gw, "iptables")
+    rules.install(spec_for(topo, "hybrid"), netns=gw)
+    lab.run(topo.gw, f"iptables -t mangle -D POSTROUTING -o {topo.gw_wan_if} -j VPNMASQ_OUT")
+    lab.run(topo.gw, "iptables -t mangle -F VPNMASQ_OUT && iptables -t mangle -X VPNMASQ_OUT")
+    lab.run(topo.gw, "iptables -t raw -F VPNMASQ_RAW_IN")
+    lab.run(topo.gw, "nft delete table ip vpnmasq")
+    assert rules.installed(netns=gw)
+    rules.remove(netns=gw)
+    assert snapshot(lab, topo.gw, "iptables") == before
+    assert not rules.installed(netns=gw)
+
+
+def test_failed_install_is_rolled_back(
+    lab: Lab, topo: GatewayTopology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = lab.ns(topo.gw)
+    add_foreign_state(lab, topo.gw, "iptables")
+    before = snapshot(lab, topo.gw, "iptables")
+    monkeypatch.setattr(rules, "nft_rules", lambda spec: "table ip vpnmasq { chain c { bogus } }\n")
+    with pytest.raises(rules.RuleError, match="nft"):
+        rules.install(spec_for(topo, "hybrid"), netns=gw)
+    assert not rules.installed(netns=gw)
+    assert snapshot(lab, topo.gw, "iptables") == before
+
+
+def test_forward_mark_rule_detection(lab: Lab, topo: GatewayTopology) -> None:
+    gw = lab.ns(topo.gw)
+    assert not rules.forward_mark_rule_present(netns=gw)
+    hint = rules.forward_mark_hint()
+    assert hint == "iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT"
+    lab.run(topo.gw, hint)
+    assert rules.forward_mark_rule_present(netns=gw)
+    assert not rules.forward_mark_rule_present(0x1234, netns=gw)
+    lab.run(topo.gw, hint.replace("-I", "-D"))
+    assert not rules.forward_mark_rule_present(netns=gw)
+    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy"))
+    assert rules.forward_mark_rule_present(netns=gw)
+    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy").replace("-I", "-D"))
+    lab.run(
+        topo.gw,
+        "nft add table inet fw && nft add chain inet fw filter_forward '{ type filter hook forward priority 0; policy drop; }'"
+        " && nft add rule inet fw filter_forward meta mark 0x564d accept",
+    )
+    assert rules.forward_mark_rule_present(netns=gw)
+
+
+def _conntrack(lab: Lab, t: GatewayTopology, proto: str) -> list[str]:
+    out = lab.run(t.gw, ["conntrack", "-L", "-p", proto], check=False).stdout
+    return [ln for ln in out.splitlines() if ln.startswith(proto)]
+
+
+def _recv(s: socket.socket, timeout: float) -> tuple[bytes, tuple[str, int]] | None:
+    s.settimeout(timeout)
+    try:
+        return s.recvfrom(65535)
+    except TimeoutError:
+        return None
+
+
+def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
+    lab: Lab, topo: GatewayTopology
+) -> None:
+    t = topo
+    rules.install(spec_for(t, "hybrid"), netns=lab.ns(t.gw))
+    server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((t.remote_host, 9))
+    ike_server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
+    ike_server.bind((t.remote_host, 500))
+
+    # plain UDP: masqueraded by the kernel into the kernel port range
+    client = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((t.inside_host, 4000))
+    client.sendto(b"plain", (t.remote_host, 9))
+    got = _recv(server, 2.0)
+    assert got is not None and got[1][0] == t.public
+    assert KERNEL_PORTS[0] <= got[1][1] <= KERNEL_PORTS[1]
+    [entry] = [e for e in _conntrack(lab, t, "udp") if "dport=9 " in e]
+    timeout = int(entry.split()[2])
+    assert 60 < timeout <= 120  # ct timeout udp_rfc4787 (kernel default would be 30)
+
+    # IKE (owned by vpnmasq): NOTRACKed and queued; with no listener it is dropped
+    ike = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
+    ike.bind((t.inside_host, 500))
+    ike.sendto(b"ike", (t.remote_host, 500))
+    assert _recv(ike_server, 0.3) is None
+    assert not [e for e in _conntrack(lab, t, "udp") if "port=500 " in e]
+
+    # an ICMP error about a kernel flow is RELATED: not queued, un-NATed by the kernel
+    refused = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
+    refused.connect((t.remote_host, 10))
+    refused.send(b"x")
+    refused.settimeout(2.0)
+    with pytest.raises(ConnectionRefusedError):
+        refused.recv(10)
+
+    # TCP: unspecified states of the tcp_rfc5382 policy keep the kernel defaults
+    listener = lab.socket(t.remote, socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((t.remote_host, 80))
+    listener.listen()
+    conn = lab.socket(t.inside, socket.AF_INET, socket.SOCK_STREAM)
+    conn.settimeout(2.0)
+    conn.connect((t.remote_host, 80))
+    accepted, peer = listener.accept()
+    assert peer[0] == t.public
+    [entry] = [e for e in _conntrack(lab, t, "tcp") if "dport=80 " in e]
+    assert "ESTABLISHED" in entry and int(entry.split()[2]) > 7440  # RFC 5382 minimum
+    for s in (accepted, conn, listener):
+        s.close()
+
+
+@pytest.mark.parametrize("public", ["public", None], ids=["public-address", "addrtype"])
+def test_userspace_queues_only_owned_traffic_to_the_gateway(
+    lab: Lab, topo: GatewayTopology, public: str | None
+) -> None:
+    """No listener (fail-closed): whatever is queued is dropped, everything else passes."""
+    t = topo
+    rules.install(spec_for(t, "userspace", public=public), netns=lab.ns(t.gw))
+
+    def reaches_gw(src_role: str, src: str, dst: str, port: int) -> bool:
+        sink = lab.socket(t.gw, socket.AF_INET, socket.SOCK_DGRAM)
+        sink.bind((dst, port))
+        s = lab.socket(src_role, socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((src, 0))
+        s.sendto(b"hi", (dst, port))
+        ok = _recv(sink, 0.3) is not None
+        sink.close()
+        s.close()
+        return ok
+
+    # from outside to the public address: alias range, IKE and forwards are queued
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 61500)
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 4500)
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 5060)
+    assert reaches_gw(t.remote, t.remote_host, t.public, 5353)
+    # from inside to the gateway's own addresses (incl. the public one): never queued
+    assert reaches_gw(t.inside, t.inside_host, t.gw_lan, 61500)
+    assert reaches_gw(t.inside, t.inside_host, t.public, 61500)
+    # forwarded traffic from inside leaving via outside_if: queued
+    server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind((t.remote_host, 9))
+    c = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
+    c.sendto(b"out", (t.remote_host, 9))
+    assert _recv(server, 0.3) is None

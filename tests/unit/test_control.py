@@ -1,0 +1,286 @@
+"""Control socket: round trips over a real UNIX socket in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vpnmasq import __version__
+from vpnmasq.datapath import control
+from vpnmasq.datapath.control import ControlError, ControlServer, query
+from vpnmasq.events import Row
+from vpnmasq.status import rows_from_wire, status_payload
+
+ROWS = [Row("udp", "10.77.0.11:40000", "198.51.100.1:61002", "203.0.113.9:53", "napt", 42.0, 1, 1)]
+
+
+class Daemon:
+    """A stand-in for the daemon: callbacks plus a poll loop in a thread."""
+
+    def __init__(self, path: str, **kw: Any) -> None:
+        self.rows = list(ROWS)
+        self.flushes = 0
+        self.server = ControlServer(
+            path,
+            status=lambda: status_payload(self.rows, {"packets_out": 7}),
+            counters=lambda: {"packets_out": 7},
+            flush=self.flush,
+            **kw,
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def flush(self) -> int:
+        self.flushes += 1
+        n, self.rows = len(self.rows), []
+        return n
+
+    def _loop(self) -> None:
+        fd = self.server.fileno()
+        while not self._stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.02)
+            if ready:
+                self.server.handle_ready()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.server.close()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "run" / "vpnmasq" / "control.sock")
+
+
+@pytest.fixture
+def daemon(sock_path: str) -> Iterator[Daemon]:
+    d = Daemon(sock_path)
+    yield d
+    d.stop()
+
+
+def raw_exchange(path: str, data: bytes, *, shut: bool = True, lines: int = 1) -> list[Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(data)
+    if shut:
+        s.shutdown(socket.SHUT_WR)
+    buf = b""
+    while buf.count(b"\n") < lines:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    s.close()
+    return [json.loads(line) for line in buf.splitlines()]
+
+
+# ------------------------------------------------------------------------------ round trips
+def test_status_round_trip(daemon: Daemon, sock_path: str) -> None:
+    resp = query(sock_path, "status")
+    assert resp["ok"] is True
+    assert rows_from_wire(resp["entries"]) == ROWS
+    assert resp["counters"] == {"packets_out": 7}
+
+
+def test_ping_counters_flush(daemon: Daemon, sock_path: str) -> None:
+    ping = query(sock_path, "ping")
+    assert ping["pid"] == os.getpid() and ping["version"] == __version__
+    assert query(sock_path, "counters")["counters"] == {"packets_out": 7}
+    assert query(sock_path, "flush")["flushed"] == 1
+    assert daemon.flushes == 1
+    assert query(sock_path, "status")["entries"] == []
+
+
+def test_socket_is_root_only(daemon: Daemon, sock_path: str) -> None:
+    st = os.stat(sock_path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock_path)).st_mode) == 0o700
+
+
+def test_unknown_command_is_refused(daemon: Daemon, sock_path: str) -> None:
+    with pytest.raises(ControlError, match=r"refused 'reboot': unknown command 'reboot'"):
+        query(sock_path, "reboot")
+
+
+def test_failing_callback_is_reported_not_raised(daemon: Daemon, sock_path: str) -> None:
+    daemon.rows = [None]  # type: ignore[list-item]  # rows_to_wire will fail on this
+    with pytest.raises(ControlError, match="status failed inside the daemon: AttributeError"):
+        query(sock_path, "status")
+    assert isinstance(daemon.server.last_error, AttributeError)
+    assert query(sock_path, "ping")["ok"] is True  # still serving
+
+
+def test_garbage_and_pipelined_requests(daemon: Daemon, sock_path: str) -> None:
+    answers = raw_exchange(
+        sock_path, b'not json\n{"cmd": "ping"}\n\n[1, 2]\n{"cmd": "counters"}', lines=4
+    )
+    assert [a["ok"] for a in answers] == [False, True, False, True]
+    assert "not JSON" in answers[0]["error"]
+    assert "unknown command None" in answers[2]["error"]
+    assert answers[3]["counters"] == {"packets_out": 7}  # last request had no newline
+
+
+def test_connection_stays_open_for_several_requests(daemon: Daemon, sock_path: str) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(sock_path)
+    f = s.makefile("rwb")
+    for _ in range(3):
+        f.write(b'{"cmd": "ping"}\n')
+        f.flush()
+        assert json.loads(f.readline())["ok"] is True
+    s.close()
+
+
+def test_large_status_is_written_in_pieces(daemon: Daemon, sock_path: str) -> None:
+    daemon.rows = [
+        Row(
+            "udp",
+            f"10.77.{i // 250}.{i % 250}:4000",
+            f"198.51.100.1:{1024 + i}",
+            "203.0.113.9:53",
+            "napt",
+            30.0,
+            i,
+            i,
+            100 * i,
+            100 * i,
+        )
+        for i in range(20_000)
+    ]
+    resp = query(sock_path, "status", timeout=20)
+    assert len(resp["entries"]) == 20_000
+    assert resp["entries"][-1]["pkts_in"] == 19_999
+
+
+def test_overlong_request_is_refused(daemon: Daemon, sock_path: str) -> None:
+    answers = raw_exchange(sock_path, b"x" * (control.MAX_REQUEST + 10), shut=False)
+    assert answers[0]["ok"] is False and "longer than" in answers[0]["error"]
+
+
+def test_too_many_clients_are_turned_away(daemon: Daemon, sock_path: str) -> None:
+    idle = []
+    for _ in range(control.MAX_CLIENTS):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+        idle.append(s)
+    time.sleep(0.2)  # let the server accept them
+    answers = raw_exchange(sock_path, b'{"cmd": "ping"}\n')
+    assert answers == [{"ok": False, "error": "too many control connections"}]
+    for s in idle:
+        s.close()
+    time.sleep(0.2)
+    assert query(sock_path, "ping")["ok"] is True
+
+
+def test_handle_ready_returns_at_once_when_idle(daemon: Daemon) -> None:
+    t0 = time.monotonic()
+    daemon.server.handle_ready()
+    assert time.monotonic() - t0 < 0.5
+
+
+# ------------------------------------------------------------------------------ lifecycle
+def test_not_running_message(sock_path: str) -> None:
+    with pytest.raises(
+        ControlError, match=r"vpnmasq is not running \(no socket at .*control\.sock\)"
+    ):
+        query(sock_path, "status")
+
+
+def test_stale_socket_is_reported_then_replaced(sock_path: str) -> None:
+    os.makedirs(os.path.dirname(sock_path), mode=0o700)
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(sock_path)
+    dead.close()  # the file stays: a crashed daemon
+    with pytest.raises(ControlError, match="stale socket"):
+        query(sock_path, "ping")
+    d = Daemon(sock_path)
+    try:
+        assert query(sock_path, "ping")["ok"] is True
+    finally:
+        d.stop()
+    assert not os.path.exists(sock_path)  # close() removes its own socket
+
+
+def test_second_server_refused_unless_takeover(daemon: Daemon, sock_path: str) -> None:
+    with pytest.raises(ControlError, match="already listening"):
+        ControlServer(sock_path, status=dict, counters=dict, flush=lambda: 0)
+    successor = Daemon(sock_path, takeover=True)
+    try:
+        successor.rows = []
+        assert query(sock_path, "status")["entries"] == []  # new clients reach the successor
+        daemon.stop()  # the old instance exits: must not remove the successor's socket
+        assert os.path.exists(sock_path)
+        assert query(sock_path, "ping")["ok"] is True
+    finally:
+        successor.stop()
+
+
+def test_refuses_to_replace_a_regular_file(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    path.write_text("important")
+    with pytest.raises(ControlError, match="not a socket"):
+        ControlServer(str(path), status=dict, counters=dict, flush=lambda: 0)
+    assert path.read_text() == "important"
+
+
+def test_permission_denied_message(monkeypatch: pytest.MonkeyPatch, sock_path: str) -> None:
+    def deny(self: socket.socket, address: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", deny)
+    with pytest.raises(ControlError, match=r"permission denied on .*control\.sock: .*root-only"):
+        query(sock_path, "status")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_unprivileged_user_is_denied(daemon: Daemon, sock_path: str) -> None:
+    """A real EACCES: a child process as 'nobody' (uid 65534) asks the root-only socket."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                query(sock_path, "status")
+                msg = "answered"
+            except ControlError as e:
+                msg = str(e)
+            os.write(w, msg.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    msg = os.read(r, 4096).decode()
+    os.close(r)
+    assert msg.startswith("permission denied on ") or "not running" in msg, msg
+    assert "answered" not in msg
+
+
+def test_no_answer_times_out(tmp_path: Path) -> None:
+    path = str(tmp_path / "mute.sock")
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(path)
+    mute.listen(1)
+    try:
+        with pytest.raises(ControlError, match="did not answer 'status' within 0.2 s"):
+            query(path, "status", timeout=0.2)
+    finally:
+        mute.close()

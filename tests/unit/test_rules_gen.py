@@ -1,0 +1,331 @@
+"""Rule generation as text: no root, no kernel (tests/integration/test_rules.py loads it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vpnmasq.datapath.rules import (
+    DEFAULT_MARK,
+    RuleSpec,
+    forward_mark_hint,
+    iptables_removal,
+    iptables_rules,
+    mark_rule_in_ruleset,
+    nft_removal,
+    nft_rules,
+    ours_in_ruleset,
+    port_range_warnings,
+)
+
+INSIDE = "10.77.0.0/24"
+PUBLIC = "198.51.100.1"
+
+
+def spec(**kw: object) -> RuleSpec:
+    base: dict[str, object] = dict(
+        outside_if="wan0", inside_networks=[INSIDE], public_address=PUBLIC, queue_num=5
+    )
+    base.update(kw)
+    return RuleSpec(**base)  # type: ignore[arg-type]
+
+
+def lines(text: str) -> list[str]:
+    return text.splitlines()
+
+
+def table(text: str, name: str) -> list[str]:
+    ls = lines(text)
+    start = ls.index(f"*{name}")
+    return ls[start + 1 : ls.index("COMMIT", start)]
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"outside_if": "wan0; rm -rf /"},
+        {"outside_if": "a" * 16},
+        {"outside_if": ".."},
+        {"inside_networks": []},
+        {"inside_networks": ["10.77.0.0/33"]},
+        {"public_address": "not-an-ip"},
+        {"mode": "kernel"},
+        {"queue_num": 65536},
+        {"mark": 0},
+        {"alias_port_range": (0, 10)},
+        {"alias_port_range": (20, 10)},
+        {"alias_port_range": (30000, 40000), "kernel_port_range": (39000, 50000)},
+        {"forwards": [("tcp", None)]},
+        {"forwards": [("gre", 47)]},
+        {"forwards": [("sctp", 1)]},
+    ],
+)
+def test_invalid_specs_are_rejected(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        spec(**kw)
+
+
+def test_spec_normalises_networks_and_dedups() -> None:
+    s = spec(inside_networks=["10.77.0.5/24", "10.77.0.0/24"], forwards=[("udp", 53), ("udp", 53)])
+    assert s.inside_networks == ("10.77.0.0/24",)
+    assert s.forwards == (("udp", 53),)
+
+
+def test_overlapping_ranges_allowed_in_userspace_mode() -> None:
+    # no kernel masquerade there, so the kernel range is unused
+    spec(mode="userspace", alias_port_range=(30000, 40000), kernel_port_range=(39000, 50000))
+
+
+# --- userspace mode ---------------------------------------------------------------------
+
+
+def test_userspace_raw_chains() -> None:
+    raw = table(iptables_rules(spec(mode="userspace")), "raw")
+    assert raw == [
+        ":VPNMASQ_RAW - [0:0]",
+        ":VPNMASQ_RAW_IN - [0:0]",
+        ":VPNMASQ_RAW_OUT - [0:0]",
+        "-A VPNMASQ_RAW -i wan0 -d 198.51.100.1/32 -j VPNMASQ_RAW_IN",
+        "-A VPNMASQ_RAW -i wan0 -j RETURN",
+        "-A VPNMASQ_RAW -s 10.77.0.0/24 -j VPNMASQ_RAW_OUT",
+        "-A VPNMASQ_RAW_IN -p tcp --dport 61000:65535 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p udp --dport 61000:65535 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p udp -m multiport --dports 500,4500 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 1 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 47 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 50 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 51 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -d 10.77.0.0/24 -j RETURN",
+        "-A VPNMASQ_RAW_OUT -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j RETURN",
+        "-A VPNMASQ_RAW_OUT -j CT --notrack",
+        "-I PREROUTING 1 -j VPNMASQ_RAW",
+    ]
+
+
+def test_userspace_mangle_chains_queue_only_untracked() -> None:
+    mangle = table(iptables_rules(spec(mode="userspace")), "mangle")
+    q = "-m conntrack --ctstate UNTRACKED -j NFQUEUE --queue-num 5"
+    assert mangle == [
+        ":VPNMASQ_IN - [0:0]",
+        ":VPNMASQ_OUT - [0:0]",
+        "-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN",
+        f"-A VPNMASQ_IN -p tcp --dport 61000:65535 {q}",
+        f"-A VPNMASQ_IN -p udp --dport 61000:65535 {q}",
+        f"-A VPNMASQ_IN -p udp -m multiport --dports 500,4500 {q}",
+        f"-A VPNMASQ_IN -p 1 {q}",
+        f"-A VPNMASQ_IN -p 47 {q}",
+        f"-A VPNMASQ_IN -p 50 {q}",
+        f"-A VPNMASQ_IN -p 51 {q}",
+        f"-A VPNMASQ_OUT -s 10.77.0.0/24 {q}",
+        "-I PREROUTING 1 -i wan0 -j VPNMASQ_IN",
+        "-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT",
+    ]
+    assert nft_rules(spec(mode="userspace")) is None
+
+
+def test_fail_open_adds_queue_bypass_everywhere_and_only_then() -> None:
+    closed = iptables_rules(spec(mode="userspace"))
+    opened = iptables_rules(spec(mode="userspace", fail_open=True))
+    assert "--queue-bypass" not in closed
+    queue_lines = [ln for ln in lines(opened) if "NFQUEUE" in ln]
+    assert queue_lines and all(ln.endswith("--queue-num 5 --queue-bypass") for ln in queue_lines)
+
+
+def test_forwards_and_several_inside_networks() -> None:
+    text = iptables_rules(
+        spec(
+            mode="userspace",
+            inside_networks=[INSIDE, "192.168.1.0/24"],
+            forwards=[("tcp", 22), ("udp", 5060), ("esp", None)],
+        )
+    )
+    ls = lines(text)
+    assert "-A VPNMASQ_RAW_IN -p tcp --dport 22 -j CT --notrack" in ls
+    assert "-A VPNMASQ_RAW_IN -p udp --dport 5060 -j CT --notrack" in ls
+    assert sum(ln.startswith("-A VPNMASQ_RAW_IN -p 50 ") for ln in ls) == 1  # deduplicated
+    for net in (INSIDE, "192.168.1.0/24"):
+        assert f"-A VPNMASQ_RAW -s {net} -j VPNMASQ_RAW_OUT" in ls
+        assert f"-A VPNMASQ_RAW_OUT -d {net} -j RETURN" in ls
+        assert any(ln.startswith(f"-A VPNMASQ_OUT -s {net} ") for ln in ls)
+
+
+def test_no_public_address_uses_addrtype_of_the_outside_interface() -> None:
+    ls = lines(iptables_rules(spec(public_address=None)))
+    assert (
+        "-A VPNMASQ_RAW -i wan0 -m addrtype --dst-type LOCAL --limit-iface-in -j VPNMASQ_RAW_IN"
+        in ls
+    )
+    assert "-A VPNMASQ_IN -m addrtype ! --dst-type LOCAL --limit-iface-in -j RETURN" in ls
+
+
+# --- hybrid mode ----------------------------------------------------------------------------
+
+
+def test_hybrid_owns_only_vpn_traffic() -> None:
+    s = spec(mode="hybrid", alias_port_range=(62000, 62999))
+    raw = table(iptables_rules(s), "raw")
+    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_IN")] == [
+        "-A VPNMASQ_RAW_IN -p udp --dport 500 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p udp --sport 500 --dport 62000:62999 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p tcp --sport 1723 --dport 62000:62999 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 47 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 50 -j CT --notrack",
+        "-A VPNMASQ_RAW_IN -p 51 -j CT --notrack",
+    ]
+    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_OUT") and "notrack" in ln] == [
+        "-A VPNMASQ_RAW_OUT -p 47 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -p 50 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -p 51 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -p udp --sport 500 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -p udp --dport 500 -j CT --notrack",
+        "-A VPNMASQ_RAW_OUT -p tcp --dport 1723 -j CT --notrack",
+    ]
+    assert not any("icmp" in ln for ln in raw)  # ICMP errors stay tracked
+
+
+def test_hybrid_queues_unrelated_icmp_errors_both_ways() -> None:
+    mangle = table(iptables_rules(spec(mode="hybrid")), "mangle")
+    for t in (3, 4, 11, 12):
+        m = f"-p icmp --icmp-type {t} -m conntrack --ctstate INVALID,UNTRACKED -j NFQUEUE --queue-num 5"
+        assert f"-A VPNMASQ_IN {m}" in mangle
+        assert f"-A VPNMASQ_OUT -s {INSIDE} {m}" in mangle
+    queued = [ln for ln in mangle if "NFQUEUE" in ln]
+    assert all("--ctstate UNTRACKED" in ln or "INVALID,UNTRACKED" in ln for ln in queued)
+
+
+def test_hybrid_nft_table() -> None:
+    text = nft_rules(spec(mode="hybrid", kernel_port_range=(20000, 29999)))
+    assert text is not None
+    ls = [ln.strip() for ln in lines(text)]
+    assert ls[:2] == ["table ip vpnmasq {}", "delete table ip vpnmasq"]  # atomic replace
+    match = 'oifname "wan0" ip saddr { 10.77.0.0/24 }'
+    assert f"{match} meta l4proto {{ tcp, udp }} masquerade to :20000-29999" in ls
+    assert f"{match} masquerade" in ls
+    assert "policy = { unreplied : 120, replied : 300 };" in ls
+    assert any(ln.startswith("policy = { syn_sent : 240") for ln in ls)
+    assert f'{match} ct state new meta l4proto udp ct timeout set "udp_rfc4787"' in ls
+    assert "type filter hook forward priority filter - 1; policy accept;" in ls
+
+
+def test_jumps_are_inserted_first() -> None:
+    ls = lines(iptables_rules(spec()))
+    assert "-I PREROUTING 1 -j VPNMASQ_RAW" in ls
+    assert "-I PREROUTING 1 -i wan0 -j VPNMASQ_IN" in ls
+    assert "-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT" in ls
+
+
+# --- removal / inspection -------------------------------------------------------------------
+
+SAVE = """\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*mangle
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:VPNMASQ_IN - [0:0]
+:VPNMASQ_OUT - [0:0]
+:OTHER - [0:0]
+-A PREROUTING -i wan0 -j VPNMASQ_IN
+-A PREROUTING -j MARK --set-xmark 0x7/0xffffffff
+-A PREROUTING -m comment --comment "not -j VPNMASQ_IN" -j OTHER
+-A POSTROUTING -o wan0 -j VPNMASQ_OUT
+-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN
+-A VPNMASQ_OUT -s 10.77.0.0/24 -j NFQUEUE --queue-num 5
+COMMIT
+*raw
+:PREROUTING ACCEPT [0:0]
+:VPNMASQ_RAW - [0:0]
+-A PREROUTING -j VPNMASQ_RAW
+COMMIT
+*filter
+:FORWARD DROP [0:0]
+-A FORWARD -m mark --mark 0x564d -j ACCEPT
+COMMIT
+"""
+
+
+def test_removal_from_save_output() -> None:
+    assert iptables_removal(SAVE) == (
+        "*mangle\n"
+        "-D PREROUTING -i wan0 -j VPNMASQ_IN\n"
+        "-D POSTROUTING -o wan0 -j VPNMASQ_OUT\n"
+        "-F VPNMASQ_IN\n-F VPNMASQ_OUT\n"
+        "-X VPNMASQ_IN\n-X VPNMASQ_OUT\n"
+        "COMMIT\n"
+        "*raw\n"
+        "-D PREROUTING -j VPNMASQ_RAW\n"
+        "-F VPNMASQ_RAW\n-X VPNMASQ_RAW\n"
+        "COMMIT\n"
+    )
+
+
+def test_removal_of_partial_install_and_of_nothing() -> None:
+    partial = "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j VPNMASQ_RAW\nCOMMIT\n"
+    assert iptables_removal(partial) == "*raw\n-D PREROUTING -j VPNMASQ_RAW\nCOMMIT\n"
+    clean = "*raw\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j CT --notrack\nCOMMIT\n"
+    assert iptables_removal(clean) == ""
+    assert not ours_in_ruleset(clean, "table inet filter {\n}\n")
+    assert ours_in_ruleset(clean, "table ip vpnmasq {\n\tchain postrouting {\n\t}\n}\n")
+    assert ours_in_ruleset(partial, "")
+    assert nft_removal() == "table ip vpnmasq {}\ndelete table ip vpnmasq\n"
+
+
+# --- the FORWARD mark rule ------------------------------------------------------------------
+
+
+def test_mark_rule_in_iptables_save() -> None:
+    assert mark_rule_in_ruleset(SAVE, "")
+    assert not mark_rule_in_ruleset(SAVE, "", 0x1)
+    masked = "*filter\n-A FORWARD -m mark --mark 0x564d/0xffff -j ACCEPT\nCOMMIT\n"
+    assert mark_rule_in_ruleset(masked, "")
+    negated = "*filter\n-A FORWARD -m mark ! --mark 0x564d -j ACCEPT\nCOMMIT\n"
+    assert not mark_rule_in_ruleset(negated, "")
+    dropped = "*filter\n-A FORWARD -m mark --mark 0x564d -j DROP\nCOMMIT\n"
+    assert not mark_rule_in_ruleset(dropped, "")
+    other_chain = "*filter\n-A INPUT -m mark --mark 0x564d -j ACCEPT\nCOMMIT\n"
+    assert not mark_rule_in_ruleset(other_chain, "")
+
+
+NFT = """\
+table inet fw {
+\tchain input {
+\t\ttype filter hook input priority filter; policy drop;
+\t\tmeta mark 0x0000564d accept
+\t}
+\tchain fwd_chain {
+\t\ttype filter hook forward priority filter; policy drop;
+\t\tct state established accept
+\t\tMARKRULE
+\t}
+}
+"""
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("meta mark 0x0000564d accept", True),
+        ("meta mark 0x0000564d counter packets 1 bytes 2 accept", True),
+        ('iifname "wan0" meta mark 22093 accept', True),
+        ("meta mark != 0x0000564d accept", False),
+        ("meta mark 0x0000564d drop", False),
+        ("meta mark 0x00000001 accept", False),
+    ],
+)
+def test_mark_rule_in_nft_ruleset(rule: str, expected: bool) -> None:
+    assert mark_rule_in_ruleset("", NFT.replace("MARKRULE", rule)) is expected
+
+
+def test_mark_rule_only_counts_in_forward_hook() -> None:
+    assert not mark_rule_in_ruleset("", NFT.replace("MARKRULE", ""))
+
+
+def test_forward_mark_hint_and_port_warnings() -> None:
+    assert forward_mark_hint() == "iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT"
+    assert DEFAULT_MARK == 0x564D
+    assert port_range_warnings(spec(), (32768, 60999)) == []
+    [w] = port_range_warnings(
+        spec(mode="userspace", alias_port_range=(50000, 50999)), (32768, 60999)
+    )
+    assert "ip_local_reserved_ports=50000-50999" in w
