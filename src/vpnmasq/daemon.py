@@ -118,6 +118,26 @@ def read_public_address(ifname: str, current: str | None = None) -> str | None:
     return addrs[0] if addrs else None
 
 
+def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
+    """Answer the sender of ``original`` with an ICMP error quoting its IP header + 8 bytes
+    (RFC 792). A raw ICMP socket lets the kernel pick the source address (the gateway's
+    address on the way back to the sender)."""
+    from vpnmasq.packet.checksum import checksum
+
+    if len(original) < 20:
+        return
+    ihl = (original[0] & 0x0F) * 4
+    body = bytearray([icmp_type, code, 0, 0, 0, 0, 0, 0]) + original[: ihl + 8]
+    c = checksum(body)
+    body[2], body[3] = c >> 8, c & 0xFF
+    dst = socket.inet_ntoa(original[12:16])
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+            s.sendto(bytes(body), (dst, 0))
+    except OSError as exc:
+        log.debug("sending ICMP %d/%d to %s failed: %s", icmp_type, code, dst, exc)
+
+
 def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
     return rules.RuleSpec(
         outside_if=config.outside_interface,
@@ -282,6 +302,8 @@ class Gateway:
                 continue
             v = eng.handle(p.payload, direction, now, token=p.packet_id)
             self._apply(p.packet_id, v)
+            if v.icmp_back is not None:
+                send_icmp_error(p.payload, *v.icmp_back)
 
     def step(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):

@@ -57,6 +57,8 @@ class Verdict:
     ``local`` marks an inbound packet that is not ours and is left to the gateway itself.
     ``released`` carries verdicts for packets held earlier (out-of-order fragments), as
     (token, Verdict) pairs, to be issued by the datapath now.
+    ``icmp_back`` asks the datapath to answer the sender of a dropped packet with this ICMP
+    error (type, code), quoting the packet (RFC 5508 REQ-8: administratively prohibited).
     """
 
     action: Action
@@ -65,6 +67,7 @@ class Verdict:
     detail: str = ""
     local: bool = False
     released: tuple[tuple[object, Verdict], ...] = ()
+    icmp_back: tuple[int, int] | None = None
 
     @property
     def accepted(self) -> bool:

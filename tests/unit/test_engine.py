@@ -471,3 +471,41 @@ def test_events_report_creation_and_drop_reason():
     ev = eng.drain_events()
     assert any(isinstance(e, EntryCreated) and e.row.inside == "10.77.0.11:40000" for e in ev)
     assert eng.drain_events() == []
+
+
+# ---------------------------------------------------------------- AH / FWZ refusal
+def _ah_packet(src=PRV1, dst=EXT):
+    ah = bytes([50, 4, 0, 0]) + (0x1234).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x00" * 12
+    return build_ipv4(src, dst, 51, ah + b"payload")
+
+
+def test_ah_is_refused_with_reason_reported_once_per_flow():
+    from vpnmasq.events import Notice
+
+    eng = make_engine()
+    for _ in range(3):
+        dropped(eng.handle(_ah_packet(), OUT, 0.0), DropReason.AH_UNSUPPORTED)
+    notices = [e for e in eng.drain_events() if isinstance(e, Notice)]
+    assert len(notices) == 1 and "cannot be masqueraded" in notices[0].message
+    assert eng.counters["drop:ah-cannot-be-masqueraded"] == 3
+
+
+def test_ah_icmp_prohibited_asks_for_one_icmp_back_per_flow():
+    eng = make_engine(ah_icmp_prohibited=True)
+    first = eng.handle(_ah_packet(), OUT, 0.0)
+    again = eng.handle(_ah_packet(), OUT, 0.1)
+    assert first.icmp_back == (3, 13) and again.icmp_back is None
+    assert make_engine().handle(_ah_packet(), OUT, 0.0).icmp_back is None
+
+
+def test_fwz_protocol_94_is_refused_with_reason():
+    eng = make_engine()
+    v = eng.handle(build_ipv4(PRV1, EXT, 94, b"\x45" + b"\x00" * 30), OUT, 0.0)
+    dropped(v, DropReason.FWZ_UNSUPPORTED)
+    assert "FWZ" in v.detail
+
+
+def test_ah_from_exempt_network_is_routed():
+    eng = make_engine(exempt_networks=("192.0.2.0/28",))
+    v = eng.handle(_ah_packet(src=ip_to_int("192.0.2.3")), OUT, 0.0)
+    assert v.action is Action.ACCEPT and v.payload is None

@@ -10,6 +10,7 @@ addresses) are routed without masquerade, so AH works for them.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from vpnmasq.helpers.base import HelperSpec
@@ -45,7 +46,8 @@ class Unmasqueradable:
 
     def _refuse(self, ip: IPv4, who: int, remote: int, direction: str) -> Verdict:
         key = (who, remote)
-        if key not in self.reported:
+        first = key not in self.reported
+        if first:
             self.reported[key] = None
             if len(self.reported) > REPORTED_MAX:
                 self.reported.popitem(last=False)
@@ -54,6 +56,9 @@ class Unmasqueradable:
                 f"{direction} {int_to_ip(who)} <-> {int_to_ip(remote)}: {self.why}",
             )
         v: Verdict = self.engine.drop(self.reason, self.why, ip)
+        if first and direction == "LAN host" and self.engine.config.ah_icmp_prohibited:
+            # once per flow, so the host learns why instead of timing out (RFC 5508 REQ-8)
+            v = replace(v, icmp_back=(3, 13))
         return v
 
     def outbound(self, ip: IPv4, now: float) -> Verdict:
