@@ -23,5 +23,10 @@ unit: setup
 bench: setup
 	.venv/bin/python bench/run.py
 
+# coverage-guided fuzzing (atheris) of every parser and the engine; FUZZ_SECONDS per target
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	.venv/bin/python fuzz/run.py --seconds $(FUZZ_SECONDS)
+
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -46,8 +46,8 @@ def _config_errors(path: str, err: ConfigError) -> list[str]:
     return [f"{path}: {e}" for e in errors]
 
 
-def _load(path: str) -> tuple[Config, list[str]]:
-    """Config and warnings, or exit 1 printing every error with its key and line."""
+def _load(path: str, exit_code: int = 1) -> tuple[Config, list[str]]:
+    """Config and warnings, or exit ``exit_code`` printing every error with its key and line."""
     try:
         text = read_config_text(path)
         config = load_config(text)
@@ -55,7 +55,7 @@ def _load(path: str) -> tuple[Config, list[str]]:
     except ConfigError as e:
         for line in _config_errors(path, e):
             click.secho(line, fg="red", err=True)
-        sys.exit(1)
+        sys.exit(exit_code)
 
 
 def _missing_module(err: ImportError, *names: str) -> bool:
@@ -108,17 +108,34 @@ def cli() -> None:
     "--handover",
     is_flag=True,
     envvar="VPNMASQ_HANDOVER",
-    help="Take over from a running or just-stopped instance: load the masquerade table "
-    "saved in state_file, so VPN sessions survive a restart or upgrade. [env: VPNMASQ_HANDOVER]",
+    help="Be the successor of an instance stopped with SIGHUP: keep its rules (swapped "
+    "atomically, no gap), bind the queue once it is free (waits up to 10 s) and carry on "
+    "with the table it saved (state_file, or handover.json next to the control socket), so "
+    "VPN sessions survive an upgrade. [env: VPNMASQ_HANDOVER]",
 )
 def run(config_path: str, handover: bool) -> None:
     """Run the gateway in the foreground (needs root / CAP_NET_ADMIN).
 
-    Installs the NFQUEUE rules for outside_interface, masquerades packets until SIGTERM or
-    SIGINT, then removes the rules again. Use the systemd unit in packaging/ for service
-    operation. The configuration is checked first, as `check-config --offline` does.
+    Installs the NFQUEUE rules for outside_interface (removing any a crashed run left) and
+    masquerades packets until a signal:
+
+    \b
+    SIGTERM, SIGINT  stop: save the table to state_file (if set), remove the
+                     rules, exit 0.
+    SIGHUP           hand over: save the table for a successor and exit 0,
+                     leaving the rules in place (vpnmasq's packets are dropped,
+                     never leaked, until the successor runs).
+
+    \b
+    Upgrade: kill -HUP <pid>; wait for it to exit; vpnmasq run --handover
+    With state_file set the table is also saved every 30 s and restored at start.
+
+    The configuration is checked first, as `check-config --offline` does; errors name the
+    key and line and exit with status 2 (also when outside_interface does not exist).
+    Other failures (not root, the queue in use) exit with status 1. Use the systemd unit in
+    packaging/ for service operation.
     """
-    config, warnings = _load(config_path)
+    config, warnings = _load(config_path, exit_code=2)
     for w in warnings:
         _warn(f"{config_path}: {w}")
     try:
@@ -377,6 +394,176 @@ def replay(
     except ReplayError as e:
         _fail(str(e))
     print_summary(report, out_pcap, Console(width=None if sys.stdout.isatty() else 160))
+
+
+# ------------------------------------------------------------------------------ diagnose
+def _config_option(f: Any) -> Any:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        envvar="VPNMASQ_CONFIG",
+        help=f"Configuration file (default {DEFAULT_CONFIG} if it exists, else built-in "
+        "defaults). [env: VPNMASQ_CONFIG]",
+    )(f)
+
+
+def _config_or_default(path: str | None) -> Config:
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            _warn(f"{DEFAULT_CONFIG} not found: checking against the default configuration")
+            return Config()
+        path = DEFAULT_CONFIG
+    return _load(path)[0]
+
+
+@cli.command(context_settings=CONTEXT, short_help="Check this gateway; say what to fix.")
+@_config_option
+@click.option(
+    "-H",
+    "--host",
+    metavar="ADDR",
+    envvar="VPNMASQ_HOST",
+    callback=_check_host,
+    help="Also follow this LAN host's VPN traffic: where it was last seen and where it "
+    "stopped. [env: VPNMASQ_HOST]",
+)
+@_socket_option
+@click.option("--json", "as_json", is_flag=True, envvar="VPNMASQ_JSON",
+              help="Print the findings as JSON. [env: VPNMASQ_JSON]")
+@click.option("-q", "--quiet", is_flag=True, envvar="VPNMASQ_QUIET",
+              help="Only problems and warnings, no OK lines. [env: VPNMASQ_QUIET]")
+def diagnose(
+    config_path: str | None, host: str | None, socket_path: str | None, as_json: bool, quiet: bool
+) -> None:
+    """Run the HOWTO's troubleshooting checklist on this machine, one line per finding.
+
+    Checks that vpnmasq runs and its rules are in place, IPv4 forwarding, rp_filter, the
+    kernel pieces it needs, your own masquerade or kernel PPTP helper rules competing with
+    it, a FORWARD policy that drops its (untracked) packets, an outside address behind
+    another NAT, the outside MTU, a VPN endpoint on the gateway itself, [[route]]s, and
+    drop counters. With --host, follows that host's IKE/ESP/NAT-T/PPTP/GRE mappings and
+    says where its traffic stopped ("GRE out, nothing back"). Exit 1 if anything FAILs.
+    Run as root on the gateway.
+    """
+    from vpnmasq import diagnose as dg
+
+    config = _config_or_default(config_path)
+    facts = dg.gather(config, host=host, socket_path=socket_path)
+    findings = dg.run_checks(facts)
+    click.echo(dg.render_json(findings) if as_json else dg.render(findings, verbose=not quiet),
+               nl=False)
+    sys.exit(dg.exit_code(findings))
+
+
+# ------------------------------------------------------------------------------ trace
+@cli.command(context_settings=CONTEXT, short_help="Capture VPN packets before/after NAT.")
+@_config_option
+@click.option("-H", "--host", metavar="ADDR[/LEN]", envvar="VPNMASQ_HOST", callback=_check_host,
+              help="Only this LAN host (on the outside: the remotes it talks to). "
+              "[env: VPNMASQ_HOST]")
+@click.option("-p", "--proto", "protos", metavar="PROTO", multiple=True, envvar="VPNMASQ_PROTO",
+              help="Only these (repeatable): gre, esp, ah, isakmp, natt, ike, pptp, ipsec, "
+              "l2tp, vpn, tcp, udp, icmp. Default: everything. ICMP errors always show. "
+              "[env: VPNMASQ_PROTO]")
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False, writable=True),
+              envvar="VPNMASQ_TRACE_OUT", help="Write a pcapng here (open it in Wireshark). "
+              "[env: VPNMASQ_TRACE_OUT]")
+@click.option("-d", "--duration", type=float, default=None, envvar="VPNMASQ_DURATION",
+              help="Stop after this many seconds (default: Ctrl-C). [env: VPNMASQ_DURATION]")
+@click.option("-n", "--count", type=int, default=None, envvar="VPNMASQ_COUNT",
+              help="Stop after this many packets. [env: VPNMASQ_COUNT]")
+@click.option("-i", "--inside-if", "inside_ifs", multiple=True, envvar="VPNMASQ_INSIDE_IF",
+              help="LAN interface(s); default: those with an address in inside_networks. "
+              "[env: VPNMASQ_INSIDE_IF]")
+@click.option("--lines-per-second", type=float, default=5.0, show_default=True,
+              envvar="VPNMASQ_LINES_PER_SECOND",
+              help="Decoded lines per flow and second (0: all); the pcapng has every packet. "
+              "[env: VPNMASQ_LINES_PER_SECOND]")
+@click.option("-r", "--read", "read_path", type=click.Path(exists=True, dir_okay=False),
+              envvar="VPNMASQ_TRACE_READ",
+              help="Decode an existing pcap/pcapng (e.g. from tcpdump) instead of capturing. "
+              "[env: VPNMASQ_TRACE_READ]")
+def trace(
+    config_path: str | None,
+    host: str | None,
+    protos: tuple[str, ...],
+    out_path: str | None,
+    duration: float | None,
+    count: int | None,
+    inside_ifs: tuple[str, ...],
+    lines_per_second: float,
+    read_path: str | None,
+) -> None:
+    """Capture matching packets on the LAN and outside interfaces, before and after
+    translation, and print one decoded line per packet (GRE flags/Call ID/seq/ack, ESP
+    SPI/seq, ISAKMP cookies, exchange and message id, NAT-T, PPTP messages, ICMP errors).
+
+    The two copies of a datagram are paired (the line ends with "(= #N)"), so a packet
+    that left and got no answer, or arrived and was not forwarded, stands out. With --out,
+    every matching packet also goes to a pcapng (interface names, a comment per packet).
+    Needs root (AF_PACKET sockets); works whether or not the daemon runs.
+    """
+    import json as _json
+    import signal
+    import subprocess
+
+    from vpnmasq import trace as tr
+
+    if read_path is not None:
+        tr.decode_file(read_path, click.echo)
+        return
+    try:
+        match = tr.proto_matcher(protos)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--proto") from None
+    if os.geteuid() != 0:
+        _fail("vpnmasq trace needs root (packet sockets on the gateway's interfaces)")
+    config = _config_or_default(config_path)
+    try:
+        links = _json.loads(
+            subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                           timeout=10).stdout or "[]"
+        )
+    except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+        _fail(f"cannot list interfaces: {e}")
+    inside = list(inside_ifs) or tr.inside_interfaces(config.inside_networks, links)
+    public = config.public_address
+    if public is None:
+        for link in links:
+            if link.get("ifname") == config.outside_interface:
+                addrs = [a["local"] for a in link.get("addr_info", []) if a.get("family") == "inet"]
+                public = addrs[0] if addrs else None
+    ifaces = {name: "inside" for name in inside}
+    ifaces[config.outside_interface] = "outside"
+    tracer = tr.Tracer(config.inside_networks, public=public, host=host, match=match)
+    stopping = False
+
+    def _stop(*_a: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    click.echo(f"tracing on {', '.join(ifaces)} (public {public or 'unknown'}); Ctrl-C stops",
+               err=True)
+    out = open(out_path, "wb") if out_path else None  # noqa: SIM115
+    try:
+        writer = tr.PcapngWriter(out) if out is not None else None
+        try:
+            n = tr.capture_live(
+                ifaces, tracer, writer, lambda line: click.echo(line),
+                duration=duration, count=count,
+                limiter=tr.LineLimiter(lines_per_second), stop=lambda: stopping,
+            )
+        except OSError as e:
+            _fail(f"capture failed: {e}")
+    finally:
+        if out is not None:
+            out.close()
+    click.echo(f"{n} packets" + (f" written to {out_path}" if out_path else ""), err=True)
 
 
 # ------------------------------------------------------------------------------ demo

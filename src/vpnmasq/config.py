@@ -22,6 +22,7 @@ Mode = Literal["hybrid", "userspace"]
 Filtering = Literal["endpoint-independent", "address-dependent", "address-port-dependent"]
 AddressChangePolicy = Literal["flush", "rewrite"]
 AmbiguousIkePolicy = Literal["drop", "most-recent"]
+LocalVpnPolicy = Literal["auto", "always", "never"]
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,17 @@ class Forward:
 
 
 @dataclass(frozen=True, slots=True)
+class Route:
+    """Network-to-network (HOWTO 2.8): ``network`` is reached through ``via``, a VPN router
+    on the LAN. Traffic between the inside networks and ``network`` is routed, never
+    masqueraded; the router's own tunnel to the outside is masqueraded like any host's."""
+
+    network: str
+    via: str
+    send_redirects: bool = True  # False: the gateway stops sending ICMP redirects (see docs)
+
+
+@dataclass(frozen=True, slots=True)
 class EspPolicy:
     parallel_sessions: bool = True  # several LAN hosts to the same remote (HOWTO PAROK)
     guess_single_host: bool = False  # deliver unassociated inbound ESP to the only plausible host
@@ -147,6 +159,10 @@ class Config:
     log_level: str = "info"
     offload: bool = False
     on_address_change_hook: str | None = None
+    # issue 8 (running it in the real world)
+    local_vpn: LocalVpnPolicy = "auto"
+    mss_clamp: int = 0
+    routes: tuple[Route, ...] = ()
 
     def inside_nets(self) -> tuple[ipaddress.IPv4Network, ...]:
         return tuple(ipaddress.IPv4Network(n, strict=False) for n in self.inside_networks)
@@ -168,6 +184,10 @@ TYPICAL_IPSEC_REKEY = 3600.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL (unix(7)).
 MAX_UNIX_PATH = 107
 IFNAMSIZ = 16  # including the NUL (netdevice(7)), so names have at most 15 characters
+# TCP MSS clamp bounds: RFC 879/9293 default MSS 536 is the smallest every IPv4 host accepts;
+# 65495 = 65535 - 20 (IP) - 20 (TCP).
+MIN_MSS = 536
+MAX_MSS = 65495
 
 
 # =====================================================================================
@@ -405,6 +425,17 @@ def _p_host_port(v: object) -> str:
     return s
 
 
+def _p_mss(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Bad(f"expected an integer, got {_tname(v)}")
+    if v != 0 and not MIN_MSS <= v <= MAX_MSS:
+        raise _Bad(
+            f"{v} is not 0 (off) or {MIN_MSS}..{MAX_MSS} ({MIN_MSS} is the MSS every IPv4 "
+            "host must accept, RFC 9293 3.7.1)"
+        )
+    return v
+
+
 def _fmt_hex(v: object) -> str:
     return f"0x{v:X}" if isinstance(v, int) else str(v)
 
@@ -574,8 +605,10 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "state_file",
         _PATH,
-        "Where the masquerade table is saved on stop and read back by `run --handover`, "
-        "so VPN sessions survive a restart. Unset: the table starts empty.",
+        "Where the masquerade table is saved (every 30 s, at stop and on SIGHUP for `run "
+        "--handover`; atomically, mode 0600) and restored at start, so VPN sessions survive "
+        "a restart. Unset: every start begins with an empty table (a handover then uses "
+        "handover.json next to control_socket).",
     ),
     KeySpec("log_level", _k_choice(LOG_LEVELS), "Lowest level of messages that are logged."),
     KeySpec(
@@ -587,8 +620,25 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "on_address_change_hook",
         _PATH,
-        "Program run (no shell) when the public address changes, with the old and new "
-        "address as arguments, e.g. to update dynamic DNS.",
+        "Program run (no shell) when the public address changes, with the new address "
+        "and the old one (empty when there was none) as arguments, e.g. to update dynamic "
+        "DNS. Not run when the address goes away.",
+    ),
+    KeySpec(
+        "local_vpn",
+        _k_choice(get_args(LocalVpnPolicy)),
+        "Inbound IKE (UDP 500/4500), ESP and GRE to the public address that match no "
+        "mapping and no forward: hand them to the gateway itself, for a VPN endpoint running "
+        'on it (strongSwan, an ip gre tunnel). "auto": only for protocols the daemon finds '
+        'a local consumer of; "always": every such packet; "never": drop them '
+        "(HOWTO 3.14 said the two cannot coexist; with cookies, SPIs and Call IDs they can).",
+    ),
+    KeySpec(
+        "mss_clamp",
+        _Kind(f"integer 0 or {MIN_MSS}..{MAX_MSS}", lambda v: _p_mss(v)),
+        "Lower the TCP MSS option of SYNs passing the gateway to at most this value, for "
+        "links with a small MTU such as PPPoE (MTU 1492: 1452). 0: off. Userspace mode "
+        "rewrites the option in vpnmasq; hybrid mode installs an nftables rule for it.",
     ),
 )
 
@@ -676,6 +726,30 @@ FORWARD_KEYS: tuple[KeySpec, ...] = (
     ),
 )
 
+ROUTE_KEYS: tuple[KeySpec, ...] = (
+    KeySpec(
+        "network",
+        _NETWORK,
+        "Remote network reached through a VPN router on the LAN (HOWTO 2.8: network to "
+        "network). The gateway installs the route; traffic between the inside networks and "
+        "this network is never masqueraded.",
+        required=True,
+    ),
+    KeySpec(
+        "via",
+        _IPV4,
+        "The LAN VPN router; must be inside an inside network. Its own tunnel traffic "
+        "(GRE, ESP, IKE, WireGuard over UDP) is masqueraded like any host's.",
+        required=True,
+    ),
+    KeySpec(
+        "send_redirects",
+        _BOOL,
+        "false: stop the gateway sending ICMP redirects on the interface towards the router "
+        "(hosts that ignore or mishandle redirects, stateful filters on the hosts).",
+    ),
+)
+
 # Section name in TOML -> (dataclass type, Config field, keys)
 _TABLES: dict[str, tuple[type[Any], str, tuple[KeySpec, ...]]] = {
     "timeouts": (Timeouts, "timeouts", TIMEOUT_KEYS),
@@ -683,17 +757,18 @@ _TABLES: dict[str, tuple[type[Any], str, tuple[KeySpec, ...]]] = {
     "esp": (EspPolicy, "esp", ESP_KEYS),
 }
 _TOP_BY_KEY = {s.key: s for s in TOP_KEYS}
-_TOP_NAMES: tuple[str, ...] = (*(s.key for s in TOP_KEYS), *_TABLES, "forward")
+_TOP_NAMES: tuple[str, ...] = (*(s.key for s in TOP_KEYS), *_TABLES, "forward", "route")
 
 
 def _check_docs_cover_dataclasses() -> None:
     """Every dataclass field is documented exactly once (cheap; runs at import)."""
     pairs: list[tuple[type[Any], tuple[KeySpec, ...], set[str]]] = [
-        (Config, TOP_KEYS, {"timeouts", "limits", "esp", "forwards"}),
+        (Config, TOP_KEYS, {"timeouts", "limits", "esp", "forwards", "routes"}),
         (Timeouts, TIMEOUT_KEYS, set()),
         (Limits, LIMIT_KEYS, set()),
         (EspPolicy, ESP_KEYS, set()),
         (Forward, FORWARD_KEYS, set()),
+        (Route, ROUTE_KEYS, set()),
     ]
     for cls, specs, extra in pairs:
         documented = {s.field for s in specs} | extra
@@ -1028,6 +1103,10 @@ def _load(text: str) -> tuple[Config, _Locator]:
             forwards = _parse_forwards(value, errors, first_table_line)
             if forwards is not None:
                 kwargs["forwards"] = forwards
+        elif key == "route":
+            routes = _parse_routes(value, errors, first_table_line)
+            if routes is not None:
+                kwargs["routes"] = routes
         else:
             errors.add(key, f"unknown key '{key}'" + (_suggest(key, _TOP_NAMES) or _elsewhere(key)))
     errors.raise_if_any()
@@ -1044,6 +1123,8 @@ def _elsewhere(name: str) -> str:
             return f" ('{name}' belongs in the [{table}] table: did you mean '{table}.{name}'?)"
     if any(s.key == name for s in FORWARD_KEYS):
         return f" ('{name}' belongs in a [[forward]] table)"
+    if any(s.key == name for s in ROUTE_KEYS):
+        return f" ('{name}' belongs in a [[route]] table)"
     return ""
 
 
@@ -1117,6 +1198,23 @@ def _parse_forwards(
             ok = False
         if ok:
             out.append(Forward(**parsed))  # type: ignore[arg-type]
+    return tuple(out) if ok else None
+
+
+def _parse_routes(
+    value: object, errors: _Problems, first_table_line: int | None
+) -> tuple[Route, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        errors.add("route", "must be an array of tables: write each route under [[route]]")
+        return None
+    out: list[Route] = []
+    ok = True
+    for i, item in enumerate(value, 1):
+        parsed = _parse_table(item, ROUTE_KEYS, f"route[{i}]", errors, first_table_line)
+        if parsed is None:
+            ok = False
+            continue
+        out.append(Route(**parsed))  # type: ignore[arg-type]
     return tuple(out) if ok else None
 
 
@@ -1203,6 +1301,47 @@ def _cross_checks(config: Config, errors: _Problems) -> None:
                 )
             break
         seen.append((i, f))
+    _route_checks(config, errors)
+
+
+def _route_checks(config: Config, errors: _Problems) -> None:
+    """[[route]]: the router is on the LAN; the remote network is neither inside nor the
+    public address; no two routes overlap (the kernel would pick one silently)."""
+    inside = config.inside_nets()
+    nets: list[tuple[int, ipaddress.IPv4Network]] = []
+    for i, r in enumerate(config.routes, 1):
+        key = f"route[{i}]"
+        net = ipaddress.IPv4Network(r.network, strict=False)
+        via = ipaddress.IPv4Address(r.via)
+        if not any(via in n for n in inside):
+            errors.add(
+                f"{key}.via",
+                f"{via} is not inside any inside network ({', '.join(config.inside_networks)}); "
+                "the VPN router must be on the LAN",
+            )
+        if via in net:
+            errors.add(f"{key}.via", f"{via} lies inside the network it routes ({net})")
+        for n in inside:
+            if net.overlaps(n):
+                errors.add(
+                    f"{key}.network",
+                    f"{net} overlaps the inside network {n}; a routed network must be "
+                    "elsewhere (give the remote site its own addresses)",
+                )
+        if config.public_address is not None:
+            if ipaddress.IPv4Address(config.public_address) in net:
+                errors.add(f"{key}.network", f"{net} contains the public address")
+        if net.prefixlen == 0:
+            errors.add(
+                f"{key}.network",
+                "0.0.0.0/0 would send everything to the LAN router (use its own default "
+                "route instead)",
+            )
+        for j, other in nets:
+            if net.overlaps(other):
+                errors.add(f"{key}.network", f"{net} overlaps route[{j}] ({other})")
+                break
+        nets.append((i, net))
 
 
 def _warnings(config: Config, warn: _Problems) -> None:
@@ -1291,6 +1430,60 @@ def _warnings(config: Config, warn: _Problems) -> None:
                 "the kernel may also give it to a masqueraded flow (conntrack keeps the flows "
                 "apart, but captures are harder to read)",
             )
+    if config.public_address is not None:
+        why = upstream_nat_reason(config.public_address)
+        if why is not None:
+            warn.add("public_address", upstream_nat_warning(config.public_address, why))
+    if config.mss_clamp and config.mss_clamp > 1460:
+        warn.add(
+            "mss_clamp",
+            f"{config.mss_clamp} is above 1460, the MSS of a 1500-byte Ethernet MTU; it only "
+            "lowers MSS options larger than that",
+        )
+    for i, r in enumerate(config.routes, 1):
+        if any(f.to == r.via for f in config.forwards):
+            continue
+        if "gre" not in config.helpers and "esp" not in config.helpers:
+            warn.add(
+                f"route[{i}]",
+                f"neither the gre nor the esp helper is enabled: the tunnel of {r.via} is "
+                "masqueraded only if it runs over UDP (WireGuard, NAT-T)",
+            )
+
+
+# Upstream NAT (seed 2.9, issue 8): an outside address that is itself private means another
+# NAT sits between the gateway and the Internet. NAT-T survives it; raw ESP and GRE rarely do,
+# and nothing outside can reach the [[forward]]s.
+UPSTREAM_NAT_NETWORKS: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
+    (ipaddress.IPv4Network("10.0.0.0/8"), "private (RFC 1918)"),
+    (ipaddress.IPv4Network("172.16.0.0/12"), "private (RFC 1918)"),
+    (ipaddress.IPv4Network("192.168.0.0/16"), "private (RFC 1918)"),
+    (ipaddress.IPv4Network("100.64.0.0/10"), "carrier-grade NAT shared space (RFC 6598)"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local (RFC 3927)"),
+)
+
+
+def upstream_nat_reason(address: str) -> str | None:
+    """Why ``address`` on the outside means another NAT upstream, or None if it does not."""
+    try:
+        a = ipaddress.IPv4Address(address)
+    except ValueError:
+        return None
+    for net, why in UPSTREAM_NAT_NETWORKS:
+        if a in net:
+            return why
+    return None
+
+
+def upstream_nat_warning(address: str, why: str | None = None) -> str:
+    """The operator-facing text for an outside address behind another NAT."""
+    why = why or upstream_nat_reason(address) or "not public"
+    return (
+        f"{address} is {why}: another NAT sits upstream. IPsec with NAT-T (UDP 4500) works "
+        "through it; raw ESP (protocol 50) and PPTP's GRE (protocol 47) usually do not, and "
+        "[[forward]]ed LAN servers cannot be reached from outside. Ask the provider for a "
+        "public address (or bridge mode on the upstream router), or use NAT-T"
+    )
 
 
 # ----------------------------------------------------------------------------- docs
@@ -1302,11 +1495,17 @@ def _sections() -> list[tuple[str, str, tuple[KeySpec, ...], object]]:
         ("[limits]", "limits.", LIMIT_KEYS, Limits()),
         ("[esp] (IPsec ESP association policy)", "esp.", ESP_KEYS, EspPolicy()),
         ("[[forward]] (one table per rule; publishes an inside server)", "", FORWARD_KEYS, None),
+        (
+            "[[route]] (one table per remote network behind a LAN VPN router)",
+            "",
+            ROUTE_KEYS,
+            Route("0.0.0.0/32", "0.0.0.0"),
+        ),
     ]
 
 
 def _default_text(spec: KeySpec, instance: object) -> str:
-    if instance is None:
+    if instance is None or spec.required:
         return "required" if spec.required else "(unset)"
     return spec.kind.fmt(getattr(instance, spec.field))
 

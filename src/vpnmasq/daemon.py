@@ -1,12 +1,58 @@
 """The composition root (wireguard-go main.go style): config -> engine + NFQUEUE + rules +
-control socket + metrics + address follower + signals, and one loop that drives them.
+control socket + metrics + address follower + state file + signals, and one loop that drives
+them.
 
-The loop is the only place that reads the clock: ``now = time.monotonic()`` once per batch.
+The loop is the only place that reads the clock: ``now = time.monotonic()`` once per batch
+(and ``time.time()`` only to date a saved table, see :mod:`vpnmasq.state`).
+
+Life cycle
+----------
+``vpnmasq run`` (:func:`run`) checks that it is root and that ``outside_interface`` exists,
+then :meth:`Gateway.start`:
+
+1. binds the NFQUEUE first: if another process holds the queue (another vpnmasq) nothing else
+   is touched, in particular not its rules;
+2. restores the table: from ``state_file`` if set, or with ``--handover`` from the handover
+   file (:func:`handover_path`); a corrupt or incompatible file is reported and ignored, and
+   without ``state_file`` or ``--handover`` every start begins with an empty table;
+3. installs the rules. A normal start first removes whatever vpnmasq rules a crashed run left
+   (:func:`vpnmasq.datapath.rules.install`); a ``--handover`` start swaps the predecessor's
+   rules for its own atomically (:func:`vpnmasq.datapath.rules.replace`), so there is no
+   moment without them.
+
+Signals
+-------
+``SIGTERM`` / ``SIGINT``: **stop**. Buffered verdicts are sent, the table is saved to
+``state_file`` (if set), the queue is closed and exactly vpnmasq's rules are removed; exit 0.
+With ``ip_forward`` on, the LAN traffic vpnmasq owned then leaves un-NATed: see
+``packaging/guard.nft``.
+
+``SIGHUP``: **hand over** (for an upgrade or a restart with a new configuration). Buffered
+verdicts are sent, the table is saved to the handover file, the queue is closed and the
+rules are *left in place*; exit 0. Until a successor binds the queue the kernel drops the
+packets vpnmasq owns (fail closed: ``fail_open = false``), and never lets them out with LAN
+addresses.
+
+``vpnmasq run --handover``: the **successor**. It waits up to :data:`HANDOVER_WAIT_S` for the
+queue to become free (the predecessor may still be saving), restores the handover file,
+swaps the rules atomically and carries on with the table: established ESP associations,
+ISAKMP sessions, PPTP calls and NAPT mappings keep working without new associations.
+
+An upgrade is therefore ``kill -HUP <pid>; wait for it to exit; vpnmasq run --handover``.
+The handover file is ``state_file`` when that is set, otherwise ``handover.json`` next to the
+control socket (deleted once the successor has read it). While running, the table is also
+saved to ``state_file`` every :data:`STATE_SAVE_INTERVAL_S` seconds, so a crash loses at most
+that much.
+
+The public address is read from ``outside_interface`` and followed with netlink: the rules
+match "an address of outside_interface" (unless ``public_address`` is configured), so an
+address change needs no rule change, only the engine's (``on_address_change``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import selectors
@@ -21,7 +67,7 @@ from typing import Any
 from vpnmasq.config import Config
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.control import ControlServer
-from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
+from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
 from vpnmasq.events import (
     AddressChanged,
@@ -35,6 +81,15 @@ from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
 from vpnmasq.verdict import Action, Direction, Verdict
 
 log = logging.getLogger("vpnmasq")
+
+#: exit status of ``vpnmasq run``: 0 clean stop or handover, 1 failure, 2 the configuration
+#: does not fit (bad file: see cli.py; outside_interface missing)
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+#: with state_file set, the table is saved this often while running (and at stop)
+STATE_SAVE_INTERVAL_S = 30.0
+#: ``run --handover`` waits this long for the predecessor to release the queue
+HANDOVER_WAIT_S = 10.0
+HANDOVER_FILE = "handover.json"
 
 #: the public address is re-read when netlink reports an address change (RTMGRP_IPV4_IFADDR),
 #: and at least this often as a safety net
@@ -138,6 +193,48 @@ def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
         log.debug("sending ICMP %d/%d to %s failed: %s", icmp_type, code, dst, exc)
 
 
+class StartupError(Exception):
+    """vpnmasq cannot start; the message is for the operator, ``code`` the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_environment(config: Config) -> None:
+    """Root, and an outside interface that exists: StartupError with a clear message."""
+    if os.geteuid() != 0:
+        raise StartupError(
+            "vpnmasq run must run as root (it installs netfilter rules and binds an NFQUEUE, "
+            "which need CAP_NET_ADMIN); use sudo or the systemd unit in packaging/"
+        )
+    names = interface_names()
+    if names is not None and config.outside_interface not in names:
+        have = ", ".join(sorted(names)) or "none"
+        raise StartupError(
+            f"outside_interface = {config.outside_interface!r}: no such network interface "
+            f"here (interfaces: {have}); fix the configuration, or start vpnmasq after the "
+            "interface exists",
+            EXIT_CONFIG,
+        )
+
+
+def interface_names() -> set[str] | None:
+    """Names of the network interfaces (None if they cannot be listed)."""
+    try:
+        return {name for _, name in socket.if_nameindex()}
+    except OSError:
+        return None
+
+
+def handover_path(config: Config) -> str:
+    """Where SIGHUP saves the table and ``run --handover`` reads it: ``state_file``, or
+    ``handover.json`` in the control socket's directory (root only, 0700)."""
+    if config.state_file:
+        return config.state_file
+    return os.path.join(os.path.dirname(config.control_socket) or ".", HANDOVER_FILE)
+
+
 def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
     return rules.RuleSpec(
         outside_if=config.outside_interface,
@@ -150,6 +247,11 @@ def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
         alias_port_range=(config.port_range.low, config.port_range.high),
         kernel_port_range=(config.kernel_port_range.low, config.kernel_port_range.high),
         forwards=[(f.protocol, f.port) for f in config.forwards],
+        forward_reply_ports=[
+            (f.protocol, f.to_port)
+            for f in config.forwards
+            if f.protocol in ("tcp", "udp") and f.to_port is not None and f.to_port != f.port
+        ],
     )
 
 
@@ -179,23 +281,35 @@ class Gateway:
         self.queue_batches = 0
         self.metrics: Any = None
         self.addr_mon: socket.socket | None = None
+        self.exit_code = EXIT_OK
+        self.next_save: float | None = None  # monotonic time of the next periodic save
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        """Bind the queue, restore the table, install the rules, open the control socket
+        and the rest (see the module docstring for the order and why)."""
         cfg = self.config
-        if not self.handover:
-            rules.remove()  # a crash may have left rules behind: start clean
-        rules.install(rule_spec(cfg, self.public))
+        self.nfq = self._bind_queue()
+        self.restore_state()
+        # The rules match "an address of outside_interface" unless public_address is set,
+        # so following the address needs no rule change (and leaves no gap).
+        spec = rule_spec(cfg, cfg.public_address)
+        if self.handover:
+            rules.replace(spec)  # atomic: the predecessor's rules never go away first
+        else:
+            rules.install(spec)  # removes what a crashed run left, then installs
         log.info(
-            "rules installed: mode=%s outside=%s inside=%s public=%s queue=%d",
+            "rules %s: mode=%s outside=%s inside=%s public=%s queue=%d",
+            "taken over" if self.handover else "installed",
             cfg.mode,
             cfg.outside_interface,
             ",".join(cfg.inside_networks),
             self.public,
             cfg.queue_num,
         )
-        self.nfq = NfQueue(cfg.queue_num, fail_open=cfg.fail_open)
         self.sel.register(self.nfq.fileno(), selectors.EVENT_READ, "nfq")
+        if cfg.state_file:
+            self.next_save = time.monotonic() + STATE_SAVE_INTERVAL_S
         if not cfg.public_address:
             try:
                 self.addr_mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -220,10 +334,93 @@ class Gateway:
         if not rules.forward_mark_rule_present(cfg.mark):
             log.info("hint: %s", rules.forward_mark_hint(cfg.mark))
 
+    def _bind_queue(self) -> NfQueue:
+        cfg = self.config
+        deadline = time.monotonic() + (HANDOVER_WAIT_S if self.handover else 0.0)
+        while True:
+            try:
+                return NfQueue(cfg.queue_num, fail_open=cfg.fail_open)
+            except NfQueueError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise StartupError(f"cannot bind NFQUEUE {cfg.queue_num}: {exc}") from None
+                if time.monotonic() >= deadline:
+                    hint = (
+                        "the previous vpnmasq did not release it: send it SIGHUP first"
+                        if self.handover
+                        else "is another vpnmasq running? Stop it, or take over with "
+                        "SIGHUP + vpnmasq run --handover"
+                    )
+                    raise StartupError(
+                        f"NFQUEUE {cfg.queue_num} is bound by another process; {hint}"
+                    ) from None
+                time.sleep(0.05)
+
+    # ---------------------------------------------------------------- state
+    def restore_state(self) -> None:
+        """Load the saved table (state_file, or the handover file with --handover) into the
+        fresh engine. Never fatal: a bad file is reported and the table starts empty."""
+        from vpnmasq import state
+
+        cfg = self.config
+        path = handover_path(cfg) if self.handover else cfg.state_file
+        if not path:
+            return
+        try:
+            data = state.read_state(path)
+        except state.StateError as exc:
+            log.warning("ignoring the saved table: %s; starting with an empty table", exc)
+            return
+        if data is None:
+            if self.handover:
+                log.warning("handover: no saved table at %s; starting with an empty table", path)
+            return
+        if self.handover and path != cfg.state_file:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # consumed: a later plain start must not pick it up
+        try:
+            report = state.import_state(self.engine, data, time.monotonic(), time.time())
+        except Exception as exc:  # a half-restored table is not to be trusted: start empty
+            log.warning("ignoring the saved table %s: %s; starting with an empty table", path, exc)
+            self.engine = Engine(self.config, self.engine.public_ip)
+            return
+        log.info("%s from %s", report.summary(), path)
+
+    def save_state(self, path: str) -> bool:
+        """Write the table to ``path`` (atomically, mode 0600). False (logged) on failure."""
+        from vpnmasq import state
+
+        t0 = time.monotonic()
+        try:
+            data = state.export_state(self.engine, t0, time.time())
+            size = state.write_state(path, data)
+        except (OSError, ValueError) as exc:
+            log.error("saving the table to %s failed: %s", path, exc)
+            return False
+        log.debug(
+            "table saved to %s: %d entries, %d bytes, %.0f ms",
+            path,
+            len(data["entries"]),
+            size,
+            (time.monotonic() - t0) * 1e3,
+        )
+        return True
+
     def stop(self) -> None:
+        """Flush verdicts, save the table, close the queue; remove the rules unless handing
+        over (``keep_rules``, SIGHUP). Sets ``exit_code`` if the handover save failed."""
+        cfg = self.config
         if self.nfq is not None:
             with contextlib.suppress(OSError):
                 self.nfq.flush()
+        if self.keep_rules:
+            path = handover_path(cfg)
+            if self.save_state(path):
+                log.info("handover: table saved to %s", path)
+            else:
+                self.exit_code = EXIT_FAILURE
+        elif cfg.state_file and self.nfq is not None:
+            self.save_state(cfg.state_file)
+        if self.nfq is not None:
             self.nfq.close()
             self.nfq = None
         if self.control is not None:
@@ -233,7 +430,10 @@ class Gateway:
             self.addr_mon.close()
             self.addr_mon = None
         if self.keep_rules:
-            log.info("handover: rules and queue left in place (fail closed until the successor binds)")
+            log.info(
+                "handover: rules left in place (owned packets are dropped until the successor "
+                "binds the queue); start it with: vpnmasq run --handover"
+            )
         else:
             rules.remove()
             log.info("rules removed; vpnmasq stopped")
@@ -329,6 +529,9 @@ class Gateway:
                 if self.control.last_error is not None:
                     log.warning("control request failed: %s", self.control.last_error)
                     self.control.last_error = None
+            elif key.data == "wakeup":  # a signal arrived (run(): signal.set_wakeup_fd)
+                with contextlib.suppress(OSError):
+                    os.read(key.fd, 512)
         now = time.monotonic()
         dl = self.engine.next_deadline()
         if dl is not None and dl <= now:
@@ -341,6 +544,9 @@ class Gateway:
             self._follow_address(now)
         for ev in self.engine.drain_events():
             self.rl.event(ev, now)
+        if self.next_save is not None and now >= self.next_save and self.config.state_file:
+            self.next_save = now + STATE_SAVE_INTERVAL_S
+            self.save_state(self.config.state_file)
 
     def _follow_address(self, now: float) -> None:
         try:
@@ -351,20 +557,19 @@ class Gateway:
         if new == self.public:
             return
         old, self.public = self.public, new
+        # the rules match any address of outside_interface: only the engine changes
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
-        with contextlib.suppress(Exception):
-            rules.remove()
-            rules.install(rule_spec(self.config, new))
         hook = self.config.on_address_change_hook
         if hook and new:
             with contextlib.suppress(OSError):
                 subprocess.Popen([hook, new, old or ""], start_new_session=True)
 
     def timeout(self) -> float:
-        dl = self.engine.next_deadline()
+        now = time.monotonic()
         t = ADDRESS_POLL_S
-        if dl is not None:
-            t = min(t, max(0.0, dl - time.monotonic()))
+        for dl in (self.engine.next_deadline(), self.next_save):
+            if dl is not None:
+                t = min(t, max(0.0, dl - now))
         return t
 
     def loop(self, until: Callable[[], bool] | None = None) -> None:
@@ -372,17 +577,29 @@ class Gateway:
             self.step(self.timeout())
 
 
-def run(config: Config, *, handover: bool = False) -> int:
-    """Run in the foreground until SIGTERM/SIGINT (exit 0, rules removed) or SIGHUP
-    (handover: exit 0 leaving rules and queue in place for the successor)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("vpnmasq[%(process)d]: %(levelname)s %(message)s"))
-    log.addHandler(handler)
+def _setup_logging(config: Config) -> None:
+    if not any(getattr(h, "_vpnmasq", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("vpnmasq[%(process)d]: %(levelname)s %(message)s")
+        )
+        handler._vpnmasq = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
     log.setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
     log.propagate = False  # libraries (pyroute2) keep their own, quieter, level
-    if os.geteuid() != 0:
-        log.error("vpnmasq run needs root (netfilter rules and NFQUEUE)")
-        return 1
+
+
+def run(config: Config, *, handover: bool = False) -> int:
+    """Run in the foreground until SIGTERM/SIGINT (exit 0, rules removed) or SIGHUP
+    (handover: exit 0 leaving rules and queue in place for the successor); see the module
+    docstring. Returns the exit status (:data:`EXIT_OK`, :data:`EXIT_FAILURE`,
+    :data:`EXIT_CONFIG`)."""
+    _setup_logging(config)
+    try:
+        check_environment(config)
+    except StartupError as exc:
+        log.error("%s", exc)
+        return exc.code
     gw = Gateway(config, handover=handover)
 
     def _stop(signum: int, _frame: object) -> None:
@@ -392,17 +609,43 @@ def run(config: Config, *, handover: bool = False) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, _stop)
+    # select() resumes after a signal (PEP 475) with the remaining timeout, up to
+    # ADDRESS_POLL_S when idle: the wakeup fd makes a stop signal end the wait at once.
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    gw.sel.register(wake_r.fileno(), selectors.EVENT_READ, "wakeup")
     try:
         gw.start()
         log.info("vpnmasq running (public address %s)", gw.public or "none yet")
         gw.loop()
+    except (StartupError, rules.RuleError) as exc:
+        log.error("%s", exc)
+        code = exc.code if isinstance(exc, StartupError) else EXIT_FAILURE
+        if gw.nfq is not None:  # we got as far as binding: leave nothing of ours behind
+            gw.keep_rules = gw.handover  # a failed successor leaves the rules it found
+            gw.stop()
+        return code
     except Exception:
         log.exception("vpnmasq failed")
         gw.keep_rules = False
         gw.stop()
-        return 1
+        return EXIT_FAILURE
     gw.stop()
-    return 0
+    return gw.exit_code
 
 
-__all__ = ["Gateway", "read_public_address", "rule_spec", "run", "int_to_ip"]
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "Gateway",
+    "StartupError",
+    "check_environment",
+    "handover_path",
+    "int_to_ip",
+    "read_public_address",
+    "rule_spec",
+    "run",
+]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import struct
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -21,7 +22,15 @@ from typing import Any
 
 from vpnmasq.config import Config, Forward
 from vpnmasq.conntrack.alloc import IdAllocator
-from vpnmasq.conntrack.table import PERMANENT, Binding, Entry, MasqTable, TableFull
+from vpnmasq.conntrack.table import (
+    F_FAST_IN,
+    F_FAST_OUT,
+    PERMANENT,
+    Binding,
+    Entry,
+    MasqTable,
+    TableFull,
+)
 from vpnmasq.events import (
     AddressChanged,
     EntryCreated,
@@ -36,6 +45,8 @@ from vpnmasq.helpers.base import HelperSpec
 from vpnmasq.packet.checksum import checksum, update16, update32
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import (
+    PROTO_ESP,
+    PROTO_GRE,
     PROTO_ICMP,
     PROTO_NAMES,
     PROTO_TCP,
@@ -96,6 +107,35 @@ F_FIN_IN = 8
 RST_WINDOW = 1 << 20
 #: Largest datagram the engine will return modified (NFQUEUE copy range maximum).
 MAX_PACKET = 65531
+_FAST_KINDS = frozenset({"napt", "fwd"})
+#: UDP ports whose inbound packets always take the slow path (IKE, NAT-T: helpers, local VPN)
+_SLOW_UDP_PORTS = frozenset({500, 4500})
+_FAST_HDR = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags+offset, protocol
+_FAST_TUPLE = struct.Struct("!IIHH")  # source, destination, source port, destination port
+_FAST_ACK = struct.Struct("!I")
+#: limits.max_new_per_host_per_second is a token bucket per inside host; it holds this many
+#: seconds' worth of tokens (at least one), so a burst such as a web page opening its
+#: connections at once passes while a sustained flood is held to the rate.
+NEW_MAPPING_BURST_S = 1.0
+#: Token buckets kept at most (least recently used dropped first; a dropped bucket is simply
+#: full again). Bounds the memory a LAN host forging many inside source addresses can take.
+MAX_RATE_BUCKETS = 65536
+#: Drops that mean "nobody on the LAN wants this inbound VPN packet": with ``local_vpn`` it
+#: goes to the gateway's own VPN endpoint instead (issue 8; see :meth:`Engine.drop`).
+LOCAL_DELIVERY_REASONS = frozenset(
+    {
+        DropReason.NO_MAPPING,
+        DropReason.FILTERED,
+        DropReason.ESP_UNASSOCIATED,
+        DropReason.GRE_UNKNOWN_CALL,
+        DropReason.GRE_NOT_PPTP,
+        DropReason.ISAKMP_UNKNOWN,
+    }
+)
+#: Local VPN consumer kinds (``Engine.set_local_consumers``): IKE on UDP 500/4500 (NAT-T
+#: ESP-in-UDP included), ESP (protocol 50), GRE (protocol 47).
+LOCAL_VPN_KINDS = ("ike", "esp", "gre")
+TCP_OPT_MSS = 2
 
 
 @dataclass(slots=True)
@@ -164,11 +204,20 @@ class Engine:
         ir = config.icmp_id_range
         self.icmp_ids = IdAllocator([(ir.low, ir.high)], self.rng, preserve=config.preserve_ports)
         self.counters: dict[str, int] = {}
+        #: take :meth:`_fast` for established TCP/UDP flows (tests compare it with the slow path)
+        self.fast_path = True
+        self._fast_pub: tuple[int | None, bytes, int] = (None, b"", 0)
         self.events: list[Event] = []
         self._frags: OrderedDict[tuple[Any, ...], _FragState] = OrderedDict()
         self._held: dict[tuple[Any, ...], list[tuple[object, bytes, float]]] = {}
         self._held_count = 0
         self._held_order: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        # limits.max_new_per_host_per_second: host -> (tokens, time of the last refill)
+        self._buckets: OrderedDict[int, tuple[float, float]] = OrderedDict()
+        self._new_rate = float(config.limits.max_new_per_host_per_second)
+        self._new_burst = max(1.0, self._new_rate * NEW_MAPPING_BURST_S)
+        # source of the outbound packet being handled: the host new entries are charged to
+        self._charge_to: int | None = None
 
         # forwards: static bindings for port forwards, rules for protocol forwards
         self.forwards: list[Forward] = sorted(
@@ -215,11 +264,24 @@ class Engine:
             for kind in getattr(inst, "kinds", (spec.name,)):
                 self.kind_helpers[kind] = inst
 
+        # issue 8: [[route]] networks are routed, never masqueraded; MSS clamping; inbound
+        # VPN packets nobody on the LAN wants may go to the gateway's own VPN endpoint
+        self._routed = [_net(r.network) for r in config.routes]
+        self.mss_clamp = config.mss_clamp
+        self.local_consumers: frozenset[str] = frozenset()
+        self._local_kind: str | None = None  # set while an inbound VPN packet is handled
+        self._sync_local()
+
     # ------------------------------------------------------------------ utilities
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
     def drop(self, reason: DropReason, detail: str, ip: IPv4 | None = None) -> Verdict:
+        if self._local_kind is not None and reason in LOCAL_DELIVERY_REASONS:
+            # an inbound VPN packet no LAN host or forward claims, and the gateway has its
+            # own endpoint for the protocol (local_vpn): let the kernel deliver it locally
+            self.count("local_vpn:" + self._local_kind)
+            return ACCEPT_LOCAL
         self.counters["dropped"] = self.counters.get("dropped", 0) + 1
         key = "drop:" + reason.value
         self.counters[key] = self.counters.get(key, 0) + 1
@@ -239,6 +301,50 @@ class Engine:
                 return True
         return False
 
+    def is_routed(self, addr: int) -> bool:
+        """``addr`` is in a [[route]] network (behind a LAN VPN router): never masqueraded."""
+        for net, mask in self._routed:
+            if addr & mask == net:
+                return True
+        return False
+
+    # --- the gateway's own VPN endpoint (config local_vpn) --------------------------------
+    def set_local_consumers(self, kinds: frozenset[str] | set[str] | tuple[str, ...]) -> None:
+        """Operator input (the daemon, from what runs on the gateway): which VPN protocols
+        have a local consumer ("ike", "esp", "gre"). Used by ``local_vpn = "auto"``."""
+        unknown = set(kinds) - set(LOCAL_VPN_KINDS)
+        if unknown:
+            raise ValueError(f"unknown local VPN kinds {sorted(unknown)}; known: {LOCAL_VPN_KINDS}")
+        self.local_consumers = frozenset(kinds)
+        self._sync_local()
+
+    def delivers_locally(self, kind: str) -> bool:
+        """Whether unclaimed inbound traffic of ``kind`` goes to the gateway itself."""
+        policy = self.config.local_vpn
+        if policy == "always":
+            return True
+        return policy == "auto" and kind in self.local_consumers
+
+    def _sync_local(self) -> None:
+        ike = self.helper_by_name.get("isakmp")
+        if ike is not None and hasattr(ike, "deliver_unknown_locally"):
+            ike.deliver_unknown_locally = self.delivers_locally("ike")
+
+    def _local_vpn_kind(self, ip: IPv4) -> str | None:
+        """The local-VPN kind of an inbound packet to the public address, if it is enabled."""
+        p = ip.proto
+        if p == PROTO_ESP:
+            kind = "esp"
+        elif p == PROTO_GRE:
+            kind = "gre"
+        elif p == PROTO_UDP and ip.frag_offset == 0 and ip.l4_len >= 4:
+            if ip.u16(2) not in (500, 4500):
+                return None
+            kind = "ike"
+        else:
+            return None
+        return kind if self.delivers_locally(kind) else None
+
     def is_exempt(self, addr: int) -> bool:
         for net, mask in self._exempt:
             if addr & mask == net:
@@ -246,7 +352,19 @@ class Engine:
         return False
 
     def add_entry(self, entry: Entry, now: float, keys: tuple[Hashable, ...]) -> Verdict | None:
-        """Insert a new entry; a drop Verdict if the table (or the host's share) is full."""
+        """Insert a new entry; a drop Verdict if the table (or the host's share) is full, or
+        if the inside host that sent the packet opens new mappings faster than
+        ``limits.max_new_per_host_per_second`` (entries a packet from outside creates, such as
+        forwarded sessions, are not charged to the inside host: outsiders cannot spend it)."""
+        charged = self._new_rate > 0 and entry.inside_ip == self._charge_to
+        if charged and not self._bucket_has_token(entry.inside_ip, now):
+            self.count("rate_limited")
+            return self.drop(
+                DropReason.HOST_LIMIT,
+                f"{int_to_ip(entry.inside_ip)} opens new mappings faster than "
+                f"limits.max_new_per_host_per_second = {self._new_rate:g}: no new "
+                f"{PROTO_NAMES.get(entry.proto, entry.proto)} flow to {int_to_ip(entry.remote_ip)}",
+            )
         try:
             self.table.add(entry, now, keys)
         except TableFull as exc:
@@ -256,9 +374,25 @@ class Engine:
                 f"{exc}: {self.table.count} entries, no new {PROTO_NAMES.get(entry.proto, entry.proto)}"
                 f" flow for {int_to_ip(entry.inside_ip)}",
             )
+        if charged:
+            tokens, at = self._buckets[entry.inside_ip]
+            self._buckets[entry.inside_ip] = (tokens - 1.0, at)
         self.count("created:" + entry.kind)
         self.events.append(EntryCreated(self.row(entry, now)))
         return None
+
+    def _bucket_has_token(self, host: int, now: float) -> bool:
+        """Refill ``host``'s token bucket up to ``now``; True if a token is available."""
+        b = self._buckets.get(host)
+        if b is None:
+            tokens = self._new_burst
+            if len(self._buckets) >= MAX_RATE_BUCKETS:
+                self._buckets.popitem(last=False)
+        else:
+            tokens = min(self._new_burst, b[0] + max(0.0, now - b[1]) * self._new_rate)
+            self._buckets.move_to_end(host)
+        self._buckets[host] = (tokens, max(now, b[1]) if b is not None else now)
+        return tokens >= 1.0
 
     def row(self, entry: Entry, now: float) -> Row:
         h = self.kind_helpers.get(entry.kind)
@@ -292,18 +426,29 @@ class Engine:
         self, packet: bytes | bytearray, direction: Direction, now: float, token: object = None
     ) -> Verdict:
         """Translate one IPv4 datagram. Always returns a Verdict (malformed -> counted drop)."""
+        if self.fast_path:
+            fv = self._fast(packet, direction, now)
+            if fv is not None:
+                return fv
         try:
             buf = bytearray(packet)
+            self._charge_to = None
             ip = IPv4(buf)
             if direction is OUT:
                 self.counters["packets_out"] = self.counters.get("packets_out", 0) + 1
+                self._charge_to = ip.src
             else:
                 self.counters["packets_in"] = self.counters.get("packets_in", 0) + 1
+                if self.config.local_vpn != "never" and ip.dst == self.public_ip:
+                    self._local_kind = self._local_vpn_kind(ip)
             if ip.frag_offset or ip.more_fragments:
                 return self._fragment(ip, direction, now, token)
             return self._dispatch(ip, direction, now)
         except MalformedPacket as exc:
             return self.drop(DropReason.MALFORMED, exc.reason)
+        finally:
+            self._charge_to = None
+            self._local_kind = None
 
     def handle_timer(self, now: float) -> list[tuple[object, Verdict]]:
         """Expire idle entries and stale fragment state; return verdicts for held packets."""
@@ -370,6 +515,9 @@ class Engine:
                 return self.drop(DropReason.NOT_INSIDE, f"source {int_to_ip(src)} is not inside", ip)
             if self._exempt and self.is_exempt(src):
                 return ACCEPT_UNCHANGED
+            if self._routed and self.is_routed(ip.dst):
+                self.count("routed")
+                return ACCEPT_UNCHANGED  # to a [[route]] network: routed, never masqueraded
             if pub is None:
                 return self.drop(DropReason.NO_ADDRESS, "no public address yet", ip)
             if ip.dst == pub:
@@ -400,6 +548,113 @@ class Engine:
             return v
         return self._generic_in(ip, now)
 
+    # ------------------------------------------------------------------ fast path
+    def _fast(self, packet: bytes | bytearray, direction: Direction, now: float) -> Verdict | None:
+        """Established TCP/UDP flows, without the parse-dispatch-lookup chain: the verdict the
+        slow path would give, or None to take the slow path.
+
+        Only what the slow path marked (``F_FAST_OUT``/``F_FAST_IN`` in ``entry.flags``, set
+        after it translated a packet of that flow direction: plain NAPT or a forward, no
+        payload helper, TCP established), and only unfragmented datagrams without IP options
+        whose TCP segment carries no SYN, FIN or RST (those change state). The rewrite and
+        the RFC 1624 checksum updates are the slow path's, applied in the same order, so the
+        bytes are identical (tests/property/test_fast_path.py checks this on random traffic).
+        """
+        n = len(packet)
+        if n < 28:
+            return None
+        vihl, tlen, frag, proto = _FAST_HDR.unpack_from(packet)
+        if vihl != 0x45 or tlen != n or frag & 0x3FFF:
+            return None
+        if proto == PROTO_TCP:
+            if n < 40 or packet[33] & (TCP_SYN | TCP_FIN | TCP_RST):
+                return None
+            coff = 36
+        elif proto == PROTO_UDP:
+            coff = 26
+        else:
+            return None
+        pub = self.public_ip
+        if pub is None:
+            return None
+        src, dst, sport, dport = _FAST_TUPLE.unpack_from(packet, 12)
+        table = self.table
+        if direction is OUT:
+            if dst == pub:
+                return None  # hairpin
+            e = table.index.get(("o", proto, src, sport, dst, dport))
+            if e is None or not e.flags & F_FAST_OUT or e.expires_at <= now:
+                return None
+            if proto == PROTO_TCP and e.state != TCP_ESTABLISHED:
+                return None
+            fp = self._fast_pub
+            if fp[0] != pub:
+                fp = self._fast_pub = (pub, pub.to_bytes(4, "big"), (pub >> 16) + (pub & 0xFFFF))
+            x = src ^ 0xFFFFFFFF
+            d = (x >> 16) + (x & 0xFFFF) + fp[2]  # RFC 1624: ~old + new, old = src, new = pub
+            buf = bytearray(packet)
+            buf[12:16] = fp[1]
+            old_port, new_port, port_at = sport, e.alias_port, 20
+        else:
+            if dst != pub or (proto == PROTO_UDP and (dport in _SLOW_UDP_PORTS or dport in self.udp_helpers)):
+                return None
+            e = table.index.get(("i", proto, dport, src, sport))
+            if e is None or not e.flags & F_FAST_IN or e.expires_at <= now:
+                return None
+            if proto == PROTO_TCP and e.state != TCP_ESTABLISHED:
+                return None
+            new = e.inside_ip
+            x = dst ^ 0xFFFFFFFF
+            d = (x >> 16) + (x & 0xFFFF) + (new >> 16) + (new & 0xFFFF)
+            buf = bytearray(packet)
+            buf[16:20] = new.to_bytes(4, "big")
+            old_port, new_port, port_at = dport, e.inside_port, 22
+        # IP header checksum (address change)
+        s = ((buf[10] << 8) | buf[11]) ^ 0xFFFF
+        s += d
+        s = (s & 0xFFFF) + (s >> 16)
+        s = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+        buf[10] = s >> 8
+        buf[11] = s & 0xFF
+        # transport checksum: pseudo-header address, then the port (UDP 0 = no checksum)
+        c = (buf[coff] << 8) | buf[coff + 1]
+        if proto == PROTO_TCP or c:
+            s = (c ^ 0xFFFF) + d
+            s = (s & 0xFFFF) + (s >> 16)
+            c = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+            if proto == PROTO_UDP and not c:
+                c = 0xFFFF
+            if old_port != new_port:
+                s = (c ^ 0xFFFF) + (old_port ^ 0xFFFF) + new_port
+                s = (s & 0xFFFF) + (s >> 16)
+                c = ((s & 0xFFFF) + (s >> 16)) ^ 0xFFFF
+                if proto == PROTO_UDP and not c:
+                    c = 0xFFFF
+            buf[coff] = c >> 8
+            buf[coff + 1] = c & 0xFF
+        if old_port != new_port:
+            buf[port_at] = new_port >> 8
+            buf[port_at + 1] = new_port & 0xFF
+        # bookkeeping, as the slow path does it
+        counters = self.counters
+        tclass = e.tclass
+        table._lru[tclass].move_to_end(e)
+        if tclass != PERMANENT:
+            e.expires_at = now + table.timeouts[tclass]
+        if direction is OUT:
+            counters["packets_out"] = counters.get("packets_out", 0) + 1
+            if proto == PROTO_TCP:
+                e.last_ack_out = _FAST_ACK.unpack_from(buf, 28)[0] if buf[33] & TCP_ACK else -1
+            e.pkts_out += 1
+            e.last_out = now
+            e.bytes_out += n
+        else:
+            counters["packets_in"] = counters.get("packets_in", 0) + 1
+            e.pkts_in += 1
+            e.last_in = now
+            e.bytes_in += n
+        return accept(buf)
+
     # ------------------------------------------------------------------ TCP / UDP
     def _tcp_out(self, ip: IPv4, now: float) -> Verdict:
         off = ip.l4(TCP_MIN)
@@ -418,8 +673,13 @@ class Engine:
         ip.set_src(self.public_ip)  # type: ignore[arg-type]
         if e.alias_port != sport:
             ip.set_l4_u16(0, e.alias_port, TCP_CSUM)
+        if self.mss_clamp and tflags & TCP_SYN:
+            self.clamp_mss(ip, off)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
+        if e.alg is None and e.state == TCP_ESTABLISHED and e.kind in _FAST_KINDS:
+            e.flags |= F_FAST_OUT
         if e.alg is not None:
             doff = (buf[off + 12] >> 4) * 4
             if doff < TCP_MIN or off + doff > ip.total_len:
@@ -446,12 +706,25 @@ class Engine:
             if e.last_ack_out >= 0 and (seq - e.last_ack_out) % (1 << 32) >= RST_WINDOW:
                 self.count("tcp_rst_out_of_window")
                 return self.drop(DropReason.FILTERED, "tcp RST outside the window ignored", ip)
+        elif tflags & TCP_FIN and not e.flags & F_FIN_IN and e.state != TCP_CLOSED:
+            # a blind FIN must not move the session to the short transitory timeout, nor end
+            # a PPTP control connection's calls (RFC 5382); the first FIN is checked like a
+            # RST (a retransmitted one, after the first was believed, changes nothing)
+            seq = int.from_bytes(buf[off + 4 : off + 8], "big")
+            if e.last_ack_out >= 0 and (seq - e.last_ack_out) % (1 << 32) >= RST_WINDOW:
+                self.count("tcp_fin_out_of_window")
+                return self.drop(DropReason.FILTERED, "tcp FIN outside the window ignored", ip)
         self._tcp_track(e, tflags, IN, now)
         ip.set_dst(e.inside_ip)
         if e.inside_port != dport:
             ip.set_l4_u16(2, e.inside_port, TCP_CSUM)
+        if self.mss_clamp and tflags & TCP_SYN:
+            self.clamp_mss(ip, off)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
+        if e.alg is None and e.state == TCP_ESTABLISHED and e.kind in _FAST_KINDS:
+            e.flags |= F_FAST_IN
         if e.alg is not None:
             doff = (buf[off + 12] >> 4) * 4
             if doff < TCP_MIN or off + doff > ip.total_len:
@@ -460,6 +733,42 @@ class Engine:
             if iv is not None:
                 return iv  # type: ignore[no-any-return]
         return accept(buf)
+
+    def clamp_mss(self, ip: IPv4, off: int) -> bool:
+        """Lower the MSS option of a TCP SYN at ``off`` to ``mss_clamp`` (RFC 1624 update of
+        the TCP checksum; a field at an odd offset is summed byte-swapped). True if changed."""
+        buf = ip.buf
+        doff = (buf[off + 12] >> 4) * 4
+        end = min(off + doff, ip.total_len)
+        i = off + TCP_MIN
+        while i < end:
+            kind = buf[i]
+            if kind == 0:  # end of option list
+                return False
+            if kind == 1:  # NOP
+                i += 1
+                continue
+            if i + 1 >= end or buf[i + 1] < 2 or i + buf[i + 1] > end:
+                return False  # malformed options: leave them alone
+            if kind == TCP_OPT_MSS and buf[i + 1] == 4:
+                old = (buf[i + 2] << 8) | buf[i + 3]
+                if old <= self.mss_clamp:
+                    return False
+                new = self.mss_clamp
+                buf[i + 2] = new >> 8
+                buf[i + 3] = new & 0xFF
+                c = off + TCP_CSUM
+                csum = (buf[c] << 8) | buf[c + 1]
+                if (i + 2 - off) & 1:  # odd offset within the segment
+                    old = ((old & 0xFF) << 8) | (old >> 8)
+                    new = ((new & 0xFF) << 8) | (new >> 8)
+                csum = update16(csum, old, new)
+                buf[c] = csum >> 8
+                buf[c + 1] = csum & 0xFF
+                self.count("mss_clamped")
+                return True
+            i += buf[i + 1]
+        return False
 
     def _tcp_track(self, e: Entry, tflags: int, direction: Direction, now: float) -> None:
         st = e.state
@@ -521,7 +830,10 @@ class Engine:
         if e.alias_port != sport:
             ip.set_l4_u16(0, e.alias_port, UDP_CSUM)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
+        if e.alg is None and e.kind in _FAST_KINDS:
+            e.flags |= F_FAST_OUT
         if e.alg is not None:
             ov = e.alg.outbound(ip, e, off + UDP_MIN, now)
             if ov is not None:
@@ -549,7 +861,10 @@ class Engine:
         if e.inside_port != dport:
             ip.set_l4_u16(2, e.inside_port, UDP_CSUM)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
+        if e.alg is None and e.kind in _FAST_KINDS:
+            e.flags |= F_FAST_IN
         if e.alg is not None:
             iv = e.alg.inbound(ip, e, off + UDP_MIN, now)
             if iv is not None:
@@ -724,6 +1039,7 @@ class Engine:
         if e.alias_port != ident:
             ip.set_l4_u16(4, e.alias_port, ICMP_CSUM)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(buf)
 
@@ -750,6 +1066,7 @@ class Engine:
         if e.inside_port != ident:
             ip.set_l4_u16(4, e.inside_port, ICMP_CSUM)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(buf)
 
@@ -828,6 +1145,7 @@ class Engine:
             fix(inner, e)
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
+        e.last_in = now
         return self._finish_icmp_error(ip, off, ioff, inner, orig_len)
 
     def _gateway_own(self, inner: IPv4) -> bool:
@@ -870,6 +1188,7 @@ class Engine:
             inner.set_l4_u16(4, e.alias_port, ICMP_CSUM)
         ip.set_src(self.public_ip)
         e.pkts_out += 1
+        e.last_out = now
         return self._finish_icmp_error(ip, off, ioff, inner, orig_len)
 
     # ------------------------------------------------------------------ other protocols
@@ -893,6 +1212,7 @@ class Engine:
             self.table.touch(e, now)
         ip.set_src(self.public_ip)  # type: ignore[arg-type]
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(ip.buf)
 
@@ -907,27 +1227,41 @@ class Engine:
         self.table.touch(e, now)
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(ip.buf)
 
     # ------------------------------------------------------------------ hairpin
     def _hairpin(self, ip: IPv4, now: float) -> Verdict:
         """A LAN host reaching a LAN host through the public address (RFC 4787 REQ-9):
-        translate the source as for any outbound packet, then the destination as inbound."""
-        pub = self.public_ip
+        translate the source as for any outbound packet, then the destination as inbound.
+
+        PPTP's GRE hairpins too (issue 8: a LAN client calling a LAN PPTP server through
+        the public address): the control connection gets two ALGs (the client's outbound
+        leg and the forwarded server's inbound leg), each with its own outside Call ID, so
+        GRE is found as an outbound call of one and an inbound call of the other. ESP does
+        not: its inbound leg would be associated with the sender itself (use NAT-T, which
+        hairpins as UDP)."""
         p = ip.proto
+        h: Any = None
         if p == PROTO_TCP:
             v = self._tcp_out(ip, now)
         elif p == PROTO_UDP:
             v = self._udp_out(ip, now)
         elif p == PROTO_ICMP:
             return ACCEPT_LOCAL  # pinging our own public address: the gateway answers
+        elif p == PROTO_GRE and self.proto_helpers.get(p) is not None:
+            h = self.proto_helpers[p]
+            v = h.outbound(ip, now)
         else:
             return self.drop(DropReason.FILTERED, f"no hairpin for protocol {p}", ip)
         if v.action is not Action.ACCEPT or v.payload is None:
             return v
         self.count("hairpin")
         inner = IPv4(bytearray(v.payload))
+        if h is not None:
+            hv: Verdict = h.inbound(inner, now)
+            return hv
         return self._tcp_in(inner, now) if p == PROTO_TCP else self._udp_in(inner, now)
 
     # ------------------------------------------------------------------ fragments

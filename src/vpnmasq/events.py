@@ -21,6 +21,9 @@ class Row:
     bytes_in: int = 0
     detail: dict[str, str] = field(default_factory=dict)
     offloaded: bool = False
+    #: seconds since the last packet each way (None: none yet); for diagnose and status
+    last_seen_out: float | None = None
+    last_seen_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,8 +61,9 @@ BASE_COLUMNS: tuple[str, ...] = (
     "EXPIRES",
     "PKTS OUT/IN",
     "BYTES OUT/IN",
+    "LAST OUT/IN",
 )
-_RIGHT = {"EXPIRES", "PKTS OUT/IN", "BYTES OUT/IN"}
+_RIGHT = {"EXPIRES", "PKTS OUT/IN", "BYTES OUT/IN", "LAST OUT/IN"}
 _ADDR = re.compile(r"^(\d{1,3}(?:\.\d{1,3}){3})(?::(\d+))?")
 
 
@@ -92,6 +93,13 @@ def format_expires(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_ago(seconds: float | None) -> str:
+    """Time since a packet: ``never``, ``0s``, ``42s``, ``7m05s``, ... (as format_expires)."""
+    if seconds is None:
+        return "never"
+    return format_expires(seconds)
 
 
 def format_bytes(n: int) -> str:
@@ -189,6 +197,7 @@ def _cells(row: Row, headers: Sequence[str], keys: Sequence[str]) -> list[str]:
         format_expires(row.expires_in),
         f"{row.pkts_out}/{row.pkts_in}",
         f"{format_bytes(row.bytes_out)}/{format_bytes(row.bytes_in)}",
+        f"{format_ago(row.last_seen_out)}/{format_ago(row.last_seen_in)}",
     ]
     cells += [row.detail.get(k, "-") for k in keys]
     if "DETAIL" in headers:
@@ -287,6 +296,8 @@ def rows_to_wire(rows: Iterable[Row]) -> list[dict[str, Any]]:
                 "bytes_in": r.bytes_in,
                 "detail": dict(r.detail),
                 "offloaded": r.offloaded,
+                "last_seen_out": r.last_seen_out,
+                "last_seen_in": r.last_seen_in,
             }
         )
     return out
@@ -319,6 +330,12 @@ def rows_from_wire(data: object) -> list[Row]:
             expires = float(exp)
         else:
             raise ValueError(f"entries[{i}].expires_in: unexpected {type(exp).__name__}")
+        seen: list[float | None] = []
+        for name in ("last_seen_out", "last_seen_in"):  # optional: older daemons lack them
+            v = item.get(name)
+            if v is not None and (not isinstance(v, int | float) or isinstance(v, bool)):
+                raise ValueError(f"entries[{i}].{name}: unexpected {type(v).__name__}")
+            seen.append(None if v is None else float(v))
         detail = item.get("detail", {})
         if not isinstance(detail, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in detail.items()
@@ -338,6 +355,8 @@ def rows_from_wire(data: object) -> list[Row]:
                 bytes_in=get("bytes_in", int),
                 detail=dict(detail),
                 offloaded=bool(item.get("offloaded", False)),
+                last_seen_out=seen[0],
+                last_seen_in=seen[1],
             )
         )
     return rows

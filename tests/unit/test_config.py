@@ -371,6 +371,7 @@ def test_explain_markdown_has_one_row_per_key() -> None:
     md = explain("markdown")
     rows = [line for line in md.splitlines() if line.startswith("| `")]
     total = len(TOP_KEYS) + len(TIMEOUT_KEYS) + len(LIMIT_KEYS) + len(ESP_KEYS) + len(FORWARD_KEYS)
+    total += len(cfgmod.ROUTE_KEYS)
     assert len(rows) == total
     assert "| `timeouts.udp` | seconds | `300` |" in md
 

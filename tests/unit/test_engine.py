@@ -509,3 +509,33 @@ def test_ah_from_exempt_network_is_routed():
     eng = make_engine(exempt_networks=("192.0.2.0/28",))
     v = eng.handle(_ah_packet(src=ip_to_int("192.0.2.3")), OUT, 0.0)
     assert v.action is Action.ACCEPT and v.payload is None
+
+
+def test_stress_random_flows_all_replies_restore_their_host():
+    """libalias 7_stress: rounds of random UDP flows out, replies shuffled, all de-NATed."""
+    import random
+
+    rng = random.Random(0x0B61)  # fixed seed, to reproduce
+    eng = make_engine(port_range=PortRange(1024, 65535), filtering="endpoint-independent")
+    for rnd in range(5):
+        flows = []
+        for _ in range(1200):
+            src = ip_to_int("10.77.0.0") + rng.randrange(1, 255)
+            sport = rng.randrange(1024, 65536)
+            dst = ip_to_int("203.0.113.0") + rng.randrange(1, 255)
+            dport = rng.randrange(1, 65536)
+            out = accepted(eng.handle(build_udp(src, dst, sport, dport, b"s"), OUT, float(rnd)))
+            flows.append((src, sport, dst, dport, out.u16(0)))
+        rng.shuffle(flows)
+        for src, sport, dst, dport, alias in flows:
+            back = accepted(eng.handle(build_udp(dst, MASQ, dport, alias, b"r"), IN, rnd + 0.5))
+            assert (back.dst, back.u16(2)) == (src, sport)
+
+
+def test_forward_follows_the_public_address():
+    """libalias 3_redirectany: a forward is bound to whatever the public address is."""
+    eng = make_engine(forwards=(Forward("tcp", "10.77.0.5", 1723),))
+    new = ip_to_int("198.51.100.77")
+    eng.set_public_address(new, 5.0)
+    ip = accepted(eng.handle(build_tcp(EXT, new, 5555, 1723, flags=TCP_SYN), IN, 6.0))
+    assert (ip.dst, ip.u16(2)) == (SRV_LAN, 1723)

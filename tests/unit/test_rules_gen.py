@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from vpnmasq.datapath.rules import (
@@ -9,6 +11,7 @@ from vpnmasq.datapath.rules import (
     RuleSpec,
     forward_mark_hint,
     iptables_removal,
+    iptables_replacement,
     iptables_rules,
     mark_rule_in_ruleset,
     nft_removal,
@@ -110,6 +113,7 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
     assert mangle == [
         ":VPNMASQ_IN - [0:0]",
         ":VPNMASQ_OUT - [0:0]",
+        ":VPNMASQ_MARK - [0:0]",
         "-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN",
         f"-A VPNMASQ_IN -p tcp --dport 61000:65535 {q}",
         f"-A VPNMASQ_IN -p udp --dport 61000:65535 {q}",
@@ -119,8 +123,10 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
         f"-A VPNMASQ_IN -p 50 {q}",
         f"-A VPNMASQ_IN -p 51 {q}",
         f"-A VPNMASQ_OUT -s 10.77.0.0/24 {q}",
+        "-A VPNMASQ_MARK -s 10.77.0.0/24 -m conntrack --ctstate UNTRACKED -j MARK --set-mark 0x564d",
         "-I PREROUTING 1 -i wan0 -j VPNMASQ_IN",
         "-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT",
+        "-I FORWARD 1 -o wan0 -j VPNMASQ_MARK",
     ]
     assert nft_rules(spec(mode="userspace")) is None
 
@@ -193,6 +199,55 @@ def test_hybrid_queues_unrelated_icmp_errors_both_ways() -> None:
         assert f"-A VPNMASQ_OUT -s {INSIDE} {m}" in mangle
     queued = [ln for ln in mangle if "NFQUEUE" in ln]
     assert all("--ctstate UNTRACKED" in ln or "INVALID,UNTRACKED" in ln for ln in queued)
+
+
+def test_outbound_marks_mirror_outbound_queue_rules() -> None:
+    """What VPNMASQ_OUT queues in POSTROUTING is what VPNMASQ_MARK marks in FORWARD, so the
+    admin's one mark rule also passes outbound owned packets (they reach FORWARD before
+    their verdict)."""
+    for mode in ("hybrid", "userspace"):
+        s = spec(mode=mode, inside_networks=[INSIDE, "192.168.1.0/24"], mark=0x1234)
+        mangle = table(iptables_rules(s), "mangle")
+        queued = [
+            ln.removeprefix("-A VPNMASQ_OUT ").removesuffix(" -j NFQUEUE --queue-num 5")
+            for ln in mangle
+            if ln.startswith("-A VPNMASQ_OUT ")
+        ]
+        marked = [
+            ln.removeprefix("-A VPNMASQ_MARK ").removesuffix(" -j MARK --set-mark 0x1234")
+            for ln in mangle
+            if ln.startswith("-A VPNMASQ_MARK ")
+        ]
+        assert queued and queued == marked
+        assert "-I FORWARD 1 -o wan0 -j VPNMASQ_MARK" in mangle
+
+
+def test_replacement_swaps_rules_in_one_transaction_per_table() -> None:
+    old_save = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(spec(mode="hybrid")))
+    # an older install also had a chain the new spec no longer declares
+    old_save = old_save.replace(
+        "*mangle\n", "*mangle\n:VPNMASQ_OLD - [0:0]\n-A FORWARD -j VPNMASQ_OLD\n", 1
+    )
+    text = iptables_replacement(old_save, spec(mode="userspace"))
+    mangle = table(text, "mangle")
+    raw = table(text, "raw")
+    # declarations first (flush), then the old jumps go, the new rules and jumps come,
+    # and the stale chain is removed last, all inside the same COMMIT
+    assert mangle[:3] == [":VPNMASQ_IN - [0:0]", ":VPNMASQ_OUT - [0:0]", ":VPNMASQ_MARK - [0:0]"]
+    dels = [ln for ln in mangle if ln.startswith("-D ")]
+    assert dels == [
+        "-D FORWARD -j VPNMASQ_OLD",
+        "-D PREROUTING -i wan0 -j VPNMASQ_IN",
+        "-D POSTROUTING -o wan0 -j VPNMASQ_OUT",
+        "-D FORWARD -o wan0 -j VPNMASQ_MARK",
+    ]
+    assert mangle[-2:] == ["-F VPNMASQ_OLD", "-X VPNMASQ_OLD"]
+    assert mangle.index("-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT") > mangle.index(dels[-1])
+    assert "-D PREROUTING -j VPNMASQ_RAW" in raw and "-I PREROUTING 1 -j VPNMASQ_RAW" in raw
+    assert text.count("COMMIT") == 2
+    # nothing installed yet: the replacement is a plain install
+    fresh = iptables_replacement("", spec(mode="userspace"))
+    assert fresh == iptables_rules(spec(mode="userspace"))
 
 
 def test_hybrid_nft_table() -> None:
@@ -322,7 +377,10 @@ def test_mark_rule_only_counts_in_forward_hook() -> None:
 
 
 def test_forward_mark_hint_and_port_warnings() -> None:
-    assert forward_mark_hint() == "iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT"
+    hint = forward_mark_hint()
+    assert hint.startswith("iptables -A FORWARD -m mark --mark 0x564d -j ACCEPT (")
+    assert "ESTABLISHED,RELATED" in hint and "0x564d" in forward_mark_hint(0x564D)
+    assert "--mark 0x7 " in forward_mark_hint(7)
     assert DEFAULT_MARK == 0x564D
     assert port_range_warnings(spec(), (32768, 60999)) == []
     [w] = port_range_warnings(

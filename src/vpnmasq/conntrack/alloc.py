@@ -9,6 +9,43 @@ The random source is injected, so tests are deterministic.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+
+
+class IdSet:
+    """A set of 16-bit identifiers as a 64 KB bitmap (one byte per id): fixed memory, where a
+    Python ``set`` costs ~110 bytes per member (memory per mapping, docs/BENCHMARKS.md).
+    Supports what the allocator and its readers use: ``in``, ``add``, ``discard``, ``len``,
+    iteration."""
+
+    __slots__ = ("_bits", "_n")
+
+    def __init__(self) -> None:
+        self._bits = bytearray(0x10000)
+        self._n = 0
+
+    def __contains__(self, ident: object) -> bool:
+        return isinstance(ident, int) and 0 <= ident <= 0xFFFF and self._bits[ident] == 1
+
+    def add(self, ident: int) -> None:
+        if not self._bits[ident]:
+            self._bits[ident] = 1
+            self._n += 1
+
+    def discard(self, ident: int) -> None:
+        if 0 <= ident <= 0xFFFF and self._bits[ident]:
+            self._bits[ident] = 0
+            self._n -= 1
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[int]:
+        bits = self._bits
+        return (i for i in range(0x10000) if bits[i])
+
+    def __repr__(self) -> str:
+        return f"IdSet({sorted(self)!r})"
 
 
 class IdAllocator:
@@ -25,7 +62,7 @@ class IdAllocator:
         always_preserve: frozenset[int] = frozenset(),
     ) -> None:
         self.ranges = [r for r in ranges if r[0] <= r[1]]
-        self.used: set[int] = set()
+        self.used = IdSet()  # 64 KB bitmap: no per-mapping cost
         self.reserved: set[int] = set()
         self.rng = rng
         self.preserve = preserve

@@ -12,30 +12,149 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vpnmasq.events import Row
 from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip
 
 PERMANENT = "permanent"
+#: interned addresses kept at most (a dict entry costs ~50 bytes; each sharing saves 32)
+INTERN_MAX = 1 << 16
+#: one shared int object per 16-bit value (ports, ICMP ids, Call IDs): 1.8 MB once per
+#: process instead of 28 bytes per port per mapping
+_PORTS: tuple[int, ...] = tuple(range(0x10000))
+#: ``Entry.flags`` bits of the engine's fast path (``Engine._fast``): the slow path translated
+#: a packet of this flow in that direction and found it eligible. An entry enters a table
+#: without them (a restored entry is re-checked by its first packet each way).
+F_FAST_OUT = 16
+F_FAST_IN = 32
+#: kinds filed under :func:`standard_keys`
+_NAPT_KINDS = frozenset({"napt", "fwd", "icmp"})
 
 
-@dataclass(slots=True, eq=False)
+def standard_keys(e: Entry) -> tuple[Hashable, ...] | None:
+    """The index keys an entry of this kind is filed under by the engine, or None.
+
+    ``("o", proto, inside ip, inside port, remote ip, remote port)`` finds it outbound,
+    ``("i", proto, alias port, remote ip, remote port)`` inbound (ICMP: ids, remote port 0);
+    generic protocols: ``("go", proto, inside ip, remote ip)`` and ``("gi", proto, remote ip)``.
+    The fields these keys are made of must not change while the entry is in a table.
+    """
+    kind = e.kind
+    if kind in _NAPT_KINDS:
+        p, rip, rport = e.proto, e.remote_ip, e.remote_port
+        return (("o", p, e.inside_ip, e.inside_port, rip, rport), ("i", p, e.alias_port, rip, rport))
+    if kind == "generic":
+        return (("go", e.proto, e.inside_ip, e.remote_ip), ("gi", e.proto, e.remote_ip))
+    return None
+
+
 class Binding:
     """An endpoint-independent mapping (RFC 4787 EIM): inside addr:port <-> alias port.
 
     Sessions (one per remote endpoint) hang off it; it lives while it has sessions, or
     forever when ``static`` (an inbound forward).
+
+    Memory: most bindings carry exactly one session, so a lone session is kept in a slot and
+    the two dictionaries (sessions by remote endpoint, session count by remote address) exist
+    only from the second session on (about 450 bytes saved per mapping). ``sessions`` and
+    ``remotes`` still read as dictionaries; change them only through :class:`MasqTable`.
     """
 
-    proto: int
-    inside_ip: int
-    inside_port: int
-    alias_port: int
-    static: bool = False
-    sessions: dict[tuple[int, int], Entry] = field(default_factory=dict)
-    remotes: dict[int, int] = field(default_factory=dict)  # remote ip -> session count
+    __slots__ = ("proto", "inside_ip", "inside_port", "alias_port", "static", "_one", "_many", "_remotes")
+
+    def __init__(
+        self, proto: int, inside_ip: int, inside_port: int, alias_port: int, static: bool = False
+    ) -> None:
+        self.proto = proto
+        self.inside_ip = inside_ip
+        self.inside_port = inside_port
+        self.alias_port = alias_port
+        self.static = static
+        self._one: Entry | None = None  # the only session (while _many is None)
+        self._many: dict[tuple[int, int], Entry] | None = None  # from the 2nd session on
+        self._remotes: dict[int, int] | None = None  # remote ip -> sessions, with _many
+
+    def __repr__(self) -> str:
+        return (
+            f"Binding(proto={self.proto}, inside={int_to_ip(self.inside_ip)}:{self.inside_port}, "
+            f"alias={self.alias_port}, static={self.static}, sessions={self.n_sessions})"
+        )
+
+    @property
+    def sessions(self) -> Mapping[tuple[int, int], Entry]:
+        """Sessions by remote endpoint (read-only view)."""
+        if self._many is not None:
+            return self._many
+        one = self._one
+        return {} if one is None else {(one.remote_ip, one.remote_port): one}
+
+    @property
+    def remotes(self) -> Mapping[int, int]:
+        """Remote address -> number of sessions to it (read-only view)."""
+        if self._remotes is not None:
+            return self._remotes
+        one = self._one
+        return {} if one is None else {one.remote_ip: 1}
+
+    @property
+    def n_sessions(self) -> int:
+        if self._many is not None:
+            return len(self._many)
+        return 0 if self._one is None else 1
+
+    def has_remote(self, ip: int) -> bool:
+        """Some session of this binding goes to ``ip`` (address-dependent filtering)."""
+        if self._remotes is not None:
+            return ip in self._remotes
+        return self._one is not None and self._one.remote_ip == ip
+
+    def session(self, remote_ip: int, remote_port: int) -> Entry | None:
+        if self._many is not None:
+            return self._many.get((remote_ip, remote_port))
+        one = self._one
+        if one is not None and one.remote_ip == remote_ip and one.remote_port == remote_port:
+            return one
+        return None
+
+    def _add(self, e: Entry) -> None:
+        many = self._many
+        if many is None:
+            one = self._one
+            if one is None or (one.remote_ip, one.remote_port) == (e.remote_ip, e.remote_port):
+                self._one = e
+                return
+            many = self._many = {(one.remote_ip, one.remote_port): one}
+            self._remotes = {one.remote_ip: 1}
+            self._one = None
+        remotes = self._remotes
+        assert remotes is not None
+        rk = (e.remote_ip, e.remote_port)
+        if rk not in many:
+            remotes[e.remote_ip] = remotes.get(e.remote_ip, 0) + 1
+        many[rk] = e
+
+    def _remove(self, e: Entry) -> None:
+        many = self._many
+        if many is None:
+            if self._one is e:
+                self._one = None
+            return
+        rk = (e.remote_ip, e.remote_port)
+        if many.get(rk) is not e:
+            return
+        del many[rk]
+        remotes = self._remotes
+        assert remotes is not None
+        c = remotes.get(e.remote_ip, 1) - 1
+        if c:
+            remotes[e.remote_ip] = c
+        else:
+            remotes.pop(e.remote_ip, None)
+        if len(many) == 1:  # back to the compact form
+            (self._one,) = many.values()
+            self._many = self._remotes = None
 
 
 @dataclass(slots=True, eq=False)
@@ -56,16 +175,30 @@ class Entry:
     state: int = 0
     state_name: str = ""
     binding: Binding | None = None
-    keys: list[Hashable] = field(default_factory=list)
+    # index keys; None: the standard keys of its kind, recomputed from the fields (saves a
+    # container per mapping; see standard_keys). Read them as ``entry.keys``.
+    _keys: tuple[Hashable, ...] | None = ()
     ext: Any = None  # helper state
     alg: Any = None  # payload helper attached (e.g. PPTP control parser)
     pkts_out: int = 0
     pkts_in: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
+    last_out: float | None = None  # ``now`` of the last packet counted each way (status,
+    last_in: float | None = None  # diagnose: "GRE out 2 s ago, nothing back")
     last_ack_out: int = -1  # TCP: last ACK number the inside host sent (RST window check)
     flags: int = 0
     live: bool = True
+
+    @property
+    def keys(self) -> tuple[Hashable, ...]:
+        """The index keys this entry is filed under."""
+        ks = self._keys
+        if ks is None:
+            std = standard_keys(self)
+            assert std is not None
+            return std
+        return ks
 
     def endpoint(self, ip: int, port: int, with_port: bool = True) -> str:
         return f"{int_to_ip(ip)}:{port}" if with_port else int_to_ip(ip)
@@ -92,6 +225,8 @@ class Entry:
             bytes_out=self.bytes_out,
             bytes_in=self.bytes_in,
             detail=dict(detail or {}),
+            last_seen_out=None if self.last_out is None else max(0.0, now - self.last_out),
+            last_seen_in=None if self.last_in is None else max(0.0, now - self.last_in),
         )
 
 
@@ -118,6 +253,7 @@ class MasqTable:
         self._lru: dict[str, OrderedDict[Entry, None]] = {}
         self.per_host: dict[int, int] = {}
         self.count = 0
+        self._ints: dict[int, int] = {}  # interned addresses (see _intern)
         self.on_remove = on_remove
 
     # --- entries --------------------------------------------------------------------
@@ -137,21 +273,55 @@ class MasqTable:
         )
         self.count += 1
         self.per_host[entry.inside_ip] = self.per_host.get(entry.inside_ip, 0) + 1
+        self._intern(entry)
+        entry.flags &= ~(F_FAST_OUT | F_FAST_IN)
+        index = self.index
+        if keys and not entry._keys:
+            std = standard_keys(entry)
+            if std is not None and std == keys:
+                # filed under the keys of its kind: rebuilt from the (interned) fields, so
+                # neither the caller's tuples nor a per-entry list of them are kept
+                for k in std:
+                    index[k] = entry
+                entry._keys = None
+                return
         for k in keys:
-            self.index[k] = entry
-            entry.keys.append(k)
+            index[k] = entry
+        entry._keys = entry.keys + tuple(keys) if entry.keys else tuple(keys)
+
+    def _intern(self, entry: Entry) -> None:
+        """Share the int objects of addresses and ports between entries and their keys
+        (64 bytes per mapping): ports from one table of 65536 ints, addresses from a bounded
+        dict (cleared when full; a cleared value only stops being shared)."""
+        ints = self._ints
+        if len(ints) >= INTERN_MAX:
+            ints.clear()
+        a = entry.inside_ip
+        entry.inside_ip = ints.setdefault(a, a)
+        a = entry.remote_ip
+        entry.remote_ip = ints.setdefault(a, a)
+        ports = _PORTS
+        p = entry.inside_port
+        if 0 <= p <= 0xFFFF:
+            entry.inside_port = ports[p]
+        p = entry.remote_port
+        if 0 <= p <= 0xFFFF:
+            entry.remote_port = ports[p]
+        p = entry.alias_port
+        if 0 <= p <= 0xFFFF:
+            entry.alias_port = ports[p]
 
     def add_key(self, entry: Entry, key: Hashable) -> None:
         self.index[key] = entry
-        entry.keys.append(key)
+        entry._keys = (*entry.keys, key)
 
     def remove_key(self, entry: Entry, key: Hashable) -> None:
         if self.index.get(key) is entry:
             del self.index[key]
-        try:
-            entry.keys.remove(key)
-        except ValueError:
-            pass
+        if key in entry.keys:
+            ks = list(entry.keys)
+            ks.remove(key)
+            entry._keys = tuple(ks)
 
     def get(self, key: Hashable, now: float) -> Entry | None:
         e = self.index.get(key)
@@ -193,14 +363,7 @@ class MasqTable:
                 del self.index[k]
         b = entry.binding
         if b is not None:
-            rk = (entry.remote_ip, entry.remote_port)
-            if b.sessions.get(rk) is entry:
-                del b.sessions[rk]
-                c = b.remotes.get(entry.remote_ip, 1) - 1
-                if c:
-                    b.remotes[entry.remote_ip] = c
-                else:
-                    b.remotes.pop(entry.remote_ip, None)
+            b._remove(entry)
         if self.on_remove is not None:
             self.on_remove(entry, why)
 
@@ -241,6 +404,14 @@ class MasqTable:
         return self.alias_bindings.get((proto, alias_port))
 
     def add_binding(self, b: Binding) -> None:
+        ints = self._ints
+        if len(ints) >= INTERN_MAX:
+            ints.clear()
+        b.inside_ip = ints.setdefault(b.inside_ip, b.inside_ip)
+        if 0 <= b.inside_port <= 0xFFFF:
+            b.inside_port = _PORTS[b.inside_port]
+        if 0 <= b.alias_port <= 0xFFFF:
+            b.alias_port = _PORTS[b.alias_port]
         self.bindings[(b.proto, b.inside_ip, b.inside_port)] = b
         self.alias_bindings[(b.proto, b.alias_port)] = b
 
@@ -252,5 +423,4 @@ class MasqTable:
 
     def attach(self, entry: Entry, b: Binding) -> None:
         entry.binding = b
-        b.sessions[(entry.remote_ip, entry.remote_port)] = entry
-        b.remotes[entry.remote_ip] = b.remotes.get(entry.remote_ip, 0) + 1
+        b._add(entry)

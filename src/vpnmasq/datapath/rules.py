@@ -56,12 +56,32 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
 * With ``public_address=None`` the inbound match is
   ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
 
-The packet mark (``RuleSpec.mark``) is set by vpnmasq's verdicts, not by these rules.
-Untracked packets match neither ``ct state established`` nor ``ct state new`` in a stateful
-FORWARD policy. Inbound ones are rewritten and marked in PREROUTING, so admins add
-``iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT`` (see :func:`forward_mark_hint`).
-Outbound ones reach FORWARD before their verdict (POSTROUTING), unmarked, so the policy
-must accept LAN-to-WAN traffic by interface (``-i LAN -o WAN -j ACCEPT``), not by ct state.
+The packet mark (``RuleSpec.mark``) is how an admin's stateful FORWARD policy lets vpnmasq's
+packets through: untracked packets match neither ``ct state established`` nor ``ct state new``,
+so the admin adds one rule accepting the mark (:func:`forward_mark_hint`), and that one rule
+covers both directions:
+
+* inbound packets are rewritten and marked by vpnmasq's verdict in mangle PREROUTING, before
+  routing, so FORWARD sees them marked;
+* outbound packets get their verdict only in POSTROUTING, after FORWARD, so the chain
+  ``VPNMASQ_MARK`` (mangle FORWARD, jumped to first for ``-o outside_if``) marks exactly what
+  ``VPNMASQ_OUT`` will queue (same matches: inside source, untracked, the owned protocols; in
+  hybrid mode also the unrelated ICMP errors). The MARK target is also accepted in the raw
+  table on this kernel (iptables-nft and -legacy), but mangle FORWARD runs after the routing
+  decision, so the mark cannot change policy routing (``ip rule fwmark``) and the output
+  interface can be matched exactly. The verdict sets the same mark again.
+
+The mark plays the role ``ct state established,related`` plays for tracked traffic, so the
+rule belongs where the admin accepts established traffic. Rules above it (e.g. one dropping a
+LAN host) still apply to vpnmasq's packets; rules below it do not (as for established flows,
+but note that a *new* VPN flow is marked too: a block meant for VPN traffic must come before
+the mark rule).
+
+Atomic replacement (:func:`replace`, used by ``vpnmasq run --handover``): one
+``iptables-restore --noflush`` per table declares our chains (which flushes them), deletes the
+old jumps, adds the new rules and jumps, and removes chains the new spec no longer has, in one
+transaction per table; the nft table is replaced by one ``nft -f`` transaction. Owned packets
+are never un-queued in between.
 """
 
 from __future__ import annotations
@@ -85,6 +105,7 @@ __all__ = [
     "install",
     "installed",
     "iptables_removal",
+    "iptables_replacement",
     "iptables_rules",
     "mark_rule_in_ruleset",
     "nft_removal",
@@ -92,6 +113,7 @@ __all__ = [
     "ours_in_ruleset",
     "port_range_warnings",
     "remove",
+    "replace",
 ]
 
 Mode = Literal["hybrid", "userspace"]
@@ -103,7 +125,7 @@ CHAIN_PREFIX = "VPNMASQ_"
 #: table -> our chains, in the order they are declared
 CHAINS: dict[str, tuple[str, ...]] = {
     "raw": ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT"),
-    "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT"),
+    "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT", "VPNMASQ_MARK"),
 }
 PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
 #: ICMP errors the engine may have to translate: unreachable, source quench, time exceeded,
@@ -157,6 +179,17 @@ class RuleSpec:
     #: ports kernel masquerade may use (hybrid mode); must not overlap alias_port_range
     kernel_port_range: tuple[int, int] = (1024, 60999)
     forwards: Sequence[tuple[str, int | None]] = field(default_factory=tuple)
+    #: (tcp|udp, port) a forwarded LAN server answers from when it differs from the public
+    #: port (a forward with ``to_port``). Hybrid mode must own those replies: kernel
+    #: conntrack never saw the NOTRACKed request, so it would call the reply INVALID and
+    #: let it out un-masqueraded. Forwards with a port cover their own port already.
+    forward_reply_ports: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    #: [[route]] networks behind a LAN VPN router: traffic from the inside networks to them
+    #: is left to kernel routing (not NOTRACKed, never queued), like LAN-to-LAN traffic
+    routed_networks: Sequence[str] = field(default_factory=tuple)
+    #: hybrid mode: clamp the TCP MSS of SYNs forwarded through outside_if to this (0: off);
+    #: userspace mode clamps in the engine (Config.mss_clamp)
+    mss_clamp: int = 0
 
     def __post_init__(self) -> None:
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
@@ -193,6 +226,16 @@ class RuleSpec:
                 raise ValueError(f"invalid forward protocol: {proto!r}")
             fwds.append((proto, port))
         object.__setattr__(self, "forwards", tuple(dict.fromkeys(fwds)))
+        replies: list[tuple[str, int]] = []
+        for proto, port in self.forward_reply_ports:
+            if proto not in ("tcp", "udp") or not 1 <= port <= 65535:
+                raise ValueError(f"invalid forward reply port: {proto} {port}")
+            replies.append((proto, port))
+        object.__setattr__(self, "forward_reply_ports", tuple(dict.fromkeys(replies)))
+        routed = tuple(str(ipaddress.IPv4Network(n, strict=False)) for n in self.routed_networks)
+        object.__setattr__(self, "routed_networks", tuple(dict.fromkeys(routed)))
+        if not 0 <= self.mss_clamp <= 65535:
+            raise ValueError(f"mss_clamp out of range: {self.mss_clamp}")
 
 
 # --- pure rule generation --------------------------------------------------------------
@@ -230,7 +273,7 @@ def _outbound_owned(spec: RuleSpec) -> list[str]:
     """Matches for forwarded packets from inside networks that vpnmasq owns."""
     if spec.mode == "userspace":
         return [""]
-    return [
+    m = [
         "-p 47",
         "-p 50",
         "-p 51",
@@ -238,6 +281,12 @@ def _outbound_owned(spec: RuleSpec) -> list[str]:
         f"-p udp --dport {IKE_PORT}",
         f"-p tcp --dport {PPTP_PORT}",
     ]
+    # Replies of forwarded LAN servers (e.g. a PPTP server's SYN-ACK from port 1723): the
+    # request was NOTRACKed and handled by vpnmasq, so the reply must be too.
+    replies = [(p, port) for p, port in spec.forwards if p in ("tcp", "udp") and port]
+    for proto, port in [*replies, *spec.forward_reply_ports]:
+        m.append(f"-p {proto} --sport {port}")
+    return list(dict.fromkeys(m))
 
 
 def _icmp_errors_unrelated() -> list[str]:
@@ -286,7 +335,7 @@ def iptables_rules(spec: RuleSpec) -> str:
         raw.append(_rule("VPNMASQ_RAW", f"-s {net}", "-j VPNMASQ_RAW_OUT"))
     for m in _inbound_owned(spec):
         raw.append(_rule("VPNMASQ_RAW_IN", m, notrack))
-    for net in spec.inside_networks:
+    for net in (*spec.inside_networks, *spec.routed_networks):
         raw.append(_rule("VPNMASQ_RAW_OUT", f"-d {net}", "-j RETURN"))
     raw.append(
         _rule("VPNMASQ_RAW_OUT", "-m addrtype --dst-type LOCAL,BROADCAST,MULTICAST", "-j RETURN")
@@ -310,8 +359,14 @@ def iptables_rules(spec: RuleSpec) -> str:
     for net in spec.inside_networks:
         for m in outbound:
             mangle.append(_rule("VPNMASQ_OUT", f"-s {net} {m}", queue))
+    # the same packets, marked before the admin's filter FORWARD sees them (module docstring)
+    mark = f"-j MARK --set-mark {spec.mark:#x}"
+    for net in spec.inside_networks:
+        for m in outbound:
+            mangle.append(_rule("VPNMASQ_MARK", f"-s {net} {m}", mark))
     mangle.append(f"-I PREROUTING 1 -i {out_if} -j VPNMASQ_IN")
     mangle.append(f"-I POSTROUTING 1 -o {out_if} -j VPNMASQ_OUT")
+    mangle.append(f"-I FORWARD 1 -o {out_if} -j VPNMASQ_MARK")
     mangle.append("COMMIT")
     return "\n".join(raw + mangle) + "\n"
 
@@ -347,10 +402,20 @@ table ip {NFT_TABLE} {{
 	chain timeouts {{
 		type filter hook forward priority filter - 1; policy accept;
 		{match} ct state new meta l4proto udp ct timeout set "udp_rfc4787"
-		{match} ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"
+		{match} ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"{_nft_mss(spec)}
 	}}
 }}
 """
+
+
+def _nft_mss(spec: RuleSpec) -> str:
+    """Hybrid mode MSS clamp: SYNs forwarded through outside_if, either way."""
+    if not spec.mss_clamp:
+        return ""
+    m = spec.mss_clamp
+    syn = f"tcp flags syn / syn,rst tcp option maxseg size > {m} tcp option maxseg size set {m}"
+    return f'\n\t\toifname "{spec.outside_if}" {syn}\n\t\tiifname "{spec.outside_if}" {syn}'
+
 
 
 def nft_removal() -> str:
@@ -383,23 +448,30 @@ def _is_ours(chain: str) -> bool:
     return chain.startswith(CHAIN_PREFIX)
 
 
+def _ours_and_jumps(lines: list[str]) -> tuple[list[str], list[str]]:
+    """Our chains declared in one table of ``iptables-save`` output, and ``-D`` lines for
+    every jump to one of them from a chain that is not ours."""
+    ours = [ln[1:].split()[0] for ln in lines if ln.startswith(":") and _is_ours(ln[1:])]
+    deletes = []
+    for ln in lines:
+        if not ln.startswith("-A "):
+            continue
+        try:
+            tokens = shlex.split(ln)
+        except ValueError:
+            continue
+        chain, target = tokens[1], _jump_target(tokens)
+        if not _is_ours(chain) and target is not None and _is_ours(target):
+            deletes.append("-D " + ln[3:])
+    return ours, deletes
+
+
 def iptables_removal(save_text: str) -> str:
     """``iptables-restore --noflush`` input removing every vpnmasq chain and every jump to
     one found in ``save_text`` (``iptables-save`` output). Empty if there is nothing."""
     blocks: list[str] = []
     for table, lines in _split_tables(save_text).items():
-        ours = [ln[1:].split()[0] for ln in lines if ln.startswith(":") and _is_ours(ln[1:])]
-        deletes = []
-        for ln in lines:
-            if not ln.startswith("-A "):
-                continue
-            try:
-                tokens = shlex.split(ln)
-            except ValueError:
-                continue
-            chain, target = tokens[1], _jump_target(tokens)
-            if not _is_ours(chain) and target is not None and _is_ours(target):
-                deletes.append("-D " + ln[3:])
+        ours, deletes = _ours_and_jumps(lines)
         if not ours and not deletes:
             continue
         blocks.append(f"*{table}")
@@ -408,6 +480,39 @@ def iptables_removal(save_text: str) -> str:
         blocks += [f"-X {c}" for c in ours]
         blocks.append("COMMIT")
     return "\n".join(blocks) + "\n" if blocks else ""
+
+
+def iptables_replacement(save_text: str, spec: RuleSpec) -> str:
+    """``iptables-restore --noflush`` input that swaps whatever vpnmasq rules ``save_text``
+    shows for ``spec``'s, one transaction per table (see the module docstring).
+
+    Per table: our chain declarations (creating or flushing them), ``-D`` of the old jumps,
+    the new rules and jumps, then ``-F``/``-X`` of our chains the new spec does not declare.
+    Tables where only old pieces exist get a plain removal block.
+    """
+    existing = _split_tables(save_text)
+    new = _split_tables(iptables_rules(spec))
+    blocks: list[str] = []
+    for table in dict.fromkeys([*new, *existing]):
+        ours, deletes = _ours_and_jumps(existing.get(table, []))
+        lines = new.get(table)
+        if lines is None:
+            if not ours and not deletes:
+                continue
+            body = deletes + [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
+        else:
+            decls = [ln for ln in lines if ln.startswith(":")]
+            declared = {ln[1:].split()[0] for ln in decls}
+            stale = [c for c in ours if c not in declared]
+            body = (
+                decls
+                + deletes
+                + [ln for ln in lines if not ln.startswith(":")]
+                + [f"-F {c}" for c in stale]
+                + [f"-X {c}" for c in stale]
+            )
+        blocks += [f"*{table}", *body, "COMMIT"]
+    return "\n".join(blocks) + "\n"
 
 
 def _nft_has_table(nft_text: str) -> bool:
@@ -469,8 +574,17 @@ def mark_rule_in_ruleset(save_text: str, nft_text: str, mark: int = DEFAULT_MARK
 
 
 def forward_mark_hint(mark: int = DEFAULT_MARK) -> str:
-    """The rule README asks admins to add when FORWARD filters untracked packets."""
-    return f"iptables -I FORWARD -m mark --mark {mark:#x} -j ACCEPT"
+    """The rule README asks admins to add when FORWARD filters untracked packets, and where.
+
+    The mark means "vpnmasq's own traffic", the counterpart of ``ct state established`` for
+    untracked packets, so it goes next to that rule: below any rule that blocks hosts.
+    """
+    return (
+        f"iptables -A FORWARD -m mark --mark {mark:#x} -j ACCEPT (place it next to your "
+        "'--ctstate ESTABLISHED,RELATED -j ACCEPT' rule, below rules that block LAN hosts; "
+        "nft: meta mark "
+        f"{mark:#x} accept)"
+    )
 
 
 def port_range_warnings(spec: RuleSpec, local_port_range: tuple[int, int]) -> list[str]:
@@ -544,6 +658,25 @@ def install(spec: RuleSpec, *, netns: str | None = None, iptables: str = "iptabl
     except RuleError:
         remove(netns=netns, iptables=iptables)
         raise
+
+
+def replace(spec: RuleSpec, *, netns: str | None = None, iptables: str = "iptables") -> None:
+    """Swap whatever vpnmasq rules are installed (none, an older version's, another spec's)
+    for ``spec``'s without a moment in which owned packets are not queued: one
+    ``iptables-restore`` transaction per table (:func:`iptables_replacement`) and one ``nft -f``
+    transaction. On failure the previous rules stay as they were (a handover must not open a
+    gap) and :class:`RuleError` is raised.
+    """
+    _run(
+        [f"{iptables}-restore", "--noflush"],
+        netns,
+        iptables_replacement(_save(iptables, netns), spec),
+    )
+    nft = nft_rules(spec)
+    if nft is not None:
+        _run(["nft", "-f", "-"], netns, nft)
+    elif _nft_has_table(_nft_list(netns)):
+        _run(["nft", "-f", "-"], netns, nft_removal())
 
 
 def remove(*, netns: str | None = None, iptables: str = "iptables") -> None:

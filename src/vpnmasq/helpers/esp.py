@@ -52,7 +52,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,7 @@ class EspHelper:
             a.last_seen = now
         ip.set_src(eng.public_ip)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(ip.buf)
 
@@ -232,6 +233,7 @@ class EspHelper:
         e.ext.last_seen = now
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(ip.buf)
 
@@ -353,6 +355,68 @@ class EspHelper:
             t = entry.expires_at if why == "idle" else self._now
             self._drop_expect(a.claim, a.expect, t)
             a.claim = a.expect = None
+
+    # ------------------------------------------------------------------ persistence
+    def export_entry(
+        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> dict[str, Any] | None:
+        """State of an association for ``vpnmasq.state``; None for a pending init (WAITING or
+        PENDING: its claim on the remote's next SPI is not carried over a restart)."""
+        a: Assoc = entry.ext
+        if a.state not in (EspState.ESTABLISHED, EspState.INBOUND_ONLY):
+            return None
+        return {
+            "state": a.state.value,
+            "out_spi": a.out_spi,
+            "in_spi": a.in_spi,
+            "created": ago(a.created),
+            "how": a.how.value,
+            "tentative": a.tentative,
+            "associated_at": None if a.associated_at is None else ago(a.associated_at),
+            "last_seen": ago(a.last_seen),
+            "yields": a.yields,
+        }
+
+    def import_entry(
+        self,
+        entry: Entry,
+        data: Mapping[str, Any],
+        at: Callable[[float], float],
+        ref: Callable[[int], Entry | None],
+    ) -> bool:
+        """Re-attach a saved association to ``entry`` (its keys are restored by the caller).
+        False if the data is not an association this version can carry on."""
+        try:
+            state = EspState(data["state"])
+            out_spi, in_spi = data["out_spi"], data["in_spi"]
+            if state is EspState.ESTABLISHED:
+                ok = isinstance(out_spi, int) and isinstance(in_spi, int)
+            elif state is EspState.INBOUND_ONLY:
+                ok = out_spi is None and isinstance(in_spi, int)
+            else:
+                ok = False
+            if not ok:
+                return False
+            assoc_at = data["associated_at"]
+            a = Assoc(
+                state,
+                out_spi,
+                in_spi,
+                at(float(data["created"])),
+                how=How(data["how"]),
+                tentative=bool(data["tentative"]),
+                associated_at=None if assoc_at is None else at(float(assoc_at)),
+                last_seen=at(float(data["last_seen"])),
+                yields=int(data["yields"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return False
+        entry.ext = a
+        entry.state_name = state.name
+        self.by_remote.setdefault(entry.remote_ip, {})[entry] = None
+        if state is EspState.INBOUND_ONLY:
+            self.inbound_only.setdefault((entry.inside_ip, entry.remote_ip), []).append(entry)
+        return True
 
     # ------------------------------------------------------------------ outbound internals
     def _new_outbound(

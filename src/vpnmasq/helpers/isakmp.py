@@ -44,7 +44,7 @@ octet), IKE (behind the 4-octet non-ESP marker) and ESP-in-UDP (a non-zero SPI f
 from __future__ import annotations
 
 import struct
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,9 +212,10 @@ class IsakmpHelper:
         self.timeout_classes = {
             "isakmp_outstanding": min(OUTSTANDING_TIMEOUT, engine.config.timeouts.isakmp)
         }
-        #: Hook for issue 8 (the gateway's own IKE daemon): deliver inbound ISAKMP that matches
+        #: The gateway's own IKE daemon (issue 8): deliver inbound ISAKMP that matches
         #: nothing to the gateway itself (ACCEPT_LOCAL) instead of dropping ISAKMP_UNKNOWN.
-        self.deliver_unknown_locally: bool = bool(getattr(engine.config, "local_ike", False))
+        #: Kept in step with ``config.local_vpn`` by ``Engine.set_local_consumers``.
+        self.deliver_unknown_locally: bool = getattr(engine.config, "local_vpn", "") == "always"
         self.by_icookie: dict[tuple[int, int], list[Entry]] = {}
         self.by_remote: dict[int, dict[Entry, None]] = {}
 
@@ -244,11 +245,15 @@ class IsakmpHelper:
             if owner is not None and owner is not e:
                 return self._collision(ip, hdr, host, owner)
             self._learn(e, rc, now)
+        elif e.tclass == "isakmp_outstanding" and e.ext.rcookie:
+            # the LAN host answers an exchange the remote started: now it lives for hours
+            eng.table.set_class(e, "isakmp", now)
         else:
             eng.table.touch(e, now)
         self._seen(e, hdr, OUT, now)
         ip.set_src(eng.public_ip)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(ip.buf)
 
@@ -278,7 +283,7 @@ class IsakmpHelper:
                 # the same host's IKE SA, answered with a responder cookie we have not seen
                 e = max(known, key=lambda x: x.ext.last_seen)
             if e is not None and rc and rc != e.ext.rcookie:
-                self._learn(e, rc, now)
+                self._learn(e, rc, now, from_lan=False)
             elif e is not None:
                 eng.table.touch(e, now)
         else:
@@ -291,6 +296,7 @@ class IsakmpHelper:
         self._seen(e, hdr, IN, now)
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(ip.buf)
 
@@ -354,6 +360,54 @@ class IsakmpHelper:
             d.pop(entry, None)
             if not d:
                 del self.by_remote[entry.remote_ip]
+
+    # ------------------------------------------------------------------ persistence
+    def export_entry(
+        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> dict[str, Any] | None:
+        """State of an IKE session for ``vpnmasq.state`` (its keys are saved by the caller)."""
+        s: IkeSession = entry.ext
+        return {
+            "icookie": s.icookie,
+            "rcookie": s.rcookie,
+            "version": s.version,
+            "initiator": s.initiator,
+            "via": s.via,
+            "exchange": s.exchange,
+            "last_seen": ago(s.last_seen),
+            "child_exchanges": s.child_exchanges,
+        }
+
+    def import_entry(
+        self,
+        entry: Entry,
+        data: Mapping[str, Any],
+        at: Callable[[float], float],
+        ref: Callable[[int], Entry | None],
+    ) -> bool:
+        """Re-attach a saved IKE session to ``entry`` and index it by cookie and remote."""
+        try:
+            ic, rc = data["icookie"], data["rcookie"]
+            if not (isinstance(ic, int) and isinstance(rc, int) and 0 < ic < 1 << 64):
+                return False
+            if not 0 <= rc < 1 << 64:
+                return False
+            s = IkeSession(
+                ic,
+                rc,
+                int(data["version"]),
+                str(data["initiator"]),
+                str(data["via"]),
+                str(data["exchange"]),
+                at(float(data["last_seen"])),
+                int(data["child_exchanges"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return False
+        entry.ext = s
+        self.by_icookie.setdefault((entry.remote_ip, ic), []).append(entry)
+        self.by_remote.setdefault(entry.remote_ip, {})[entry] = None
+        return True
 
     # ------------------------------------------------------------------ internals
     def _parse(self, ip: IPv4) -> IsakmpHeader | Verdict:
@@ -424,8 +478,12 @@ class IsakmpHelper:
     ) -> Entry | Verdict:
         eng = self.engine
         ic, rc = hdr.icookie, hdr.rcookie
+        # an exchange the remote started (or whose cookies are all it has to show) stays
+        # short-lived until the LAN host answers it: otherwise whoever can send as the
+        # remote would make us keep an hours-long entry per made-up cookie pair
+        tclass = "isakmp" if rc and initiator != "remote" else "isakmp_outstanding"
         e = Entry(
-            PROTO_UDP, "isakmp", "isakmp" if rc else "isakmp_outstanding", host, ISAKMP_PORT,
+            PROTO_UDP, "isakmp", tclass, host, ISAKMP_PORT,
             remote, remote_port, eng.public_ip or 0, ISAKMP_PORT, now,
         )
         e.ext = IkeSession(ic, rc, hdr.major, initiator, via, hdr.exchange_name, now)
@@ -440,8 +498,9 @@ class IsakmpHelper:
         self.by_remote.setdefault(remote, {})[e] = None
         return e
 
-    def _learn(self, e: Entry, rc: int, now: float) -> None:
-        """The responder cookie of ``e`` is now known (or changed): route by both cookies."""
+    def _learn(self, e: Entry, rc: int, now: float, from_lan: bool = True) -> None:
+        """The responder cookie of ``e`` is now known (or changed): route by both cookies.
+        An exchange the remote started stays short-lived until the LAN host has sent on it."""
         eng = self.engine
         s: IkeSession = e.ext
         old = ("ike-ir", e.remote_ip, s.icookie, s.rcookie)
@@ -450,7 +509,10 @@ class IsakmpHelper:
         s.rcookie = rc
         eng.table.add_key(e, ("ike-ir", e.remote_ip, s.icookie, rc))
         e.state_name = "ESTABLISHED"
-        eng.table.set_class(e, "isakmp", now)
+        if from_lan or e.pkts_out or s.initiator != "remote":
+            eng.table.set_class(e, "isakmp", now)
+        else:
+            eng.table.touch(e, now)
 
     def _seen(self, e: Entry, hdr: IsakmpHeader, direction: str, now: float) -> None:
         s: IkeSession = e.ext
@@ -474,6 +536,11 @@ class IsakmpHelper:
         fs = eng.table.get(("i", PROTO_UDP, dport, remote, sport), now)
         if fs is not None:
             return None
+        if self.deliver_unknown_locally and hdr.major == 2 and hdr.flags & V2_FLAG_RESPONSE:
+            # an IKEv2 response to a request no LAN host sent: the gateway's own IKE daemon
+            # asked (its requests leave from the gateway and are never seen here)
+            eng.count("local_vpn:ike")
+            return ACCEPT_LOCAL
         cands = self.holders(remote, now)
         esp = eng.helper_by_name.get("esp")
         esp_holders = getattr(esp, "holders", None)
@@ -491,6 +558,7 @@ class IsakmpHelper:
                 host = ip_to_int(fwd.to)
                 via = "forward"
             elif self.deliver_unknown_locally:
+                eng.count("local_vpn:ike")
                 return ACCEPT_LOCAL
             else:
                 self.engine.count("isakmp:unknown")
@@ -613,6 +681,24 @@ class NattHelper:
     def attach(self, entry: Entry, now: float, *, server_inside: bool) -> _NattAlg:
         return _NattAlg(self.engine)
 
+    def restore_alg(
+        self, entry: Entry, data: Mapping[str, Any], at: Callable[[float], float]
+    ) -> _NattAlg | None:
+        """A session's watch from ``vpnmasq.state`` (counts only; a bad record starts fresh)."""
+        alg = _NattAlg(self.engine)
+        w = alg.watch
+        try:
+            for name in ("keepalive", "ike", "esp", "other"):
+                out_n, in_n = data[name]
+                setattr(w, name, [int(out_n), int(in_n)])
+            for name in ("spi_out", "spi_in"):
+                v = data[name]
+                setattr(w, name, None if v is None else int(v))
+            w.exchange = str(data["exchange"])
+        except (KeyError, TypeError, ValueError):
+            return _NattAlg(self.engine)
+        return alg
+
     def detail(self, entry: Entry, now: float) -> dict[str, str]:
         return {}
 
@@ -658,6 +744,21 @@ class _NattAlg:
 
     def on_remove(self, entry: Entry, why: str) -> None:
         return None
+
+    def export_state(
+        self, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> dict[str, Any]:
+        w = self.watch
+        return {
+            "helper": "natt",
+            "keepalive": list(w.keepalive),
+            "ike": list(w.ike),
+            "esp": list(w.esp),
+            "other": list(w.other),
+            "spi_out": w.spi_out,
+            "spi_in": w.spi_in,
+            "exchange": w.exchange,
+        }
 
 
 SPECS: tuple[HelperSpec, ...] = (

@@ -63,6 +63,7 @@ import enum
 import random
 import struct
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -363,6 +364,41 @@ class StreamReader:
             self.next_seq = (seq + n) & _SEQ_MASK
         return True
 
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to carry on parsing after a restart (``vpnmasq.state``)."""
+        return {
+            "next_seq": self.next_seq,
+            "msg_seq": self.msg_seq,
+            "head": self.head.hex(),
+            "pos": self.pos,
+            "want": self.want,
+            "length": self.length,
+            "mtype": self.mtype if self.spec is not None else None,
+            "ready": self.ready,
+            "desync": self.desync,
+            "passive": self.passive,
+            "log": [[seq, b] for seq, b in self.log.items()],
+            "messages": self.messages,
+        }
+
+    def import_state(self, data: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`export_state`; raises KeyError/TypeError/ValueError on bad data."""
+        nxt = data["next_seq"]
+        self.next_seq = None if nxt is None else int(nxt) & _SEQ_MASK
+        self.msg_seq = int(data["msg_seq"]) & _SEQ_MASK
+        self.head = bytearray.fromhex(data["head"])[:HEAD_KEEP]
+        self.pos = int(data["pos"])
+        self.want = int(data["want"])
+        self.length = int(data["length"])
+        mtype = data["mtype"]
+        self.spec = None if mtype is None else MESSAGES[int(mtype)]
+        self.mtype = 0 if mtype is None else int(mtype)
+        self.ready = bool(data["ready"])
+        self.desync = str(data["desync"])
+        self.passive = bool(data["passive"])
+        self.log = OrderedDict((int(sq) & _SEQ_MASK, int(b) & 0xFF) for sq, b in data["log"])
+        self.messages = int(data["messages"])
+
     def lose_framing(self, sink: ReaderSink, reason: str) -> None:
         if not self.desync:
             self.desync = reason
@@ -529,6 +565,14 @@ class CallIdPool:
                 return cand
         return None
 
+    def claim(self, remote: int, cid: int) -> bool:
+        """Take exactly ``cid`` for ``remote`` (a call restored from saved state)."""
+        used = self.used.setdefault(remote, set())
+        if cid in used or not self.low <= cid <= self.high:
+            return False
+        used.add(cid)
+        return True
+
     def release(self, remote: int, cid: int) -> None:
         used = self.used.get(remote)
         if used is not None:
@@ -622,6 +666,86 @@ class PptpControl:
 
     def on_remove(self, entry: Entry, why: str) -> None:
         self._close(f"control-{why}")
+
+    # --- persistence ------------------------------------------------------------------
+    def export_state(
+        self, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> dict[str, Any]:
+        """The connection's parser state and its calls, for ``vpnmasq.state``. A GRE entry
+        refers back to its call by (this control's entry, inside Call ID)."""
+
+        def msg(m: _Msg) -> dict[str, Any]:
+            return {
+                "call": None if m.call is None else m.call.inside_id,
+                "remote_id": m.remote_id,
+                "opened": m.opened,
+            }
+
+        return {
+            "helper": "pptp",
+            "lan_role": self.lan_role,
+            "session": self.session.value,
+            "closed": self.closed,
+            "lan": self.lan.export_state(),
+            "wan": self.wan.export_state(),
+            "msg": {"lan": msg(self._msg[True]), "wan": msg(self._msg[False])},
+            "calls": [
+                {
+                    "lan_role": c.lan_role,
+                    "inside_id": c.inside_id,
+                    "outside_id": c.outside_id,
+                    "state": c.state.value,
+                    "created": ago(c.created),
+                    "peer_id": c.peer_id,
+                }
+                for c in self.by_inside.values()
+            ],
+            "counts": dict(self.counts),
+        }
+
+    def import_state(self, data: Mapping[str, Any], at: Callable[[float], float]) -> None:
+        """Inverse of :meth:`export_state` (before any packet). Calls whose outside ID is taken
+        are left out (counted). Raises KeyError/TypeError/ValueError on bad data."""
+        role = data["lan_role"]
+        if role not in ("pns", "pac"):
+            raise ValueError(f"bad lan_role {role!r}")
+        self.lan_role = role
+        self.session = SessionState(data["session"])
+        self.closed = bool(data["closed"])
+        self.lan.import_state(data["lan"])
+        self.wan.import_state(data["wan"])
+        self.counts = {str(k): int(v) for k, v in data["counts"].items()}
+        store = self.store
+        if store is not None:
+            for cd in data["calls"]:
+                c_role = cd["lan_role"]
+                if c_role not in ("pns", "pac"):
+                    raise ValueError(f"bad lan_role {c_role!r}")
+                state = CallState(cd["state"])
+                inside_id, outside_id = int(cd["inside_id"]), int(cd["outside_id"])
+                if state is CallState.ENDED or inside_id in self.by_inside:
+                    continue
+                if not store.pool.claim(self.remote_ip, outside_id):
+                    self._count("pptp_restore_call_id_taken")
+                    continue
+                peer = cd["peer_id"]
+                call = Call(
+                    self, c_role, self.inside_ip, self.remote_ip, inside_id, outside_id, state,
+                    at(float(cd["created"])), None if peer is None else int(peer),
+                )
+                self.by_inside[inside_id] = call
+                self.by_outside[outside_id] = call
+                if call.peer_id is not None:
+                    self.by_peer[call.peer_id] = call
+        for key, from_lan in (("lan", True), ("wan", False)):
+            md = data["msg"][key]
+            cid = md["call"]
+            rid = md["remote_id"]
+            self._msg[from_lan] = _Msg(
+                None if cid is None else self.by_inside.get(int(cid)),
+                None if rid is None else int(rid),
+                bool(md["opened"]),
+            )
 
     # --- per segment ------------------------------------------------------------------
     def _segment(self, ip: IPv4, payload_off: int, now: float, from_lan: bool) -> Verdict | None:
@@ -1092,11 +1216,56 @@ class GreHelper:
         if isinstance(c, Call) and c.state is not CallState.ENDED:
             self._forget(c)
 
+    # --- persistence ------------------------------------------------------------------
+    def export_entry(
+        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> dict[str, Any] | None:
+        """A call's GRE entry refers to its control connection's entry (saved before it);
+        an address-only entry saves its mode. None: not savable (control not saved)."""
+        c = entry.ext
+        if isinstance(c, Call):
+            control = ref(c.control)
+            if control is None or not c.live:
+                return None
+            return {"call": {"control": control, "inside_id": c.inside_id}}
+        return {"mode": str(c)}
+
+    def import_entry(
+        self,
+        entry: Entry,
+        data: Mapping[str, Any],
+        at: Callable[[float], float],
+        ref: Callable[[int], Entry | None],
+    ) -> bool:
+        """Link a restored GRE entry to its call (restored with the control connection)."""
+        try:
+            if "mode" in data:
+                entry.ext = str(data["mode"])
+                return entry.kind == GRE_ADDR_KIND
+            cd = data["call"]
+            owner = ref(int(cd["control"]))
+            inside_id = int(cd["inside_id"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        control = None if owner is None else owner.alg
+        if entry.kind != "gre" or not isinstance(control, PptpControl):
+            return False
+        call = control.by_inside.get(inside_id)
+        if call is None or call.entry is not None or call.outside_id != entry.alias_port:
+            return False
+        call.entry = entry
+        entry.ext = call
+        entry.state_name = call.state.value
+        if call.peer_id is not None:
+            self.by_peer.setdefault((call.remote_ip, call.peer_id), []).append(entry)
+        return True
+
     # --- paths ------------------------------------------------------------------------
     def _call_out(self, ip: IPv4, e: Entry, now: float) -> Verdict:
         self.engine.table.touch(e, now)
         ip.set_src(self.engine.public_ip)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(ip.buf)
 
@@ -1105,6 +1274,7 @@ class GreHelper:
         ip.set_dst(call.inside_ip)
         ip.set_l4_u16(GRE_CALL_ID, call.inside_id, None)  # GRE v1 has no checksum
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(ip.buf)
 
@@ -1135,6 +1305,7 @@ class GreHelper:
             table.touch(e, now)
         ip.set_src(eng.public_ip)
         e.pkts_out += 1
+        e.last_out = now
         e.bytes_out += ip.total_len
         return accept(ip.buf)
 
@@ -1154,6 +1325,7 @@ class GreHelper:
         self.engine.table.touch(e, now)
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
+        e.last_in = now
         e.bytes_in += ip.total_len
         return accept(ip.buf)
 
@@ -1214,6 +1386,20 @@ class PptpAlgFactory:
                     "checked but Call IDs are not translated (one client per server only)",
                 )
         return PptpControl(self.engine, store, entry, now, server_inside)
+
+    def restore_alg(
+        self, entry: Entry, data: Mapping[str, Any], at: Callable[[float], float]
+    ) -> PptpControl | None:
+        """A control connection's ALG from ``vpnmasq.state``; None if the record is bad."""
+        ctrl = self.attach(entry, at(0.0), server_inside=data.get("lan_role") == "pac")
+        try:
+            ctrl.import_state(data, at)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            if ctrl.store is not None:  # give back the outside IDs taken so far
+                for call in list(ctrl.by_inside.values()):
+                    ctrl.store.pool.release(call.remote_ip, call.outside_id)
+            return None
+        return ctrl
 
 
 PPTP_SPEC = HelperSpec(

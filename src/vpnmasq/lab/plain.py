@@ -8,6 +8,8 @@ subcommand that prints one JSON object on stdout::
     python -m vpnmasq.lab.plain udp-echo-client 198.51.100.20 7 --count 5 --token h1
     python -m vpnmasq.lab.plain tcp-echo-server --port 7
     python -m vpnmasq.lab.plain tcp-echo-client 198.51.100.20 7 --count 5 --token h1
+    python -m vpnmasq.lab.plain http-server --port 80                # web-like traffic:
+    python -m vpnmasq.lab.plain http-client 198.51.100.22 80 --count 3 --token h1
 
 Servers print ``{"event": "ready", ...}`` once listening and ``{"event": "peer", "peer":
 "ip:port"}`` the first time they see a peer, so a test can check what source address and
@@ -263,6 +265,92 @@ def tcp_echo_client(
     }
 
 
+HTTP_MAX_HEADER = 8192  # a lab request is one short line and a Host header
+
+
+def http_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 3600.0) -> None:
+    """HTTP/1.0-style: one request per connection, answered with a small page naming the
+    path and the address the request came from, then closed (web traffic: many short TCP
+    connections, each a new mapping in a NAT)."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((bind, port))
+    ls.listen(64)
+    _emit({"event": "ready", "proto": "http", "port": port, "bind": bind})
+    deadline = time.monotonic() + max_seconds
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([ls], [], [], 1.0)
+        if not r:
+            continue
+        c, peer = ls.accept()
+        with c:
+            c.settimeout(2.0)
+            req = b""
+            try:
+                while b"\r\n\r\n" not in req and len(req) < HTTP_MAX_HEADER:
+                    chunk = c.recv(4096)
+                    if not chunk:
+                        break
+                    req += chunk
+                line = req.split(b"\r\n", 1)[0].decode(errors="replace").split()
+                path = line[1] if len(line) >= 2 and line[0] == "GET" else None
+                src = f"{peer[0]}:{peer[1]}"
+                if path is None:
+                    c.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                body = f"VMQ-WEB path={path} from={src}\n".encode() + b"." * 512
+                head = f"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+                c.sendall(head.encode() + body)
+                _emit({"event": "request", "peer": src, "path": path})
+            except OSError:
+                continue
+
+
+def http_client(
+    dst: str, port: int, *, count: int = 3, token: str = "t", timeout: float = 3.0
+) -> dict[str, Any]:
+    """``count`` GET requests, each on a new connection; checks status and that the page
+    names this request's path (another client's page would be cross-talk)."""
+    verified = 0
+    crosstalk: list[str] = []
+    errors: list[str] = []
+    seen_as: list[str] = []
+    for seq in range(1, count + 1):
+        path = f"/{token}/{seq}"
+        try:
+            with socket.create_connection((dst, port), timeout=timeout) as s:
+                s.sendall(f"GET {path} HTTP/1.0\r\nHost: {dst}\r\n\r\n".encode())
+                resp = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    resp += chunk
+        except OSError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            continue
+        head, _, body = resp.partition(b"\r\n\r\n")
+        first = body.split(b"\n", 1)[0].decode(errors="replace")
+        if not head.startswith(b"HTTP/1.0 200"):
+            errors.append(head[:40].decode(errors="replace"))
+        elif f"path={path} " in first:
+            verified += 1
+            seen_as.append(first.rsplit("from=", 1)[-1])
+        else:
+            crosstalk.append(first[:80])
+    return {
+        "kind": "http",
+        "dst": f"{dst}:{port}",
+        "token": token,
+        "sent": count,
+        "verified": verified,
+        "seen_as": seen_as,
+        "crosstalk": crosstalk,
+        "errors": errors,
+        "ok": verified == count and not crosstalk,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.plain")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -272,12 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--ident", type=int)
-    for name in ("udp-echo-server", "tcp-echo-server"):
+    for name in ("udp-echo-server", "tcp-echo-server", "http-server"):
         q = sub.add_parser(name)
         q.add_argument("--port", type=int, default=7)
         q.add_argument("--bind", default="0.0.0.0")
         q.add_argument("--max-seconds", type=float, default=3600.0)
-    for name in ("udp-echo-client", "tcp-echo-client"):
+    for name in ("udp-echo-client", "tcp-echo-client", "http-client"):
         q = sub.add_parser(name)
         q.add_argument("dst")
         q.add_argument("port", type=int)
@@ -296,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.cmd == "tcp-echo-server":
         tcp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
         return 0
+    elif a.cmd == "http-server":
+        http_server(a.port, a.bind, max_seconds=a.max_seconds)
+        return 0
+    elif a.cmd == "http-client":
+        res = http_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout)
     elif a.cmd == "udp-echo-client":
         res = udp_echo_client(
             a.dst,

@@ -161,6 +161,8 @@ class PptpClient:
                 data = self.sock.recv(65536)
             except BlockingIOError:
                 continue
+            except ConnectionResetError:  # pptp exited with data unread
+                data = b""
             if not data:  # pptp exited
                 break
             for frame in self.decoder.feed(data):

@@ -237,7 +237,16 @@ def esp_client(
     timeout: float = 3.0,
     seed: str = "vpnmasq-lab",
     listen_first: float = 0.0,
+    first_wanted: int = 0,
+    resend: bool = False,
 ) -> dict[str, Any]:
+    """Send ``count`` ESP packets and verify their echoes.
+
+    ``listen_first``: listen this long before sending (the remote speaks first); it ends
+    early once ``first_wanted`` (if > 0) of the server's own packets arrived. ``resend``:
+    re-send every packet not yet echoed each ``interval`` until ``timeout``, as the traffic
+    inside a real tunnel would be retransmitted (a gateway may hold a host's first packets
+    back while another host's SA is being associated)."""
     sa_out, sa_in = make_sa(spi_out, seed), make_sa(spi_in, seed)
     s = _esp_socket(None)
     local = _local_addr_for(server)
@@ -258,7 +267,10 @@ def esp_client(
         "foreign": {},
         "bad": 0,
         "server_first": 0,
+        "resent": 0,
+        "first_echo_s": None,
     }
+    t0 = time.monotonic()
 
     def handle(data: bytes) -> None:
         hdr = _esp_spi(data)
@@ -282,6 +294,8 @@ def esp_client(
         if len(parts) >= 4 and parts[0] == "VMQ" and parts[1] == token and parts[2].isdigit():
             got.add(int(parts[2]))
             res["verified"] = len(got)
+            if res["first_echo_s"] is None:
+                res["first_echo_s"] = round(time.monotonic() - t0, 3)
             if parts[3] == "ECHO" and len(parts) > 4:
                 res["echo_src"] = parts[4].removeprefix("src=")
         else:
@@ -296,17 +310,30 @@ def esp_client(
             if r:
                 handle(s.recv(65535))
 
+    def send(seq: int) -> None:
+        payload = f"VMQ {token} {seq}".encode()
+        s.sendto(esp_encrypt(sa_out, local, server, payload), (server, 0))
+
+    _emit({"event": "listening", "kind": "esp-client", "local": local, "token": token})
     try:
         if listen_first > 0:
-            pump(time.monotonic() + listen_first)
+            end_first = time.monotonic() + listen_first
+            while time.monotonic() < end_first:
+                if first_wanted and res["server_first"] >= first_wanted:
+                    break
+                pump(min(end_first, time.monotonic() + 0.05))
         for seq in range(1, count + 1):
-            payload = f"VMQ {token} {seq}".encode()
-            s.sendto(esp_encrypt(sa_out, local, server, payload), (server, 0))
+            send(seq)
             res["sent"] += 1
             pump(time.monotonic() + interval)
         end = time.monotonic() + timeout
         while len(got) < count and time.monotonic() < end:
-            pump(min(end, time.monotonic() + 0.1))
+            pump(min(end, time.monotonic() + (interval if resend else 0.1)))
+            if resend and time.monotonic() < end:
+                for seq in range(1, count + 1):
+                    if seq not in got:
+                        send(seq)
+                        res["resent"] += 1
     except _Stop:
         pass
     finally:
@@ -316,29 +343,99 @@ def esp_client(
     return res
 
 
+# ----------------------------------------------------------------------------------- AH
+IPPROTO_AH = 51
+
+
+def ah_packet(spi: int, seq: int, payload: bytes = b"") -> bytes:
+    """An AH header (RFC 4302: next header, length, SPI, sequence, 96-bit ICV) + payload.
+
+    The ICV is zeros: nothing can verify it anyway once a NAT has rewritten the addresses
+    it covers, which is the point of sending it."""
+    icv = bytes(12)
+    length = (12 + len(icv)) // 4 - 2  # in 32-bit words, minus 2 (RFC 4302 2.2)
+    return struct.pack("!BBHII", ESP_NEXT_HEADER, length, 0, spi, seq) + icv + payload
+
+
+def ah_send(
+    dst: str, *, count: int = 3, spi: int = 0x3001, interval: float = 0.05
+) -> dict[str, Any]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_AH)
+    try:
+        for seq in range(1, count + 1):
+            s.sendto(ah_packet(spi, seq, f"VMQ ah {seq}".encode()), (dst, 0))
+            time.sleep(interval)
+    finally:
+        s.close()
+    res = {"event": "summary", "kind": "ah-send", "dst": dst, "spi": f"{spi:#x}", "sent": count}
+    _emit(res)
+    return res
+
+
+def raw_listen(proto: int, bind: str | None, duration: float = 3600.0) -> dict[str, Any]:
+    """Count packets of one IP protocol arriving at ``bind`` (by source) until stopped."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    if bind:
+        s.bind((bind, 0))
+    stats: dict[str, Any] = {"received": 0, "sources": {}}
+    _emit({"event": "ready", "kind": "raw-listen", "proto": proto, "bind": bind})
+    deadline = time.monotonic() + duration
+    try:
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([s], [], [], 0.5)
+            if not r:
+                continue
+            data = s.recv(65535)
+            src = socket.inet_ntoa(data[12:16]) if len(data) >= 20 else "?"
+            stats["received"] += 1
+            stats["sources"][src] = stats["sources"].get(src, 0) + 1
+            _emit({"event": "packet", "proto": proto, "src": src, "len": len(data)})
+    except _Stop:
+        pass
+    finally:
+        s.close()
+    summary = {"event": "summary", "kind": "raw-listen", "proto": proto, **stats}
+    _emit(summary)
+    return summary
+
+
 # ------------------------------------------------------------------------------- ISAKMP
 ISAKMP_HDR = struct.Struct("!8s8sBBBBII")  # icookie rcookie next ver exch flags msgid length
 NP_VENDOR_ID = 13  # IKEv1 Vendor ID payload type
 NP_V2_VENDOR_ID = 43  # IKEv2 Vendor ID payload type
 EXCH_MAIN_MODE = 2
 EXCH_IKE_SA_INIT = 34
+EXCH_QUICK_MODE = 32  # IKEv1 phase 2: negotiates the ESP SAs
+EXCH_IKE_AUTH = 35  # IKEv2: authenticates and creates the first child SA
 FLAG_V2_INITIATOR = 0x08
 FLAG_V2_RESPONSE = 0x20
 
 
 def isakmp_packet(
-    icookie: bytes, rcookie: bytes, version: int, token: str, response: bool = False
+    icookie: bytes,
+    rcookie: bytes,
+    version: int,
+    token: str,
+    response: bool = False,
+    *,
+    exchange: int | None = None,
+    msgid: int = 0,
 ) -> bytes:
-    """An ISAKMP/IKE header with one Vendor ID payload carrying ``VMQ <token>``."""
+    """An ISAKMP/IKE header with one Vendor ID payload carrying ``VMQ <token>``.
+
+    ``exchange`` defaults to Main Mode (v1) / IKE_SA_INIT (v2); :data:`EXCH_QUICK_MODE` and
+    :data:`EXCH_IKE_AUTH` are the child-SA exchanges a masquerading gateway can watch for."""
     vid = f"VMQ {token}".encode()
     if version == 1:
         np, ver, exch, flags = NP_VENDOR_ID, 0x10, EXCH_MAIN_MODE, 0
     else:
         np, ver, exch = NP_V2_VENDOR_ID, 0x20, EXCH_IKE_SA_INIT
         flags = FLAG_V2_RESPONSE if response else FLAG_V2_INITIATOR
+    if exchange is not None:
+        exch = exchange
     payload = struct.pack("!BBH", 0, 0, 4 + len(vid)) + vid
     length = ISAKMP_HDR.size + len(payload)
-    return ISAKMP_HDR.pack(icookie, rcookie, np, ver, exch, flags, 0, length) + payload
+    return ISAKMP_HDR.pack(icookie, rcookie, np, ver, exch, flags, msgid, length) + payload
 
 
 def parse_isakmp(data: bytes) -> dict[str, Any] | None:
@@ -357,6 +454,7 @@ def parse_isakmp(data: bytes) -> dict[str, Any] | None:
         "version": ver >> 4,
         "exch": exch,
         "flags": flags,
+        "msgid": msgid,
         "length": length,
         "token": token,
     }
@@ -374,7 +472,14 @@ def isakmp_server(
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((bind, port))
     rcookies: dict[bytes, bytes] = {}
-    stats: dict[str, Any] = {"received": 0, "replied": 0, "bad": 0, "peers": {}, "first_sent": 0}
+    stats: dict[str, Any] = {
+        "received": 0,
+        "replied": 0,
+        "bad": 0,
+        "peers": {},
+        "first_sent": 0,
+        "child_exchanges": 0,
+    }
     _emit({"event": "ready", "kind": "isakmp-server", "bind": f"{bind}:{port}"})
     if send_first:
         for n in range(first_count):
@@ -410,7 +515,18 @@ def isakmp_server(
                     }
                 )
             reply_token = f"{msg['token']} ECHO peer={peer_s}"
-            s.sendto(isakmp_packet(ic, rc, msg["version"] or 1, reply_token, response=True), peer)
+            if msg["exch"] in (EXCH_QUICK_MODE, EXCH_IKE_AUTH):
+                stats["child_exchanges"] += 1
+            reply = isakmp_packet(
+                ic,
+                rc,
+                msg["version"] or 1,
+                reply_token,
+                response=True,
+                exchange=msg["exch"],
+                msgid=msg["msgid"],
+            )
+            s.sendto(reply, peer)
             stats["replied"] += 1
     except _Stop:
         pass
@@ -432,7 +548,11 @@ def isakmp_client(
     timeout: float = 2.0,
     interval: float = 0.1,
     icookie: bytes | None = None,
+    child: int = 0,
 ) -> dict[str, Any]:
+    """Phase 1: ``count`` Main Mode / IKE_SA_INIT messages, each echoed with a responder
+    cookie. Then ``child`` child-SA exchanges (IKEv1 Quick Mode, IKEv2 IKE_AUTH) with both
+    cookies, each answered in kind: what a gateway watches to learn that ESP SAs follow."""
     ic = icookie or os.urandom(8)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -451,6 +571,8 @@ def isakmp_client(
         "rcookies": [],
         "seen_as": None,
         "crosstalk": [],
+        "child_sent": 0,
+        "child_verified": 0,
     }
     try:
         end = time.monotonic() + count * interval + timeout
@@ -476,13 +598,59 @@ def isakmp_client(
             if msg["rcookie"] not in res["rcookies"]:
                 res["rcookies"].append(msg["rcookie"])
             res["seen_as"] = tok.rsplit("peer=", 1)[-1]
+        if child and res["rcookies"]:
+            _isakmp_child_exchanges(s, server, port, ic, version, token, child, timeout, res)
     except _Stop:
         pass
     finally:
         s.close()
-    res["ok"] = res["verified"] >= count and not res["crosstalk"] and len(res["rcookies"]) == 1
+    res["ok"] = (
+        res["verified"] >= count
+        and not res["crosstalk"]
+        and len(res["rcookies"]) == 1
+        and res["child_verified"] >= child
+    )
     _emit(res)
     return res
+
+
+def _isakmp_child_exchanges(
+    s: socket.socket,
+    server: str,
+    port: int,
+    ic: bytes,
+    version: int,
+    token: str,
+    n: int,
+    timeout: float,
+    res: dict[str, Any],
+) -> None:
+    rc = bytes.fromhex(res["rcookies"][0])
+    exch = EXCH_QUICK_MODE if version == 1 else EXCH_IKE_AUTH
+    for i in range(n):
+        # IKEv1 Quick Modes have random message IDs; IKEv2 counts them (IKE_SA_INIT was 0)
+        msgid = struct.unpack("!I", os.urandom(4))[0] | 1 if version == 1 else i + 1
+        pkt = isakmp_packet(ic, rc, version, token, exchange=exch, msgid=msgid)
+        end = time.monotonic() + timeout
+        next_send = 0.0
+        done = False
+        while not done and time.monotonic() < end:
+            if time.monotonic() >= next_send:  # retransmit like an IKE daemon would
+                s.sendto(pkt, (server, port))
+                res["child_sent"] += 1
+                next_send = time.monotonic() + 0.3
+            r, _, _ = select.select([s], [], [], 0.1)
+            if not r:
+                continue
+            msg = parse_isakmp(s.recv(65535))
+            if msg is None:
+                continue
+            res["received"] += 1
+            if msg["icookie"] != ic.hex() or not (msg["token"] or "").startswith(f"{token} ECHO"):
+                res["crosstalk"].append({"icookie": msg["icookie"], "token": msg["token"]})
+            elif msg["exch"] == exch and msg["msgid"] == msgid:
+                res["child_verified"] += 1
+                done = True
 
 
 # ------------------------------------------------------------------- test-side wrappers
@@ -547,30 +715,67 @@ def run_esp_client(
     count: int = 5,
     timeout: float = 3.0,
     listen_first: float = 0.0,
+    resend: bool = False,
 ) -> dict[str, Any]:
     """Run ``esp-client`` in a namespace to completion; returns its summary."""
     return dict(
         topo.run_json(
             role,
-            topo.py(
-                __name__,
-                "esp-client",
-                "--server",
+            esp_client_argv(
+                topo,
                 server_ip,
-                "--spi-out",
-                f"{spi_out:#x}",
-                "--spi-in",
-                f"{spi_in:#x}",
-                "--token",
-                token or role,
-                "--count",
-                count,
-                "--timeout",
-                timeout,
-                "--listen-first",
-                listen_first,
+                spi_out,
+                spi_in,
+                token=token or role,
+                count=count,
+                timeout=timeout,
+                listen_first=listen_first,
+                resend=resend,
             ),
-            timeout=timeout + count + 15,
+            timeout=timeout + listen_first + count + 15,
+        )
+    )
+
+
+def esp_client_argv(
+    topo: Any,
+    server_ip: str,
+    spi_out: int,
+    spi_in: int,
+    *,
+    token: str,
+    count: int = 5,
+    timeout: float = 3.0,
+    listen_first: float = 0.0,
+    first_wanted: int = 0,
+    resend: bool = False,
+    interval: float = 0.1,
+) -> list[str]:
+    """argv of ``esp-client`` (for :meth:`Topology.start_json` with ``ready="listening"``)."""
+    extra: list[object] = ["--resend"] if resend else []
+    return list(
+        topo.py(
+            __name__,
+            "esp-client",
+            "--server",
+            server_ip,
+            "--spi-out",
+            f"{spi_out:#x}",
+            "--spi-in",
+            f"{spi_in:#x}",
+            "--token",
+            token,
+            "--count",
+            count,
+            "--timeout",
+            timeout,
+            "--interval",
+            interval,
+            "--listen-first",
+            listen_first,
+            "--first-wanted",
+            first_wanted,
+            *extra,
         )
     )
 
@@ -611,7 +816,9 @@ def run_isakmp_client(
     count: int = 3,
     sport: int = ISAKMP_PORT,
     timeout: float = 2.0,
+    child: int = 0,
 ) -> dict[str, Any]:
+    """Run ``isakmp-client`` in a namespace to completion; returns its summary."""
     return dict(
         topo.run_json(
             role,
@@ -630,8 +837,10 @@ def run_isakmp_client(
                 sport,
                 "--timeout",
                 timeout,
+                "--child",
+                child,
             ),
-            timeout=timeout + count + 15,
+            timeout=timeout * (1 + child) + count + 15,
         )
     )
 
@@ -669,6 +878,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--seed", default="vpnmasq-lab")
     p.add_argument("--listen-first", type=float, default=0.0)
+    p.add_argument("--first-wanted", type=int, default=0)
+    p.add_argument("--resend", action="store_true")
+    p = sub.add_parser("ah-send")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--spi", type=_int0, default=0x3001)
+    p = sub.add_parser("raw-listen")
+    p.add_argument("--proto", type=int, required=True)
+    p.add_argument("--bind")
+    p.add_argument("--duration", type=float, default=3600.0)
     p = sub.add_parser("isakmp-server")
     p.add_argument("--bind", required=True)
     p.add_argument("--port", type=int, default=ISAKMP_PORT)
@@ -684,6 +903,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=ISAKMP_PORT)
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--icookie", type=bytes.fromhex)
+    p.add_argument(
+        "--child",
+        type=int,
+        default=0,
+        help="child-SA exchanges after phase 1 (Quick Mode/IKE_AUTH)",
+    )
     a = ap.parse_args(argv)
     _install_signals()
     if a.cmd == "esp-server":
@@ -708,8 +933,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=a.timeout,
             seed=a.seed,
             listen_first=a.listen_first,
+            first_wanted=a.first_wanted,
+            resend=a.resend,
         )
         return 0 if r["ok"] else 1
+    if a.cmd == "ah-send":
+        ah_send(a.dst, count=a.count, spi=a.spi)
+        return 0
+    if a.cmd == "raw-listen":
+        raw_listen(a.proto, a.bind, a.duration)
+        return 0
     if a.cmd == "isakmp-server":
         isakmp_server(
             a.bind, a.port, send_first=a.send_first, first_count=a.first_count, duration=a.duration
@@ -724,6 +957,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=a.port,
         timeout=a.timeout,
         icookie=a.icookie,
+        child=a.child,
     )
     return 0 if r["ok"] else 1
 

@@ -224,6 +224,8 @@ class Topology:
         self._old_handlers: dict[int, Any] = {}
         self._atexit_registered = False
         self._kernel_nat = False
+        self.vpnmasq: Any = None  # the VpnmasqGateway started by gateway_vpnmasq()
+        self._captures: list[subprocess.Popen[Any]] = []
         self._build_nodes()
 
     # ----------------------------------------------------------------- naming
@@ -382,6 +384,11 @@ class Topology:
         if not self._is_up:
             return
         self._is_up = False
+        with contextlib.suppress(Exception):
+            self.stop_captures()  # let tcpdump finish its files before everything is killed
+        if self.vpnmasq is not None:
+            with contextlib.suppress(Exception):
+                self.vpnmasq.stop(timeout=3.0)  # a clean exit: rules removed, socket closed
         with self._lock:
             procs, self._procs = self._procs, []
         for _, p in procs:
@@ -641,6 +648,39 @@ class Topology:
         self.exec("gw", ["conntrack", "-F"], check=False)
         self._kernel_nat = True
 
+    def gateway_vpnmasq(
+        self,
+        mode: str = "hybrid",
+        *,
+        forwards: Sequence[Any] = (),
+        config_overrides: Any = None,
+        log_level: str = "info",
+        timeout: float = 15.0,
+    ) -> Any:
+        """Run ``vpnmasq run`` in the gateway instead of the kernel's NAT; returns the started
+        :class:`vpnmasq.lab.gateway.VpnmasqGateway` (also kept as ``self.vpnmasq``).
+
+        Removes the kernel NAT table first and stops a daemon this topology started before.
+        ``forwards``: ``[[forward]]`` tables as dicts (``{"protocol": "gre", "to": ...}``);
+        ``config_overrides``: more config keys, merged table by table.
+        """
+        from .gateway import VpnmasqGateway
+
+        if self.vpnmasq is not None:
+            self.vpnmasq.stop()
+        self.gateway_nat_off()
+        n = sum(1 for d in self.workdir.glob("vpnmasq*") if d.is_dir())
+        gw = VpnmasqGateway(
+            self,
+            mode=mode,
+            forwards=forwards,
+            config_overrides=config_overrides,
+            log_level=log_level,
+            name=f"vpnmasq-{n + 1}" if n else "vpnmasq",
+        )
+        self.vpnmasq = gw
+        return gw.start(timeout)
+
     def gateway_nat_off(self) -> None:
         """Remove the kernel NAT table (if any) and flush conntrack in the gateway."""
         self.exec("gw", ["nft", "delete", "table", "ip", KERNEL_NAT_TABLE], check=False)
@@ -653,7 +693,18 @@ class Topology:
         self, role: str, iface: str, path: str | os.PathLike[str], bpf: str = ""
     ) -> Iterator[Path]:
         """tcpdump to a pcap while the block runs (``with topo.capture("gw", "wan0", f):``)."""
-        argv = ["tcpdump", "-i", iface, "-n", "-U", "-w", str(path), "-s", "256"]
+        argv = [
+            "tcpdump",
+            "-i",
+            iface,
+            "-n",
+            "-U",
+            "--immediate-mode",
+            "-w",
+            str(path),
+            "-s",
+            "256",
+        ]
         if bpf:
             argv += bpf.split()
         p = self.popen(role, argv, name=f"tcpdump:{role}:{iface}", stdout=subprocess.DEVNULL)
@@ -674,6 +725,62 @@ class Topology:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(2)
             self.stop(p)
+
+    def start_captures(
+        self,
+        directory: str | os.PathLike[str],
+        label: str,
+        ifaces: Sequence[str] = ("wan0", "lan0"),
+        role: str = "gw",
+        snaplen: int = 0,
+    ) -> list[Path]:
+        """Start tcpdump on the gateway's interfaces, writing ``DIR/<label>-<iface>.pcap``
+        (for Wireshark) until :meth:`stop_captures` or :meth:`down`. Returns the paths once
+        every tcpdump is listening. ``snaplen`` 0 keeps whole packets."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for iface in ifaces:
+            path = d / f"{label}-{iface}.pcap"
+            argv = [
+                "tcpdump",
+                "-i",
+                iface,
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-w",
+                str(path),
+                "-s",
+                str(snaplen),
+            ]
+            p = self.popen(role, argv, name=f"tcpdump:{role}:{iface}", stdout=subprocess.DEVNULL)
+            _wait_tcpdump(p)
+            self._captures.append(p)
+            paths.append(path)
+        return paths
+
+    def stop_captures(self) -> None:
+        """Stop the captures of :meth:`start_captures`; their files are complete afterwards."""
+        caps, self._captures = self._captures, []
+        for p in caps:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(2)
+            self.stop(p)
+
+
+def _wait_tcpdump(p: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """Return once tcpdump prints "listening on" (its socket is open), exits, or timeout."""
+    assert p.stderr is not None
+    deadline = time.monotonic() + timeout
+    buf = b""
+    os.set_blocking(p.stderr.fileno(), False)
+    while b"listening on" not in buf and time.monotonic() < deadline and p.poll() is None:
+        with contextlib.suppress(BlockingIOError, TypeError):
+            buf += p.stderr.read() or b""
+        time.sleep(0.02)
 
 
 class JsonProcess:
