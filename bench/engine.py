@@ -1,7 +1,17 @@
-"""Engine-only benchmark (no kernel): packets/s for established rewrites, new-mapping rate,
-and memory per mapping. Prints figures; asserts nothing (see docs/BENCHMARKS.md).
+"""Engine-only benchmarks (no kernel): the pure core's own speed and memory.
 
-    .venv/bin/python bench/engine.py [--mappings 100000] [--packets 200000]
+* established rewrites, packets per CPU-second (``time.process_time``: one core, whatever
+  else runs on the machine), for TCP/UDP (the fast path, and the slow path for comparison)
+  and ESP/GRE (the helpers);
+* new mappings per second;
+* memory per mapping (tracemalloc, everything the engine allocates, fixed costs included) at
+  100k and 1M mappings, and the established rate over such a table;
+* the cost of association: packets and (manual-clock) time to associate N ESP SPI pairs
+  and N PPTP calls to one remote, and the CPU it takes.
+
+Prints figures, asserts nothing (see docs/BENCHMARKS.md)::
+
+    .venv/bin/python bench/engine.py [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -9,22 +19,32 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
+import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 from vpnmasq.config import Config, Limits, PortRange
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
-from vpnmasq.packet.ipv4 import ip_to_int
-from vpnmasq.packet.l4 import TCP_ACK, build_tcp, build_udp
-from vpnmasq.verdict import Direction
+from vpnmasq.packet.ipv4 import PROTO_ESP, PROTO_GRE, build_ipv4, ip_to_int
+from vpnmasq.packet.l4 import TCP_ACK, TCP_SYN, build_esp, build_gre_v1, build_tcp, build_udp
+from vpnmasq.verdict import Action, Direction
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the PPTP transcript builders of the tests
+    sys.path.insert(0, str(ROOT))
 
 OUT, IN = Direction.OUTBOUND, Direction.INBOUND
 PUB = ip_to_int("198.51.100.1")
 EXT = ip_to_int("203.0.113.20")
+LAN = ip_to_int("10.0.0.0")
 
 
-def make(max_entries: int = 2_000_000) -> Engine:
+def make(max_entries: int = 2_000_000, **kw: Any) -> Engine:
     cfg = Config(
         inside_networks=("10.0.0.0/8",),
         public_address="198.51.100.1",
@@ -33,101 +53,269 @@ def make(max_entries: int = 2_000_000) -> Engine:
         limits=Limits(max_entries=max_entries),
         filtering="endpoint-independent",
         helpers=tuple(h for h in Config().helpers if h in available()),
+        **kw,
     )
     return Engine(cfg, rng_seed=1)
 
 
-def rate(fn, n: int) -> float:
-    t0 = time.perf_counter()
+def per_cpu_second(fn: Callable[[int], None], n: int) -> float:
+    t0 = time.process_time()
     fn(n)
-    return n / (time.perf_counter() - t0)
+    return n / (time.process_time() - t0)
 
 
-def established(proto: str, n: int, flows: int = 64) -> dict[str, float]:
+def _loop(eng: Engine, pkts: list[bytes], direction: Direction) -> Callable[[int], None]:
+    handle, m = eng.handle, len(pkts)
+
+    def run(k: int) -> None:
+        for i in range(k):
+            handle(pkts[i % m], direction, 1.0)
+
+    return run
+
+
+# ------------------------------------------------------------------ established flows
+def established(proto: str, n: int, *, fast: bool = True, flows: int = 64, size: int = 1400) -> dict[str, float]:
+    """TCP or UDP flows, handshake done, then ``n`` data packets each way."""
     eng = make()
-    build = build_tcp if proto == "tcp" else build_udp
-    outs = [bytes(build(ip_to_int("10.0.0.2") + i, EXT, 40000, 443, b"x" * 1400)) for i in range(flows)]
-    ins = []
-    for p in outs:
-        v = eng.handle(p, OUT, 0.0)
-        assert v.payload is not None
-        alias = int.from_bytes(v.payload[20:22], "big")
+    eng.fast_path = fast
+    pl = b"x" * (size - 40)
+    outs: list[bytes] = []
+    ins: list[bytes] = []
+    for i in range(flows):
+        host = LAN + 2 + i
         if proto == "tcp":
-            ins.append(bytes(build_tcp(EXT, PUB, 443, alias, b"y" * 1400, flags=TCP_ACK)))
+            v = eng.handle(build_tcp(host, EXT, 40000, 443, flags=TCP_SYN), OUT, 0.0)
+            assert v.payload is not None
+            alias = int.from_bytes(v.payload[20:22], "big")
+            eng.handle(build_tcp(EXT, PUB, 443, alias, flags=TCP_SYN | TCP_ACK), IN, 0.0)
+            outs.append(bytes(build_tcp(host, EXT, 40000, 443, pl)))
+            ins.append(bytes(build_tcp(EXT, PUB, 443, alias, pl, flags=TCP_ACK)))
         else:
-            ins.append(bytes(build_udp(EXT, PUB, 443, alias, b"y" * 1400)))
-    handle = eng.handle
+            v = eng.handle(build_udp(host, EXT, 40000, 443, pl), OUT, 0.0)
+            assert v.payload is not None
+            alias = int.from_bytes(v.payload[20:22], "big")
+            outs.append(bytes(build_udp(host, EXT, 40000, 443, pl)))
+            ins.append(bytes(build_udp(EXT, PUB, 443, alias, pl)))
+        for p, d in ((outs[-1], OUT), (ins[-1], IN)):  # one packet each way marks the flow
+            assert eng.handle(p, d, 0.5).action is Action.ACCEPT
+    tag = "" if fast else "_slowpath"
+    return {
+        f"{proto}_out_pps{tag}": per_cpu_second(_loop(eng, outs, OUT), n),
+        f"{proto}_in_pps{tag}": per_cpu_second(_loop(eng, ins, IN), n),
+    }
 
-    def run_out(k: int) -> None:
-        for i in range(k):
-            handle(outs[i % flows], OUT, 1.0)
 
-    def run_in(k: int) -> None:
-        for i in range(k):
-            handle(ins[i % flows], IN, 1.0)
+def vpn_established(kind: str, n: int, *, flows: int = 16) -> dict[str, float]:
+    """ESP associations / PPTP calls set up first, then ``n`` packets each way."""
+    eng = make()
+    outs: list[bytes] = []
+    ins: list[bytes] = []
+    pl = b"\0" * 1372
+    if kind == "esp":
+        for i in range(flows):
+            host = LAN + 2 + i
+            out = bytes(build_ipv4(host, EXT, PROTO_ESP, build_esp(0x1000 + i, 1, pl)))
+            back = bytes(build_ipv4(EXT, PUB, PROTO_ESP, build_esp(0x2000 + i, 1, pl)))
+            assert eng.handle(out, OUT, 0.0).accepted and eng.handle(back, IN, 0.0).accepted
+            outs.append(out)
+            ins.append(back)
+    else:
+        from tests.pptp_wire import ControlLink
 
-    return {f"{proto}_out_pps": rate(run_out, n), f"{proto}_in_pps": rate(run_in, n)}
+        for i in range(flows):
+            host = LAN + 2 + i
+            link = ControlLink(eng, host, 40000, EXT).open(0.0)
+            link.start_session(0.0)
+            outside = link.outgoing_call(0x100 + i, 0x4000 + i, 0.0)
+            outs.append(bytes(build_ipv4(host, EXT, PROTO_GRE, build_gre_v1(0x4000 + i, pl))))
+            ins.append(bytes(build_ipv4(EXT, PUB, PROTO_GRE, build_gre_v1(outside, pl))))
+    for p, d in zip(outs + ins, [OUT] * flows + [IN] * flows, strict=True):
+        assert eng.handle(p, d, 0.5).accepted
+    return {
+        f"{kind}_out_pps": per_cpu_second(_loop(eng, outs, OUT), n),
+        f"{kind}_in_pps": per_cpu_second(_loop(eng, ins, IN), n),
+    }
 
 
 def new_mappings(n: int) -> float:
     eng = make()
     pkts = [
-        bytes(build_udp(ip_to_int("10.0.0.0") + 1 + (i >> 14), EXT, 1024 + (i & 0x3FFF), 53, b"q"))
-        for i in range(n)
+        bytes(build_udp(LAN + 1 + (i >> 14), EXT, 1024 + (i & 0x3FFF), 53, b"q")) for i in range(n)
     ]
-    t0 = time.perf_counter()
-    for p in pkts:
+    t0 = time.process_time()
+    for j, p in enumerate(pkts):
         eng.handle(p, OUT, 0.0)
-    dt = time.perf_counter() - t0
+        if j & 1023 == 0:
+            eng.drain_events()
+    dt = time.process_time() - t0
     eng.drain_events()
     return n / dt
 
 
-def memory_per_mapping(n: int) -> float:
-    """Mappings from many LAN hosts to many remotes (one public address holds ~64k ports per
-    protocol, so large tables use TCP, UDP and ICMP across remotes... of the same alias port
-    space: each mapping here is its own binding, so n must stay below 3 x 64k)."""
-    builders = (build_udp, build_tcp)
-    pkts = [
-        bytes(
-            builders[i & 1](
-                ip_to_int("10.0.0.0") + 1 + (i >> 12), EXT + (i & 0xFF), 1024 + ((i >> 1) & 0x7FF), 53, b"q"
-            )
-        )
-        for i in range(n)
-    ]
+# ------------------------------------------------------------------ memory
+def _mapping_packets(n: int, per_binding: int) -> Iterator[bytes]:
+    """``n`` distinct mappings. ``per_binding`` 1: every mapping its own binding (TCP and UDP
+    alternate, 4096 source ports per LAN host, 256 remotes): the worst case. Otherwise UDP
+    bindings (one LAN port) with ``per_binding`` sessions each, to as many remotes: one public
+    address has ~64k ports per protocol, so a million mappings need the endpoint-independent
+    sharing of a binding by several sessions (or more addresses)."""
+    if per_binding == 1:
+        for i in range(n):
+            b = build_udp if i & 1 else build_tcp
+            host = LAN + 1 + (i >> 12)
+            yield bytes(b(host, EXT + (i & 0xFF), 1024 + ((i >> 1) & 0x7FF), 53, b"q"))
+        return
+    for i in range(n):
+        binding, remote = divmod(i, per_binding)
+        host = LAN + 1 + (binding >> 12)
+        yield bytes(build_udp(host, EXT + remote, 1024 + (binding & 0xFFF), 53, b"q"))
+
+
+def memory_per_mapping(n: int, per_binding: int = 1, rate_packets: int = 0) -> dict[str, float]:
+    """Bytes per mapping (traced allocations, engine fixed costs included), and optionally the
+    established-flow rate over the full table (random flows: cache misses included)."""
     gc.collect()
     tracemalloc.start()
-    eng = make()
     base = tracemalloc.get_traced_memory()[0]
-    for j, p in enumerate(pkts):
-        eng.handle(p, OUT, 0.0)
-        if j % 4096 == 0:
+    eng = make()
+    sample: list[bytes] = []
+    rnd = random.Random(5)
+    for j, p in enumerate(_mapping_packets(n, per_binding)):
+        v = eng.handle(p, OUT, 0.0)
+        if j & 1023 == 0:
             eng.drain_events()
+        # the rate sample: UDP flows (a TCP flow needs its handshake to be established)
+        if rate_packets and p[9] == 17 and rnd.random() < 8192 / n:
+            assert v.payload is not None
+            sample.append(p)
     eng.drain_events()
     gc.collect()
     used = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    assert len(eng.table) == n, len(eng.table)
-    return used / n
+    assert len(eng.table) == n, (len(eng.table), n)
+    out = {f"bytes_per_mapping_{n}": used / n}
+    if rate_packets:
+        for p in sample:  # the second packet marks each flow for the fast path
+            eng.handle(p, OUT, 0.5)
+        rnd.shuffle(sample)
+        out[f"out_pps_with_{n}_mappings"] = per_cpu_second(_loop(eng, sample, OUT), rate_packets)
+    return out
+
+
+# ------------------------------------------------------------------ association cost
+def esp_association(hosts: int, *, retransmit: float = 0.5, rtt: float = 0.05, step: float = 0.01) -> dict[str, float]:
+    """``hosts`` LAN hosts start ESP to one remote at once, with no IKE seen (the worst case:
+    pure serialization); each retransmits its first packet every ``retransmit`` s until the
+    remote's SPI reaches it; the remote answers every packet it gets after ``rtt`` s."""
+    eng = make()
+    out_spi = {LAN + 2 + i: 0x1000_0000 + i for i in range(hosts)}
+    in_spi = {h: 0x2000_0000 + i for i, h in enumerate(out_spi)}
+    owner = {s: h for h, s in in_spi.items()}
+    done: dict[int, float] = {}
+    next_send = dict.fromkeys(out_spi, 0.0)
+    replies: list[tuple[float, int]] = []
+    now, offered = 0.0, 0
+    cpu0 = time.process_time()
+    while len(done) < hosts and now < 3600:
+        for t, spi in sorted(replies):
+            if t <= now:
+                replies.remove((t, spi))
+                offered += 1
+                v = eng.handle(build_ipv4(EXT, PUB, PROTO_ESP, build_esp(spi, 1)), IN, now)
+                if v.accepted and v.payload is not None:
+                    dst = int.from_bytes(v.payload[16:20], "big")
+                    assert dst == owner[spi], "misassociated"
+                    done.setdefault(dst, now)
+        for h in out_spi:
+            if h in done or next_send[h] > now:
+                continue
+            next_send[h] = now + retransmit
+            offered += 1
+            v = eng.handle(build_ipv4(h, EXT, PROTO_ESP, build_esp(out_spi[h], 1)), OUT, now)
+            if v.accepted:
+                replies.append((now + rtt, in_spi[h]))
+        now += step
+        dl = eng.next_deadline()
+        if dl is not None and dl <= now:
+            eng.handle_timer(now)
+    cpu = time.process_time() - cpu0
+    return {
+        "seconds_all": max(done.values()) if done else float("nan"),
+        "packets": offered,
+        "packets_per_association": offered / hosts,
+        "cpu_ms": cpu * 1e3,
+    }
+
+
+def pptp_association(calls: int) -> dict[str, float]:
+    """``calls`` LAN hosts each open a control connection and one call to one remote: TCP
+    handshake (3), Start-Control-Connection (2), Outgoing-Call (2) through the engine."""
+    from tests.pptp_wire import ControlLink
+
+    eng = make()
+    offered = [0]
+    inner = eng.handle
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        offered[0] += 1
+        return inner(*a, **kw)
+
+    eng.handle = counting  # type: ignore[method-assign]
+    cpu0 = time.process_time()
+    for i in range(calls):
+        link = ControlLink(eng, LAN + 2 + i, 40000, EXT).open(0.0)
+        link.start_session(0.0)
+        link.outgoing_call(0, 0x4000 + i, 0.0)  # every client uses Call ID 0
+    cpu = time.process_time() - cpu0
+    gre = [e for e in eng.table if e.kind == "gre"]
+    assert len(gre) == calls and len({e.alias_port for e in gre}) == calls
+    return {"seconds_all": 0.0, "packets": offered[0], "packets_per_association": offered[0] / calls,
+            "cpu_ms": cpu * 1e3}
+
+
+# ------------------------------------------------------------------ main
+def run_all(quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+    n = 60_000 if quick else 300_000
+    res: dict[str, Any] = {}
+    for proto in ("tcp", "udp"):
+        res.update(established(proto, n))
+        res.update(established(proto, n // 3, fast=False))
+    log("  engine: established TCP/UDP done")
+    for kind in ("esp", "gre"):
+        res.update(vpn_established(kind, n // 2))
+    res["new_mappings_per_s"] = new_mappings(20_000 if quick else 100_000)
+    log("  engine: ESP/GRE and new mappings done")
+    res.update(memory_per_mapping(100_000, 1, rate_packets=n // 2))
+    res["per_binding_100000"] = 1
+    big = 200_000 if quick else 1_000_000
+    res.update(memory_per_mapping(big, 16, rate_packets=n // 2))
+    res[f"per_binding_{big}"] = 16
+    log(f"  engine: memory at 100k and {big // 1000}k mappings done")
+    assoc: dict[str, dict[str, float]] = {}
+    for k in (1, 8, 64):
+        assoc[f"esp_{k}"] = esp_association(k)
+        assoc[f"pptp_{k}"] = pptp_association(k)
+    res["association"] = assoc
+    log("  engine: association cost done")
+    return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--packets", type=int, default=200_000)
-    ap.add_argument("--mappings", type=int, default=100_000)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    res: dict[str, float] = {}
-    res.update(established("tcp", a.packets))
-    res.update(established("udp", a.packets))
-    res["new_mappings_per_s"] = new_mappings(min(a.mappings, 100_000))
-    res[f"bytes_per_mapping_at_{a.mappings}"] = memory_per_mapping(a.mappings)
+    res = run_all(a.quick, log=lambda s: print(s, file=sys.stderr))
     if a.json:
-        print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k:32s} {v:12,.0f}")
+        print(json.dumps(res, indent=1))
+        return
+    for k, v in res.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                print(f"{k}.{kk:30s} {vv}")
+        else:
+            print(f"{k:40s} {v:14,.0f}")
 
 
 if __name__ == "__main__":

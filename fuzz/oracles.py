@@ -51,16 +51,32 @@ def checksums(data: bytes | bytearray) -> tuple[bool, bool | None]:
     return (hdr_ok, None)
 
 
+def fingerprint(eng: Engine, now: float) -> dict[int, tuple[object, ...]]:
+    """The live (not yet due) entries and what a packet could change about them."""
+    return {
+        id(e): (e.tclass, e.state_name, e.expires_at, tuple(e.keys), e.inside_ip)
+        for e in eng.table
+        if e.expires_at > now
+    }
+
+
 class Before:
-    """Who could legitimately receive from whom, taken before a packet is handled."""
+    """Who could legitimately receive from whom, taken before a packet is handled; and, for
+    a packet from a *stranger* (an address no entry has as its remote, with no forward
+    configured), the table's fingerprint: a stranger must not change anything."""
 
-    __slots__ = ("pairs", "claims", "forward_hosts")
+    __slots__ = ("pairs", "claims", "forward_hosts", "remotes", "now", "print")
 
-    def __init__(self, eng: Engine) -> None:
+    def __init__(self, eng: Engine, src: int | None = None, now: float | None = None) -> None:
         self.pairs = {(e.inside_ip, e.remote_ip) for e in eng.table}
+        self.remotes = {e.remote_ip for e in eng.table}
         esp = eng.helper_by_name.get("esp")
         self.claims: set[tuple[int, int]] = set(getattr(esp, "claims", {}).keys())
         self.forward_hosts = {int(IPv4Address(f.to)) for f in eng.config.forwards}
+        self.now = now
+        self.print: dict[int, tuple[object, ...]] | None = None
+        if src is not None and now is not None and not eng.config.forwards and src not in self.remotes:
+            self.print = fingerprint(eng, now)
 
 
 def before(eng: Engine) -> Before:
@@ -79,6 +95,11 @@ def check_verdict(
     for _tok, rv in v.released:
         if rv.action is Action.ACCEPT and rv.payload is not None:
             _check_parse(rv.payload)
+    if pre is not None and pre.print is not None and pre.now is not None:
+        after = fingerprint(eng, pre.now)
+        if after != pre.print:
+            changed = set(after.items()) ^ set(pre.print.items())
+            _fail(f"a packet from a stranger changed the table: {sorted(map(str, changed))[:4]}")
     if v.action is not Action.ACCEPT:
         if v.payload is not None:
             _fail(f"{v.action} verdict carries a payload")

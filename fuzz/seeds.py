@@ -31,7 +31,7 @@ from tests.pptp_wire import (
 )
 
 from fuzz.targets import PEERS, encode, flags_of
-from fuzz.world import MAIN, QUICK, SA_INIT, build_world
+from fuzz.world import MAIN, QUICK, SA_INIT, VARIANTS, build_world
 from vpnmasq.helpers.isakmp import build_header
 from vpnmasq.packet.ipv4 import PROTO_ESP, IPv4, build_ipv4
 from vpnmasq.packet.l4 import (
@@ -183,7 +183,7 @@ PPTP_STREAMS: list[list[tuple[bool, bytes]]] = [
 def seeds(target: str) -> list[bytes]:
     """Inputs for ``target`` (see :mod:`fuzz.targets`), several per variant."""
     out: list[bytes] = []
-    for variant in range(3):
+    for variant in range(len(VARIANTS)):
         convs = script(variant)
         for conv in convs:
             recs: list[tuple[int, bytes]] = []

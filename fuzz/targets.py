@@ -23,8 +23,9 @@ the header parser and address rewrites directly), ``tcp``, ``udp``, ``icmp``, ``
 (transport/tunnel header and payload; bit 3 set: TCP/UDP/ICMP checksum fixed), ``isakmp``
 (the UDP payload, parsed directly and through the engine on port 500, or 4500 behind the
 non-ESP marker with bit 3), ``pptp`` (payload bytes on the PPTP control connection of the
-world, bit 3: second client; bits 5-6: ACK / PSH / FIN / RST; bit 7: sequence number
-jumps ahead, making a gap, instead of continuing the stream).
+world, bit 3: second client; bits 5-6: ACK / PSH / FIN / RST; bit 7: the sequence number
+jumps ahead instead of continuing the stream: by 1000 (a gap) for an even payload length,
+by 2**30 (a blind segment: a FIN or RST from outside must then change nothing) for an odd).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Callable, Iterator
 from tests.invariants import check_invariants
 from tests.packets import ATTACKER, EXT, EXT2, MASQ, PRV1, PRV2, PRV3
 
-from fuzz.oracles import Before, check_verdict, checksums
+from fuzz.oracles import Before, OracleFailure, check_verdict, checksums, fingerprint
 from fuzz.world import World, fresh_world
 from vpnmasq.helpers.isakmp import IsakmpHeader, MalformedIsakmp
 from vpnmasq.packet.checksum import checksum, pseudo_header_sum
@@ -113,7 +114,10 @@ class Driver:
     def send(self, pkt: bytes | bytearray, outbound: bool) -> None:
         eng = self.w.eng
         d = Direction.OUTBOUND if outbound else Direction.INBOUND
-        pre = Before(eng) if not outbound else None
+        pre = None
+        if not outbound:
+            src = int.from_bytes(pkt[12:16], "big") if len(pkt) >= 20 else None
+            pre = Before(eng, src, self.w.now)
         v = eng.handle(pkt, d, self.w.now, token=self.packets)
         self.packets += 1
         check_verdict(eng, pkt, d, v, pre)
@@ -256,9 +260,15 @@ def target_pptp(data: bytes) -> None:
         tcp_flags = (TCP_ACK, TCP_ACK | 0x08, TCP_FIN | TCP_ACK, TCP_RST | TCP_ACK)[(flags >> 5) & 3]
         from_lan = bool(flags & F_OUT)
         base = link.lan_seq if from_lan else link.remote_seq
-        seq = (base + 1000) if flags & F_HOST else base
+        # bit 7: a gap; a small one (the ALG drops it until the hole is filled) for an even
+        # payload length, else a jump far outside any window (a blind segment)
+        blind = bool(flags & F_HOST) and len(chunk) % 2 == 1
+        seq = base + ((0x40000000 if blind else 1000) if flags & F_HOST else 0)
         eng = w.eng
-        pre = Before(eng)
+        pre = Before(eng, None if from_lan else link.remote_ip, w.now)
+        # RFC 5382: a blind RST/FIN from outside changes nothing (no call ends, no timeout
+        # shortens); only the TCP-level bookkeeping of the one entry may move
+        blind_print = fingerprint(eng, w.now) if blind and not from_lan else None
         if from_lan:
             v = link.lan_segment(chunk, w.now, seq=seq, flags=tcp_flags)
         else:
@@ -273,6 +283,13 @@ def target_pptp(data: bytes) -> None:
                             flags=tcp_flags, seq=seq & 0xFFFFFFFF, ack=link.lan_seq & 0xFFFFFFFF)
         check_verdict(eng, pkt, Direction.OUTBOUND if from_lan else Direction.INBOUND, v, pre)
         check_invariants(eng)
+        if blind_print is not None and tcp_flags & (TCP_FIN | TCP_RST):
+            after = fingerprint(eng, w.now)
+            if after != blind_print:
+                raise OracleFailure(
+                    "a blind FIN/RST from the server's address changed the table: "
+                    f"{sorted(map(str, set(after.items()) ^ set(blind_print.items())))[:4]}"
+                )
         if v.action is Action.ACCEPT and not flags & F_HOST:
             n = len(chunk) + (1 if tcp_flags & TCP_FIN else 0)
             if from_lan:

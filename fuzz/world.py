@@ -19,7 +19,8 @@ ike2       PRV3 -> EXT2 IKEv2 IKE_SA_INIT outstanding
 Variants change the configuration: 0 is the default; 1 has small limits (so table-full,
 host-limit, rate-limit and fragment-overflow paths are reachable), forwards (tcp 8080, udp
 5060, a LAN PPTP server on 1723 + gre) and esp.guess_single_host; 2 uses address-dependent
-filtering and ``ambiguous_ike = "most-recent"``.
+filtering and ``ambiguous_ike = "most-recent"``; 3 forwards whole protocols (every TCP and
+UDP port, and ESP) to the LAN server, with small limits.
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ VARIANTS: tuple[dict[str, Any], ...] = (
         ),
     },
     {"filtering": "address-dependent", "ambiguous_ike": "most-recent"},
+    {
+        "limits": Limits(max_entries=40, max_entries_per_host=12),
+        "forwards": (Forward("udp", "10.77.0.5"), Forward("tcp", "10.77.0.5"), Forward("esp", "10.77.0.5")),
+    },
 )
 
 

@@ -15,7 +15,8 @@ rule. The rules, each one a way the gateway could leak or lose traffic:
 * no inbound SPI from one remote placed with two LAN hosts; the ESP helper's pending
   bookkeeping matches the entries and honours ``esp.max_pending_per_host`` and
   ``esp.max_waiting_per_remote``;
-* the configured limits hold: ``max_entries``, ``max_entries_per_host``, ``fragment_buffer``.
+* the configured limits hold: ``max_entries``, ``max_entries_per_host``, ``fragment_buffer``,
+  and the engine's own bounds on first-fragment states and rate-limiter buckets.
 """
 
 from __future__ import annotations
@@ -208,3 +209,9 @@ def _check_fragments(engine: Engine) -> None:
         _fail(f"held fragments {held} != _held_count {engine._held_count}")
     if held > engine.config.limits.fragment_buffer:
         _fail(f"{held} fragments held > fragment_buffer {engine.config.limits.fragment_buffer}")
+    from vpnmasq import engine as engine_mod
+
+    if len(engine._frags) > engine_mod.MAX_FRAGMENT_STATES:
+        _fail(f"{len(engine._frags)} first-fragment states > {engine_mod.MAX_FRAGMENT_STATES}")
+    if len(engine._buckets) > engine_mod.MAX_RATE_BUCKETS:
+        _fail(f"{len(engine._buckets)} rate buckets > {engine_mod.MAX_RATE_BUCKETS}")

@@ -1246,6 +1246,13 @@ def _cross_checks(config: Config, errors: _Problems) -> None:
             f"{_rng(config.kernel_port_range)}; in hybrid mode the kernel and vpnmasq would "
             "hand out the same outside ports",
         )
+    if config.mode == "hybrid" and _overlap(config.low_port_range, config.kernel_port_range):
+        errors.add_at_first_present(
+            ["low_port_range", "kernel_port_range"],
+            f"low_port_range {_rng(config.low_port_range)} overlaps kernel_port_range "
+            f"{_rng(config.kernel_port_range)}; in hybrid mode the kernel and vpnmasq would "
+            "hand out the same outside ports",
+        )
     if _overlap(config.port_range, config.low_port_range):
         errors.add_at_first_present(
             ["low_port_range", "port_range"],

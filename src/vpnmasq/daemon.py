@@ -41,8 +41,9 @@ ISAKMP sessions, PPTP calls and NAPT mappings keep working without new associati
 An upgrade is therefore ``kill -HUP <pid>; wait for it to exit; vpnmasq run --handover``.
 The handover file is ``state_file`` when that is set, otherwise ``handover.json`` next to the
 control socket (deleted once the successor has read it). While running, the table is also
-saved to ``state_file`` every :data:`STATE_SAVE_INTERVAL_S` seconds, so a crash loses at most
-that much.
+saved to ``state_file`` every :data:`STATE_SAVE_INTERVAL_S` seconds by a forked child (a
+copy-on-write snapshot: the packet loop does not stall on a big table), so a crash loses at
+most that much.
 
 The public address is read from ``outside_interface`` and followed with netlink: the rules
 match "an address of outside_interface" (unless ``public_address`` is configured), so an
@@ -246,6 +247,7 @@ def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
         mark=config.mark,
         alias_port_range=(config.port_range.low, config.port_range.high),
         kernel_port_range=(config.kernel_port_range.low, config.kernel_port_range.high),
+        low_port_range=(config.low_port_range.low, config.low_port_range.high),
         forwards=[(f.protocol, f.port) for f in config.forwards],
         forward_reply_ports=[
             (f.protocol, f.to_port)
@@ -283,6 +285,7 @@ class Gateway:
         self.addr_mon: socket.socket | None = None
         self.exit_code = EXIT_OK
         self.next_save: float | None = None  # monotonic time of the next periodic save
+        self.saver: tuple[int, float] | None = None  # (pid, started) of a background save
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -341,7 +344,9 @@ class Gateway:
             try:
                 return NfQueue(cfg.queue_num, fail_open=cfg.fail_open)
             except NfQueueError as exc:
-                if exc.errno != errno.EBUSY:
+                # the kernel answers EPERM (some versions EBUSY) when another socket holds
+                # the queue; we are root, so that is what it means here
+                if exc.errno not in (errno.EPERM, errno.EBUSY):
                     raise StartupError(f"cannot bind NFQUEUE {cfg.queue_num}: {exc}") from None
                 if time.monotonic() >= deadline:
                     hint = (
@@ -371,8 +376,8 @@ class Gateway:
             log.warning("ignoring the saved table: %s; starting with an empty table", exc)
             return
         if data is None:
-            if self.handover:
-                log.warning("handover: no saved table at %s; starting with an empty table", path)
+            if self.handover:  # an ordinary start with --handover (the systemd unit)
+                log.info("handover: no saved table at %s; starting with an empty table", path)
             return
         if self.handover and path != cfg.state_file:
             with contextlib.suppress(OSError):
@@ -405,10 +410,63 @@ class Gateway:
         )
         return True
 
+    def save_in_background(self, path: str) -> None:
+        """The periodic save: a forked child writes a copy-on-write snapshot of the table, so
+        the packet loop does not stop while a big table is exported (about 10 us per entry)
+        and written. At most one at a time; :meth:`reap_saver` collects it. The final save
+        at stop or handover runs in the loop (nothing moves any more then)."""
+        from vpnmasq import state
+
+        if self.saver is not None:
+            return  # the previous one is still writing
+        now, wall = time.monotonic(), time.time()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.warning("cannot fork to save the table (%s); saving in the loop", exc)
+            self.save_state(path)
+            return
+        if pid == 0:  # the child: no logging (another thread may hold its lock), no cleanup
+            code = 1
+            try:
+                state.write_state(path, state.export_state(self.engine, now, wall))
+                code = 0
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(
+                        2,
+                        f"vpnmasq[{os.getpid()}]: ERROR saving the table to {path} failed: "
+                        f"{exc}\n".encode(),
+                    )
+            finally:
+                os._exit(code)
+        self.saver = (pid, now)
+
+    def reap_saver(self, block: bool = False) -> None:
+        """Collect a finished background save (wait for it with ``block``)."""
+        if self.saver is None:
+            return
+        pid, started = self.saver
+        try:
+            done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            self.saver = None
+            return
+        if done == 0:
+            return
+        self.saver = None
+        code = os.waitstatus_to_exitcode(status)
+        took = (time.monotonic() - started) * 1e3
+        if code == 0:
+            log.debug("table saved to %s in the background (%.0f ms)", self.config.state_file, took)
+        else:
+            log.error("saving the table to %s in the background failed (%d)", self.config.state_file, code)
+
     def stop(self) -> None:
         """Flush verdicts, save the table, close the queue; remove the rules unless handing
         over (``keep_rules``, SIGHUP). Sets ``exit_code`` if the handover save failed."""
         cfg = self.config
+        self.reap_saver(block=True)  # its rename must not land after the final save
         if self.nfq is not None:
             with contextlib.suppress(OSError):
                 self.nfq.flush()
@@ -544,9 +602,11 @@ class Gateway:
             self._follow_address(now)
         for ev in self.engine.drain_events():
             self.rl.event(ev, now)
+        if self.saver is not None:
+            self.reap_saver()
         if self.next_save is not None and now >= self.next_save and self.config.state_file:
             self.next_save = now + STATE_SAVE_INTERVAL_S
-            self.save_state(self.config.state_file)
+            self.save_in_background(self.config.state_file)
 
     def _follow_address(self, now: float) -> None:
         try:

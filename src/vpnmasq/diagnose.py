@@ -258,7 +258,8 @@ def check_forwarding(f: Facts) -> list[Finding]:
 
 def check_rp_filter(f: Facts) -> list[Finding]:
     out: list[Finding] = []
-    asym = bool(f.config.routes) or f.config.local_vpn != "never"
+    # strict rp_filter only hurts asymmetric paths: [[route]] networks, tunnels on the gateway
+    asym = bool(f.config.routes) or bool(f.local_consumers)
     for iface in [f.config.outside_interface, *f.inside_ifaces]:
         v = _eff_sysctl(f, "rp_filter", iface)
         if v == 1 and asym:

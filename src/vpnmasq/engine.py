@@ -120,6 +120,10 @@ NEW_MAPPING_BURST_S = 1.0
 #: Token buckets kept at most (least recently used dropped first; a dropped bucket is simply
 #: full again). Bounds the memory a LAN host forging many inside source addresses can take.
 MAX_RATE_BUCKETS = 65536
+#: First-fragment states kept (each maps later fragments of one datagram). A first fragment
+#: is remembered for timeouts.fragment; this bounds what a flood of them can take (about
+#: 150 bytes each, so some 10 MB), issue 7.
+MAX_FRAGMENT_STATES = 65536
 #: Drops that mean "nobody on the LAN wants this inbound VPN packet": with ``local_vpn`` it
 #: goes to the gateway's own VPN endpoint instead (issue 8; see :meth:`Engine.drop`).
 LOCAL_DELIVERY_REASONS = frozenset(
@@ -270,6 +274,7 @@ class Engine:
         self.mss_clamp = config.mss_clamp
         self.local_consumers: frozenset[str] = frozenset()
         self._local_kind: str | None = None  # set while an inbound VPN packet is handled
+        self._local_any = False  # some kind is delivered locally (cheap test per packet)
         self._sync_local()
 
     # ------------------------------------------------------------------ utilities
@@ -326,6 +331,7 @@ class Engine:
         return policy == "auto" and kind in self.local_consumers
 
     def _sync_local(self) -> None:
+        self._local_any = any(self.delivers_locally(k) for k in LOCAL_VPN_KINDS)
         ike = self.helper_by_name.get("isakmp")
         if ike is not None and hasattr(ike, "deliver_unknown_locally"):
             ike.deliver_unknown_locally = self.delivers_locally("ike")
@@ -439,7 +445,7 @@ class Engine:
                 self._charge_to = ip.src
             else:
                 self.counters["packets_in"] = self.counters.get("packets_in", 0) + 1
-                if self.config.local_vpn != "never" and ip.dst == self.public_ip:
+                if self._local_any and ip.dst == self.public_ip:
                     self._local_kind = self._local_vpn_kind(ip)
             if ip.frag_offset or ip.more_fragments:
                 return self._fragment(ip, direction, now, token)
@@ -943,6 +949,7 @@ class Engine:
         fwd = self.match_forward(proto, dport, src)
         if fwd is not None:
             fb = self._fwd_bindings.get(fwd)
+            new_fb = False
             if fb is None:  # whole-protocol forward: a dynamic binding to the same port
                 fb = self.table.binding(proto, ip_to_int(fwd.to), dport)
                 if fb is None:
@@ -950,7 +957,14 @@ class Engine:
                         return self.drop(DropReason.PORTS_EXHAUSTED, f"port {dport} in use", ip)
                     fb = Binding(proto, ip_to_int(fwd.to), dport, dport)
                     self.table.add_binding(fb)
-            return self._add_inbound_session(ip, fb, proto, sport, dport, now, "fwd")
+                    new_fb = True
+            r = self._add_inbound_session(ip, fb, proto, sport, dport, now, "fwd")
+            if isinstance(r, Verdict) and new_fb:
+                # refused (table or host share full): give the port back, or every refused
+                # packet to a new port would keep one taken for good (issue 7)
+                self.table.drop_binding(fb)
+                self.ports[proto].release(dport)
+            return r
         return self.drop(
             DropReason.NO_MAPPING,
             f"unsolicited {PROTO_NAMES[proto]} from {int_to_ip(src)}:{sport} to port {dport}",
@@ -1285,6 +1299,11 @@ class Engine:
                 st = _FragState(0, 0, False, now + self.timeouts["fragment"])
             self._frags[key] = st
             self._frags.move_to_end(key)
+            if len(self._frags) > MAX_FRAGMENT_STATES:
+                # a flood of first fragments must not grow memory for timeouts.fragment
+                # seconds: forget the oldest (its later fragments wait, then time out)
+                self._frags.popitem(last=False)
+                self.count("fragment_states_evicted")
             held = self._held.pop(key, None)
             if held:
                 self._held_order.pop(key, None)

@@ -54,6 +54,7 @@ Restoring drops what no longer applies, counted by reason in :class:`RestoreRepo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -64,6 +65,12 @@ from typing import Any
 from vpnmasq.conntrack.table import PERMANENT, Binding, Entry
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_ICMP, int_to_ip, ip_to_int
+
+_standard_keys: Callable[[Entry], tuple[Hashable, ...] | None] | None
+try:  # the keys the engine files its own kinds under, rebuilt from an entry's fields
+    from vpnmasq.conntrack.table import standard_keys as _standard_keys
+except ImportError:  # pragma: no cover - an older table: every entry saves its keys
+    _standard_keys = None
 
 STATE_FORMAT = "vpnmasq-state"
 STATE_VERSION = 1
@@ -171,13 +178,20 @@ def export_state(engine: Engine, now: float, wall: float) -> dict[str, Any]:
     }
 
 
+_PLAIN = (int, str)
+
+
 def _plain_key(k: Hashable) -> list[int | str] | None:
-    if not isinstance(k, tuple) or not k:
+    if type(k) is not tuple or not k:
         return None
     for part in k:
-        if isinstance(part, bool) or not isinstance(part, int | str):
+        if type(part) not in _PLAIN:  # (bool is not int here)
             return None
     return list(k)
+
+
+def _std_keys(e: Entry) -> tuple[Hashable, ...] | None:
+    return None if _standard_keys is None else _standard_keys(e)
 
 
 def _export_entry(
@@ -203,9 +217,12 @@ def _export_entry(
         afn = getattr(e.alg, "export_state", None)
         if afn is not None:
             alg = afn(ago, ref)
-    keys = [_plain_key(k) for k in e.keys]
-    if not keys or any(k is None for k in keys):
-        return None, "unsupported"
+    own = tuple(e.keys)
+    keys: list[list[int | str] | None] | None = None  # None: the standard keys of its kind
+    if not own or own != _std_keys(e):
+        keys = [_plain_key(k) for k in own]
+        if not keys or any(k is None for k in keys):
+            return None, "unsupported"
     last_out = getattr(e, "last_out", None)
     last_in = getattr(e, "last_in", None)
     rec: dict[str, Any] = {
@@ -243,7 +260,7 @@ class _Cand:
     rec: Mapping[str, Any]
     entry: Entry
     expires_at: float
-    keys: tuple[tuple[int | str, ...], ...]
+    keys: tuple[Hashable, ...]
     binding: int | None
 
 
@@ -255,7 +272,9 @@ def check_header(data: object, where: str = "state") -> Mapping[str, Any]:
         raise StateError(f"{where}: not a vpnmasq state (format {data.get('format')!r})")
     version = data.get("version")
     if version != STATE_VERSION:
-        newer = isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION
+        newer = (
+            isinstance(version, int) and not isinstance(version, bool) and version > STATE_VERSION
+        )
         raise StateError(
             f"{where}: state format version {version!r} "
             + ("was written by a newer vpnmasq; " if newer else "is not supported; ")
@@ -377,7 +396,9 @@ def import_state(engine: Engine, data: object, now: float, wall: float) -> Resto
             if not isinstance(ext, Mapping) or not helper.import_entry(e, ext, at, ref):
                 rep.drop("helper-refused")
                 continue
-        by_id[rec["id"]] = e
+        rid = rec.get("id")
+        if type(rid) is int:
+            by_id[rid] = e
         ready.append(c)
 
     # 5. into the table, sorted by expiry (each timeout class is an LRU list: its head
@@ -402,6 +423,11 @@ def import_state(engine: Engine, data: object, now: float, wall: float) -> Resto
 def _ip(v: object) -> int:
     if not isinstance(v, str):
         raise TypeError("address must be a string")
+    return _parse_ip(v)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(v: str) -> int:  # a table has few distinct addresses; parsing them is slow
     return ip_to_int(v)
 
 
@@ -445,9 +471,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
         if left <= 0:
             return "expired"
         expires = now + min(left, timeouts[tclass])
-    keys = tuple(_key(k) for k in rec["keys"])
-    if not keys:
-        return "malformed"
+    raw_keys = rec["keys"]
     e = Entry(
         _int(rec["proto"], 0, 255),
         kind,
@@ -472,15 +496,24 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
         lo, li = last
         e.last_out = None if lo is None else now - _num(lo) - elapsed
         e.last_in = None if li is None else now - _num(li) - elapsed
+    if raw_keys is None:  # the standard keys of its kind, from the fields just read
+        std = _std_keys(e)
+        if std is None:
+            return "malformed"
+        keys: tuple[Hashable, ...] = std
+    else:
+        keys = tuple(_key(k) for k in raw_keys)
+    if not keys:
+        return "malformed"
     b = rec.get("binding")
     return _Cand(rec, e, expires, keys, None if b is None else _int(b, 0, 1 << 31))
 
 
 def _key(k: object) -> tuple[int | str, ...]:
-    if not isinstance(k, list) or not k:
+    if type(k) is not list or not k:
         raise ValueError("bad key")
     for part in k:
-        if isinstance(part, bool) or not isinstance(part, int | str):
+        if type(part) not in _PLAIN:
             raise ValueError("bad key part")
     return tuple(k)
 
@@ -507,9 +540,7 @@ def _fit(engine: Engine, cands: list[_Cand], rep: RestoreReport) -> list[_Cand]:
     return [c for i, c in enumerate(cands) if i in keep]
 
 
-def _claim_binding(
-    engine: Engine, brec: Any, sessions: list[_Cand]
-) -> tuple[Binding | None, bool]:
+def _claim_binding(engine: Engine, brec: Any, sessions: list[_Cand]) -> tuple[Binding | None, bool]:
     """The binding for restored sessions: the config's static one, or a dynamic one whose
     outside port/id is claimed again in the allocator. (None, False) if that is not possible."""
     if not isinstance(brec, Mapping):

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import socket
+import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,16 +87,49 @@ def flood(dst: str, pps: float, seconds: float, spoof: bool, own: str) -> dict[s
     return {"sent": sent, "errors": errors, "seconds": round(took, 3), "pps": round(sent / took)}
 
 
+def attack(dst: str, own: str, spi: int, port: int) -> dict[str, Any]:
+    """From ``own`` (not the server): every GRE Call ID, the client's inbound SPI replayed,
+    and a forged PPTP Call-Disconnect-Notify / Outgoing-Call-Reply on the control
+    connection's public port."""
+    from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
+    from vpnmasq.packet.l4 import TCP_ACK, build_esp, build_gre_v1, build_tcp
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    src, d = ip_to_int(own), ip_to_int(dst)
+    sent = 0
+    ppp = b"\xff\x03\x00\x21" + bytes(28)
+    for cid in range(65536):
+        s.sendto(bytes(build_ipv4(src, d, 47, build_gre_v1(cid, ppp, seq=cid))), (dst, 0))
+        sent += 1
+        if cid % 2000 == 0:
+            time.sleep(0.01)
+    for seq in range(200):
+        s.sendto(bytes(build_ipv4(src, d, 50, build_esp(spi, 1000 + seq, bytes(48)))), (dst, 0))
+        sent += 1
+    cdn = struct.pack("!HHIHH", 148, 1, 0x1A2B3C4D, 13, 0) + struct.pack("!HBBHH", 0, 3, 0, 0, 0) + bytes(128)
+    for seq in range(0, 1 << 32, 1 << 26):  # 64 blind tries over the sequence space
+        s.sendto(bytes(build_tcp(src, d, 1723, port, cdn, flags=TCP_ACK, seq=seq, ack=0)), (dst, 0))
+        sent += 1
+    s.close()
+    return {"sent": sent}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["flood"])
+    ap.add_argument("cmd", choices=["flood", "attack"])
     ap.add_argument("--dst", required=True)
     ap.add_argument("--own", required=True)
     ap.add_argument("--pps", type=float, default=0.0)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--spoof", action="store_true")
+    ap.add_argument("--spi", type=lambda x: int(x, 0), default=0x2001)
+    ap.add_argument("--port", type=int, default=61000)
     a = ap.parse_args(argv)
-    print(json.dumps(flood(a.dst, a.pps, a.seconds, a.spoof, a.own)), flush=True)
+    if a.cmd == "attack":
+        print(json.dumps(attack(a.dst, a.own, a.spi, a.port)), flush=True)
+    else:
+        print(json.dumps(flood(a.dst, a.pps, a.seconds, a.spoof, a.own)), flush=True)
     return 0
 
 
@@ -210,6 +244,57 @@ def test_pptp_and_esp_sessions_survive_an_outside_flood(
     assert gw.running()
     leaked = read_ipv4(pcap)
     assert not leaked, [(p.src, p.dst, p.proto) for p in leaked[:5]]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_an_outsider_cannot_reach_a_real_pptp_call_or_esp_session(
+    vtopo: Any, require: Any, record_property: Any, tmp_path: Path
+) -> None:
+    """From r2 (not the server r1): all 65536 GRE Call IDs, the ESP client's inbound SPI
+    replayed, and forged PPTP control messages on the control connection's public port.
+    Nothing of it reaches the LAN (capture on lan0), the call and the association go on."""
+    require("pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy", "py:cryptography")
+    from vpnmasq.lab.pcap import read_ipv4
+    from vpnmasq.lab.pptp_client import PptpClient
+    from vpnmasq.lab.pptp_server import PptpServer
+    from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
+    from vpnmasq.lab.topology import GW_WAN_IP
+
+    topo = vtopo
+    gw = topo.gateway_vpnmasq("userspace")
+    r1, r2 = topo.ip("r1"), topo.ip("r2")
+    PptpServer(topo, "r1").start()
+    esp_srv = RawEspServer(topo, "r1", [(0x1001, 0x2001)]).start()
+    call = PptpClient(topo, "h1", r1, token="h1").start()
+    assert call.exchange(count=3, timeout=15).ok
+    assert run_esp_client(topo, "h2", r1, 0x1001, 0x2001, count=3, timeout=5, resend=True)["ok"]
+    ctl = [e for e in gw.entries("tcp") if e["remote"].endswith(":1723")]
+    assert ctl, gw.entries()
+    port = int(ctl[0]["outside"].rsplit(":", 1)[1])
+    c0 = gw.counters()
+    pcap = tmp_path / "lan0.pcap"
+    with topo.capture("gw", "lan0", pcap, f"src host {r2}"):
+        res = topo.run_json(
+            "r2",
+            [sys.executable, str(Path(__file__).resolve()), "attack", "--dst", GW_WAN_IP,
+             "--own", r2, "--spi", "0x2001", "--port", str(port)],
+            timeout=60,
+        )
+        time.sleep(0.5)
+    c1 = gw.counters()
+    drops = _delta(c1, c0, "drop:")
+    record_property("attack", {"sent": res.get("sent"), "drops": drops})
+    assert not read_ipv4(pcap), "a packet of r2's reached the LAN"
+    assert drops.get("drop:gre-unknown-call", 0) >= 65536
+    assert drops.get("drop:esp-unassociated", 0) >= 200
+    assert drops.get("drop:filtered", 0) >= 64  # the forged control segments
+    ok0 = call.result.verified
+    call.exchange(count=10, timeout=10)
+    assert call.result.verified - ok0 >= 10 and not call.result.crosstalk
+    e = run_esp_client(topo, "h2", r1, 0x1001, 0x2001, count=5, timeout=5)
+    assert e["ok"] and not e["foreign"], e
+    assert not esp_srv.stop().get("bad")
 
 
 if __name__ == "__main__":

@@ -177,6 +177,131 @@ def test_mss_clamp_fixes_a_pmtu_black_hole_on_a_1492_byte_outside_link(lab: Topo
     assert "[  ok] mtu: outside MTU 1492, TCP MSS clamped to 1452" in out
 
 
+IKE_CERT_RESPONDER = """connections {
+  rw {
+    version = 2
+    local_addrs = 198.51.100.20
+    fragmentation = no
+    proposals = aes128-sha256-x25519
+    local {
+      auth = pubkey
+      certs = r1.pem
+      id = r1.lab
+    }
+    remote {
+      auth = pubkey
+      cacerts = ca.pem
+    }
+    children {
+      net {
+        local_ts = 10.99.20.0/24
+        remote_ts = 10.77.0.0/24
+        esp_proposals = aes128-sha256
+      }
+    }
+  }
+}
+"""
+IKE_CERT_INITIATOR = """connections {
+  home {
+    version = 2
+    remote_addrs = 198.51.100.20
+    encap = yes
+    fragmentation = no
+    proposals = aes128-sha256-x25519
+    local {
+      auth = pubkey
+      certs = h1.pem
+      id = h1.lab
+    }
+    remote {
+      auth = pubkey
+      id = r1.lab
+      cacerts = ca.pem
+    }
+    children {
+      net {
+        local_ts = dynamic
+        remote_ts = 10.99.20.0/24
+        esp_proposals = aes128-sha256
+        start_action = none
+      }
+    }
+  }
+}
+"""
+
+
+def make_pki(d: Path, names: tuple[str, ...], comment_size: int = 2500) -> None:
+    """A CA and one ECDSA certificate per name, each padded with an nsComment so that an
+    IKE_AUTH carrying one is larger than any MTU here (as RSA chains are in real life)."""
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{d}/ca.key")
+    run("openssl", "req", "-x509", "-new", "-key", f"{d}/ca.key", "-subj", "/CN=vpnmasq lab CA",
+        "-days", "2", "-out", f"{d}/ca.pem")
+    for n in names:
+        run("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{d}/{n}.key")
+        run("openssl", "req", "-new", "-key", f"{d}/{n}.key", "-subj", f"/CN={n}.lab",
+            "-out", f"{d}/{n}.csr")
+        (d / f"{n}.ext").write_text(f"subjectAltName=DNS:{n}.lab\nnsComment={'x' * comment_size}\n")
+        run("openssl", "x509", "-req", "-in", f"{d}/{n}.csr", "-CA", f"{d}/ca.pem", "-CAkey",
+            f"{d}/ca.key", "-CAcreateserial", "-days", "2", "-extfile", f"{d}/{n}.ext",
+            "-out", f"{d}/{n}.pem")
+
+
+@pytest.mark.parametrize("lab", [(1, 1)], indirect=True)
+@pytest.mark.parametrize("mode", ["userspace", "hybrid"])
+def test_certificate_sized_ike_auth_ip_fragmented_on_a_1492_link(
+    lab: Topology, mode: str, require: Any
+) -> None:
+    """strongSwan with certificates (IKEv2 fragmentation off) over a 1492-byte outside link:
+    IKE_AUTH is IP-fragmented both ways on wan0 and the tunnel still comes up through
+    vpnmasq (fragments follow their first fragment's mapping; with conntrack on, the kernel
+    reassembles before the queue and fragments again on the way out)."""
+    require("/usr/lib/ipsec/charon", "swanctl", "openssl", "tcpdump", "py:scapy")
+    import shutil
+
+    from scapy.layers.inet import IP
+    from scapy.utils import rdpcap
+
+    from vpnmasq.lab.strongswan import Charon
+
+    topo = lab
+    pki = topo.mkdir("pki")
+    make_pki(pki, ("r1", "h1"))
+    topo.exec("gw", ["ip", "link", "set", "wan0", "mtu", "1492"])
+    topo.exec("r1", ["ip", "link", "set", "eth0", "mtu", "1492"])
+    gw = topo.gateway_vpnmasq(mode=mode)
+    topo.exec("r1", ["ip", "addr", "add", "10.99.20.1/32", "dev", "lo"])
+    topo.start_json("r1", topo.py("vpnmasq.lab.plain", "udp-echo-server", "--port", "7",
+                                  "--bind", "10.99.20.1"))
+    peers = {}
+    for role, conf in (("r1", IKE_CERT_RESPONDER), ("h1", IKE_CERT_INITIATOR)):
+        ch = Charon(topo, role)
+        for sub, f in (("x509", f"{role}.pem"), ("x509ca", "ca.pem"), ("ecdsa", f"{role}.key")):
+            (ch.dir / sub).mkdir(exist_ok=True)
+            shutil.copy(pki / f, ch.dir / sub / f)  # swanctl loads credentials from here
+        ch.start()
+        ch.load(conf)
+        peers[role] = ch
+    with topo.capture("gw", "wan0", pki / "wan0.pcap"):
+        peers["h1"].initiate("net", "home")
+        res = topo.run_json("h1", topo.py("vpnmasq.lab.plain", "udp-echo-client", "10.99.20.1",
+                                          "7", "--count", "2"))
+    assert res["ok"], res
+    frags = [p[IP] for p in rdpcap(str(pki / "wan0.pcap")) if IP in p and (p[IP].flags.MF or p[IP].frag)]
+    out = [p for p in frags if p.src == GW_WAN_IP]
+    back = [p for p in frags if p.dst == GW_WAN_IP]
+    assert len(out) >= 2 and len(back) >= 2, [p.summary() for p in frags]
+    assert all(p.proto == 17 and len(p) <= 1492 for p in frags)
+    if mode == "userspace":
+        (ike,) = gw.entries("isakmp")
+        assert ike["detail"]["version"] == "IKEv2" and ike["pkts_in"] >= 1
+
+
 # ------------------------------------------------------------------------------ IPv6
 @pytest.mark.parametrize("lab", [(1, 1)], indirect=True)
 @pytest.mark.parametrize("mode", ["userspace", "hybrid"])

@@ -110,3 +110,21 @@ def test_a_broken_checksum_is_caught() -> None:
     with pytest.raises(OracleFailure):
         check_verdict(w.eng, pkt, OUT, accept(bad), None)
     assert IPv4(bytearray(v.payload)).src == MASQ
+
+
+def test_a_stranger_changing_the_table_is_caught() -> None:
+    from tests.packets import ATTACKER
+
+    w = build_world(0)
+    pkt = gre_packet(ATTACKER, MASQ, 5)
+    pre = Before(w.eng, ATTACKER, w.now)
+    assert pre.print is not None
+    # as if the stranger's packet had ended PRV1's call
+    call = next(e for e in w.eng.table if e.kind == "gre")
+    w.eng.table.remove(call, "injected")
+    from vpnmasq.verdict import DropReason, drop
+
+    with pytest.raises(OracleFailure, match="stranger"):
+        check_verdict(w.eng, pkt, IN, drop(DropReason.GRE_UNKNOWN_CALL), pre)
+    # a remote the LAN talks to is no stranger: no fingerprint is taken
+    assert Before(w.eng, EXT, w.now).print is None

@@ -5,7 +5,7 @@ and metrics. The harness (lab, peers, sniffer) is in test_daemon_harness.py."""
 from __future__ import annotations
 
 import re
-import subprocess
+import sys
 
 import pytest
 from test_daemon_harness import (
@@ -138,8 +138,20 @@ def _stateful_forward(topo: Topology, with_mark_rule: bool) -> None:
     if with_mark_rule:  # README's one rule, next to the established rule
         cmds.append(["-A", "FORWARD", "-m", "mark", "--mark", hex(MARK), "-j", "ACCEPT"])
     cmds.append(
-        ["-A", "FORWARD", "-i", "lan0", "-o", "wan0", "-m", "conntrack", "--ctstate", "NEW",
-         "-j", "ACCEPT"]
+        [
+            "-A",
+            "FORWARD",
+            "-i",
+            "lan0",
+            "-o",
+            "wan0",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "ACCEPT",
+        ]
     )
     for c in cmds:
         r = gw_run(topo, "iptables", *c)
@@ -154,13 +166,13 @@ def test_stateful_forward_chain_with_the_mark_rule_passes_vpn_traffic(
     d.write_config()
     _stateful_forward(topo, with_mark_rule=False)
     d.start()
-    check = gw_run(topo, sys_python(), "-m", "vpnmasq.cli", "check-config", str(d.config_path))
+    check = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "check-config", str(d.config_path))
     assert "no FORWARD rule accepts packets with mark 0x564d" in check.stderr
     # without the rule, the untracked VPN packets fail the stateful policy
     assert not esp_exchange(topo, "h1", 0x1001, timeout=0.4)
 
     _stateful_forward(topo, with_mark_rule=True)
-    check = gw_run(topo, sys_python(), "-m", "vpnmasq.cli", "check-config", str(d.config_path))
+    check = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "check-config", str(d.config_path))
     assert check.returncode == 0 and "mark" not in check.stderr, check.stderr
     assert esp_exchange(topo, "h1", 0x1001)  # both ways
     assert ike_echo(topo, "h1")
@@ -177,12 +189,6 @@ def test_stateful_forward_chain_with_the_mark_rule_passes_vpn_traffic(
     counts = gw_run(topo, "iptables", "-L", "FORWARD", "-v", "-n", "-x").stdout
     line = next(ln for ln in counts.splitlines() if "mark match 0x564d" in ln)
     assert int(line.split()[0]) >= 8, counts  # ESP, IKE, PPTP, GRE: out and in
-
-
-def sys_python() -> str:
-    import sys
-
-    return sys.executable
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -258,7 +264,7 @@ def test_bad_outside_interface_is_a_clear_error(topo: Topology, workdir) -> None
         'outside_interface = "wan9"\ninside_networks = ["10.77.0.0/24"]\n'
         f'control_socket = "{d.socket_path}"\n'
     )
-    r = gw_run(topo, sys_python(), "-m", "vpnmasq.cli", "run", "-c", str(d.config_path))
+    r = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "run", "-c", str(d.config_path))
     assert r.returncode == 2
     assert "outside_interface = 'wan9': no such network interface" in r.stderr
     assert "wan0" in r.stderr  # the interfaces that do exist
@@ -268,10 +274,6 @@ def test_bad_outside_interface_is_a_clear_error(topo: Topology, workdir) -> None
 def test_bad_config_exits_2_naming_key_and_line(topo: Topology, workdir) -> None:
     cfg = workdir / "bad.toml"
     cfg.write_text('outside_interface = "wan0"\nmode = "kernel"\n')
-    r = gw_run(topo, sys_python(), "-m", "vpnmasq.cli", "run", "-c", str(cfg))
+    r = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "run", "-c", str(cfg))
     assert r.returncode == 2
     assert "line 2: mode:" in r.stderr, r.stderr
-
-
-def _unused() -> None:  # keep the imported names referenced for linters
-    _ = (H2, subprocess)

@@ -577,9 +577,11 @@ class PptpCall:
     """A PPTP client on a LAN host: control connection to r1:1723, one outgoing call with
     ``call_id``, then GRE both ways (see :meth:`gre_roundtrip`)."""
 
-    def __init__(self, topo: Topology, role: str, call_id: int, dst: str = R1) -> None:
+    def __init__(
+        self, topo: Topology, role: str, call_id: int, dst: str = R1, timeout: float = 1.5
+    ) -> None:
         self.c = sock(topo, role, socket.AF_INET, socket.SOCK_STREAM)
-        self.c.settimeout(1.5)
+        self.c.settimeout(timeout)
         self.c.connect((dst, 1723))
         self.c.sendall(pptp_msg(1, 156))
         rep = _recv_exact(self.c, 156)
@@ -627,12 +629,22 @@ def topo() -> Iterator[Topology]:
         gw = t.ns("gw")
         # a second inside network behind lan0 (LAN-to-LAN through the gateway): srv also
         # answers on 10.88.0.5, reached from h1/h2 via their default route, the gateway
-        subprocess.run(["ip", "-n", t.ns("srv"), "addr", "add", "10.88.0.5/24", "dev", "eth0"], check=True)
+        subprocess.run(
+            ["ip", "-n", t.ns("srv"), "addr", "add", "10.88.0.5/24", "dev", "eth0"], check=True
+        )
         subprocess.run(["ip", "-n", gw, "route", "add", "10.88.0.0/24", "dev", "lan0"], check=True)
         subprocess.run(
-            ["ip", "netns", "exec", gw, "sysctl", "-qw",
-             "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.lan0.send_redirects=0",
-             "net.ipv4.conf.wan0.promote_secondaries=1"],
+            [
+                "ip",
+                "netns",
+                "exec",
+                gw,
+                "sysctl",
+                "-qw",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.lan0.send_redirects=0",
+                "net.ipv4.conf.wan0.promote_secondaries=1",
+            ],
             check=True,
         )
         yield t
@@ -673,7 +685,10 @@ def ours_installed(topo: Topology) -> bool:
 
 def iptables_save(topo: Topology) -> str:
     return subprocess.run(
-        ["ip", "netns", "exec", topo.ns("gw"), "iptables-save"], capture_output=True, text=True, check=True
+        ["ip", "netns", "exec", topo.ns("gw"), "iptables-save"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 

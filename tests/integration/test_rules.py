@@ -47,6 +47,7 @@ def add_foreign_state(lab: Lab, role: str, variant: str) -> None:
         ("raw", "PREROUTING"),
         ("mangle", "PREROUTING"),
         ("mangle", "POSTROUTING"),
+        ("mangle", "FORWARD"),
     ):
         lab.run(role, [ipt, "-t", table, "-A", chain, "-j", "RETURN"])
         lab.run(role, [ipt, "-t", table, "-D", chain, "-j", "RETURN"])
@@ -126,16 +127,16 @@ def test_failed_install_is_rolled_back(
 def test_forward_mark_rule_detection(lab: Lab, topo: GatewayTopology) -> None:
     gw = lab.ns(topo.gw)
     assert not rules.forward_mark_rule_present(netns=gw)
-    hint = rules.forward_mark_hint()
-    assert hint == "iptables -I FORWARD -m mark --mark 0x564d -j ACCEPT"
+    hint = rules.forward_mark_hint()  # a runnable command (with a placement comment)
+    assert hint.startswith("iptables -A FORWARD -m mark --mark 0x564d -j ACCEPT  # ")
     lab.run(topo.gw, hint)
     assert rules.forward_mark_rule_present(netns=gw)
     assert not rules.forward_mark_rule_present(0x1234, netns=gw)
-    lab.run(topo.gw, hint.replace("-I", "-D"))
+    lab.run(topo.gw, hint.replace("-A", "-D"))
     assert not rules.forward_mark_rule_present(netns=gw)
     lab.run(topo.gw, hint.replace("iptables", "iptables-legacy"))
     assert rules.forward_mark_rule_present(netns=gw)
-    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy").replace("-I", "-D"))
+    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy").replace("-A", "-D"))
     lab.run(
         topo.gw,
         "nft add table inet fw && nft add chain inet fw filter_forward '{ type filter hook forward priority 0; policy drop; }'"

@@ -269,22 +269,23 @@ def test_pending_esp_inits_per_host_and_waiters_per_remote_are_capped() -> None:
 
 
 def test_call_id_flood_on_one_control_connection_is_capped() -> None:
+    from vpnmasq.helpers.pptp import MAX_CALLS_WITHOUT_GRE, REFUSED_CALL_ID
+
     w = flood_world(Limits(max_entries=5000, max_entries_per_host=300))
     eng = w.eng
     gre = eng.helper_by_name["gre"]
     link = ControlLink(eng, PRV3, 1030, EXT).open(w.now)
     link.start_session(w.now)
     room = 300 - eng.table.per_host[PRV3]  # GRE entries PRV3 still has room for
-    ids: set[int] = set()
-    for cid in range(1, 1500):
-        sent = link.lan_sends(ocrq(cid), w.now)
-        ids.add(u16_at(sent, 12))
-    from vpnmasq.helpers.pptp import MAX_CALLS_PER_CONTROL
-
-    assert eng.counters["pptp_call_limit"] == 1499 - MAX_CALLS_PER_CONTROL
-    assert eng.table.per_host[PRV3] <= 300
-    assert eng.counters["pptp_call_without_gre"] == MAX_CALLS_PER_CONTROL - room
-    assert len(gre.pool.used[EXT]) <= MAX_CALLS_PER_CONTROL + 2
+    used_before = len(gre.pool.used[EXT])
+    on_wire = [u16_at(link.lan_sends(ocrq(cid), w.now), 12) for cid in range(1, 1500)]
+    c = eng.counters
+    assert eng.table.per_host[PRV3] == 300
+    assert c["pptp_call_without_gre"] == MAX_CALLS_WITHOUT_GRE
+    assert c["pptp_call_refused"] == 1499 - room - MAX_CALLS_WITHOUT_GRE
+    # the server is told Call ID 0 for every refused call: never an outside ID of anyone
+    assert on_wire.count(REFUSED_CALL_ID) == c["pptp_call_refused"]
+    assert len(gre.pool.used[EXT]) - used_before == room + MAX_CALLS_WITHOUT_GRE
     check_invariants(eng)
     assert_sessions_alive(w)
     # another host's new call to the same server still gets an ID and works
@@ -293,6 +294,32 @@ def test_call_id_flood_on_one_control_connection_is_capped() -> None:
     out_id = other.outgoing_call(7, 0x4444, w.now)
     ip = accepted(eng.handle(gre_packet(EXT, MASQ, out_id), IN, w.now))
     assert ip.dst == ip_to_int("10.77.0.50")
+
+
+def test_a_host_cannot_use_up_a_servers_call_ids_over_many_control_connections() -> None:
+    """Regression: calls without a GRE entry kept their outside Call IDs without bound (up to
+    1024 per control connection), so one host with a few control connections could use up a
+    server's Call IDs and every other host's new calls went out untranslated."""
+    from vpnmasq.config import PortRange
+
+    eng = make_engine(
+        limits=Limits(max_entries_per_host=40), call_id_range=PortRange(1, 1000)
+    )
+    links = [ControlLink(eng, PRV3, 2000 + k, EXT).open(0.0) for k in range(20)]
+    for link in links:
+        link.start_session(0.0)
+    for link in links:  # 2000 calls: twice the Call IDs there are
+        for cid in range(1, 101):
+            link.lan_sends(ocrq(cid), 0.0)
+    gre = eng.helper_by_name["gre"]
+    assert len(gre.pool.used[EXT]) <= (40 - 20) + 20 * 16
+    check_invariants(eng)
+    victim = ControlLink(eng, PRV1, 3000, EXT).open(0.0)
+    victim.start_session(0.0)
+    out_id = victim.outgoing_call(0x0707, 0x5555, 0.0)
+    assert out_id != 0
+    ip = accepted(eng.handle(gre_packet(EXT, MASQ, out_id), IN, 0.0))
+    assert (ip.dst, ip.u16(6)) == (PRV1, 0x0707)
 
 
 def test_rate_limit_applies_per_host_and_refills_with_time() -> None:
@@ -367,3 +394,57 @@ def test_flood_drops_are_visible_in_counters_and_events() -> None:
     assert "10.77.0.13" in limited[0].detail
     assert eng.counters["drop:host-limit"] == 150 and eng.counters["rate_limited"] == 150
     _ = ATTACKER, PRV1  # roles used by the other tests of this module
+
+
+def test_refused_packets_to_a_whole_protocol_forward_take_no_port() -> None:
+    """Regression: with a forward of all UDP ports and the table (or the server's share)
+    full, each refused inbound packet to a new port left a binding behind and its port taken
+    for good; an outsider sweeping the alias range could then starve every LAN host of
+    ports."""
+    from vpnmasq.config import Forward, PortRange
+
+    eng = make_engine(
+        limits=Limits(max_entries=200, max_entries_per_host=5),
+        forwards=(Forward("udp", "10.77.0.5"),),
+        port_range=PortRange(61000, 61099),
+    )
+    for port in range(61000, 61100):  # the whole alias range, from outside
+        eng.handle(build_udp(ATTACKER, MASQ, 4000, port, b"x"), IN, 0.0)
+    assert eng.table.per_host[ip_to_int("10.77.0.5")] == 5
+    check_invariants(eng)
+    assert len(eng.ports[17].used) == 5
+    # LAN hosts still get ports from the range: 95 are free
+    for k in range(95):
+        host = ip_to_int(f"10.77.0.{100 + k // 5}")
+        v = eng.handle(build_udp(host, EXT, 5000 + k, 53, b"q"), OUT, 0.0)
+        assert 61000 <= accepted(v).u16(0) <= 61099
+
+
+def test_a_flood_of_first_fragments_does_not_grow_memory() -> None:
+    """Regression: every first fragment was remembered for timeouts.fragment (30 s) without
+    bound; an outside flood of them grew the engine by ~150 bytes each."""
+    from vpnmasq import engine as engine_mod
+    from vpnmasq.packet.ipv4 import build_ipv4
+
+    eng = make_engine()
+    old = engine_mod.MAX_FRAGMENT_STATES
+    engine_mod.MAX_FRAGMENT_STATES = 1000
+    try:
+        for i in range(5000):
+            src = (192 << 24) | (2 << 8) | (i >> 8 & 0xFF) << 16 | (i & 0xFF)
+            p = build_ipv4(src, MASQ, PROTO_ESP, build_esp(i + 1, 1)[:8] + bytes(8),
+                           ident=i & 0xFFFF, flags_frag=0x2000)
+            assert eng.handle(p, IN, 0.0).action is Action.DROP
+        assert len(eng._frags) == 1000
+        assert eng.counters["fragment_states_evicted"] == 4000
+    finally:
+        engine_mod.MAX_FRAGMENT_STATES = old
+    # a LAN host's fragmented datagram still goes through in order
+    big = build_udp(PRV1, EXT, 5353, 53, bytes(range(64)))
+    from vpnmasq.packet.ipv4 import build_ipv4 as b4
+
+    first = b4(PRV1, EXT, 17, bytes(big[20:44]), ident=0x77, flags_frag=0x2000)
+    second = b4(PRV1, EXT, 17, bytes(big[44:]), ident=0x77, flags_frag=3)
+    assert accepted(eng.handle(first, OUT, 0.0)).src == MASQ
+    assert accepted(eng.handle(second, OUT, 0.0)).src == MASQ
+    check_invariants(eng)

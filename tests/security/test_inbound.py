@@ -308,3 +308,21 @@ def test_tcp_ack_flags_used_in_this_module() -> None:
     w = build_world(0)
     ip = accepted(w.send(build_tcp(EXT, MASQ, 80, w.aliases["tcp"], b"x", flags=TCP_ACK, seq=901, ack=101), False))
     assert ip.dst == PRV1
+
+
+def test_blind_fin_on_a_pptp_control_connection_does_not_end_its_calls() -> None:
+    """Regression: a FIN from the server's address with a made-up sequence number used to
+    reach the PPTP ALG, which closed the control connection and ended every call on it."""
+    w = build_world(0)
+    link = w.pptp
+    assert link is not None
+    for seq in (link.remote_seq + (1 << 22), link.remote_seq + 0x80000000, link.remote_seq - 5000):
+        pkt = build_tcp(EXT, MASQ, 1723, link.public_port, flags=TCP_FIN | TCP_ACK,
+                        seq=seq & 0xFFFFFFFF, ack=link.lan_seq)
+        dropped(w.send(pkt, False), DropReason.FILTERED)
+    ip = accepted(w.send(gre_packet(EXT, MASQ, w.outside_call_ids["pptp"]), False))
+    assert ip.dst == PRV1
+    # the real FIN (in sequence) still ends the calls, as before
+    accepted(link.remote_fin(w.now))
+    dropped(w.send(gre_packet(EXT, MASQ, w.outside_call_ids["pptp"]), False), DropReason.GRE_UNKNOWN_CALL)
+    check_invariants(w.eng)

@@ -137,6 +137,12 @@ def test_rp_filter_is_the_max_of_all_and_the_interface() -> None:
     assert any("lan0" in x.message for x in got) and any("wan0" in x.message for x in got)
     f.sysctl["net.ipv4.conf.all.rp_filter"] = "2"  # loose wins over strict: max(2, 0)
     assert levels(dg.check_rp_filter(f), "rp_filter") == [Level.OK]
+    # strict is fine for plain masquerade: no routes, no VPN endpoint on the gateway
+    plain = healthy()
+    plain.sysctl["net.ipv4.conf.all.rp_filter"] = "1"
+    assert levels(dg.check_rp_filter(plain), "rp_filter") == [Level.OK]
+    plain.local_consumers = frozenset({"ike"})
+    assert {x.level for x in dg.check_rp_filter(plain)} == {Level.WARN}
 
 
 def test_missing_kernel_pieces_fail() -> None:

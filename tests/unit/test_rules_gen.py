@@ -378,7 +378,7 @@ def test_mark_rule_only_counts_in_forward_hook() -> None:
 
 def test_forward_mark_hint_and_port_warnings() -> None:
     hint = forward_mark_hint()
-    assert hint.startswith("iptables -A FORWARD -m mark --mark 0x564d -j ACCEPT (")
+    assert hint.startswith("iptables -A FORWARD -m mark --mark 0x564d -j ACCEPT  # ")
     assert "ESTABLISHED,RELATED" in hint and "0x564d" in forward_mark_hint(0x564D)
     assert "--mark 0x7 " in forward_mark_hint(7)
     assert DEFAULT_MARK == 0x564D
@@ -387,3 +387,19 @@ def test_forward_mark_hint_and_port_warnings() -> None:
         spec(mode="userspace", alias_port_range=(50000, 50999)), (32768, 60999)
     )
     assert "ip_local_reserved_ports=50000-50999" in w
+
+
+def test_low_port_range_replies_are_owned_too() -> None:
+    """Inside source ports below 1024 are mapped into low_port_range: replies to those
+    aliases must be untracked and queued like replies to alias_port_range."""
+    us = lines(iptables_rules(spec(mode="userspace", low_port_range=(600, 1023))))
+    assert "-A VPNMASQ_RAW_IN -p udp --dport 600:1023 -j CT --notrack" in us
+    assert "-A VPNMASQ_RAW_IN -p tcp --dport 600:1023 -j CT --notrack" in us
+    assert any(ln.startswith("-A VPNMASQ_IN -p udp --dport 600:1023 ") for ln in us)
+    hy = lines(iptables_rules(spec(mode="hybrid", low_port_range=(600, 1023))))
+    assert "-A VPNMASQ_RAW_IN -p udp --sport 500 --dport 600:1023 -j CT --notrack" in hy
+    assert "-A VPNMASQ_RAW_IN -p tcp --sport 1723 --dport 600:1023 -j CT --notrack" in hy
+    assert not any("--dport 600:1023" in ln and "--sport" not in ln for ln in hy)
+    assert "600:1023" not in iptables_rules(spec(mode="userspace"))  # not given: not owned
+    with pytest.raises(ValueError, match="low port range"):
+        spec(mode="hybrid", low_port_range=(600, 2000), kernel_port_range=(1024, 60999))

@@ -23,6 +23,7 @@ from tests.packets import (
     OUT,
     PRV1,
     PRV2,
+    SRV_LAN,
     accepted,
     build_esp,
     build_icmp,
@@ -58,7 +59,9 @@ def esp(src: int, dst: int, spi: int, seq: int = 1) -> bytearray:
     return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, seq))
 
 
-def moved(a: Engine, b: Engine, *, now_a: float, now_b: float, gap: float = 0.0) -> state.RestoreReport:
+def moved(
+    a: Engine, b: Engine, *, now_a: float, now_b: float, gap: float = 0.0
+) -> state.RestoreReport:
     """Save ``a`` at (now_a, WALL), pass it through JSON, restore into ``b`` ``gap`` s later."""
     data = json.loads(json.dumps(state.export_state(a, now_a, WALL), allow_nan=False))
     return state.import_state(b, data, now_b, WALL + gap)
@@ -396,4 +399,40 @@ def test_reading_missing_corrupt_and_incompatible_files(tmp_path: Path) -> None:
 
 def test_report_summary_names_kinds_and_reasons() -> None:
     r = state.RestoreReport(restored={"esp": 1, "napt": 2}, dropped={"expired": 3}, elapsed=4.25)
-    assert r.summary() == "restored 3 entries (esp 1, napt 2) saved 4.2 s ago; dropped 3 (expired 3)"
+    assert (
+        r.summary() == "restored 3 entries (esp 1, napt 2) saved 4.2 s ago; dropped 3 (expired 3)"
+    )
+
+
+def test_a_forwarded_lan_pptp_server_keeps_its_call_across_a_restore() -> None:
+    from vpnmasq.config import Forward
+
+    fwd = (Forward("tcp", "10.77.0.5", 1723), Forward("gre", "10.77.0.5"))
+    a = make_engine(forwards=fwd)
+    srv = ControlLink(a, SRV_LAN, 1723, EXT2, 50000, lan_opens=False, public_port=1723).open(0.0)
+    srv.start_session(0.0)
+    assert srv.remote_sends(ocrq(7), 0.1) == ocrq(7)  # the outside PNS calls in
+    reply = srv.lan_sends(ocrp(1, 7), 0.2)  # the LAN PAC answers with Call ID 1
+    s_out = u16_at(reply, 12)
+
+    b = make_engine(forwards=fwd)
+    rep = moved(a, b, now_a=1.0, now_b=1.0)
+    assert rep.restored == {"fwd": 1, "gre": 1} and rep.n_dropped == 0
+    srv.eng = b
+    gre = accepted(gre_in(b, EXT2, s_out, 1.5))  # the PNS's GRE reaches the LAN server
+    assert (gre.dst, gre_call_id(gre)) == (SRV_LAN, 1)
+    assert accepted(gre_out(b, SRV_LAN, EXT2, 7, 1.5)).src == MASQ
+    assert srv.remote_sends(ccrq(7), 2.0) == ccrq(7)  # and the control connection goes on
+    # the static forward binding is the config's, not a copy
+    e = entry_for(b, "fwd")
+    assert e.binding is b.table.binding(6, SRV_LAN, 1723) and e.binding.static
+
+
+def test_natt_sessions_keep_their_labels() -> None:
+    a = make_engine()
+    accepted(a.handle(build_udp(PRV1, EXT, 4500, 4500, b"\xff"), OUT, 0.0))  # keepalive
+    accepted(a.handle(build_udp(PRV1, EXT, 4500, 4500, b"\x00\x00\x10\x01" + bytes(12)), OUT, 0.1))
+    b = make_engine()
+    moved(a, b, now_a=1.0, now_b=1.0)
+    d = b.row(entry_for(b, "napt"), 1.0).detail
+    assert d["keepalives"] == "1/0" and d["esp"] == "1/0" and d["spi_out"] == "0x00001001"

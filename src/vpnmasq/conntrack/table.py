@@ -389,6 +389,10 @@ class MasqTable:
                 best = d
         return best
 
+    def entries_of(self, tclass: str) -> list[Entry]:
+        """The entries of one timeout class, least recently used first (a snapshot)."""
+        return list(self._lru.get(tclass, ()))
+
     def __iter__(self) -> Iterator[Entry]:
         for lru in self._lru.values():
             yield from list(lru)

@@ -53,6 +53,12 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   chain, before the entry is confirmed at the end of POSTROUTING; measured, a new UDP flow
   then gets 120 s instead of 30 s, and TCP states the policy does not list keep the
   kernel defaults (established stays at 5 days).
+* Replies are owned for both ranges the engine allocates from: ``alias_port_range`` and,
+  when given, ``low_port_range`` (where inside source ports below 1024 are mapped, RFC 4787
+  REQ-3). In userspace mode every inbound TCP/UDP packet to those ports of the public
+  address is therefore vpnmasq's: the gateway's own services must not listen there (move
+  ``low_port_range`` if one does, e.g. LDAPS on 636); hybrid mode only owns replies from
+  UDP 500 and TCP 1723 there.
 * With ``public_address=None`` the inbound match is
   ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
 
@@ -178,6 +184,9 @@ class RuleSpec:
     alias_port_range: tuple[int, int] = (61000, 65535)
     #: ports kernel masquerade may use (hybrid mode); must not overlap alias_port_range
     kernel_port_range: tuple[int, int] = (1024, 60999)
+    #: where vpnmasq maps inside source ports below 1024 (Config.low_port_range); replies
+    #: to those aliases are owned like replies to alias_port_range. None: not used.
+    low_port_range: tuple[int, int] | None = None
     forwards: Sequence[tuple[str, int | None]] = field(default_factory=tuple)
     #: (tcp|udp, port) a forwarded LAN server answers from when it differs from the public
     #: port (a forward with ``to_port``). Hybrid mode must own those replies: kernel
@@ -214,6 +223,11 @@ class RuleSpec:
         object.__setattr__(self, "kernel_port_range", k)
         if self.mode == "hybrid" and not (a[1] < k[0] or k[1] < a[0]):
             raise ValueError(f"alias port range {a} overlaps kernel port range {k}")
+        if self.low_port_range is not None:
+            lo = _check_range("low_port_range", tuple(self.low_port_range))  # type: ignore[arg-type]
+            object.__setattr__(self, "low_port_range", lo)
+            if self.mode == "hybrid" and not (lo[1] < k[0] or k[1] < lo[0]):
+                raise ValueError(f"low port range {lo} overlaps kernel port range {k}")
         fwds: list[tuple[str, int | None]] = []
         for proto, port in self.forwards:
             if proto in ("tcp", "udp"):
@@ -248,21 +262,21 @@ def _range(r: tuple[int, int]) -> str:
 def _inbound_owned(spec: RuleSpec) -> list[str]:
     """Matches for inbound packets (already known to be for the public address) that
     vpnmasq owns: NOTRACKed in raw and queued in mangle."""
-    alias = _range(spec.alias_port_range)
+    aliases = [_range(spec.alias_port_range)]
+    if spec.low_port_range is not None:  # inside source ports < 1024 are mapped there
+        aliases.append(_range(spec.low_port_range))
     m: list[str] = []
     if spec.mode == "userspace":
-        m += [
-            f"-p tcp --dport {alias}",
-            f"-p udp --dport {alias}",
-            f"-p udp -m multiport --dports {IKE_PORT},{NATT_PORT}",
-            "-p 1",
-        ]
+        for alias in aliases:
+            m += [f"-p tcp --dport {alias}", f"-p udp --dport {alias}"]
+        m += [f"-p udp -m multiport --dports {IKE_PORT},{NATT_PORT}", "-p 1"]
     else:
-        m += [
-            f"-p udp --dport {IKE_PORT}",
-            f"-p udp --sport {IKE_PORT} --dport {alias}",
-            f"-p tcp --sport {PPTP_PORT} --dport {alias}",
-        ]
+        m.append(f"-p udp --dport {IKE_PORT}")
+        for alias in aliases:
+            m += [
+                f"-p udp --sport {IKE_PORT} --dport {alias}",
+                f"-p tcp --sport {PPTP_PORT} --dport {alias}",
+            ]
     m += ["-p 47", "-p 50", "-p 51"]
     for proto, port in spec.forwards:
         m.append(f"-p {proto} --dport {port}" if port is not None else f"-p {PROTO_NUM[proto]}")
@@ -580,10 +594,9 @@ def forward_mark_hint(mark: int = DEFAULT_MARK) -> str:
     untracked packets, so it goes next to that rule: below any rule that blocks hosts.
     """
     return (
-        f"iptables -A FORWARD -m mark --mark {mark:#x} -j ACCEPT (place it next to your "
-        "'--ctstate ESTABLISHED,RELATED -j ACCEPT' rule, below rules that block LAN hosts; "
-        "nft: meta mark "
-        f"{mark:#x} accept)"
+        f"iptables -A FORWARD -m mark --mark {mark:#x} -j ACCEPT  # next to your "
+        "ESTABLISHED,RELATED accept rule, below rules that block LAN hosts "
+        f"(nft: meta mark {mark:#x} accept)"
     )
 
 

@@ -100,6 +100,15 @@ HEAD_KEEP = 17
 #: Calls one control connection may hold. RFC 2637 allows 65535; a concentrator rarely has
 #: more than a few hundred, and this bounds what one connection can make us allocate.
 MAX_CALLS_PER_CONTROL = 1024
+#: Calls one control connection may hold without a GRE entry (the table or the host's share
+#: was full). Such a call keeps its outside Call ID (no clash) but carries no data, so this
+#: bounds the outside IDs a host can hold beyond its entry limit (issue 7: a LAN host opening
+#: calls as fast as it can must not use up a server's Call IDs for everyone).
+MAX_CALLS_WITHOUT_GRE = 16
+#: The Call ID written into a call the gateway refuses (over a limit, or no outside ID left):
+#: never an outside ID (call_id_range starts at 1), so whatever the server sends for that
+#: call reaches no LAN host, and the LAN host's own ID cannot clash with another's outside ID.
+REFUSED_CALL_ID = 0
 #: Rewritten bytes remembered per direction for retransmits; pruned as the peer ACKs them,
 #: so this only bounds a peer that never ACKs (each call message logs at most 2 bytes).
 REWRITE_LOG_MAX = 2048
@@ -636,6 +645,7 @@ class PptpControl:
         self.counts: dict[str, int] = {}
         self._noticed: set[str] = set()
         self._now = now  # time of the segment being parsed (the sink callbacks need it)
+        self._refused = False  # the last _open refused the call (see REFUSED_CALL_ID)
 
     # --- TcpAlg -----------------------------------------------------------------------
     def outbound(self, ip: IPv4, entry: Entry, payload_off: int, now: float) -> Verdict | None:
@@ -833,6 +843,9 @@ class PptpControl:
             if call is None and reader.mtype in OPENS_CALL:
                 call = self._open(value, high_sent, reader.mtype, reader)
                 msg.opened = call is not None
+                if call is None and self._refused:
+                    self._refused = False
+                    return REFUSED_CALL_ID
             if call is None:
                 return None
             msg.call = call
@@ -910,6 +923,17 @@ class PptpControl:
         if len(self.by_inside) >= MAX_CALLS_PER_CONTROL:
             self._count("pptp_call_limit")
             self.problem(reader, "bad-message", f"more than {MAX_CALLS_PER_CONTROL} calls")
+            self._refused = True
+            return None
+        if sum(1 for c in self.by_inside.values() if c.entry is None) >= MAX_CALLS_WITHOUT_GRE:
+            self._count("pptp_call_refused")
+            self.problem(
+                reader,
+                "bad-message",
+                f"a call while {MAX_CALLS_WITHOUT_GRE} calls already have no GRE mapping "
+                f"(table or host limit); refused, Call ID {REFUSED_CALL_ID} sent instead",
+            )
+            self._refused = True
             return None
         ct = CALL_TRANSITIONS[mtype]
         state = ct[1] or CallState.OUT_REQUESTED
@@ -921,6 +945,8 @@ class PptpControl:
         if call is not None:
             self.by_inside[inside_id] = call
             self.by_outside[call.outside_id] = call
+        else:
+            self._refused = True  # no outside ID left
         return call
 
     def _set_peer(self, call: Call, peer_id: int) -> None:
@@ -1031,7 +1057,8 @@ class GreHelper:
             self._notice_once(
                 f"ids:{remote}",
                 f"no outside PPTP Call ID left for calls to {int_to_ip(remote)} "
-                f"(call of {int_to_ip(control.inside_ip)} passed untranslated, no GRE)",
+                f"(call of {int_to_ip(control.inside_ip)} refused: Call ID {REFUSED_CALL_ID} "
+                "sent instead, no GRE)",
             )
             return None
         call = Call(

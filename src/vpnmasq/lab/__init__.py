@@ -8,7 +8,10 @@ Nothing here is imported by the daemon. Modules:
 * :mod:`vpnmasq.lab.pptp_server` runs PoPToP ``pptpd`` with the stub as its ``ppp`` program
 * :mod:`vpnmasq.lab.strongswan` one charon (kernel-libipsec) per namespace, driven by swanctl
 * :mod:`vpnmasq.lab.rawpeers`   scapy raw ESP (proto 50) and ISAKMP (udp/500) peers
-* :mod:`vpnmasq.lab.plain`      ICMP pinger, TCP/UDP echo server and client
+* :mod:`vpnmasq.lab.plain`      ICMP pinger, TCP/UDP echo server and client, HTTP/1.0-ish web
+* :mod:`vpnmasq.lab.gateway`    ``vpnmasq run`` as the lab gateway (``Topology.gateway_vpnmasq``)
+* :mod:`vpnmasq.lab.pcap`       reads the gateway's captures (ports, SPIs, GRE Call IDs on wan0)
+* :mod:`vpnmasq.lab.demo`       ``vpnmasq demo``: the sessions through vpnmasq, then the kernel
 
 Facts learnt while building these are in ``README-lab.md`` next to this file.
 """

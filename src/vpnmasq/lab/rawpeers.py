@@ -29,7 +29,20 @@ payload that carries a token)::
 The client sends from source port 500 (``--sport``) with a random initiator cookie; the
 server answers each initiator cookie with a stable responder cookie and reports the source
 address and port it saw (a masquerading NAT may change port 500). The client checks it got
-its own initiator cookie and token back.
+its own initiator cookie and token back. ``--child N`` then runs N child-SA exchanges with
+both cookies (IKEv1 Quick Mode, IKEv2 IKE_AUTH), answered in kind by the server: the
+cleartext exchange type a gateway watches to learn that ESP SAs with that remote follow.
+
+More ESP client options: ``--listen-first S --first-wanted K`` listens before sending (the
+remote speaks first) and emits ``{"event": "listening"}`` once its socket is open;
+``--resend`` re-sends unanswered packets every ``--interval`` until ``--timeout``, as traffic
+inside a real tunnel would be (a gateway may hold a host's first ESP back while another
+host's SA is being associated).
+
+AH (IP protocol 51), which no NAT can rewrite::
+
+    python -m vpnmasq.lab.rawpeers ah-send --dst 198.51.100.20 --count 3
+    python -m vpnmasq.lab.rawpeers raw-listen --proto 51 --bind 198.51.100.20   # counts arrivals
 """
 
 from __future__ import annotations

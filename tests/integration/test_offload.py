@@ -1,0 +1,239 @@
+"""The kernel fast path (vpnmasq.datapath.offload) on real packets, offload on and off.
+
+inside 10.77.0.2 -- gw (vpnmasq's hybrid rules, the engine behind an in-process queue) --
+remote 203.0.113.10 (and 198.51.100.2 on its link, the "attacker" address).
+
+The engine learns an ESP association and a PPTP call from packets it is handed directly (the
+same transcript builders as the scenario tests); then real ESP and GRE packets cross the
+gateway. With the Offloader synced, the kernel rewrites them (the queue never sees them);
+without it, or for a key that is not in the maps, they take the queue and the engine decides.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netns import GatewayTopology, Lab, QueueWorker
+
+from vpnmasq.config import Config
+from vpnmasq.datapath import rules
+from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
+from vpnmasq.datapath.offload import OFFLOAD_TABLE, Element, Offloader, element_commands
+from vpnmasq.engine import Engine
+from vpnmasq.helpers import available
+from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
+from vpnmasq.packet.l4 import build_esp, build_gre_v1
+from vpnmasq.verdict import Action, Direction
+
+# tests/integration is not a package: make the shared test vocabulary importable on its own
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.pptp_wire import ControlLink  # noqa: E402
+
+pytestmark = pytest.mark.netns
+
+QUEUE = 23
+MARK = 0x564D
+SPI_OUT, SPI_IN = 0x1001, 0x2001
+LAN_CALL, PAC_CALL = 0x0101, 0x4000
+
+
+class Gateway:
+    """The engine behind the gw's queue; ``lock`` serialises it with the test thread."""
+
+    def __init__(self, lab: Lab, t: GatewayTopology) -> None:
+        cfg = Config(
+            inside_networks=(t.inside_net,),
+            public_address=t.public,
+            mode="hybrid",
+            helpers=tuple(h for h in Config().helpers if h in available()),
+        )
+        self.engine = Engine(cfg, rng_seed=7)
+        self.lock = threading.Lock()
+        self.queued: list[tuple[int, int]] = []  # (protocol, direction hook) of queued packets
+        spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="hybrid", queue_num=QUEUE)
+        rules.install(spec, netns=lab.ns(t.gw))
+        self.worker = QueueWorker(lab, t.gw, QUEUE, self.handle)
+
+    def handle(self, pkt: QueuedPacket, q: NfQueue) -> None:
+        d = Direction.INBOUND if pkt.hook == Hook.PRE_ROUTING else Direction.OUTBOUND
+        with self.lock:
+            self.queued.append((pkt.payload[9], pkt.hook))
+            v = self.engine.handle(pkt.payload, d, time.monotonic())
+        if v.action is Action.ACCEPT:
+            q.accept(pkt.packet_id, v.payload, mark=MARK)
+        else:
+            q.drop(pkt.packet_id)
+
+    def queued_count(self, proto: int) -> int:
+        with self.lock:
+            return sum(1 for p, _ in self.queued if p == proto)
+
+
+@pytest.fixture
+def gw(lab: Lab, topo: GatewayTopology) -> Iterator[Gateway]:
+    g = Gateway(lab, topo)
+    yield g
+    g.worker.stop()
+
+
+def associate(g: Gateway, t: GatewayTopology) -> None:
+    """An ESP SPI pair and an established PPTP call, learned by the engine."""
+    eng, now = g.engine, time.monotonic()
+    inside, remote, pub = ip_to_int(t.inside_host), ip_to_int(t.remote_host), ip_to_int(t.public)
+    with g.lock:
+        assert eng.handle(build_ipv4(inside, remote, 50, build_esp(SPI_OUT, 1)), Direction.OUTBOUND, now).accepted
+        assert eng.handle(build_ipv4(remote, pub, 50, build_esp(SPI_IN, 1)), Direction.INBOUND, now).accepted
+        link = ControlLink(eng, inside, 40000, remote).open(now)
+        link.start_session(now)
+        outside = link.outgoing_call(LAN_CALL, PAC_CALL, now)
+    assert outside == LAN_CALL  # kept: it was free
+
+
+def offloader(lab: Lab, t: GatewayTopology) -> Offloader:
+    o = Offloader(t.public, t.gw_wan_if, MARK, netns=lab.ns(t.gw))
+    o.install()
+    return o
+
+
+def raw(lab: Lab, role: str, proto: int, bind: str | None = None) -> socket.socket:
+    s = lab.socket(role, socket.AF_INET, socket.SOCK_RAW, proto)
+    if bind:
+        s.bind((bind, 0))
+    return s
+
+
+def received(sock: socket.socket, timeout: float = 1.0) -> list[bytes]:
+    """IP datagrams a raw socket got within ``timeout`` (after the first, 0.2 s more)."""
+    out: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            return out
+        out.append(sock.recv(65535))
+        deadline = min(deadline, time.monotonic() + 0.2)
+
+
+def esp_of(data: bytes) -> tuple[str, str, int]:
+    src, dst = socket.inet_ntoa(data[12:16]), socket.inet_ntoa(data[16:20])
+    return src, dst, struct.unpack_from("!I", data, 20)[0]
+
+
+def gre_of(data: bytes) -> tuple[str, str, int]:
+    src, dst = socket.inet_ntoa(data[12:16]), socket.inet_ntoa(data[16:20])
+    return src, dst, struct.unpack_from("!H", data, 26)[0]
+
+
+def exchange(lab: Lab, t: GatewayTopology) -> dict[str, list[tuple[str, str, int]]]:
+    """One ESP and one GRE packet each way; what arrived at the far ends."""
+    got: dict[str, list[tuple[str, str, int]]] = {}
+    for proto, name, out_pl, in_pl, parse in (
+        (50, "esp", build_esp(SPI_OUT, 2), build_esp(SPI_IN, 2), esp_of),
+        (47, "gre", build_gre_v1(PAC_CALL, b"\xff\x03\x00\x21"), build_gre_v1(LAN_CALL, b"\xff\x03\x00\x21"), gre_of),
+    ):
+        at_remote, at_inside = raw(lab, t.remote, proto), raw(lab, t.inside, proto)
+        raw(lab, t.inside, proto).sendto(out_pl, (t.remote_host, 0))
+        raw(lab, t.remote, proto, bind=t.remote_host).sendto(in_pl, (t.public, 0))
+        got[name + "_out"] = [parse(d) for d in received(at_remote)]
+        got[name + "_in"] = [parse(d) for d in received(at_inside)]
+    return got
+
+
+EXPECTED = {
+    "esp_out": [("198.51.100.1", "203.0.113.10", SPI_OUT)],
+    "esp_in": [("203.0.113.10", "10.77.0.2", SPI_IN)],
+    "gre_out": [("198.51.100.1", "203.0.113.10", PAC_CALL)],
+    "gre_in": [("203.0.113.10", "10.77.0.2", LAN_CALL)],
+}
+
+
+def test_offloaded_flows_are_rewritten_by_the_kernel_and_credited(
+    lab: Lab, topo: GatewayTopology, gw: Gateway
+) -> None:
+    t = topo
+    associate(gw, t)
+    off = offloader(lab, t)
+    with gw.lock:
+        rep = off.sync(gw.engine, time.monotonic())
+    assert rep.added == 5 and rep.offloaded == 5
+    q_esp, q_gre = gw.queued_count(50), gw.queued_count(47)
+    assert exchange(lab, t) == EXPECTED
+    assert (gw.queued_count(50), gw.queued_count(47)) == (q_esp, q_gre)  # the kernel did it
+    # the engine hears about it at the next sync: counters and a refreshed timeout
+    (esp,) = [e for e in gw.engine.table if e.kind == "esp"]
+    before = (esp.pkts_out, esp.pkts_in)
+    with gw.lock:
+        rep = off.sync(gw.engine, time.monotonic())
+    assert rep.credited == 2
+    assert (esp.pkts_out, esp.pkts_in) == (before[0] + 1, before[1] + 1)
+    flows = off.status()["flows"]
+    assert {f["proto"] for f in flows} == {"esp", "gre"}
+    assert all(f["kernel_pkts_in"] == 1 and f["kernel_pkts_out"] == 1 for f in flows)
+    # an ended flow leaves the maps; its packets meet the engine again
+    with gw.lock:
+        gw.engine.flush()
+        rep = off.sync(gw.engine, time.monotonic())
+    assert rep.removed == 5 and rep.offloaded == 0
+    got = exchange(lab, t)
+    assert (gw.queued_count(50), gw.queued_count(47)) == (q_esp + 2, q_gre + 2)
+    assert got["gre_out"] == got["gre_in"] == []  # the call is gone: the engine drops its GRE
+    assert got["esp_out"] == EXPECTED["esp_out"]  # ESP starts afresh through the engine
+    off.remove()
+    assert OFFLOAD_TABLE not in lab.run(t.gw, ["nft", "list", "tables"]).stdout
+
+
+def test_without_offload_the_same_packets_take_the_queue(
+    lab: Lab, topo: GatewayTopology, gw: Gateway
+) -> None:
+    associate(gw, topo)
+    q_esp, q_gre = gw.queued_count(50), gw.queued_count(47)
+    assert exchange(lab, topo) == EXPECTED
+    assert gw.queued_count(50) == q_esp + 2 and gw.queued_count(47) == q_gre + 2
+
+
+def test_a_replayed_spi_or_call_id_from_another_address_misses_the_maps(
+    lab: Lab, topo: GatewayTopology, gw: Gateway
+) -> None:
+    t = topo
+    associate(gw, t)
+    off = offloader(lab, t)
+    with gw.lock:
+        off.sync(gw.engine, time.monotonic())
+    at_inside = {p: raw(lab, t.inside, p) for p in (50, 47)}
+    q = gw.queued_count(50), gw.queued_count(47)
+    # the remote's link address (not the associated one) replays the SPI and the Call ID
+    raw(lab, t.remote, 50, bind=t.remote_link).sendto(build_esp(SPI_IN, 9), (t.public, 0))
+    raw(lab, t.remote, 47, bind=t.remote_link).sendto(build_gre_v1(LAN_CALL, b"\xff\x03"), (t.public, 0))
+    assert received(at_inside[50], 0.5) == [] and received(at_inside[47], 0.5) == []
+    assert (gw.queued_count(50), gw.queued_count(47)) == (q[0] + 1, q[1] + 1)  # the engine saw them
+
+
+def test_after_a_restart_the_maps_are_reconciled_not_flushed(
+    lab: Lab, topo: GatewayTopology, gw: Gateway
+) -> None:
+    t = topo
+    associate(gw, t)
+    first = offloader(lab, t)
+    with gw.lock:
+        first.sync(gw.engine, time.monotonic())
+    exchange(lab, t)
+    # a crash leaves the table; someone's stale element is in it too
+    stale = Element("esp_in", (ip_to_int(t.remote_host), 0x7777), ip_to_int("10.77.0.99"))
+    lab.run(t.gw, ["nft", "-f", "-"], input=element_commands([stale], []))
+    second = offloader(lab, t)  # a new daemon: install keeps the elements
+    assert stale in second.read() and len(second.read()) == 6
+    with gw.lock:
+        rep = second.sync(gw.engine, time.monotonic())
+    assert (rep.added, rep.removed, rep.offloaded) == (0, 1, 5)
+    # the kept elements' counters were taken as the baseline, not credited again
+    assert rep.credited == 0
+    assert exchange(lab, t) == EXPECTED
+    second.remove()

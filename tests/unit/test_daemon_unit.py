@@ -1,0 +1,387 @@
+"""The daemon's logic without root or a kernel: start order, state file handling, stop and
+handover, exit codes and messages, rate-limited logging. The real thing runs in
+tests/integration/test_daemon*.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.packets import EXT, OUT, PRV1, accepted, build_esp, build_udp
+from vpnmasq import daemon, state
+from vpnmasq.config import Config
+from vpnmasq.datapath.nfqueue import NfQueueError
+from vpnmasq.events import PacketDropped
+from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
+
+
+def config(tmp_path: Path, **kw: Any) -> Config:
+    base: dict[str, Any] = dict(
+        outside_interface="wan0",
+        inside_networks=("10.77.0.0/24",),
+        public_address="198.51.100.1",  # no netlink needed
+        mode="userspace",
+        control_socket=str(tmp_path / "run" / "ctl.sock"),
+    )
+    base.update(kw)
+    return Config(**base)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.getMessage()))
+
+    def text(self) -> str:
+        return "\n".join(m for _, m in self.lines)
+
+
+@pytest.fixture
+def logs() -> Iterator[Records]:
+    h = Records()
+    daemon.log.addHandler(h)
+    old = daemon.log.level
+    daemon.log.setLevel(logging.DEBUG)
+    try:
+        yield h
+    finally:
+        daemon.log.removeHandler(h)
+        daemon.log.setLevel(old)
+
+
+class FakeQueue:
+    def __init__(self, *a: object, **kw: object) -> None:
+        self.flushed = self.closed = 0
+        self._pair = socket.socketpair()  # something epoll accepts
+
+    def fileno(self) -> int:
+        return self._pair[0].fileno()
+
+    def flush(self) -> int:
+        self.flushed += 1
+        return 0
+
+    def close(self) -> None:
+        self.closed += 1
+        for s in self._pair:
+            s.close()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record what the daemon does to the rules instead of doing it."""
+    seen: list[str] = []
+    monkeypatch.setattr(daemon.rules, "install", lambda spec: seen.append("install"))
+    monkeypatch.setattr(daemon.rules, "replace", lambda spec: seen.append("replace"))
+    monkeypatch.setattr(daemon.rules, "remove", lambda: seen.append("remove"))
+    monkeypatch.setattr(daemon.rules, "forward_mark_rule_present", lambda mark: True)
+    return seen
+
+
+def esp(src: int, dst: int, spi: int) -> bytearray:
+    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, 1))
+
+
+# ------------------------------------------------------------------------------ environment
+def test_not_root_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, logs: Records
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(daemon.StartupError, match="must run as root") as ei:
+        daemon.check_environment(config(tmp_path))
+    assert ei.value.code == daemon.EXIT_FAILURE
+    assert daemon.run(config(tmp_path)) == 1
+    assert any(lvl == logging.ERROR and "must run as root" in m for lvl, m in logs.lines)
+
+
+def test_missing_outside_interface_names_the_key_and_what_exists(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(daemon, "interface_names", lambda: {"lo", "eth0", "lan0"})
+    with pytest.raises(daemon.StartupError) as ei:
+        daemon.check_environment(config(tmp_path, outside_interface="wan0"))
+    assert ei.value.code == daemon.EXIT_CONFIG == 2
+    assert str(ei.value).startswith("outside_interface = 'wan0': no such network interface")
+    assert "eth0, lan0, lo" in str(ei.value)
+    daemon.check_environment(config(tmp_path, outside_interface="eth0"))  # fine
+
+
+def test_handover_path_is_the_state_file_or_next_to_the_control_socket(tmp_path: Path) -> None:
+    assert daemon.handover_path(config(tmp_path)) == str(tmp_path / "run" / "handover.json")
+    sf = str(tmp_path / "lib" / "state.json")
+    assert daemon.handover_path(config(tmp_path, state_file=sf)) == sf
+
+
+# ------------------------------------------------------------------------------ start order
+def test_a_busy_queue_stops_the_start_before_any_rule_is_touched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str]
+) -> None:
+    def busy(*a: object, **kw: object) -> None:
+        raise NfQueueError(errno.EPERM, "binding nfqueue 0: Operation not permitted")
+
+    monkeypatch.setattr(daemon, "NfQueue", busy)
+    gw = daemon.Gateway(config(tmp_path))
+    with pytest.raises(daemon.StartupError, match="bound by another process.*SIGHUP") as ei:
+        gw.start()
+    assert ei.value.code == 1 and calls == [] and gw.nfq is None
+
+
+def test_handover_waits_for_the_queue_and_swaps_rules_atomically(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str], logs: Records
+) -> None:
+    tries: list[int] = []
+
+    def queue(*a: object, **kw: object) -> FakeQueue:
+        tries.append(1)
+        if len(tries) < 3:  # the predecessor still holds it twice
+            raise NfQueueError(errno.EPERM, "busy")
+        return FakeQueue()
+
+    monkeypatch.setattr(daemon, "NfQueue", queue)
+    monkeypatch.setattr(daemon.time, "sleep", lambda s: None)
+    monkeypatch.setattr(daemon, "ControlServer", _NoControl)
+    gw = daemon.Gateway(config(tmp_path), handover=True)
+    gw.start()
+    assert len(tries) == 3 and calls == ["replace"]  # never remove, never install
+    assert "handover: no saved table" in logs.text()
+    gw.stop()
+    assert calls == ["replace", "remove"]
+
+
+def test_a_normal_start_installs_after_binding(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str]
+) -> None:
+    order: list[str] = []
+    monkeypatch.setattr(daemon, "NfQueue", lambda *a, **kw: order.append("bind") or FakeQueue())
+    monkeypatch.setattr(
+        daemon.rules, "install", lambda spec: order.append(f"install:{spec.public_address}")
+    )
+    monkeypatch.setattr(daemon, "ControlServer", _NoControl)
+    gw = daemon.Gateway(config(tmp_path))
+    gw.start()
+    assert order == ["bind", "install:198.51.100.1"]
+    gw.stop()
+    # following the interface's address: the rules match any address of outside_interface
+    monkeypatch.setattr(daemon, "read_public_address", lambda ifname, cur=None: "198.51.100.7")
+    order.clear()
+    gw2 = daemon.Gateway(config(tmp_path, public_address=None))
+    gw2.start()
+    assert order == ["bind", "install:None"] and gw2.public == "198.51.100.7"
+    gw2.stop()
+
+
+class _NoControl:
+    def __init__(self, *a: object, **kw: object) -> None:
+        raise OSError("no control socket in unit tests")
+
+
+# ------------------------------------------------------------------------------ state
+def _gateway_with_traffic(tmp_path: Path, **kw: Any) -> daemon.Gateway:
+    gw = daemon.Gateway(config(tmp_path, **kw))
+    eng = gw.engine
+    accepted(eng.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
+    accepted(eng.handle(esp(EXT, eng.public_ip, 0x2001), daemon.Direction.INBOUND, 1.0))  # type: ignore[arg-type]
+    accepted(eng.handle(build_udp(PRV1, EXT, 5000, 53), OUT, 1.0))
+    return gw
+
+
+def test_stop_saves_to_the_state_file_then_removes_rules(
+    tmp_path: Path, calls: list[str], logs: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sf = tmp_path / "lib" / "state.json"
+    gw = _gateway_with_traffic(tmp_path, state_file=str(sf))
+    q = FakeQueue()
+    gw.nfq = q  # type: ignore[assignment]
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: 2.0)
+    gw.stop()
+    assert q.flushed and q.closed and calls == ["remove"]
+    data = json.loads(sf.read_text())
+    assert data["version"] == state.STATE_VERSION
+    assert sorted(e["kind"] for e in data["entries"]) == ["esp", "napt"]
+    assert stat.S_IMODE(sf.stat().st_mode) == 0o600
+
+
+def test_sighup_saves_for_the_successor_and_keeps_the_rules(
+    tmp_path: Path, calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gw = _gateway_with_traffic(tmp_path)
+    gw.nfq = FakeQueue()  # type: ignore[assignment]
+    gw.keep_rules = True
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: 2.0)
+    gw.stop()
+    assert calls == [] and gw.exit_code == 0
+    path = Path(daemon.handover_path(gw.config))
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+    # the successor: restores, and consumes the handover file (it is not a state_file)
+    succ = daemon.Gateway(config(tmp_path), handover=True)
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: 500.0)
+    succ.restore_state()
+    assert len(succ.engine.table) == 2 and not path.exists()
+    assert succ.engine.counters.get("restored:esp") == 1
+
+
+def test_a_failed_handover_save_is_an_error_exit(
+    tmp_path: Path, calls: list[str], logs: Records
+) -> None:
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the directory should be")
+    gw = _gateway_with_traffic(tmp_path)
+    gw.nfq = FakeQueue()  # type: ignore[assignment]
+    gw.keep_rules = True
+    gw.stop()
+    assert gw.exit_code == daemon.EXIT_FAILURE and calls == []
+    assert any(lvl == logging.ERROR and "saving the table" in m for lvl, m in logs.lines)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00\x01 not json", "corrupt"),
+        (b'{"format": "vpnmasq-state", "version": 7, "saved_at": 1}', "newer vpnmasq"),
+        (b'{"format": "something-else"}', "not a vpnmasq state"),
+    ],
+)
+def test_a_bad_state_file_is_reported_and_ignored(
+    tmp_path: Path, logs: Records, content: bytes, message: str
+) -> None:
+    sf = tmp_path / "state.json"
+    sf.write_bytes(content)
+    gw = daemon.Gateway(config(tmp_path, state_file=str(sf)))
+    gw.restore_state()
+    assert len(gw.engine.table) == 0
+    warn = [m for lvl, m in logs.lines if lvl == logging.WARNING]
+    assert len(warn) == 1 and message in warn[0] and "starting with an empty table" in warn[0]
+    assert sf.exists()  # left for the admin to look at
+
+
+def test_a_state_that_fails_half_way_leaves_an_empty_engine(
+    tmp_path: Path, logs: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sf = tmp_path / "state.json"
+    gw = _gateway_with_traffic(tmp_path, state_file=str(sf))
+    assert gw.save_state(str(sf))
+
+    def boom(*a: object, **kw: object) -> None:
+        raise RuntimeError("helper bug")
+
+    monkeypatch.setattr(state, "import_state", boom)
+    succ = daemon.Gateway(config(tmp_path, state_file=str(sf)))
+    succ.restore_state()
+    assert len(succ.engine.table) == 0
+    assert "helper bug" in logs.text()
+
+
+def test_without_state_file_and_handover_nothing_is_read_or_written(
+    tmp_path: Path, calls: list[str]
+) -> None:
+    gw = _gateway_with_traffic(tmp_path)
+    Path(daemon.handover_path(gw.config)).parent.mkdir(parents=True)
+    Path(daemon.handover_path(gw.config)).write_text("{}")  # a stale handover file
+    fresh = daemon.Gateway(config(tmp_path))
+    fresh.restore_state()
+    assert len(fresh.engine.table) == 0
+    gw.nfq = FakeQueue()  # type: ignore[assignment]
+    gw.stop()
+    assert calls == ["remove"]
+    assert Path(daemon.handover_path(gw.config)).read_text() == "{}"
+
+
+def test_the_table_is_saved_periodically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sf = tmp_path / "state.json"
+    gw = _gateway_with_traffic(tmp_path, state_file=str(sf))
+    clock = [100.0]
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: clock[0])
+    gw.next_save = 100.0 + daemon.STATE_SAVE_INTERVAL_S
+    assert gw.timeout() == pytest.approx(min(daemon.ADDRESS_POLL_S, daemon.STATE_SAVE_INTERVAL_S))
+    gw.step(0)
+    assert not sf.exists()
+    clock[0] = 100.0 + daemon.STATE_SAVE_INTERVAL_S
+    gw.step(0)  # forks a child that writes a snapshot; the loop goes on
+    assert gw.saver is not None
+    assert gw.next_save == pytest.approx(clock[0] + daemon.STATE_SAVE_INTERVAL_S)
+    gw.reap_saver(block=True)
+    assert gw.saver is None and sf.exists()
+    data = json.loads(sf.read_text())
+    assert sorted(e["kind"] for e in data["entries"]) == ["esp", "napt"]
+    first = sf.stat().st_mtime_ns
+    clock[0] += 1.0
+    gw.step(0)
+    assert gw.saver is None and sf.stat().st_mtime_ns == first  # not before the next interval
+
+
+def test_a_failed_background_save_is_logged(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    logs: Records,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "lib").write_text("a file where the directory should be")
+    gw = _gateway_with_traffic(tmp_path, state_file=str(tmp_path / "lib" / "state.json"))
+    gw.save_in_background(gw.config.state_file or "")
+    gw.reap_saver(block=True)
+    assert any(lvl == logging.ERROR and "in the background failed" in m for lvl, m in logs.lines)
+    assert "ERROR saving the table to" in capfd.readouterr().err  # the child's own line
+
+
+# ------------------------------------------------------------------------------ logging
+def test_log_lines_are_rate_limited_per_reason(logs: Records) -> None:
+    rl = daemon.RateLimitedLog(daemon.log)
+    for i in range(20):
+        rl.event(PacketDropped("no-mapping", f"n{i}", "udp"), 10.0 + i * 0.01)
+    rl.event(PacketDropped("filtered", "x", "tcp"), 10.3)
+    drops = [m for _, m in logs.lines if m.startswith("drop no-mapping")]
+    assert len(drops) == daemon.LOG_BURST
+    rl.event(PacketDropped("no-mapping", "later", "udp"), 11.5)
+    assert f"drop:no-mapping: {20 - daemon.LOG_BURST} more like this suppressed" in logs.text()
+    assert "drop filtered: tcp (x)" in logs.text()
+    assert "drop no-mapping: udp (later)" in logs.text()
+
+
+def test_run_help_documents_signals_and_handover() -> None:
+    from click.testing import CliRunner
+
+    from vpnmasq.cli import cli
+
+    out = CliRunner().invoke(cli, ["run", "--help"]).output
+    for needle in ("SIGTERM", "SIGHUP", "--handover", "kill -HUP", "status 2"):
+        assert needle in out, needle
+    assert "SIGHUP" in (daemon.__doc__ or "") and "--handover" in (daemon.__doc__ or "")
+
+
+def test_run_with_a_bad_config_exits_2_with_key_and_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vpnmasq.cli import cli
+
+    p = tmp_path / "bad.toml"
+    p.write_text('outside_interface = "wan0"\n\nfilter = "x"\nmode = "kernel"\n')
+    r = CliRunner().invoke(cli, ["run", "--config", str(p)])
+    assert r.exit_code == 2
+    assert "line 4: mode:" in r.output and "line 3: filter" in r.output
+
+
+def test_rule_spec_carries_both_alias_ranges_and_hybrid_overlap_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    from vpnmasq.config import ConfigError, load_config
+
+    spec = daemon.rule_spec(config(tmp_path), None)
+    assert spec.alias_port_range == (61000, 65535) and spec.low_port_range == (600, 1023)
+    assert spec.public_address is None  # follow the interface: "an address of wan0"
+    with pytest.raises(ConfigError, match="line 2: low_port_range: .* overlaps kernel_port_range"):
+        load_config('kernel_port_range = "1000-60999"\nlow_port_range = "600-1023"\n')
+    load_config('mode = "userspace"\nkernel_port_range = "1000-60999"\n')  # unused there

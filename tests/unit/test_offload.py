@@ -1,0 +1,195 @@
+"""What the offloader asks of the kernel (pure parts of vpnmasq.datapath.offload): which
+engine entries become map elements, the nft text, and reading the maps back."""
+
+from __future__ import annotations
+
+import json
+
+from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, make_engine
+from tests.pptp_wire import ControlLink
+from vpnmasq.config import EspPolicy
+from vpnmasq.datapath.offload import (
+    OFFLOAD_TABLE,
+    Element,
+    Offloader,
+    desired_elements,
+    element_commands,
+    parse_elements,
+    table_definition,
+)
+from vpnmasq.engine import Engine
+from vpnmasq.events import EntryExpired
+from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
+from vpnmasq.packet.l4 import build_esp
+
+
+def esp(eng: Engine, host: int, out_spi: int, in_spi: int | None, now: float = 0.0) -> None:
+    assert eng.handle(build_ipv4(host, EXT, PROTO_ESP, build_esp(out_spi, 1)), OUT, now).accepted
+    if in_spi is not None:
+        v = eng.handle(build_ipv4(EXT, MASQ, PROTO_ESP, build_esp(in_spi, 1)), IN, now)
+        assert v.accepted
+
+
+def elements(eng: Engine, now: float = 0.0) -> set[Element]:
+    return set(desired_elements(eng.table, now))
+
+
+def test_an_established_esp_association_becomes_two_elements_keyed_by_the_remote() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    assert elements(eng) == {
+        Element("esp_in", (EXT, 0x2001), PRV1),
+        Element("esp_out", (PRV1, EXT, 0x1001)),
+    }
+
+
+def test_pending_and_guessed_associations_stay_with_the_engine() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, None)  # waiting for the remote's SPI
+    assert elements(eng) == set()
+    eng2 = make_engine(esp=EspPolicy(guess_single_host=True))
+    esp(eng2, PRV1, 0x1001, 0x2001)
+    # a second inbound SPI from the remote: guessed (tentative), not offloaded
+    assert eng2.handle(build_ipv4(EXT, MASQ, PROTO_ESP, build_esp(0x3003, 1)), IN, 1.0).accepted
+    assert [e for e in eng2.table if e.kind == "esp" and e.ext.tentative]
+    assert {el.key for el in elements(eng2, 1.0) if el.set == "esp_in"} == {(EXT, 0x2001)}
+
+
+def test_an_established_pptp_call_becomes_three_elements() -> None:
+    eng = make_engine()
+    link = ControlLink(eng, PRV1, 40000, EXT).open(0.0)
+    link.start_session(0.0)
+    outside = link.outgoing_call(0x0101, 0x4000, 0.0)
+    assert elements(eng) == {
+        Element("gre_in_addr", (EXT, outside), PRV1),
+        Element("gre_in_call", (EXT, outside), 0x0101),
+        Element("gre_out", (PRV1, EXT, 0x4000)),
+    }
+
+
+def test_a_requested_call_is_not_offloaded() -> None:
+    from tests.pptp_wire import ocrq
+
+    eng = make_engine()
+    link = ControlLink(eng, PRV1, 40000, EXT).open(0.0)
+    link.start_session(0.0)
+    link.lan_sends(ocrq(0x0101), 0.0)  # no reply yet
+    assert elements(eng) == set()
+
+
+def test_two_hosts_wanting_one_key_are_both_left_to_the_engine() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    esp(eng, PRV2, 0x1002, 0x2002)
+    a, b = sorted((e for e in eng.table if e.kind == "esp"), key=lambda e: e.inside_ip)
+    b.ext.in_spi = a.ext.in_spi  # both picked the same inbound SPI (1 in 2**32)
+    got = elements(eng)
+    assert not any(el.set == "esp_in" for el in got)
+    assert {el.key for el in got} == {(PRV1, EXT, 0x1001), (PRV2, EXT, 0x1002)}
+
+
+def test_expired_entries_are_not_offloaded() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    (e,) = [e for e in eng.table if e.kind == "esp"]
+    assert elements(eng, e.expires_at) == set()
+
+
+def test_the_table_keys_every_map_on_the_remote_address_and_rewrites_first() -> None:
+    text = table_definition("198.51.100.1", "wan0", 0x564D)
+    assert "typeof ip saddr . esp spi : ip daddr" in text
+    assert "typeof ip saddr . @th,48,16 : ip daddr" in text
+    assert "typeof ip saddr . ip daddr . esp spi" in text
+    assert "map @esp_in notrack meta mark set 0x564d" in text  # rewrite before side effects
+    assert 'oifname "wan0"' in text and 'iifname "wan0" ip daddr 198.51.100.1' in text
+    assert f"flush chain ip {OFFLOAD_TABLE} pre" in text  # chains refreshed, elements kept
+    assert "flush set" not in text and "delete" not in text
+
+
+def test_bad_names_never_reach_nft() -> None:
+    for bad in ('wan0" accept', "x" * 16, ""):
+        try:
+            table_definition("198.51.100.1", bad, 1)
+        except ValueError:
+            continue
+        raise AssertionError(bad)
+
+
+def test_element_commands_and_parsing_round_trip() -> None:
+    els = [
+        Element("esp_in", (EXT, 0x2001), PRV1),
+        Element("esp_out", (PRV1, EXT2, 0x1001)),
+        Element("gre_in_call", (EXT, 4660), 257),
+    ]
+    text = element_commands(els[:2], els[2:])
+    assert "delete element ip vpnmasq_offload gre_in_call { 203.0.113.20 . 4660 }" in text
+    assert "add element ip vpnmasq_offload esp_in { 203.0.113.20 . 8193 : 10.77.0.11 }" in text
+    listing = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"map": {"table": OFFLOAD_TABLE, "name": "esp_in", "elem": [[
+                {"elem": {"val": {"concat": ["203.0.113.20", 8193]},
+                          "counter": {"packets": 5, "bytes": 700}}}, "10.77.0.11"]]}},
+            {"set": {"table": OFFLOAD_TABLE, "name": "esp_out", "elem": [
+                {"elem": {"val": {"concat": ["10.77.0.11", "203.0.113.21", 4097]},
+                          "counter": {"packets": 2, "bytes": 100}}}]}},
+            {"map": {"table": OFFLOAD_TABLE, "name": "gre_in_call", "elem": [
+                [{"concat": ["203.0.113.20", 4660]}, 257]]}},
+            {"set": {"table": "other", "name": "esp_out", "elem": []}},
+        ]
+    }
+    got = parse_elements(json.dumps(listing))
+    assert got == {els[0]: (5, 700), els[1]: (2, 100), els[2]: (0, 0)}
+
+
+def test_sync_credits_traffic_and_follows_the_table_through_a_fake_nft() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    kernel: dict[Element, tuple[int, int]] = {}
+    calls: list[str] = []
+
+    def run(argv: list[str], stdin: str | None) -> str:
+        if argv[:2] == ["nft", "-j"]:
+            return json.dumps({"nftables": [
+                {("map" if el.value is not None else "set"): {
+                    "table": OFFLOAD_TABLE, "name": el.set,
+                    "elem": [[{"elem": {"val": {"concat": list(el.key)},
+                                        "counter": {"packets": c[0], "bytes": c[1]}}}, el.value]]
+                    if el.value is not None else
+                    [{"elem": {"val": {"concat": list(el.key)},
+                               "counter": {"packets": c[0], "bytes": c[1]}}}]}}
+                for el, c in kernel.items()
+            ]})
+        assert stdin is not None
+        calls.append(stdin)
+        for line in stdin.splitlines():
+            for el in list(kernel) + list(desired_elements(eng.table, 0.0)):
+                if line.startswith("add element") and f" {el.set} {{ {el.nft()} }}" in line:
+                    kernel[el] = (0, 0)
+                if line.startswith("delete element") and f" {el.set} {{ " in line and el in kernel:
+                    kernel.pop(el)
+        return ""
+
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=run)
+    rep = off.sync(eng, 1.0)
+    assert (rep.added, rep.offloaded) == (2, 2)
+    (e,) = [e for e in eng.table if e.kind == "esp"]
+    pk_in = e.pkts_in
+    kernel[Element("esp_in", (EXT, 0x2001), PRV1)] = (10, 1000)
+    rep = off.sync(eng, 50.0)
+    assert rep.credited == 1 and e.pkts_in == pk_in + 10 and e.last_in == 50.0
+    assert e.expires_at == 50.0 + eng.timeouts["esp"]
+    eng.flush()
+    rep = off.sync(eng, 51.0)
+    assert rep.removed == 2 and kernel == {}
+
+
+def test_ending_an_esp_or_gre_entry_asks_for_a_sync_now() -> None:
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    eng.drain_events()
+    eng.flush()
+    evs = eng.drain_events()
+    assert any(isinstance(ev, EntryExpired) for ev in evs)
+    assert Offloader.wants_sync(evs)
+    assert not Offloader.wants_sync([])
