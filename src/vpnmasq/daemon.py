@@ -66,7 +66,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vpnmasq.config import Config
-from vpnmasq.datapath import rules
+from vpnmasq.datapath import routes, rules
 from vpnmasq.datapath.control import ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
@@ -254,6 +254,8 @@ def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
             for f in config.forwards
             if f.protocol in ("tcp", "udp") and f.to_port is not None and f.to_port != f.port
         ],
+        routed_networks=[r.network for r in config.routes],
+        mss_clamp=config.mss_clamp,
     )
 
 
@@ -283,6 +285,7 @@ class Gateway:
         self.queue_batches = 0
         self.metrics: Any = None
         self.addr_mon: socket.socket | None = None
+        self.routes_applied: routes.Applied | None = None
         self.exit_code = EXIT_OK
         self.next_save: float | None = None  # monotonic time of the next periodic save
         self.saver: tuple[int, float] | None = None  # (pid, started) of a background save
@@ -311,6 +314,11 @@ class Gateway:
             cfg.queue_num,
         )
         self.sel.register(self.nfq.fileno(), selectors.EVENT_READ, "nfq")
+        try:
+            self.routes_applied = routes.apply_routes(cfg.routes)
+        except routes.RouteError as exc:
+            log.error("installing [[route]]s failed: %s", exc)
+        self._refresh_local_consumers()
         if cfg.state_file:
             self.next_save = time.monotonic() + STATE_SAVE_INTERVAL_S
         if not cfg.public_address:
@@ -487,6 +495,10 @@ class Gateway:
         if self.addr_mon is not None:
             self.addr_mon.close()
             self.addr_mon = None
+        if self.routes_applied is not None and not self.keep_rules:
+            with contextlib.suppress(Exception):
+                routes.undo(self.routes_applied)
+            self.routes_applied = None
         if self.keep_rules:
             log.info(
                 "handover: rules left in place (owned packets are dropped until the successor "
@@ -597,9 +609,11 @@ class Gateway:
                 self._apply(tok, v)
             if self.nfq is not None:
                 self.nfq.flush()
-        if now - self.last_addr_check >= ADDRESS_POLL_S and not self.config.public_address:
+        if now - self.last_addr_check >= ADDRESS_POLL_S:
             self.last_addr_check = now
-            self._follow_address(now)
+            if not self.config.public_address:
+                self._follow_address(now)
+            self._refresh_local_consumers()  # a local charon/pptpd may have started
         for ev in self.engine.drain_events():
             self.rl.event(ev, now)
         if self.saver is not None:
@@ -607,6 +621,16 @@ class Gateway:
         if self.next_save is not None and now >= self.next_save and self.config.state_file:
             self.next_save = now + STATE_SAVE_INTERVAL_S
             self.save_in_background(self.config.state_file)
+
+    def _refresh_local_consumers(self) -> None:
+        """``local_vpn = "auto"``: tell the engine which VPN protocols have an endpoint on
+        the gateway itself (a local charon, pptpd, a GRE device...)."""
+        if self.config.local_vpn != "auto":
+            return
+        try:
+            self.engine.set_local_consumers(routes.local_vpn_consumers(self.public))
+        except Exception as exc:  # probing must never stop the datapath
+            log.debug("probing local VPN endpoints failed: %s", exc)
 
     def _follow_address(self, now: float) -> None:
         try:
@@ -619,6 +643,7 @@ class Gateway:
         old, self.public = self.public, new
         # the rules match any address of outside_interface: only the engine changes
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
+        self._refresh_local_consumers()
         hook = self.config.on_address_change_hook
         if hook and new:
             with contextlib.suppress(OSError):
