@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,13 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one round, shorter windows, 200k mappings")
     ap.add_argument("--rounds", type=int, default=None, help="lab rounds (default 3, quick 1)")
-    ap.add_argument("--seconds", type=float, default=None, help="measurement window (default 2, quick 1)")
+    ap.add_argument("--seconds", type=float, default=None, help="measurement window (default 1.5, quick 1)")
     ap.add_argument("--skip-lab", action="store_true", help="engine benchmarks only")
     ap.add_argument("--skip-engine", action="store_true", help="namespace benchmarks only")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where to write the report")
     a = ap.parse_args(argv)
     rounds = a.rounds or (1 if a.quick else 3)
-    seconds = a.seconds or (1.0 if a.quick else 2.0)
+    seconds = a.seconds or (1.0 if a.quick else 1.5)
     docs = Path(a.docs)
     t0 = time.monotonic()
     results: dict[str, object] = {
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"lab benchmarks: {rounds} round(s), {seconds:g} s windows ...")
             results["lab"] = lab_bench.run_lab(
-                rounds, seconds, quick=a.quick, log=log, profile_out=docs / "bench-profile.txt"
+                rounds, seconds, quick=a.quick, log=log,
+                profile_out=Path(tempfile.gettempdir()) / "vpnmasq-bench-profile.txt",
             )
         if "lab_skipped" in results:
             log(f"lab skipped: {results['lab_skipped']}")

@@ -19,6 +19,13 @@ then :meth:`Gateway.start`:
    (:func:`vpnmasq.datapath.rules.install`); a ``--handover`` start swaps the predecessor's
    rules for its own atomically (:func:`vpnmasq.datapath.rules.replace`), so there is no
    moment without them.
+4. with ``[[forward]]``s that hairpin (LAN hosts reaching them through the public address),
+   turns ``accept_local`` on for the LAN interfaces after the rules (with their guard) are in
+   place, recording the admin's values next to the control socket (:class:`HairpinSysctls`);
+   a normal stop puts them back, a handover leaves them to the successor.
+
+Direction: a packet queued in POSTROUTING is outbound; one queued in PREROUTING is inbound
+if it came in on ``outside_interface`` and outbound (a LAN host hairpinning) otherwise.
 
 Signals
 -------
@@ -54,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import selectors
@@ -62,7 +70,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vpnmasq.config import Config
@@ -91,6 +99,10 @@ STATE_SAVE_INTERVAL_S = 30.0
 #: ``run --handover`` waits this long for the predecessor to release the queue
 HANDOVER_WAIT_S = 10.0
 HANDOVER_FILE = "handover.json"
+#: what vpnmasq changed to hairpin (accept_local per LAN interface, with the admin's values),
+#: next to the control socket: a successor after a handover, or a start after a crash, can
+#: still put those values back (see HairpinSysctls)
+HAIRPIN_SYSCTL_FILE = "hairpin-sysctl.json"
 
 #: the public address is re-read when netlink reports an address change (RTMGRP_IPV4_IFADDR),
 #: and at least this often as a safety net
@@ -194,6 +206,127 @@ def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
         log.debug("sending ICMP %d/%d to %s failed: %s", icmp_type, code, dst, exc)
 
 
+class HairpinSysctls:
+    """``accept_local`` on the LAN interfaces while hairpinning, and putting it back.
+
+    Measured in the lab (``tests/integration/test_hairpin.py``): vpnmasq rewrites a hairpinned
+    packet in PREROUTING to source = the public address, a local address, and the routing
+    decision that follows drops a local source arriving on a LAN interface as a martian
+    unless ``net.ipv4.conf.<lan>.accept_local = 1``. With it, both modes hairpin. Strict
+    ``rp_filter`` (1, the larger of ``all`` and the interface) still drops them (counted in
+    ``TcpExtIPReversePathFilter``); vpnmasq does not loosen the admin's anti-spoofing
+    policy, it warns (:meth:`rp_filter_warnings`).
+
+    ``accept_local`` also opens the door to LAN hosts spoofing the gateway's addresses, so
+    every interface vpnmasq turns it on for is also listed in
+    :attr:`vpnmasq.datapath.rules.RuleSpec.local_source_guard`: a raw-table rule drops unicast
+    packets with a local source arriving there, before vpnmasq's rewrite (the kernel's
+    martian check, put back for everything else). Interfaces where the admin already had
+    ``accept_local = 1`` are left alone (not changed, not guarded).
+
+    The original values are kept in :data:`HAIRPIN_SYSCTL_FILE` while changed, so they are
+    restored by whichever vpnmasq stops last (a handover passes them on; a start after a
+    crash finds them).
+    """
+
+    KEY = "accept_local"
+
+    def __init__(self, path: str, *, netns: str | None = None) -> None:
+        self.path = path
+        self.netns = netns
+        self.changed: dict[str, str] = {}  # interface -> the admin's accept_local
+        self.planned = False
+
+    @property
+    def guard(self) -> list[str]:
+        return sorted(self.changed)
+
+    def _load(self) -> dict[str, str]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self.path, exc)
+            return {}
+        saved = data.get(self.KEY) if isinstance(data, dict) else None
+        if not isinstance(saved, dict):
+            return {}
+        return {str(k): str(v) for k, v in saved.items() if str(v).lstrip("-").isdigit()}
+
+    def _save(self) -> None:
+        if not self.changed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({self.KEY: self.changed}, f)
+        os.replace(tmp, self.path)
+
+    def _set(self, ifname: str, value: str) -> bool:
+        try:
+            rules.ipv4_conf_set(ifname, self.KEY, value, netns=self.netns)
+        except (rules.RuleError, ValueError) as exc:
+            log.warning("setting net.ipv4.conf.%s.%s=%s failed: %s", ifname, self.KEY, value, exc)
+            return False
+        return True
+
+    def plan(self, interfaces: list[str]) -> None:
+        """Decide which of ``interfaces`` get ``accept_local = 1`` (and the guard), and
+        restore what an earlier run changed on interfaces no longer wanted. Records the
+        decision in the file before anything is changed."""
+        saved = self._load()
+        for ifname, old in saved.items():
+            if ifname not in interfaces:
+                self._set(ifname, old)
+        changed: dict[str, str] = {}
+        for ifname in interfaces:
+            if ifname in saved:  # changed by a predecessor (handover) or a crashed run
+                changed[ifname] = saved[ifname]
+                continue
+            cur = rules.ipv4_conf_get(ifname, self.KEY, netns=self.netns)
+            if cur is not None and cur != "1":
+                changed[ifname] = cur
+        self.changed = changed
+        self.planned = True
+        try:
+            self._save()
+        except OSError as exc:
+            log.warning("cannot record the sysctls to restore in %s: %s", self.path, exc)
+
+    def apply(self) -> None:
+        for ifname in self.changed:
+            self._set(ifname, "1")
+
+    def restore(self) -> None:
+        """Put the admin's values back and forget them (a normal stop)."""
+        if not self.planned:
+            return  # never looked: a file left by an earlier run is not ours to remove yet
+        for ifname, old in self.changed.items():
+            self._set(ifname, old)
+        self.changed = {}
+        with contextlib.suppress(OSError):
+            self._save()
+
+    def rp_filter_warnings(self, interfaces: list[str]) -> list[str]:
+        all_value = rules.ipv4_conf_get("all", "rp_filter", netns=self.netns)
+        out = []
+        for ifname in interfaces:
+            dev_value = rules.ipv4_conf_get(ifname, "rp_filter", netns=self.netns)
+            if rules.rp_filter_blocks_hairpin(all_value, dev_value):
+                out.append(
+                    f"hairpinning from {ifname} is dropped by strict reverse-path filtering "
+                    f"(rp_filter: all={all_value}, {ifname}={dev_value}); hairpinned packets "
+                    "carry the public address as source: set "
+                    f"net.ipv4.conf.{ifname}.rp_filter=2 (loose) to allow them"
+                )
+        return out
+
+
 class StartupError(Exception):
     """vpnmasq cannot start; the message is for the operator, ``code`` the exit status."""
 
@@ -236,7 +369,40 @@ def handover_path(config: Config) -> str:
     return os.path.join(os.path.dirname(config.control_socket) or ".", HANDOVER_FILE)
 
 
-def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
+def hairpin_forwards(config: Config) -> list[tuple[str, int | None, int | None]]:
+    """The forwards a LAN host can reach through the public address (hairpinning), as
+    :attr:`rules.RuleSpec.hairpin_forwards` wants them: TCP/UDP forwards with a port and GRE,
+    without a ``remote`` restriction (a LAN client is no remote: the engine would not match
+    them). ESP cannot hairpin (the engine says why; use NAT-T, which hairpins as UDP)."""
+    out: list[tuple[str, int | None, int | None]] = []
+    for f in config.forwards:
+        if f.remote is not None:
+            continue
+        if f.protocol in ("tcp", "udp") and f.port is not None:
+            out.append((f.protocol, f.port, f.to_port if f.to_port is not None else f.port))
+        elif f.protocol == "gre":
+            out.append(("gre", None, None))
+    return out
+
+
+def _describe_hairpin(h: tuple[str, int | None, int | None]) -> str:
+    proto, port, server_port = h
+    if port is None:
+        return proto
+    return f"{proto} {port}" + (f"->{server_port}" if server_port != port else "")
+
+
+def rule_spec(
+    config: Config,
+    public: str | None,
+    *,
+    hairpin_address: str | None = None,
+    guard: Sequence[str] = (),
+) -> rules.RuleSpec:
+    """The rules for ``config``. ``public`` is the configured public address (None: match
+    any address of the outside interface); ``hairpin_address`` the current one, which the
+    hairpin rules need when ``public`` is None; ``guard`` the interfaces vpnmasq turned
+    ``accept_local`` on for hairpinning (:class:`HairpinSysctls`)."""
     return rules.RuleSpec(
         outside_if=config.outside_interface,
         inside_networks=list(config.inside_networks),
@@ -256,6 +422,9 @@ def rule_spec(config: Config, public: str | None) -> rules.RuleSpec:
         ],
         routed_networks=[r.network for r in config.routes],
         mss_clamp=config.mss_clamp,
+        hairpin_forwards=hairpin_forwards(config),
+        hairpin_address=hairpin_address,
+        local_source_guard=guard,
     )
 
 
@@ -289,6 +458,10 @@ class Gateway:
         self.exit_code = EXIT_OK
         self.next_save: float | None = None  # monotonic time of the next periodic save
         self.saver: tuple[int, float] | None = None  # (pid, started) of a background save
+        self.outside_index: int | None = None  # ifindex of outside_interface (_from_outside)
+        self.hairpin_sysctls = HairpinSysctls(
+            os.path.join(os.path.dirname(config.control_socket) or ".", HAIRPIN_SYSCTL_FILE)
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -297,13 +470,25 @@ class Gateway:
         cfg = self.config
         self.nfq = self._bind_queue()
         self.restore_state()
+        # Hairpinning needs accept_local on the LAN interfaces (HairpinSysctls); the guard
+        # rule that comes with it is installed before the sysctl is changed.
+        hairpin_ifs: list[str] = []
+        if hairpin_forwards(cfg):
+            hairpin_ifs = rules.interfaces_towards(
+                rules.main_routes(), cfg.inside_networks, cfg.outside_interface
+            )
+        self.hairpin_sysctls.plan(hairpin_ifs)  # also restores what a crashed run left
         # The rules match "an address of outside_interface" unless public_address is set,
-        # so following the address needs no rule change (and leaves no gap).
-        spec = rule_spec(cfg, cfg.public_address)
+        # so following the address needs no rule change (and leaves no gap), except for
+        # the hairpin rules (_follow_hairpin_address).
+        spec = rule_spec(
+            cfg, cfg.public_address, hairpin_address=self.public, guard=self.hairpin_sysctls.guard
+        )
         if self.handover:
             rules.replace(spec)  # atomic: the predecessor's rules never go away first
         else:
             rules.install(spec)  # removes what a crashed run left, then installs
+        self.hairpin_sysctls.apply()
         log.info(
             "rules %s: mode=%s outside=%s inside=%s public=%s queue=%d",
             "taken over" if self.handover else "installed",
@@ -313,6 +498,15 @@ class Gateway:
             self.public,
             cfg.queue_num,
         )
+        if hairpin_ifs:
+            log.info(
+                "hairpinning %s from %s (accept_local set on: %s)",
+                ", ".join(_describe_hairpin(h) for h in hairpin_forwards(cfg)),
+                ",".join(hairpin_ifs),
+                ",".join(self.hairpin_sysctls.guard) or "none needed",
+            )
+            for warning in self.hairpin_sysctls.rp_filter_warnings(hairpin_ifs):
+                log.warning("%s", warning)
         self.sel.register(self.nfq.fileno(), selectors.EVENT_READ, "nfq")
         try:
             self.routes_applied = routes.apply_routes(cfg.routes)
@@ -505,6 +699,7 @@ class Gateway:
                 "binds the queue); start it with: vpnmasq run --handover"
             )
         else:
+            self.hairpin_sysctls.restore()  # before the guard rule goes with the rules
             rules.remove()
             log.info("rules removed; vpnmasq stopped")
 
@@ -558,8 +753,14 @@ class Gateway:
 
     def on_packets(self, pkts: list[QueuedPacket], now: float) -> None:
         eng = self.engine
+        out_idx = self.outside_index
         for p in pkts:
-            direction = Direction.INBOUND if p.hook == Hook.PRE_ROUTING else Direction.OUTBOUND
+            if p.hook != Hook.PRE_ROUTING:
+                direction = Direction.OUTBOUND
+            elif p.indev == out_idx or self._from_outside(p.indev):
+                direction = Direction.INBOUND
+            else:  # queued in PREROUTING from a LAN interface: a LAN host hairpinning
+                direction = Direction.OUTBOUND
             if p.truncated:
                 eng.count("drop:too-big")
                 eng.count("dropped")
@@ -574,6 +775,20 @@ class Gateway:
             self._apply(p.packet_id, v)
             if v.icmp_back is not None:
                 send_icmp_error(p.payload, *v.icmp_back)
+
+    def _from_outside(self, indev: int | None) -> bool:
+        """Whether a packet queued in PREROUTING came in on the outside interface (inbound)
+        rather than from a LAN interface (a LAN host hairpinning through the public address,
+        which the engine translates as outbound). The index is cached; a mismatch re-reads
+        it once, so an outside interface re-created under the same name (PPPoE) is followed
+        at once, at the price of one ioctl per hairpinned packet."""
+        if indev is None or indev == self.outside_index:
+            return True
+        try:
+            self.outside_index = socket.if_nametoindex(self.config.outside_interface)
+        except OSError:
+            return True  # the outside interface is gone: keep the hook-only rule
+        return indev == self.outside_index
 
     def step(self, timeout: float | None) -> None:
         for key, _ in self.sel.select(timeout):
@@ -643,11 +858,26 @@ class Gateway:
         old, self.public = self.public, new
         # the rules match any address of outside_interface: only the engine changes
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
+        self._follow_hairpin_address()
         self._refresh_local_consumers()
         hook = self.config.on_address_change_hook
         if hook and new:
             with contextlib.suppress(OSError):
                 subprocess.Popen([hook, new, old or ""], start_new_session=True)
+
+    def _follow_hairpin_address(self) -> None:
+        """The hairpin rules name the public address (packets from the LAN to it cannot be
+        matched by interface): swap them atomically for the new address. Only needed when
+        ``public_address`` is not configured and some forward hairpins."""
+        cfg = self.config
+        if cfg.public_address or not hairpin_forwards(cfg):
+            return
+        try:
+            rules.replace(
+                rule_spec(cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard)
+            )
+        except rules.RuleError as exc:
+            log.error("updating the hairpin rules for %s failed: %s", self.public, exc)
 
     def timeout(self) -> float:
         now = time.monotonic()
@@ -726,8 +956,10 @@ __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
     "Gateway",
+    "HairpinSysctls",
     "StartupError",
     "check_environment",
+    "hairpin_forwards",
     "handover_path",
     "int_to_ip",
     "read_public_address",

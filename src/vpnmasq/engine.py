@@ -16,7 +16,7 @@ import ipaddress
 import random
 import struct
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,7 @@ from vpnmasq.verdict import (
     Direction,
     DropReason,
     Verdict,
+    _make_accept,
     accept,
     drop,
 )
@@ -113,6 +114,8 @@ _SLOW_UDP_PORTS = frozenset({500, 4500})
 _FAST_HDR = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags+offset, protocol
 _FAST_TUPLE = struct.Struct("!IIHH")  # source, destination, source port, destination port
 _FAST_ACK = struct.Struct("!I")
+#: accept() without its wrapper call, for the fast path
+_accept_bytes: Callable[[bytes], Verdict] = _make_accept if _make_accept is not None else accept
 #: limits.max_new_per_host_per_second is a token bucket per inside host; it holds this many
 #: seconds' worth of tokens (at least one), so a burst such as a web page opening its
 #: connections at once passes while a sustained flood is held to the rate.
@@ -573,7 +576,10 @@ class Engine:
         if vihl != 0x45 or tlen != n or frag & 0x3FFF:
             return None
         if proto == PROTO_TCP:
-            if n < 40 or packet[33] & (TCP_SYN | TCP_FIN | TCP_RST):
+            if n < 40:
+                return None
+            tflags = packet[33]
+            if tflags & (TCP_SYN | TCP_FIN | TCP_RST):
                 return None
             coff = 36
         elif proto == PROTO_UDP:
@@ -650,7 +656,7 @@ class Engine:
         if direction is OUT:
             counters["packets_out"] = counters.get("packets_out", 0) + 1
             if proto == PROTO_TCP:
-                e.last_ack_out = _FAST_ACK.unpack_from(buf, 28)[0] if buf[33] & TCP_ACK else -1
+                e.last_ack_out = _FAST_ACK.unpack_from(buf, 28)[0] if tflags & TCP_ACK else -1
             e.pkts_out += 1
             e.last_out = now
             e.bytes_out += n
@@ -659,7 +665,7 @@ class Engine:
             e.pkts_in += 1
             e.last_in = now
             e.bytes_in += n
-        return accept(buf)
+        return _accept_bytes(bytes(buf))
 
     # ------------------------------------------------------------------ TCP / UDP
     def _tcp_out(self, ip: IPv4, now: float) -> Verdict:
@@ -707,12 +713,13 @@ class Engine:
             if isinstance(r, Verdict):
                 return r
             e = r
-        if tflags & TCP_RST and e.state != TCP_CLOSED:
+        if tflags & TCP_RST:
+            # (also once closed: a blind RST must not keep a dead mapping alive either)
             seq = int.from_bytes(buf[off + 4 : off + 8], "big")
             if e.last_ack_out >= 0 and (seq - e.last_ack_out) % (1 << 32) >= RST_WINDOW:
                 self.count("tcp_rst_out_of_window")
                 return self.drop(DropReason.FILTERED, "tcp RST outside the window ignored", ip)
-        elif tflags & TCP_FIN and not e.flags & F_FIN_IN and e.state != TCP_CLOSED:
+        elif tflags & TCP_FIN and not e.flags & F_FIN_IN:
             # a blind FIN must not move the session to the short transitory timeout, nor end
             # a PPTP control connection's calls (RFC 5382); the first FIN is checked like a
             # RST (a retransmitted one, after the first was believed, changes nothing)

@@ -102,8 +102,8 @@ def attack(dst: str, own: str, spi: int, port: int) -> dict[str, Any]:
     for cid in range(65536):
         s.sendto(bytes(build_ipv4(src, d, 47, build_gre_v1(cid, ppp, seq=cid))), (dst, 0))
         sent += 1
-        if cid % 2000 == 0:
-            time.sleep(0.01)
+        if cid % 500 == 0:
+            time.sleep(0.01)  # ~50k/s at most: what reaches the queue, not the kernel's drop
     for seq in range(200):
         s.sendto(bytes(build_ipv4(src, d, 50, build_esp(spi, 1000 + seq, bytes(48)))), (dst, 0))
         sent += 1
@@ -272,7 +272,7 @@ def test_an_outsider_cannot_reach_a_real_pptp_call_or_esp_session(
     ctl = [e for e in gw.entries("tcp") if e["remote"].endswith(":1723")]
     assert ctl, gw.entries()
     port = int(ctl[0]["outside"].rsplit(":", 1)[1])
-    c0 = gw.counters()
+    c0, q0 = gw.counters(), _queue_stats(topo)
     pcap = tmp_path / "lan0.pcap"
     with topo.capture("gw", "lan0", pcap, f"src host {r2}"):
         res = topo.run_json(
@@ -282,11 +282,14 @@ def test_an_outsider_cannot_reach_a_real_pptp_call_or_esp_session(
             timeout=60,
         )
         time.sleep(0.5)
-    c1 = gw.counters()
+    c1, q1 = gw.counters(), _queue_stats(topo)
     drops = _delta(c1, c0, "drop:")
-    record_property("attack", {"sent": res.get("sent"), "drops": drops})
+    kq = _delta(q1, q0)
+    record_property("attack", {"sent": res.get("sent"), "drops": drops, "kernel_queue": kq})
     assert not read_ipv4(pcap), "a packet of r2's reached the LAN"
-    assert drops.get("drop:gre-unknown-call", 0) >= 65536
+    # every guess was dropped: by the engine (counted by reason) or, if the queue overflowed,
+    # by the kernel (fail closed, counted in nfnetlink_queue)
+    assert drops.get("drop:gre-unknown-call", 0) + kq.get("queue_dropped", 0) >= 65536
     assert drops.get("drop:esp-unassociated", 0) >= 200
     assert drops.get("drop:filtered", 0) >= 64  # the forged control segments
     ok0 = call.result.verified

@@ -326,3 +326,22 @@ def test_blind_fin_on_a_pptp_control_connection_does_not_end_its_calls() -> None
     accepted(link.remote_fin(w.now))
     dropped(w.send(gre_packet(EXT, MASQ, w.outside_call_ids["pptp"]), False), DropReason.GRE_UNKNOWN_CALL)
     check_invariants(w.eng)
+
+
+def test_blind_rst_does_not_keep_a_closed_mapping_alive() -> None:
+    """Regression (found by the pptp fuzzer): after an in-window RST closed the mapping, a
+    RST with any sequence number refreshed its 10 s timeout, again and again."""
+    w = build_world(0)
+    t = w.aliases["tcp"]
+    e = _tcp_entry(w)
+    accepted(w.send(build_tcp(EXT, MASQ, 80, t, flags=TCP_RST, seq=905, ack=0), False))
+    assert e.state_name == "CLOSED"  # type: ignore[attr-defined]
+    deadline = e.expires_at  # type: ignore[attr-defined]
+    for k in range(1, 6):
+        w.now += 1.5
+        dropped(w.send(build_tcp(EXT, MASQ, 80, t, flags=TCP_RST, seq=0x7000_0000 + k, ack=0), False),
+                DropReason.FILTERED)
+    assert e.expires_at == deadline  # type: ignore[attr-defined]
+    w.now = deadline + 0.1
+    w.eng.handle_timer(w.now)
+    assert not e.live  # type: ignore[attr-defined]

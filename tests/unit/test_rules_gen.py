@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,7 @@ from vpnmasq.datapath.rules import (
     DEFAULT_MARK,
     RuleSpec,
     forward_mark_hint,
+    interfaces_towards,
     iptables_removal,
     iptables_replacement,
     iptables_rules,
@@ -18,6 +21,7 @@ from vpnmasq.datapath.rules import (
     nft_rules,
     ours_in_ruleset,
     port_range_warnings,
+    rp_filter_blocks_hairpin,
 )
 
 INSIDE = "10.77.0.0/24"
@@ -403,3 +407,232 @@ def test_low_port_range_replies_are_owned_too() -> None:
     assert "600:1023" not in iptables_rules(spec(mode="userspace"))  # not given: not owned
     with pytest.raises(ValueError, match="low port range"):
         spec(mode="hybrid", low_port_range=(600, 2000), kernel_port_range=(1024, 60999))
+
+
+# --- hairpinning ----------------------------------------------------------------------------
+
+HAIRPINS = [("tcp", 8080, 80), ("udp", 53, 53), ("gre", None, None)]
+
+
+def test_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_address() -> None:
+    """A LAN client's packets to a forwarded port (or GRE) and the LAN server's answers to
+    the client's alias port are untracked in raw and queued in mangle PREROUTING, for
+    packets that came in on any interface but the outside one; a local source is never
+    hairpinned (the gateway's own packets looped through lo)."""
+    text = iptables_rules(spec(mode="userspace", hairpin_forwards=HAIRPINS))
+    raw = table(text, "raw")
+    assert raw[3] == ":VPNMASQ_RAW_HP - [0:0]"
+    # after the outside interface returned, before RAW_OUT (which returns on local addresses)
+    i_hp = raw.index("-A VPNMASQ_RAW -s 10.77.0.0/24 -d 198.51.100.1/32 -j VPNMASQ_RAW_HP")
+    assert raw.index("-A VPNMASQ_RAW -i wan0 -j RETURN") < i_hp
+    assert i_hp < raw.index("-A VPNMASQ_RAW -s 10.77.0.0/24 -j VPNMASQ_RAW_OUT")
+    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_HP")] == [
+        "-A VPNMASQ_RAW_HP -m addrtype --src-type LOCAL -j RETURN",
+        "-A VPNMASQ_RAW_HP -p tcp --dport 8080 -j CT --notrack",
+        "-A VPNMASQ_RAW_HP -p tcp --sport 80 --dport 61000:65535 -j CT --notrack",
+        "-A VPNMASQ_RAW_HP -p udp --dport 53 -j CT --notrack",
+        "-A VPNMASQ_RAW_HP -p udp --sport 53 --dport 61000:65535 -j CT --notrack",
+        "-A VPNMASQ_RAW_HP -p 47 -j CT --notrack",
+    ]
+    mangle = table(text, "mangle")
+    q = "-m conntrack --ctstate UNTRACKED -j NFQUEUE --queue-num 5"
+    assert ":VPNMASQ_HP - [0:0]" in mangle
+    assert [ln for ln in mangle if ln.startswith("-A VPNMASQ_HP")] == [
+        "-A VPNMASQ_HP -m addrtype --src-type LOCAL -j RETURN",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --dport 8080 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --sport 80 --dport 61000:65535 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --dport 53 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --sport 53 --dport 61000:65535 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p 47 {q}",
+    ]
+    assert "-I PREROUTING 1 ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
+    # the same in hybrid mode: hairpinned flows are never the kernel's
+    hy = iptables_rules(spec(mode="hybrid", hairpin_forwards=HAIRPINS))
+    assert [ln for ln in lines(hy) if "VPNMASQ_HP " in ln or "VPNMASQ_RAW_HP " in ln] == [
+        ln for ln in lines(text) if "VPNMASQ_HP " in ln or "VPNMASQ_RAW_HP " in ln
+    ]
+
+
+def test_hairpin_replies_to_low_port_aliases_and_every_inside_network() -> None:
+    text = iptables_rules(
+        spec(
+            mode="userspace",
+            inside_networks=[INSIDE, "192.168.1.0/24"],
+            low_port_range=(600, 1023),
+            hairpin_forwards=[("tcp", 443, 443)],
+        )
+    )
+    ls = lines(text)
+    assert "-A VPNMASQ_RAW_HP -p tcp --sport 443 --dport 600:1023 -j CT --notrack" in ls
+    for net in (INSIDE, "192.168.1.0/24"):
+        assert f"-A VPNMASQ_RAW -s {net} -d 198.51.100.1/32 -j VPNMASQ_RAW_HP" in ls
+        assert any(ln.startswith(f"-A VPNMASQ_HP -s {net} -p tcp --dport 443 ") for ln in ls)
+
+
+def test_hairpin_needs_forwards_and_an_address() -> None:
+    assert "_HP" not in iptables_rules(spec(mode="userspace"))  # no forwards: no hairpin
+    no_addr = spec(mode="userspace", public_address=None, hairpin_forwards=HAIRPINS)
+    assert "_HP" not in iptables_rules(no_addr)  # no address yet: nothing to match
+    followed = spec(
+        mode="userspace", public_address=None, hairpin_address="203.0.113.9", hairpin_forwards=HAIRPINS
+    )
+    ls = lines(iptables_rules(followed))
+    assert "-I PREROUTING 1 ! -i wan0 -d 203.0.113.9/32 -j VPNMASQ_HP" in ls
+    # the configured public address wins over the followed one
+    both = spec(mode="userspace", hairpin_address="203.0.113.9", hairpin_forwards=HAIRPINS)
+    assert "203.0.113.9" not in iptables_rules(both)
+
+
+@pytest.mark.parametrize(
+    "hairpin",
+    [("esp", None, None), ("tcp", None, 80), ("udp", 53, None), ("gre", 1, None), ("tcp", 0, 1)],
+)
+def test_hairpin_forwards_are_validated(hairpin: tuple[str, int | None, int | None]) -> None:
+    with pytest.raises(ValueError, match="hairpin"):
+        spec(hairpin_forwards=[hairpin])
+
+
+def test_local_source_guard_comes_first_and_only_for_named_lan_interfaces() -> None:
+    raw = table(iptables_rules(spec(local_source_guard=["lan0", "eth1.10"])), "raw")
+    drop = "-m addrtype --src-type LOCAL -m pkttype --pkt-type unicast -j DROP"
+    assert raw[3:5] == [f"-A VPNMASQ_RAW -i lan0 {drop}", f"-A VPNMASQ_RAW -i eth1.10 {drop}"]
+    assert "DROP" not in iptables_rules(spec())
+    for bad in ("wan0", "lo", "lan0; true", ""):
+        with pytest.raises(ValueError, match="local source guard"):
+            spec(local_source_guard=[bad])
+
+
+def test_replacement_drops_hairpin_chains_the_new_spec_does_not_have() -> None:
+    old = spec(mode="userspace", hairpin_forwards=HAIRPINS, local_source_guard=["lan0"])
+    old_save = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(old))
+    text = iptables_replacement(old_save, spec(mode="userspace"))
+    mangle, raw = table(text, "mangle"), table(text, "raw")
+    assert "-D PREROUTING ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
+    assert mangle[-2:] == ["-F VPNMASQ_HP", "-X VPNMASQ_HP"]
+    assert raw[-2:] == ["-F VPNMASQ_RAW_HP", "-X VPNMASQ_RAW_HP"]
+    assert not any("DROP" in ln for ln in raw)  # VPNMASQ_RAW is flushed and refilled
+    assert iptables_removal(old_save).count("-X VPNMASQ_") == 8  # 4 + 2 chains, 2 hairpin
+
+
+def test_interfaces_towards_the_inside_networks() -> None:
+    routes = [
+        {"dst": "default", "gateway": "198.51.100.254", "dev": "wan0"},
+        {"dst": "10.77.0.0/24", "dev": "lan0", "protocol": "kernel", "scope": "link"},
+        {"dst": "10.88.0.0/24", "gateway": "10.77.0.254", "dev": "lan0"},
+        {"dst": "192.168.1.0/25", "dev": "eth1.10"},  # part of an inside network
+        {"dst": "198.51.100.0/24", "dev": "wan0"},
+        {"dst": "10.99.0.0/16", "dev": "dmz0"},  # not inside
+        {"dst": "10.77.0.0/16", "dev": "wan0"},  # overlaps, but it is the outside interface
+        {"dst": "192.168.1.200", "dev": "lo"},
+        {"dst": "192.168.1.0/24", "dev": "bh", "type": "blackhole"},
+        {"dev": "odd"},
+    ]
+    inside = [INSIDE, "10.88.0.0/24", "192.168.1.0/24"]
+    assert interfaces_towards(routes, inside, "wan0") == ["eth1.10", "lan0"]
+    assert interfaces_towards(routes, ["172.16.0.0/12"], "wan0") == []
+
+
+@pytest.mark.parametrize(
+    ("all_value", "dev_value", "blocks"),
+    [("0", "0", False), ("1", "0", True), ("0", "1", True), ("1", "2", False),
+     ("2", "1", False), ("2", "0", False), (None, None, False), ("x", "1", True)],
+)  # fmt: skip
+def test_only_strict_rp_filter_blocks_hairpin(
+    all_value: str | None, dev_value: str | None, blocks: bool
+) -> None:
+    assert rp_filter_blocks_hairpin(all_value, dev_value) is blocks
+
+
+# --- the daemon's side: which forwards hairpin, and the accept_local bookkeeping -------------
+
+
+def test_daemon_hairpins_forwards_without_a_remote_restriction(tmp_path: Path) -> None:
+    from vpnmasq import daemon
+    from vpnmasq.config import Config, Forward
+
+    cfg = Config(
+        inside_networks=(INSIDE,),
+        public_address=PUBLIC,
+        mode="userspace",
+        forwards=(
+            Forward("tcp", "10.77.0.5", port=8080, to_port=80),
+            Forward("udp", "10.77.0.5", port=5060),
+            Forward("tcp", "10.77.0.6", port=22, remote="203.0.113.0/24"),  # a LAN host is no remote
+            Forward("gre", "10.77.0.5"),
+            Forward("esp", "10.77.0.7"),  # the engine cannot hairpin ESP
+        ),
+        control_socket=str(tmp_path / "ctl.sock"),
+    )
+    assert daemon.hairpin_forwards(cfg) == [("tcp", 8080, 80), ("udp", 5060, 5060), ("gre", None, None)]
+    s = daemon.rule_spec(cfg, PUBLIC, guard=["lan0"])
+    assert s.hairpin_forwards == (("tcp", 8080, 80), ("udp", 5060, 5060), ("gre", None, None))
+    assert s.local_source_guard == ("lan0",)
+    text = iptables_rules(s)
+    assert "--dport 22 -j CT" in text  # still forwarded from outside ...
+    assert not any("VPNMASQ_RAW_HP" in ln and "22" in ln for ln in lines(text))  # ... not hairpinned
+
+
+class FakeSysctl:
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.writes: list[tuple[str, str]] = []
+
+    def get(self, ifname: str, key: str, *, netns: str | None = None) -> str | None:
+        return self.values.get(f"{ifname}.{key}")
+
+    def set(self, ifname: str, key: str, value: str, *, netns: str | None = None) -> None:
+        self.values[f"{ifname}.{key}"] = value
+        self.writes.append((f"{ifname}.{key}", value))
+
+
+@pytest.fixture
+def sysctl(monkeypatch: pytest.MonkeyPatch) -> FakeSysctl:
+    from vpnmasq import daemon
+
+    fake = FakeSysctl({"lan0.accept_local": "0", "lan1.accept_local": "1", "lan2.accept_local": "0"})
+    monkeypatch.setattr(daemon.rules, "ipv4_conf_get", fake.get)
+    monkeypatch.setattr(daemon.rules, "ipv4_conf_set", fake.set)
+    return fake
+
+
+def test_accept_local_is_set_guarded_and_restored_only_where_vpnmasq_changed_it(
+    tmp_path: Path, sysctl: FakeSysctl
+) -> None:
+    from vpnmasq.daemon import HairpinSysctls
+
+    path = tmp_path / "run" / "hairpin-sysctl.json"
+    hs = HairpinSysctls(str(path))
+    hs.plan(["lan0", "lan1"])
+    assert hs.guard == ["lan0"]  # lan1: the admin's own accept_local = 1, left alone
+    assert json.loads(path.read_text()) == {"accept_local": {"lan0": "0"}}  # before any change
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert sysctl.writes == []
+    hs.apply()
+    assert sysctl.values["lan0.accept_local"] == "1" and sysctl.values["lan1.accept_local"] == "1"
+    # a successor (handover) or a start after a crash sees 1 but knows it was 0
+    succ = HairpinSysctls(str(path))
+    succ.plan(["lan0", "lan1"])
+    assert succ.guard == ["lan0"]
+    succ.restore()
+    assert sysctl.values["lan0.accept_local"] == "0" and sysctl.values["lan1.accept_local"] == "1"
+    assert not path.exists()
+
+
+def test_accept_local_left_on_an_interface_no_longer_hairpinned_is_restored(
+    tmp_path: Path, sysctl: FakeSysctl
+) -> None:
+    from vpnmasq.daemon import HairpinSysctls
+
+    path = tmp_path / "hairpin-sysctl.json"
+    first = HairpinSysctls(str(path))
+    first.plan(["lan0", "lan2"])
+    first.apply()  # ... then a crash, and the new config hairpins nothing
+    nxt = HairpinSysctls(str(path))
+    nxt.plan([])
+    assert sysctl.values["lan0.accept_local"] == "0" and sysctl.values["lan2.accept_local"] == "0"
+    assert nxt.guard == [] and not path.exists()
+    # restore() before plan() (a start that failed early) must not forget a crashed run's record
+    HairpinSysctls(str(path)).plan(["lan0"])
+    assert path.exists()
+    HairpinSysctls(str(path)).restore()
+    assert path.exists()

@@ -61,6 +61,28 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   UDP 500 and TCP 1723 there.
 * With ``public_address=None`` the inbound match is
   ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
+* **Hairpinning** (``hairpin_forwards``; a LAN host reaching a forwarded LAN server through
+  the public address, RFC 4787 REQ-9 / RFC 5382 REQ-8): without vpnmasq the kernel delivers
+  such packets to the gateway itself. ``VPNMASQ_RAW_HP`` (raw) and ``VPNMASQ_HP`` (mangle
+  PREROUTING, jumped to for ``! -i outside_if -d PUBLIC``) untrack and queue, from the inside
+  networks only, the client's packets to a forwarded port (or GRE) and the server's answers
+  from its port to the alias ranges; the daemon hands packets queued in PREROUTING from a
+  non-outside interface to the engine as OUTBOUND, and the engine translates source and
+  destination. Nothing else to the public address is touched (the gateway's own services
+  keep the LAN client's address), nor anything with a local source (the gateway's own
+  packets looped through lo). ESP forwards do not hairpin (the engine refuses: NAT-T does,
+  as UDP). The destination must be a concrete address (an interface match cannot tell the
+  public address from the gateway's LAN addresses on a LAN packet), so without
+  ``public_address`` the daemon passes the current one as ``hairpin_address`` and replaces
+  the rules when it changes.
+* The rewritten packet leaves PREROUTING with the public address, a local address, as its
+  source, and the routing decision drops it as a martian unless ``accept_local`` is on for
+  the LAN interface; strict ``rp_filter`` drops it as well (both measured, see
+  ``tests/integration/test_hairpin.py``). The daemon sets ``accept_local`` where needed
+  (``vpnmasq.daemon.HairpinSysctls``) and names those interfaces in ``local_source_guard``:
+  a raw rule drops unicast packets with a local source arriving there before vpnmasq's
+  rewrite, which puts the kernel's martian check back for everything but hairpinned
+  packets (looped-back multicast and broadcast have a local source too, hence unicast only).
 
 The packet mark (``RuleSpec.mark``) is how an admin's stateful FORWARD policy lets vpnmasq's
 packets through: untracked packets match neither ``ct state established`` nor ``ct state new``,
@@ -93,16 +115,18 @@ are never un-queued in between.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shlex
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "CHAINS",
     "DEFAULT_MARK",
+    "HAIRPIN_CHAINS",
     "NFT_TABLE",
     "RuleError",
     "RuleSpec",
@@ -110,6 +134,11 @@ __all__ = [
     "forward_mark_rule_present",
     "install",
     "installed",
+    "interfaces_towards",
+    "ipv4_conf_get",
+    "ipv4_conf_set",
+    "main_routes",
+    "rp_filter_blocks_hairpin",
     "iptables_removal",
     "iptables_replacement",
     "iptables_rules",
@@ -133,6 +162,8 @@ CHAINS: dict[str, tuple[str, ...]] = {
     "raw": ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT"),
     "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT", "VPNMASQ_MARK"),
 }
+#: table -> our hairpin chain, declared only when the spec hairpins (after CHAINS[table])
+HAIRPIN_CHAINS: dict[str, str] = {"raw": "VPNMASQ_RAW_HP", "mangle": "VPNMASQ_HP"}
 PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
 #: ICMP errors the engine may have to translate: unreachable, source quench, time exceeded,
 #: parameter problem.
@@ -199,6 +230,20 @@ class RuleSpec:
     #: hybrid mode: clamp the TCP MSS of SYNs forwarded through outside_if to this (0: off);
     #: userspace mode clamps in the engine (Config.mss_clamp)
     mss_clamp: int = 0
+    #: hairpinning (a LAN host reaching a forward through the public address, see the module
+    #: docstring): the forwards it applies to, as (protocol, public port, LAN server port);
+    #: tcp/udp with both ports, gre with neither. Empty: LAN packets to the public address
+    #: are left to the kernel (delivered to the gateway itself).
+    hairpin_forwards: Sequence[tuple[str, int | None, int | None]] = field(default_factory=tuple)
+    #: the public address LAN hosts hairpin to, when ``public_address`` is None (the daemon
+    #: passes the outside interface's current address and replaces the rules when it
+    #: changes). No hairpin rules without an address.
+    hairpin_address: str | None = None
+    #: interfaces on which unicast packets with a local source address are dropped in raw:
+    #: the daemon turns ``accept_local`` on there for hairpinning, and this puts back the
+    #: martian check for everything but the packets vpnmasq itself rewrites (see the module
+    #: docstring)
+    local_source_guard: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
@@ -250,6 +295,30 @@ class RuleSpec:
         object.__setattr__(self, "routed_networks", tuple(dict.fromkeys(routed)))
         if not 0 <= self.mss_clamp <= 65535:
             raise ValueError(f"mss_clamp out of range: {self.mss_clamp}")
+        hairpins: list[tuple[str, int | None, int | None]] = []
+        for proto, port, server_port in self.hairpin_forwards:
+            if proto in ("tcp", "udp"):
+                if port is None or server_port is None or not (
+                    1 <= port <= 65535 and 1 <= server_port <= 65535
+                ):
+                    raise ValueError(f"hairpin {proto} needs two ports 1-65535: {port}, {server_port}")
+            elif proto == "gre":
+                if port is not None or server_port is not None:
+                    raise ValueError("hairpin gre takes no ports")
+            else:  # ESP: the engine cannot hairpin it (use NAT-T: UDP 4500 hairpins as UDP)
+                raise ValueError(f"invalid hairpin protocol: {proto!r}")
+            hairpins.append((proto, port, server_port))
+        object.__setattr__(self, "hairpin_forwards", tuple(dict.fromkeys(hairpins)))
+        if self.hairpin_address is not None:
+            object.__setattr__(
+                self, "hairpin_address", str(ipaddress.IPv4Address(self.hairpin_address))
+            )
+        for ifname in self.local_source_guard:
+            if not _IFNAME.match(ifname) or ifname in (".", "..", "lo", self.outside_if):
+                raise ValueError(f"invalid interface for the local source guard: {ifname!r}")
+        object.__setattr__(
+            self, "local_source_guard", tuple(dict.fromkeys(self.local_source_guard))
+        )
 
 
 # --- pure rule generation --------------------------------------------------------------
@@ -280,6 +349,30 @@ def _inbound_owned(spec: RuleSpec) -> list[str]:
     m += ["-p 47", "-p 50", "-p 51"]
     for proto, port in spec.forwards:
         m.append(f"-p {proto} --dport {port}" if port is not None else f"-p {PROTO_NUM[proto]}")
+    return list(dict.fromkeys(m))
+
+
+def _hairpin_to(spec: RuleSpec) -> str | None:
+    """The address hairpinned packets are sent to, or None when there is no hairpinning."""
+    if not spec.hairpin_forwards:
+        return None
+    return spec.public_address or spec.hairpin_address
+
+
+def _hairpin_owned(spec: RuleSpec) -> list[str]:
+    """Matches for packets from an inside network to the public address that vpnmasq
+    hairpins: a LAN client's packets to a forwarded port (or GRE), and the forwarded LAN
+    server's answers, which go to the client's alias port on the public address."""
+    aliases = [_range(spec.alias_port_range)]
+    if spec.low_port_range is not None:
+        aliases.append(_range(spec.low_port_range))
+    m: list[str] = []
+    for proto, port, server_port in spec.hairpin_forwards:
+        if proto == "gre":
+            m.append(f"-p {PROTO_NUM['gre']}")
+            continue
+        m.append(f"-p {proto} --dport {port}")
+        m += [f"-p {proto} --sport {server_port} --dport {alias}" for alias in aliases]
     return list(dict.fromkeys(m))
 
 
@@ -343,8 +436,21 @@ def iptables_rules(spec: RuleSpec) -> str:
     untracked = "-m conntrack --ctstate UNTRACKED"
     raw: list[str] = ["*raw"]
     raw += [f":{c} - [0:0]" for c in CHAINS["raw"]]
+    for ifname in spec.local_source_guard:  # before anything: the kernel's martian check
+        raw.append(
+            _rule(
+                "VPNMASQ_RAW",
+                f"-i {ifname} -m addrtype --src-type LOCAL -m pkttype --pkt-type unicast",
+                "-j DROP",
+            )
+        )
     raw.append(_rule("VPNMASQ_RAW", f"-i {out_if} {_to_public(spec)}", "-j VPNMASQ_RAW_IN"))
     raw.append(_rule("VPNMASQ_RAW", f"-i {out_if}", "-j RETURN"))
+    hp_to = _hairpin_to(spec)
+    if hp_to is not None:  # before RAW_OUT, which returns on local destinations
+        raw.insert(raw.index(f":{CHAINS['raw'][-1]} - [0:0]") + 1, f":{HAIRPIN_CHAINS['raw']} - [0:0]")
+        for net in spec.inside_networks:
+            raw.append(_rule("VPNMASQ_RAW", f"-s {net} -d {hp_to}/32", f"-j {HAIRPIN_CHAINS['raw']}"))
     for net in spec.inside_networks:
         raw.append(_rule("VPNMASQ_RAW", f"-s {net}", "-j VPNMASQ_RAW_OUT"))
     for m in _inbound_owned(spec):
@@ -356,6 +462,11 @@ def iptables_rules(spec: RuleSpec) -> str:
     )
     for m in _outbound_owned(spec):
         raw.append(_rule("VPNMASQ_RAW_OUT", m, notrack))
+    if hp_to is not None:
+        hp_raw = HAIRPIN_CHAINS["raw"]
+        raw.append(_rule(hp_raw, "-m addrtype --src-type LOCAL", "-j RETURN"))
+        for m in _hairpin_owned(spec):
+            raw.append(_rule(hp_raw, m, notrack))
     raw.append("-I PREROUTING 1 -j VPNMASQ_RAW")
     raw.append("COMMIT")
 
@@ -378,6 +489,14 @@ def iptables_rules(spec: RuleSpec) -> str:
     for net in spec.inside_networks:
         for m in outbound:
             mangle.append(_rule("VPNMASQ_MARK", f"-s {net} {m}", mark))
+    if hp_to is not None:
+        hp = HAIRPIN_CHAINS["mangle"]
+        mangle.insert(mangle.index(f":{CHAINS['mangle'][-1]} - [0:0]") + 1, f":{hp} - [0:0]")
+        mangle.append(_rule(hp, "-m addrtype --src-type LOCAL", "-j RETURN"))
+        for net in spec.inside_networks:
+            for m in _hairpin_owned(spec):
+                mangle.append(_rule(hp, f"-s {net} {m} {untracked}", queue))
+        mangle.append(f"-I PREROUTING 1 ! -i {out_if} -d {hp_to}/32 -j {hp}")
     mangle.append(f"-I PREROUTING 1 -i {out_if} -j VPNMASQ_IN")
     mangle.append(f"-I POSTROUTING 1 -o {out_if} -j VPNMASQ_OUT")
     mangle.append(f"-I FORWARD 1 -o {out_if} -j VPNMASQ_MARK")
@@ -724,3 +843,83 @@ def forward_mark_rule_present(
         except RuleError:
             continue
     return mark_rule_in_ruleset("\n".join(saves), _nft_list(netns), mark)
+
+
+# --- hairpin sysctls (pure part, then thin appliers) ----------------------------------------
+
+
+def interfaces_towards(
+    routes: Sequence[dict[str, Any]], inside_networks: Iterable[str], outside_if: str
+) -> list[str]:
+    """The interfaces ``routes`` (``ip -j -4 route show table main``) send into the inside
+    networks: where LAN hosts hairpin from, so where ``accept_local`` is needed. Default
+    routes, ``outside_if`` and ``lo`` are left out; sorted, without duplicates."""
+    nets = [ipaddress.IPv4Network(n, strict=False) for n in inside_networks]
+    out: set[str] = set()
+    for r in routes:
+        dst, dev = r.get("dst"), r.get("dev")
+        if not isinstance(dst, str) or not isinstance(dev, str) or dst == "default":
+            continue
+        if dev in (outside_if, "lo") or r.get("type", "unicast") != "unicast":
+            continue
+        try:
+            net = ipaddress.IPv4Network(dst, strict=False)
+        except ValueError:
+            continue
+        if any(net.overlaps(n) for n in nets):
+            out.add(dev)
+    return sorted(out)
+
+
+def rp_filter_blocks_hairpin(all_value: str | None, dev_value: str | None) -> bool:
+    """Whether reverse-path filtering drops hairpinned packets arriving on an interface.
+
+    The kernel uses the larger of ``conf/all`` and ``conf/<dev>``. Strict mode (1) drops a
+    packet whose source (here the public address, after vpnmasq's rewrite) is not routed
+    back out of the interface it came in on; loose mode (2) and 0 let it through (measured:
+    ``TcpExtIPReversePathFilter`` counts the drops)."""
+
+    def num(v: str | None) -> int:
+        try:
+            return int(v or 0)
+        except ValueError:
+            return 0
+
+    return max(num(all_value), num(dev_value)) == 1
+
+
+def main_routes(*, netns: str | None = None) -> list[dict[str, Any]]:
+    """``ip -j -4 route show table main`` (empty on failure)."""
+    try:
+        data = json.loads(_run(["ip", "-j", "-4", "route", "show", "table", "main"], netns) or "[]")
+    except (RuleError, ValueError):
+        return []
+    return [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
+
+
+def _conf_key(ifname: str, key: str) -> str:
+    if not _IFNAME.match(ifname) or ifname in (".", "..") or not re.fullmatch(r"[a-z_]+", key):
+        raise ValueError(f"invalid sysctl: {ifname!r} {key!r}")
+    return f"net/ipv4/conf/{ifname}/{key}"  # slashes: interface names may contain dots
+
+
+def ipv4_conf_get(ifname: str, key: str, *, netns: str | None = None) -> str | None:
+    """``net.ipv4.conf.<ifname>.<key>``, or None if it cannot be read."""
+    path = "/proc/sys/" + _conf_key(ifname, key)
+    if netns is None:
+        try:
+            with open(path, encoding="ascii") as f:
+                return f.read().strip() or None
+        except OSError:
+            return None
+    try:
+        return _run(["cat", path], netns).strip() or None
+    except RuleError:
+        return None
+
+
+def ipv4_conf_set(ifname: str, key: str, value: str, *, netns: str | None = None) -> None:
+    """Set ``net.ipv4.conf.<ifname>.<key>`` (RuleError on failure)."""
+    if not re.fullmatch(r"-?[0-9]+", value):
+        raise ValueError(f"invalid sysctl value: {value!r}")
+    _run(["sysctl", "-q", "-w", f"{_conf_key(ifname, key)}={value}"], netns)
