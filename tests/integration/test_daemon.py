@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import pytest
 from test_daemon_harness import (
@@ -220,6 +221,14 @@ def test_lan_to_gateway_ike_and_lan_to_lan_traffic_are_not_touched(
         assert udp_echo_to(topo, "h1", "10.88.0.5")
         assert esp_to(topo, "h1", "10.88.0.5")
         assert ike_from_500_to(topo, "h1", "10.88.0.5")
+        # the gateway may still be resolving 10.88.0.5 (ARP) when the sends return: wait
+        # for the packets to arrive rather than closing the capture straight away
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            got = {(p.src, p.proto) for p in list(lan2.seen) if p.dst == "10.88.0.5"}
+            if {(H1, 17), (H1, 50)} <= got:
+                break
+            time.sleep(0.05)
     finally:
         lan2.close()
     got = {(p.src, p.proto) for p in lan2.seen if p.dst == "10.88.0.5"}
