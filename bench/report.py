@@ -212,7 +212,9 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     lab = results.get("lab") or {}
     cells = lab.get("cells", {})
     eng = results.get("engine") or {}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig = plt.figure(figsize=(13, 8.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=(1.1, 1))
+    axes = [fig.add_subplot(grid[0, :]), fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])]
     # 1. ratios to the kernel
     ax = axes[0]
     labels: list[str] = []
@@ -244,8 +246,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         ax.bar([i - 0.2 for i in x], slow, 0.4, label="slow path (NFQUEUE); TCP: hybrid mode")
         ax.bar([i + 0.2 for i in x], off, 0.4, label="offloaded (nftables maps)")
         ax.axhline(TARGETS["offload"], color="k", ls="--", lw=0.8)
-        ax.set_xticks(list(x), labels, fontsize=7)
-        ax.set_ylabel("packet rate / kernel NAT's")
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_ylabel("rate / kernel NAT's rate")
         ax.set_title("vpnmasq vs kernel NAT, same run")
         ax.legend(fontsize=7)
     else:
@@ -257,18 +259,18 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         for d in ("out", "in"):
             v = med(cells, f"udp{size}_{d}_pps", "userspace")
             if v:
-                names.append(f"slow path\nUDP {size} {d}")
+                names.append(f"slow path UDP {size} {d}")
                 vals.append(v / 1e3)
     for proto in ("tcp", "udp", "esp", "gre"):
         v = eng.get(f"{proto}_out_pps")
         if v:
-            names.append(f"engine\n{proto.upper()} out")
+            names.append(f"engine {proto.upper()} out")
             vals.append(v / 1e3)
     if names:
         ax.bar(range(len(names)), vals, color="tab:green")
         ax.axhline(TARGETS["engine_pps"] / 1e3, color="k", ls="--", lw=0.8)
         ax.axhline(TARGETS["slow_path_pps"] / 1e3, color="tab:red", ls=":", lw=0.8)
-        ax.set_xticks(range(len(names)), names, fontsize=7)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=35, ha="right")
         ax.set_ylabel("k packets/s (engine: per CPU-second)")
         ax.set_title("slow path and engine (targets 100k / 300k)")
     # 3. memory per mapping

@@ -40,7 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-lab", action="store_true", help="engine benchmarks only")
     ap.add_argument("--skip-engine", action="store_true", help="namespace benchmarks only")
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where to write the report")
+    ap.add_argument(
+        "--report-only", action="store_true",
+        help="rewrite BENCHMARKS.md and bench.png from the last bench-results.json (no measuring)",
+    )
     a = ap.parse_args(argv)
+    if a.report_only:
+        docs = Path(a.docs)
+        old = json.loads((docs / "bench-results.json").read_text())
+        cmd = "make bench" + (" (--quick)" if old.get("quick") else "")
+        print(report.write(old, docs, command=cmd))
+        return 0
     rounds = a.rounds or (1 if a.quick else 3)
     seconds = a.seconds or (1.0 if a.quick else 1.5)
     docs = Path(a.docs)

@@ -455,6 +455,10 @@ class Gateway:
         self.metrics: Any = None
         self.addr_mon: socket.socket | None = None
         self.routes_applied: routes.Applied | None = None
+        # kernel fast path for established ESP/GRE (config offload, hybrid mode)
+        self.offloader: Any = None
+        self.next_sync = 0.0
+        self.offload_ended = False
         self.exit_code = EXIT_OK
         self.next_save: float | None = None  # monotonic time of the next periodic save
         self.saver: tuple[int, float] | None = None  # (pid, started) of a background save
@@ -538,6 +542,53 @@ class Gateway:
             self._start_metrics(cfg.metrics_listen)
         if not rules.forward_mark_rule_present(cfg.mark):
             log.info("hint: %s", rules.forward_mark_hint(cfg.mark))
+        if cfg.offload and cfg.mode == "hybrid":
+            self._start_offload()
+        elif not self.handover:
+            self._remove_stale_offload()
+
+    @staticmethod
+    def _remove_stale_offload() -> None:
+        """A crashed run with offload on may have left its maps: with offload off now, the
+        kernel must not keep rewriting flows the engine no longer owns."""
+        from vpnmasq.datapath.offload import OFFLOAD_TABLE
+
+        subprocess.run(
+            ["nft", "delete", "table", "ip", OFFLOAD_TABLE],
+            capture_output=True,
+            check=False,
+        )
+
+    def _start_offload(self) -> None:
+        """Established ESP SPI pairs and PPTP calls go into nftables maps keyed on the remote
+        address plus SPI/Call ID, so the kernel rewrites them (see datapath/offload.py)."""
+        from vpnmasq.datapath.offload import Offloader
+
+        if self.public is None:
+            log.warning("offload: no public address yet; offload stays off until restart")
+            return
+        try:
+            self.offloader = Offloader(self.public, self.config.outside_interface, self.config.mark)
+            self.offloader.install()
+            log.info("offload: table ip vpnmasq_offload installed")
+        except Exception as exc:  # the slow path still works without it
+            log.warning("offload unavailable: %s", exc)
+            self.offloader = None
+
+    def _offload_sync(self, now: float) -> None:
+        from vpnmasq.datapath.offload import SYNC_INTERVAL_S
+
+        if self.offloader is None or (now < self.next_sync and not self.offload_ended):
+            return
+        self.offload_ended = False
+        self.next_sync = now + SYNC_INTERVAL_S
+        try:
+            rep = self.offloader.sync(self.engine, now)
+        except Exception as exc:
+            log.warning("offload sync failed: %s", exc)
+            return
+        if rep.added or rep.removed:
+            log.info("offload: +%d -%d elements (%d offloaded)", rep.added, rep.removed, rep.offloaded)
 
     def _bind_queue(self) -> NfQueue:
         cfg = self.config
@@ -700,6 +751,10 @@ class Gateway:
             )
         else:
             self.hairpin_sysctls.restore()  # before the guard rule goes with the rules
+            if self.offloader is not None:
+                with contextlib.suppress(Exception):
+                    self.offloader.remove()
+                self.offloader = None
             rules.remove()
             log.info("rules removed; vpnmasq stopped")
 
@@ -708,7 +763,18 @@ class Gateway:
         from vpnmasq import status
 
         now = time.monotonic()
-        return status.status_payload(self.engine.snapshot(now), self._counters())
+        payload: dict[str, Any] = status.status_payload(self.engine.snapshot(now), self._counters())
+        if self.offloader is not None:
+            payload["offload"] = self.offloader.status()
+            flows = {
+                (f["proto"], f["inside"], f["remote"]) for f in payload["offload"].get("flows", [])
+            }
+            for item in payload.get("entries", []):
+                inside = str(item.get("inside", "")).split(":")[0]
+                remote = str(item.get("remote", "")).split(":")[0]
+                if (item.get("proto"), inside, remote) in flows:
+                    item["offloaded"] = True
+        return payload
 
     def _counters(self) -> dict[str, int]:
         for _ in range(3):
@@ -829,8 +895,13 @@ class Gateway:
             if not self.config.public_address:
                 self._follow_address(now)
             self._refresh_local_consumers()  # a local charon/pptpd may have started
-        for ev in self.engine.drain_events():
+        events = self.engine.drain_events()
+        for ev in events:
             self.rl.event(ev, now)
+        if self.offloader is not None:
+            if not self.offload_ended and self.offloader.wants_sync(events):
+                self.offload_ended = True
+            self._offload_sync(now)
         if self.saver is not None:
             self.reap_saver()
         if self.next_save is not None and now >= self.next_save and self.config.state_file:
@@ -858,6 +929,9 @@ class Gateway:
         old, self.public = self.public, new
         # the rules match any address of outside_interface: only the engine changes
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
+        if self.offloader is not None and new:
+            with contextlib.suppress(Exception):
+                self.offloader.set_public(new)
         self._follow_hairpin_address()
         self._refresh_local_consumers()
         hook = self.config.on_address_change_hook
@@ -882,7 +956,11 @@ class Gateway:
     def timeout(self) -> float:
         now = time.monotonic()
         t = ADDRESS_POLL_S
-        for dl in (self.engine.next_deadline(), self.next_save):
+        for dl in (
+            self.engine.next_deadline(),
+            self.next_save,
+            self.next_sync if self.offloader is not None else None,
+        ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))
         return t

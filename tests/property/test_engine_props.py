@@ -83,8 +83,11 @@ def test_any_l4_bytes_behind_a_valid_ip_header_yield_a_verdict(pkt, direction):
     assert isinstance(eng.handle(bytes(pkt), direction, 0.0), Verdict)
 
 
+# ports owned by VPN helpers (IKE 500, NAT-T 4500, PPTP 1723) are not plain NAPT: their own
+# scenario and property tests cover them
+plain_port = st.integers(1, 65535).filter(lambda p: p not in (500, 1723, 4500))
 flows = st.lists(
-    st.tuples(inside_ip, st.integers(1, 65535), st.sampled_from([6, 17, 1]), st.integers(1, 65535)),
+    st.tuples(inside_ip, plain_port, st.sampled_from([6, 17, 1]), plain_port),
     min_size=1,
     max_size=40,
 )
