@@ -10,7 +10,7 @@ demo: setup
 	.venv/bin/vpnmasq demo
 
 lint: setup
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check src tests bench fuzz
 	.venv/bin/mypy src/vpnmasq
 	.venv/bin/lint-imports
 

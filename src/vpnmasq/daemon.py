@@ -186,6 +186,25 @@ def read_public_address(ifname: str, current: str | None = None) -> str | None:
     return addrs[0] if addrs else None
 
 
+def kernel_queue_counters(queue_num: int) -> dict[str, int]:
+    """The kernel's own view of our queue (/proc/net/netfilter/nfnetlink_queue): packets it
+    dropped because the queue was full (queue_dropped: fail closed) or because our socket
+    buffer overran (user_dropped), and how many wait for a verdict now."""
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue", encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 7 and parts[0] == str(queue_num):
+                    return {
+                        "kernel_queue_waiting": int(parts[2]),
+                        "kernel_queue_dropped": int(parts[5]),
+                        "kernel_queue_user_dropped": int(parts[6]),
+                    }
+    except (OSError, ValueError):
+        pass
+    return {}
+
+
 def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
     """Answer the sender of ``original`` with an ICMP error quoting its IP header + 8 bytes
     (RFC 792). A raw ICMP socket lets the kernel pick the source address (the gateway's
@@ -790,6 +809,7 @@ class Gateway:
             for k, v in self.nfq.counters.as_dict().items():
                 c["nfq_" + k] = v
         c["queue_batches"] = self.queue_batches
+        c.update(kernel_queue_counters(self.config.queue_num))
         c["queue_latency_us_total"] = int(self.queue_latency_sum * 1e6)
         return c
 

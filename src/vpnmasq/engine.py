@@ -719,12 +719,14 @@ class Engine:
             if e.last_ack_out >= 0 and (seq - e.last_ack_out) % (1 << 32) >= RST_WINDOW:
                 self.count("tcp_rst_out_of_window")
                 return self.drop(DropReason.FILTERED, "tcp RST outside the window ignored", ip)
-        elif tflags & TCP_FIN and not e.flags & F_FIN_IN:
-            # a blind FIN must not move the session to the short transitory timeout, nor end
-            # a PPTP control connection's calls (RFC 5382); the first FIN is checked like a
-            # RST (a retransmitted one, after the first was believed, changes nothing)
+        elif tflags & TCP_FIN and e.last_ack_out >= 0:
+            # a blind FIN must not move the session to the short transitory timeout, end a
+            # PPTP control connection's calls, or keep a closing mapping alive (RFC 5382). A
+            # FIN is believed within RST_WINDOW of the last ACK the inside host sent, either
+            # side of it: a retransmitted FIN (or data + FIN) lies just before that ACK
             seq = int.from_bytes(buf[off + 4 : off + 8], "big")
-            if e.last_ack_out >= 0 and (seq - e.last_ack_out) % (1 << 32) >= RST_WINDOW:
+            ahead = (seq - e.last_ack_out) % (1 << 32)
+            if ahead >= RST_WINDOW and (1 << 32) - ahead > RST_WINDOW:
                 self.count("tcp_fin_out_of_window")
                 return self.drop(DropReason.FILTERED, "tcp FIN outside the window ignored", ip)
         self._tcp_track(e, tflags, IN, now)

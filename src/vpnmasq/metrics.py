@@ -42,6 +42,8 @@ class VpnmasqCollector(Collector):
                 cr.add_metric([k[8:]], v)
             elif k.startswith("nfq_"):
                 nq.add_metric([k[4:]], v)
+            elif k.startswith("kernel_queue_") and k != "kernel_queue_waiting":
+                nq.add_metric(["kernel_" + k[len("kernel_queue_"):]], v)
         yield dr
         yield cr
         yield nq

@@ -316,7 +316,7 @@ def test_blind_fin_on_a_pptp_control_connection_does_not_end_its_calls() -> None
     w = build_world(0)
     link = w.pptp
     assert link is not None
-    for seq in (link.remote_seq + (1 << 22), link.remote_seq + 0x80000000, link.remote_seq - 5000):
+    for seq in (link.remote_seq + (1 << 22), link.remote_seq + 0x80000000, link.remote_seq - (1 << 21)):
         pkt = build_tcp(EXT, MASQ, 1723, link.public_port, flags=TCP_FIN | TCP_ACK,
                         seq=seq & 0xFFFFFFFF, ack=link.lan_seq)
         dropped(w.send(pkt, False), DropReason.FILTERED)
@@ -345,3 +345,23 @@ def test_blind_rst_does_not_keep_a_closed_mapping_alive() -> None:
     w.now = deadline + 0.1
     w.eng.handle_timer(w.now)
     assert not e.live  # type: ignore[attr-defined]
+
+
+def test_blind_fin_after_a_real_one_does_not_keep_the_mapping_alive() -> None:
+    """Regression (found by the pptp fuzzer): once a FIN had been believed, later FINs with
+    any sequence number refreshed the transitory timeout; a retransmitted FIN still does."""
+    w = build_world(0)
+    t = w.aliases["tcp"]
+    e = _tcp_entry(w)
+    accepted(w.send(build_tcp(EXT, MASQ, 80, t, flags=TCP_FIN | TCP_ACK, seq=901, ack=101), False))
+    assert e.state_name == "FIN_WAIT"  # type: ignore[attr-defined]
+    # the LAN host ACKs the FIN
+    accepted(w.send(build_tcp(PRV1, EXT, 40000, 80, seq=101, ack=902), True))
+    w.now += 100
+    deadline = e.expires_at  # type: ignore[attr-defined]
+    dropped(w.send(build_tcp(EXT, MASQ, 80, t, flags=TCP_FIN | TCP_ACK, seq=0x6000_0000, ack=101), False),
+            DropReason.FILTERED)
+    assert e.expires_at == deadline  # type: ignore[attr-defined]
+    # a retransmission of the real FIN (just before the ACK the host sent) is believed
+    accepted(w.send(build_tcp(EXT, MASQ, 80, t, flags=TCP_FIN | TCP_ACK, seq=901, ack=101), False))
+    assert e.expires_at > deadline  # type: ignore[attr-defined]
