@@ -12,7 +12,7 @@ The gateway runs, in turn and within each round, every *mode* of one round-robin
   through the NFQUEUE slow path);
 * ``userspace``: ``vpnmasq run`` in userspace mode (everything through the slow path);
 * ``offload``: hybrid mode plus the kernel fast path of :mod:`vpnmasq.datapath.offload`
-  (``bench/offload_gateway.py``), when that module is present.
+  (``offload = true`` in the config).
 
 Packet rates are measured with ``trafgen`` (netsniff-ng) on one CPU of the sender flooding one
 flow, counted as ``rx_packets`` of the receiver's interface over a fixed window; vpnmasq is
@@ -147,11 +147,9 @@ def gateway(topo: Topology, mode: str) -> Iterator[subprocess.Popen[Any] | None]
     cfg.write_text(
         f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\nmode = "{vmode}"\n'
         f'control_socket = "{sock}"\nlog_level = "warning"\n'
+        + ("offload = true\n" if mode == "offload" else "")
     )
-    if mode == "offload":
-        argv = [PY, str(ROOT / "bench" / "offload_gateway.py"), "--config", str(cfg)]
-    else:
-        argv = [str(VPNMASQ), "run", "--config", str(cfg)]
+    argv = [str(VPNMASQ), "run", "--config", str(cfg)]
     log = open(topo.workdir / f"vpnmasq-{mode}.log", "w")  # noqa: SIM115 - closed below
     p = topo.popen("gw", ["taskset", "-c", GATEWAY_CPU, *argv], stdout=log, stderr=log, name=mode)
     try:
@@ -326,9 +324,7 @@ def tools_missing() -> list[str]:
 
 
 def offload_available() -> bool:
-    return (ROOT / "src" / "vpnmasq" / "datapath" / "offload.py").exists() and (
-        ROOT / "bench" / "offload_gateway.py"
-    ).exists()
+    return (ROOT / "src" / "vpnmasq" / "datapath" / "offload.py").exists()
 
 
 def run_lab(

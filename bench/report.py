@@ -533,8 +533,8 @@ METHOD = """\
 - Lab (`bench/lab.py`): `h1 10.77.0.11 -- gw -- r1 198.51.100.20`, veth and bridges, built by
   `vpnmasq.lab.topology.Topology`. Gateway modes per round: `kernel`
   (`Topology.gateway_kernel_nat()`: nftables masquerade plus the kernel PPTP helper),
-  `hybrid` and `userspace` (`vpnmasq run`), `offload` (hybrid plus
-  `vpnmasq.datapath.offload`, run by `bench/offload_gateway.py`).
+  `hybrid` and `userspace` (`vpnmasq run`), `offload` (`vpnmasq run` in hybrid mode with
+  `offload = true`: the kernel fast path of `vpnmasq.datapath.offload`).
 - Packet rates: `trafgen` on CPU 0 floods one flow of fixed-size IP datagrams (1400 and 64
   bytes) from h1 (outbound) or r1 (inbound); the rate is the receiver's `rx_packets` over a
   fixed window after a warm-up. vpnmasq is pinned to CPU 1; its CPU time per delivered packet
@@ -560,15 +560,12 @@ METHOD = """\
   percentile of milliseconds is the daemon waiting for its CPU, not packet processing) and
   in the spread of single measurements; ratios pair measurements taken seconds apart.
 
-## Offload: the daemon hook
+## Offload in the daemon
 
-`vpnmasq.datapath.offload.Offloader` is complete and tested (tests/unit/test_offload.py,
-tests/integration/test_offload.py); the daemon does not call it yet (daemon.py belongs to
-the datapath issue). `bench/offload_gateway.py` is the hook as a `Gateway` subclass: create
-and `install()` it after the rules in `start()`; `sync(engine, now)` every `SYNC_INTERVAL_S`
-(1 s) and at once when drained events end an ESP/GRE entry (`Offloader.wants_sync(events)`);
-wake up for it in `timeout()`; `set_public()` when the address changes; add
-`offloader.status()` under `"offload"` in the status payload; `remove()` in `stop()` unless
-handing over (the successor's first sync reconciles the maps with its restored table). A
-config switch `offload = true|false` (default false until it has run in the field) decides
-whether the Offloader exists."""
+`vpnmasq.datapath.offload.Offloader` runs inside `vpnmasq run` when the config says
+`offload = true` (hybrid mode): it is installed after the rules, synced every
+`SYNC_INTERVAL_S` (1 s) and at once when drained events end an ESP/GRE entry, follows the
+public address, shows under `"offload"` in the status payload (rows marked `[offload]`) and
+is removed on a clean stop (kept across a handover; the successor's first sync reconciles
+the maps with its restored table). Tests: tests/unit/test_offload.py,
+tests/integration/test_offload.py, tests/e2e/test_offload_e2e.py."""
