@@ -74,7 +74,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vpnmasq.config import Config
-from vpnmasq.datapath import routes, rules
+from vpnmasq.datapath import offload, routes, rules
 from vpnmasq.datapath.control import ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
@@ -86,6 +86,7 @@ from vpnmasq.events import (
     Notice,
     PacketDropped,
 )
+from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
 from vpnmasq.verdict import Action, Direction, Verdict
 
@@ -209,8 +210,6 @@ def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
     """Answer the sender of ``original`` with an ICMP error quoting its IP header + 8 bytes
     (RFC 792). A raw ICMP socket lets the kernel pick the source address (the gateway's
     address on the way back to the sender)."""
-    from vpnmasq.packet.checksum import checksum
-
     if len(original) < 20:
         return
     ihl = (original[0] & 0x0F) * 4
@@ -570,10 +569,10 @@ class Gateway:
     def _remove_stale_offload() -> None:
         """A crashed run with offload on may have left its maps: with offload off now, the
         kernel must not keep rewriting flows the engine no longer owns."""
-        from vpnmasq.datapath.offload import OFFLOAD_TABLE
-
         subprocess.run(
-            ["nft", "delete", "table", "ip", OFFLOAD_TABLE],
+            ["nft", "-f", "-"],
+            input=offload.table_removal(),
+            text=True,
             capture_output=True,
             check=False,
         )
@@ -581,13 +580,13 @@ class Gateway:
     def _start_offload(self) -> None:
         """Established ESP SPI pairs and PPTP calls go into nftables maps keyed on the remote
         address plus SPI/Call ID, so the kernel rewrites them (see datapath/offload.py)."""
-        from vpnmasq.datapath.offload import Offloader
-
         if self.public is None:
             log.warning("offload: no public address yet; offload stays off until restart")
             return
         try:
-            self.offloader = Offloader(self.public, self.config.outside_interface, self.config.mark)
+            self.offloader = offload.Offloader(
+                self.public, self.config.outside_interface, self.config.mark
+            )
             self.offloader.install()
             log.info("offload: table ip vpnmasq_offload installed")
         except Exception as exc:  # the slow path still works without it
@@ -595,12 +594,10 @@ class Gateway:
             self.offloader = None
 
     def _offload_sync(self, now: float) -> None:
-        from vpnmasq.datapath.offload import SYNC_INTERVAL_S
-
         if self.offloader is None or (now < self.next_sync and not self.offload_ended):
             return
         self.offload_ended = False
-        self.next_sync = now + SYNC_INTERVAL_S
+        self.next_sync = now + offload.SYNC_INTERVAL_S
         try:
             rep = self.offloader.sync(self.engine, now)
         except Exception as exc:
@@ -782,17 +779,11 @@ class Gateway:
         from vpnmasq import status
 
         now = time.monotonic()
-        payload: dict[str, Any] = status.status_payload(self.engine.snapshot(now), self._counters())
-        if self.offloader is not None:
-            payload["offload"] = self.offloader.status()
-            flows = {
-                (f["proto"], f["inside"], f["remote"]) for f in payload["offload"].get("flows", [])
-            }
-            for item in payload.get("entries", []):
-                inside = str(item.get("inside", "")).split(":")[0]
-                remote = str(item.get("remote", "")).split(":")[0]
-                if (item.get("proto"), inside, remote) in flows:
-                    item["offloaded"] = True
+        off = self.offloader
+        rows = self.engine.snapshot(now, offloaded=off.is_offloaded if off is not None else None)
+        payload: dict[str, Any] = status.status_payload(rows, self._counters())
+        if off is not None:
+            payload["offload"] = off.status()
         return payload
 
     def _counters(self) -> dict[str, int]:
@@ -953,7 +944,6 @@ class Gateway:
             with contextlib.suppress(Exception):
                 self.offloader.set_public(new)
         self._follow_hairpin_address()
-        self._refresh_local_consumers()
         hook = self.config.on_address_change_hook
         if hook and new:
             with contextlib.suppress(OSError):

@@ -17,7 +17,7 @@ import random
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vpnmasq.config import Config, Forward
@@ -509,8 +509,19 @@ class Engine:
                 n += 1
         return n
 
-    def snapshot(self, now: float) -> list[Row]:
-        return [self.row(e, now) for e in self.table if e.expires_at > now]
+    def snapshot(
+        self, now: float, offloaded: Callable[[Entry], bool] | None = None
+    ) -> list[Row]:
+        """The live entries as rows; ``offloaded`` (the datapath's answer for an entry the
+        kernel now forwards itself) sets Row.offloaded."""
+        rows = []
+        for e in self.table:
+            if e.expires_at > now:
+                r = self.row(e, now)
+                if offloaded is not None and offloaded(e):
+                    r = replace(r, offloaded=True)
+                rows.append(r)
+        return rows
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self, ip: IPv4, direction: Direction, now: float) -> Verdict:

@@ -539,3 +539,13 @@ def test_forward_follows_the_public_address():
     eng.set_public_address(new, 5.0)
     ip = accepted(eng.handle(build_tcp(EXT, new, 5555, 1723, flags=TCP_SYN), IN, 6.0))
     assert (ip.dst, ip.u16(2)) == (SRV_LAN, 1723)
+
+
+def test_snapshot_marks_exactly_the_entries_the_datapath_says_are_offloaded():
+    eng = make_engine()
+    accepted(udp_out(eng, PRV1, 40000, EXT, 53))
+    accepted(udp_out(eng, PRV1, 40000, EXT, 54))  # same host and remote, another session
+    first = next(iter(eng.table))
+    rows = eng.snapshot(0.0, offloaded=lambda e: e is first)
+    assert sorted(r.offloaded for r in rows) == [False, True]
+    assert not any(r.offloaded for r in eng.snapshot(0.0))

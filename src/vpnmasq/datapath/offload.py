@@ -337,6 +337,7 @@ class Offloader:
 
     def __post_init__(self) -> None:
         self._run: Runner = self.runner or _default_runner(self.netns)
+        self._offloaded_ids: set[int] = set()
 
     # --- lifecycle ---------------------------------------------------------------------
     def install(self) -> None:
@@ -348,6 +349,7 @@ class Offloader:
         self._run(["nft", "-f", "-"], table_removal())
         self.seen.clear()
         self.offloaded.clear()
+        self._offloaded_ids = set()
 
     def set_public(self, public: str) -> None:
         """The public address changed: chains are rebuilt (elements stay; sync corrects)."""
@@ -388,6 +390,7 @@ class Offloader:
                 new = []  # retried next sync; counters below stay consistent
         self.seen = {el: actual.get(el, (0, 0)) for el in desired if el in actual or el in new}
         self.offloaded = {el: desired[el] for el in self.seen}
+        self._offloaded_ids = {id(e) for e in self.offloaded.values()}
         rep.added, rep.removed, rep.offloaded = len(new), len(stale), len(self.offloaded)
         return rep
 
@@ -440,7 +443,9 @@ class Offloader:
         }
 
     def is_offloaded(self, entry: Entry) -> bool:
-        return any(e is entry for e in self.offloaded.values())
+        """O(1): status asks this for every row. Entries listed in ``offloaded`` stay alive
+        while listed, so their ids cannot be reused by other entries."""
+        return id(entry) in self._offloaded_ids
 
 
 def _candidates(table: Any) -> Iterator[Entry]:
