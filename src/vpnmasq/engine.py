@@ -42,7 +42,7 @@ from vpnmasq.events import (
 )
 from vpnmasq.helpers import default_registry
 from vpnmasq.helpers.base import HelperSpec
-from vpnmasq.packet.checksum import checksum, update16, update32
+from vpnmasq.packet.checksum import checksum, update16
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import (
     PROTO_ESP,
@@ -1040,8 +1040,10 @@ class Engine:
         if itype in ICMP_ERRORS:
             return self._icmp_error_out(ip, off, now)
         if itype not in ICMP_QUERIES:
-            if itype in ICMP_REPLIES:
-                return self._icmp_reply_out(ip, off, now)
+            if itype in ICMP_REPLIES:  # a reply with no query seen through us
+                return self.drop(
+                    DropReason.FILTERED, "icmp reply from inside with no query seen", ip
+                )
             return self.drop(DropReason.FILTERED, f"icmp type {itype} not masqueraded", ip)
         ident = (buf[off + 4] << 8) | buf[off + 5]
         e = self.table.get(("o", PROTO_ICMP, ip.src, ident, ip.dst, 0), now)
@@ -1076,10 +1078,6 @@ class Engine:
         e.last_out = now
         e.bytes_out += ip.total_len
         return accept(buf)
-
-    def _icmp_reply_out(self, ip: IPv4, off: int, now: float) -> Verdict:
-        """A LAN host answering a query that reached it (only via a forward, or hairpin)."""
-        return self.drop(DropReason.FILTERED, "icmp reply from inside with no query seen", ip)
 
     def _icmp_in(self, ip: IPv4, now: float) -> Verdict:
         off = ip.l4(ICMP_MIN)
@@ -1164,7 +1162,9 @@ class Engine:
             else:
                 e = self.table.get(("gi", p, inner.dst), now)
         if e is None:
-            return ACCEPT_LOCAL if p in (PROTO_TCP, PROTO_UDP, PROTO_ICMP) and self._gateway_own(inner) else self.drop(
+            if p in (PROTO_TCP, PROTO_UDP, PROTO_ICMP) and self._gateway_own(inner):
+                return ACCEPT_LOCAL  # about the gateway's own traffic
+            return self.drop(
                 DropReason.ICMP_NO_MAPPING, f"icmp error about {describe(inner)}: no mapping", ip
             )
         # RFC 5508 REQ-3: translate the embedded header back, then the outer destination
@@ -1388,4 +1388,4 @@ def describe(ip: IPv4 | None) -> str:
     return f"{name} {s} -> {d}"
 
 
-__all__ = ["Engine", "describe", "update16", "update32"]
+__all__ = ["Engine", "describe"]
