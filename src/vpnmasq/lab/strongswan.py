@@ -406,22 +406,7 @@ class IpsecInitiator:
         timeout: float = 3.0,
         token: str | None = None,
     ) -> dict[str, Any]:
-        return self.topo.run_json(
-            self.role,
-            self.topo.py(
-                "vpnmasq.lab.plain",
-                "udp-echo-client",
-                self.server.inner_ip,
-                ECHO_PORT,
-                "--count",
-                count,
-                "--timeout",
-                timeout,
-                "--token",
-                token or self.role,
-            ),
-            timeout=timeout + count + 10,
-        )
+        return self._echo("udp-echo-client", count, timeout, token, timeout + count + 10)
 
     def tcp_echo(
         self,
@@ -429,11 +414,17 @@ class IpsecInitiator:
         timeout: float = 3.0,
         token: str | None = None,
     ) -> dict[str, Any]:
+        return self._echo("tcp-echo-client", count, timeout, token, timeout + 10)
+
+    def _echo(
+        self, client: str, count: int, timeout: float, token: str | None, wait: float
+    ) -> dict[str, Any]:
+        """Echo ``count`` tokens to the responder's inner address through the tunnel."""
         return self.topo.run_json(
             self.role,
             self.topo.py(
                 "vpnmasq.lab.plain",
-                "tcp-echo-client",
+                client,
                 self.server.inner_ip,
                 ECHO_PORT,
                 "--count",
@@ -443,7 +434,7 @@ class IpsecInitiator:
                 "--token",
                 token or self.role,
             ),
-            timeout=timeout + 10,
+            timeout=wait,
         )
 
     def stop(self) -> None:
