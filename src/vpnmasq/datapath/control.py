@@ -293,7 +293,12 @@ def query(path: str, cmd: str, *, timeout: float = CLIENT_TIMEOUT) -> dict[str, 
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
         buf = bytearray()
         try:
-            s.sendall(_encode({"cmd": cmd}))
+            try:
+                s.sendall(_encode({"cmd": cmd}))
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may refuse us (too many connections) and close before we
+                # write; its one-line reason is still waiting in our receive buffer.
+                pass
             while b"\n" not in buf:
                 chunk = s.recv(READ_CHUNK)
                 if not chunk:
