@@ -12,7 +12,12 @@
 
 Prints figures, asserts nothing (see docs/BENCHMARKS.md)::
 
-    .venv/bin/python bench/engine.py [--quick] [--json]
+    .venv/bin/python bench/engine.py [--quick] [--json] [--only SECTIONS] [--repeat N]
+
+``--only established,memory`` runs some sections (established, vpn, new, memory,
+association); ``--repeat N`` reports the median of N runs of each figure (the machine is
+shared: expect noise). Measure under the bench lock
+(``flock /tmp/vpnmasq-bench.lock .venv/bin/python bench/engine.py ...``).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import argparse
 import gc
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -291,29 +298,50 @@ def pptp_association(calls: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ main
-def run_all(quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+SECTIONS = ("established", "vpn", "new", "memory", "association")
+
+
+def _median_of(repeat: int, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Each figure of ``fn()`` as the median of ``repeat`` runs."""
+    runs = [fn() for _ in range(max(1, repeat))]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def run_all(
+    quick: bool,
+    log: Callable[[str], None] = print,
+    *,
+    only: tuple[str, ...] = SECTIONS,
+    repeat: int = 1,
+) -> dict[str, Any]:
     n = 60_000 if quick else 300_000
     res: dict[str, Any] = {}
-    for proto in ("tcp", "udp"):
-        res.update(established(proto, n))
-        res.update(established(proto, n // 3, fast=False))
-    log("  engine: established TCP/UDP done")
-    for kind in ("esp", "gre"):
-        res.update(vpn_established(kind, n // 2))
-    res["new_mappings_per_s"] = new_mappings(20_000 if quick else 100_000)
-    log("  engine: ESP/GRE and new mappings done")
-    res.update(memory_per_mapping(100_000, 1, rate_packets=n // 2))
-    res["per_binding_100000"] = 1
-    big = 200_000 if quick else 1_000_000
-    res.update(memory_per_mapping(big, 16, rate_packets=n // 2))
-    res[f"per_binding_{big}"] = 16
-    log(f"  engine: memory at 100k and {big // 1000}k mappings done")
-    assoc: dict[str, dict[str, float]] = {}
-    for k in (1, 8, 64):
-        assoc[f"esp_{k}"] = esp_association(k)
-        assoc[f"pptp_{k}"] = pptp_association(k)
-    res["association"] = assoc
-    log("  engine: association cost done")
+    if "established" in only:
+        for proto in ("tcp", "udp"):
+            res.update(_median_of(repeat, partial(established, proto, n)))
+            res.update(_median_of(repeat, partial(established, proto, n // 3, fast=False)))
+        log("  engine: established TCP/UDP done")
+    if "vpn" in only:
+        for kind in ("esp", "gre"):
+            res.update(_median_of(repeat, partial(vpn_established, kind, n // 2)))
+        log("  engine: ESP/GRE done")
+    if "new" in only:
+        res.update(_median_of(repeat, lambda: {"new_mappings_per_s": new_mappings(20_000 if quick else 100_000)}))
+        log("  engine: new mappings done")
+    if "memory" in only:
+        res.update(_median_of(repeat, lambda: memory_per_mapping(100_000, 1, rate_packets=n // 2)))
+        res["per_binding_100000"] = 1
+        big = 200_000 if quick else 1_000_000
+        res.update(_median_of(repeat, lambda: memory_per_mapping(big, 16, rate_packets=n // 2)))
+        res[f"per_binding_{big}"] = 16
+        log(f"  engine: memory at 100k and {big // 1000}k mappings done")
+    if "association" in only:
+        assoc: dict[str, dict[str, float]] = {}
+        for k in (1, 8, 64):
+            assoc[f"esp_{k}"] = esp_association(k)
+            assoc[f"pptp_{k}"] = pptp_association(k)
+        res["association"] = assoc
+        log("  engine: association cost done")
     return res
 
 
@@ -321,12 +349,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--repeat", type=int, default=1, help="median of N runs per figure")
     ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
         print(json.dumps(_memory_child(*a.memory_child)))
         return
-    res = run_all(a.quick, log=lambda s: print(s, file=sys.stderr))
+    only = tuple(x.strip() for x in a.only.split(",") if x.strip())
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    res = run_all(a.quick, log=lambda s: print(s, file=sys.stderr), only=only, repeat=a.repeat)
     if a.json:
         print(json.dumps(res, indent=1))
         return

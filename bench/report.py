@@ -87,8 +87,8 @@ def lab_rows(lab: dict[str, Any]) -> list[list[str]]:
                 if r is None:
                     continue
                 rows.append([
-                    f"{kind.upper()} {size} B {what}: offload maps alone (vpnmasq's iptables "
-                    "rules removed; diagnostic, after the rounds)",
+                    f"{kind.upper()} {size} B {what}: offload maps alone (vpnmasq's rules "
+                    "removed; diagnostic, after the rounds)",
                     fmt_pps(med(cells, name, "kernel")),
                     fmt_pps(med(cells, name, "maps-only")),
                     fmt_r(r),
@@ -429,7 +429,8 @@ def missed_section(results: dict[str, Any]) -> str:
         out.append(
             f"- **Plain TCP, hybrid mode: {rt:.2f} of the kernel** (target 0.95). Hybrid "
             "mode leaves plain TCP to kernel NAT; the only extra work per packet is the walk "
-            "through vpnmasq's raw and mangle chains (no match, no queue). Run-to-run spread of "
+            "through vpnmasq's nft raw and forward chains and its two mangle jumps (no match, "
+            "no queue). Run-to-run spread of "
             "iperf3 in namespaces is about 15 % on this machine, so a single round's "
             "ratio below 0.95 is within noise; see the rounds' values in bench-results.json."
         )
@@ -452,14 +453,14 @@ def missed_section(results: dict[str, Any]) -> str:
         )
         out.append(
             f"- **Offloaded ESP/GRE: worst ratio {worst_off:.2f}** (target 0.8).{bare_txt} "
-            "What costs is what every packet crossing the gateway traverses besides: vpnmasq's "
-            "hybrid-mode rules from `datapath/rules.py`, iptables-nft chains in raw and mangle "
-            "(xt compat matches; outbound packets from the LAN also take an `addrtype` FIB "
-            "lookup in VPNMASQ_RAW_OUT before the protocol matches) and the `ip vpnmasq` "
-            "table's forward chain, where the kernel baseline has only its NAT table. The fix "
-            "belongs in rules.py: native nft rules in one table (`fib daddr type` instead of "
-            "`-m addrtype`, protocol sets instead of one rule per protocol), which would bring "
-            "offloaded flows to the maps-only figures."
+            "What remains is the cost of the hooks an offloaded packet crosses besides the "
+            "maps: it leaves each of vpnmasq's chains at its first rule or two (native nft "
+            "`raw` and `forward` chains of `ip vpnmasq`, and the two iptables-nft mangle chains "
+            "holding only the NFQUEUE jumps, which this kernel can express only in iptables; "
+            "see `datapath/rules.py`), but each base chain on a hook costs every forwarded "
+            "packet, and the kernel baseline has its conntrack lookup and NAT table instead. "
+            "Cells vary by about +-0.05 between runs on this shared machine (the rounds are in "
+            "bench-results.json)."
         )
     slow = [med(cells, f"udp{s}_{d}_pps", "userspace") for s in (1400, 64) for d in ("out", "in")]
     slow_v = [v for v in slow if v]
@@ -500,8 +501,8 @@ def missed_section(results: dict[str, Any]) -> str:
                 f"- **Engine over a big table ({int(n):,} mappings, 8192 random flows): "
                 f"{v / 1e3:.0f}k/core** (target 300k). With 64 flows the same code path runs "
                 "at the rate above; with thousands of flows in random order every packet "
-                "misses the CPU caches for its dict slot, its entry, the LRU neighbours it is "
-                "moved between and its packet. A C extension or a smaller entry would help; "
+                "misses the CPU caches and TLB for its dict slot and key, its entry, the counters "
+                "it replaces and its packet. A C extension or a smaller entry would help; "
                 "offloading established flows to the kernel avoids the question."
             )
     for key in [k for k in eng if k.startswith("bytes_per_mapping_")]:

@@ -6,6 +6,8 @@ writes docs/BENCHMARKS.md, docs/bench.png and docs/bench-results.json, and print
     .venv/bin/python bench/run.py            # ~10 minutes: 3 rounds, 1M mappings
     .venv/bin/python bench/run.py --quick    # ~2-3 minutes: 1 round, 200k mappings
     .venv/bin/python bench/run.py --skip-lab # the engine alone (no root needed)
+    .venv/bin/python bench/run.py --slow-path --skip-engine --docs /tmp/x
+        # ~1 minute: the NFQUEUE slow path alone (UDP rates, latency, py-spy profile)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(HERE))
 import engine as engine_bench  # noqa: E402
 import lab as lab_bench  # noqa: E402
 import report  # noqa: E402
+import slowpath  # noqa: E402
 
 ROOT = HERE.parent
 
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="measurement window (default 1.5, quick 1)")
     ap.add_argument("--skip-lab", action="store_true", help="engine benchmarks only")
     ap.add_argument("--skip-engine", action="store_true", help="namespace benchmarks only")
+    ap.add_argument(
+        "--slow-path", action="store_true",
+        help="lab: only the kernel and userspace-mode gateways (UDP rates, latency, profile)",
+    )
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where to write the report")
     ap.add_argument(
         "--report-only", action="store_true",
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             results["lab_skipped"] = f"missing tools: {', '.join(missing)} (run scripts/setup.sh)"
         else:
             log(f"lab benchmarks: {rounds} round(s), {seconds:g} s windows ...")
-            results["lab"] = lab_bench.run_lab(
+            run = slowpath.run_slow_path if a.slow_path else lab_bench.run_lab
+            results["lab"] = run(
                 rounds, seconds, quick=a.quick, log=log,
                 profile_out=Path(tempfile.gettempdir()) / "vpnmasq-bench-profile.txt",
             )

@@ -443,6 +443,8 @@ def rule_spec(
         hairpin_forwards=hairpin_forwards(config),
         hairpin_address=hairpin_address,
         local_source_guard=guard,
+        local_icmp_errors=True,  # issue 8: the gateway's own ICMP errors are translated
+        hairpin_icmp_errors=True,  # ... and LAN hosts' errors inside hairpinned flows
     )
 
 
@@ -829,29 +831,57 @@ class Gateway:
             self._apply(tok, rv)
 
     def on_packets(self, pkts: list[QueuedPacket], now: float) -> None:
-        eng = self.engine
+        """Translate a batch and buffer its verdicts (the caller flushes them).
+
+        This runs once per packet, so it is written for speed: one ``now`` for the whole
+        batch, bound methods and constants in locals, and the common verdict (accept or drop,
+        nothing released, no ICMP error to send) issued without a call to :meth:`_apply`.
+        """
+        nfq = self.nfq
+        assert nfq is not None
+        handle = self.engine.handle
+        accept, drop = nfq.accept, nfq.drop
+        mark = self.config.mark
         out_idx = self.outside_index
-        for p in pkts:
-            if p.hook != Hook.PRE_ROUTING:
-                direction = Direction.OUTBOUND
-            elif p.indev == out_idx or self._from_outside(p.indev):
-                direction = Direction.INBOUND
+        pre = int(Hook.PRE_ROUTING)
+        outbound, inbound = Direction.OUTBOUND, Direction.INBOUND
+        accepted, dropped = Action.ACCEPT, Action.DROP
+        for pid, hook, _hw, payload, cap_len, orig_len, _mark, indev, _outdev, _skb in pkts:
+            if hook != pre:
+                direction = outbound
+            elif indev == out_idx:
+                direction = inbound
+            elif self._from_outside(indev):
+                direction = inbound
+                out_idx = self.outside_index
             else:  # queued in PREROUTING from a LAN interface: a LAN host hairpinning
-                direction = Direction.OUTBOUND
-            if p.truncated:
-                eng.count("drop:too-big")
-                eng.count("dropped")
-                self.rl.emit(
-                    "drop:too-big", logging.INFO,
-                    f"drop too-big: {p.orig_len} bytes exceed the queue copy range", now,
-                )
-                assert self.nfq is not None
-                self.nfq.drop(p.packet_id)
+                direction = outbound
+            if orig_len > cap_len:
+                self._drop_too_big(pid, orig_len, now)
                 continue
-            v = eng.handle(p.payload, direction, now, token=p.packet_id)
-            self._apply(p.packet_id, v)
+            v = handle(payload, direction, now, pid)
+            action = v.action
+            if action is accepted:
+                accept(pid, v.payload, mark)
+            elif action is dropped:
+                drop(pid)
+            if v.released:
+                for tok, rv in v.released:
+                    self._apply(tok, rv)
             if v.icmp_back is not None:
-                send_icmp_error(p.payload, *v.icmp_back)
+                send_icmp_error(payload, *v.icmp_back)
+
+    def _drop_too_big(self, pid: int, orig_len: int, now: float) -> None:
+        """A packet longer than the copy range arrived cut: it cannot be translated."""
+        eng = self.engine
+        eng.count("drop:too-big")
+        eng.count("dropped")
+        self.rl.emit(
+            "drop:too-big", logging.INFO,
+            f"drop too-big: {orig_len} bytes exceed the queue copy range", now,
+        )
+        assert self.nfq is not None
+        self.nfq.drop(pid)
 
     def _from_outside(self, indev: int | None) -> bool:
         """Whether a packet queued in PREROUTING came in on the outside interface (inbound)

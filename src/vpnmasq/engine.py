@@ -111,8 +111,9 @@ MAX_PACKET = 65531
 _FAST_KINDS = frozenset({"napt", "fwd"})
 #: UDP ports whose inbound packets always take the slow path (IKE, NAT-T: helpers, local VPN)
 _SLOW_UDP_PORTS = frozenset({500, 4500})
-_FAST_HDR = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags+offset, protocol
-_FAST_TUPLE = struct.Struct("!IIHH")  # source, destination, source port, destination port
+#: version/IHL, total length, flags+offset, protocol, source, destination, source port,
+#: destination port: one unpack for the fast path's whole parse
+_FAST_HDR = struct.Struct("!BxHxxHxBxxIIHH")
 _FAST_ACK = struct.Struct("!I")
 #: accept() without its wrapper call, for the fast path
 _accept_bytes: Callable[[bytes], Verdict] = _make_accept if _make_accept is not None else accept
@@ -532,6 +533,8 @@ class Engine:
             if not self.is_inside(src):
                 if self.is_exempt(src):
                     return ACCEPT_UNCHANGED
+                if proto == PROTO_ICMP:  # the gateway's own ICMP errors (issue 8)
+                    return self._icmp_error_local(ip, now)
                 return self.drop(DropReason.NOT_INSIDE, f"source {int_to_ip(src)} is not inside", ip)
             if self._exempt and self.is_exempt(src):
                 return ACCEPT_UNCHANGED
@@ -583,7 +586,7 @@ class Engine:
         n = len(packet)
         if n < 28:
             return None
-        vihl, tlen, frag, proto = _FAST_HDR.unpack_from(packet)
+        vihl, tlen, frag, proto, src, dst, sport, dport = _FAST_HDR.unpack_from(packet)
         if vihl != 0x45 or tlen != n or frag & 0x3FFF:
             return None
         if proto == PROTO_TCP:
@@ -600,7 +603,6 @@ class Engine:
         pub = self.public_ip
         if pub is None:
             return None
-        src, dst, sport, dport = _FAST_TUPLE.unpack_from(packet, 12)
         table = self.table
         if direction is OUT:
             if dst == pub:
@@ -658,12 +660,16 @@ class Engine:
         if old_port != new_port:
             buf[port_at] = new_port >> 8
             buf[port_at + 1] = new_port & 0xFF
-        # bookkeeping, as the slow path does it
+        # bookkeeping, as the slow path does it. MasqTable.touch inline: the deadline moves
+        # (one shared float per class and ``now``), the entry keeps its place in its list
         counters = self.counters
         tclass = e.tclass
-        table._lru[tclass].move_to_end(e)
         if tclass != PERMANENT:
-            e.expires_at = now + table.timeouts[tclass]
+            d = table._exp.get(tclass) if now == table._exp_now else None
+            if d is None or d < e._ldl:
+                table.touch(e, now)
+            else:
+                e.expires_at = d
         if direction is OUT:
             counters["packets_out"] = counters.get("packets_out", 0) + 1
             if proto == PROTO_TCP:
@@ -1192,8 +1198,11 @@ class Engine:
         pr, lo = self.config.port_range, self.config.low_port_range
         return sport not in pr and sport not in lo
 
-    def _icmp_error_out(self, ip: IPv4, off: int, now: float) -> Verdict:
-        """A LAN host's ICMP error about a packet it received through us (RFC 5508 REQ-4)."""
+    def _icmp_error_out(self, ip: IPv4, off: int, now: float, *, local: bool = False) -> Verdict:
+        """A LAN host's ICMP error about a packet it received through us (RFC 5508 REQ-4).
+
+        ``local``: the gateway's own error about such a packet (:meth:`_icmp_error_local`),
+        whose source is a gateway address rather than the LAN host the packet was for."""
         buf = ip.buf
         ioff, inner = self._embedded(ip, off)
         orig_len = int.from_bytes(buf[ioff + 2 : ioff + 4], "big")
@@ -1201,15 +1210,23 @@ class Engine:
         ib = inner.buf
         l4 = inner.ihl
         e: Entry | None = None
-        if inner.dst == ip.src and p in (PROTO_TCP, PROTO_UDP):
+        to_host = local or inner.dst == ip.src
+        if to_host and p in (PROTO_TCP, PROTO_UDP):
             sport = (ib[l4] << 8) | ib[l4 + 1]
             dport = (ib[l4 + 2] << 8) | ib[l4 + 3]
             e = self.table.get(("o", p, inner.dst, dport, inner.src, sport), now)
-        elif inner.dst == ip.src and p == PROTO_ICMP:
+            if e is None and p == PROTO_UDP:  # e.g. ISAKMP, found by its cookies
+                find = getattr(self.udp_helpers.get(dport), "icmp_embedded_outbound", None)
+                if find is not None:
+                    e = find(inner, now)
+        elif to_host and p == PROTO_ICMP:
             ident = (ib[l4 + 4] << 8) | ib[l4 + 5]
             e = self.table.get(("o", PROTO_ICMP, inner.dst, ident, inner.src, 0), now)
         else:
             e = self.table.get(("go", p, inner.dst, inner.src), now)
+            find = getattr(self.proto_helpers.get(p), "icmp_embedded_outbound", None)
+            if e is None and to_host and find is not None:  # ESP by SPI, GRE by Call ID
+                e = find(inner, now)
         if e is None or self.public_ip is None:
             return self.drop(
                 DropReason.ICMP_NO_MAPPING, f"icmp error from inside about {describe(inner)}", ip
@@ -1220,10 +1237,52 @@ class Engine:
             inner.set_l4_u16(2, e.alias_port, csum_off if l4 + csum_off + 2 <= len(ib) else None)
         elif p == PROTO_ICMP and e.inside_port != e.alias_port:
             inner.set_l4_u16(4, e.alias_port, ICMP_CSUM)
+        fix = getattr(self.kind_helpers.get(e.kind), "icmp_embedded_outbound_fix", None)
+        if fix is not None:  # e.g. a PPTP call's Call ID
+            fix(inner, e)
         ip.set_src(self.public_ip)
         e.pkts_out += 1
         e.last_out = now
         return self._finish_icmp_error(ip, off, ioff, inner, orig_len)
+
+    def _icmp_error_local(self, ip: IPv4, now: float) -> Verdict:
+        """An ICMP error the gateway itself sent (issue 8), queued from its OUTPUT hook by the
+        rules (:mod:`vpnmasq.datapath.rules`): the only outbound packets from a source that
+        is not inside. When it quotes a packet vpnmasq rewrote, the quoted header is the
+        rewritten one, so it goes through the same translation as anyone else's error:
+
+        * about an inbound packet rewritten to a LAN host (fragmentation needed because the
+          LAN link is narrower, TTL exceeded, host unreachable): to the remote, quoting what
+          the remote sent (public destination, alias port), as a LAN host's own error would
+          be (:meth:`_icmp_error_out`);
+        * about an outbound packet rewritten to the public source (e.g. host unreachable when
+          the next hop does not answer ARP): the kernel addressed it to the public address,
+          itself; it goes to the LAN host with the LAN host's packet quoted, as an error from
+          outside would (:meth:`_icmp_error_in`, RFC 5508 REQ-3); about a hairpinned packet,
+          to the other LAN host (:meth:`_icmp_error_hairpin`).
+
+        The daemon's own errors (``send_icmp_error``, e.g. for AH) quote packets as they
+        arrived, before any translation, and pass unchanged. Anything else (the gateway's
+        errors about its own traffic) leaves unchanged; other ICMP from a source that is not
+        inside is dropped as before. An error the gateway addressed to itself is only taken
+        from the public address: nothing else is turned towards a LAN host."""
+        off = ip.l4(ICMP_MIN)
+        if ip.buf[off] not in ICMP_ERRORS:
+            return self.drop(DropReason.NOT_INSIDE, f"source {int_to_ip(ip.src)} is not inside", ip)
+        _ioff, inner = self._embedded(ip, off)
+        if inner.src == self.public_ip:
+            if ip.src != self.public_ip:
+                return self.drop(
+                    DropReason.NOT_INSIDE, f"source {int_to_ip(ip.src)} is not inside", ip
+                )
+            self.count("icmp_local_error_in")
+            if self.is_inside(inner.dst):  # about a hairpinned packet: to the other LAN host
+                return self._icmp_error_hairpin(ip, off, now, local=True)
+            return self._icmp_error_in(ip, off, now)
+        if self.is_inside(inner.dst) and not self.is_inside(inner.src):
+            self.count("icmp_local_error_out")
+            return self._icmp_error_out(ip, off, now, local=True)
+        return ACCEPT_UNCHANGED
 
     # ------------------------------------------------------------------ other protocols
     def _generic_out(self, ip: IPv4, now: float) -> Verdict:
@@ -1283,6 +1342,9 @@ class Engine:
         elif p == PROTO_UDP:
             v = self._udp_out(ip, now)
         elif p == PROTO_ICMP:
+            off = ip.l4(ICMP_MIN)
+            if ip.buf[off] in ICMP_ERRORS:  # about a hairpinned packet (issue 8)
+                return self._icmp_error_hairpin(ip, off, now)
             return ACCEPT_LOCAL  # pinging our own public address: the gateway answers
         elif p == PROTO_GRE and self.proto_helpers.get(p) is not None:
             h = self.proto_helpers[p]
@@ -1297,6 +1359,24 @@ class Engine:
             hv: Verdict = h.inbound(inner, now)
             return hv
         return self._tcp_in(inner, now) if p == PROTO_TCP else self._udp_in(inner, now)
+
+    def _icmp_error_hairpin(
+        self, ip: IPv4, off: int, now: float, *, local: bool = False
+    ) -> Verdict:
+        """A LAN host's ICMP error about a packet it got through a hairpin (issue 8): the
+        quoted packet came from the public address (both its addresses were translated),
+        so the error is translated as a LAN host's error (its leg towards the public
+        address, :meth:`_icmp_error_out`), then as an error arriving at the public address
+        (the other leg, :meth:`_icmp_error_in`): it reaches the other LAN host quoting that
+        host's own packet. The rules queue only errors conntrack cannot relate (about
+        untracked, hairpinned flows); errors about the gateway's own traffic stay local.
+        ``local``: the gateway's own error about a hairpinned packet (:meth:`_icmp_error_local`)."""
+        v = self._icmp_error_out(ip, off, now, local=local)
+        if v.action is not Action.ACCEPT or v.payload is None:
+            return v
+        self.count("hairpin")
+        back = IPv4(bytearray(v.payload))
+        return self._icmp_error_in(back, back.l4(ICMP_MIN), now)
 
     # ------------------------------------------------------------------ fragments
     def _fragment(self, ip: IPv4, direction: Direction, now: float, token: object) -> Verdict:

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     lc.add_argument("--spi", type=lambda x: int(x, 0), required=True)
     lc.add_argument("--token", default="l2tp")
     lc.add_argument("--count", type=int, default=3)
-    lc.add_argument("--timeout", type=float, default=2.0)
+    lc.add_argument("--timeout", type=float, default=10.0)  # per message; ends at its echo
     u6s = sub.add_parser("udp6-echo-server")
     u6s.add_argument("--bind", default="::")
     u6s.add_argument("--port", type=int, default=7)
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     u6c.add_argument("dst")
     u6c.add_argument("port", type=int)
     u6c.add_argument("--count", type=int, default=3)
-    u6c.add_argument("--timeout", type=float, default=2.0)
+    u6c.add_argument("--timeout", type=float, default=10.0)  # per message; ends at its echo
     a = ap.parse_args(argv)
     if a.cmd == "udp6-echo-server":
         return udp6_echo_server(a.bind, a.port)

@@ -10,6 +10,7 @@ server, raw-ESP server), r2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 pytestmark = [pytest.mark.e2e]
 
@@ -40,7 +42,7 @@ def _sessions(topo: Any) -> tuple[Any, Any]:
     return call, esp_srv
 
 
-def _esp_ok(topo: Any, count: int = 5, timeout: float = 5.0) -> dict[str, Any]:
+def _esp_ok(topo: Any, count: int = 5, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     from vpnmasq.lab.rawpeers import run_esp_client
 
     return run_esp_client(topo, "h2", topo.ip("r1"), SPI_OUT, SPI_IN, count=count, timeout=timeout)
@@ -67,12 +69,17 @@ def test_sigkill_then_restart_with_state_file_keeps_the_vpn_sessions(
     jumps_first = _jumps(topo)
     call, esp_srv = _sessions(topo)
     before = {k: gw.entries(k) for k in ("gre", "esp", "pptp")}
-    # the table is saved every 30 s (daemon.STATE_SAVE_INTERVAL_S): wait for a save that
-    # already holds both sessions
-    t0 = time.monotonic()
-    while not state.exists() and time.monotonic() - t0 < 45:
-        time.sleep(0.5)
-    assert state.exists(), "no state file written within 45 s"
+    # the table is saved every 30 s (daemon.STATE_SAVE_INTERVAL_S, written to a temporary
+    # file and renamed): wait for a save that already holds both sessions
+    def saved_kinds() -> list[str]:
+        if not state.exists():
+            return []
+        kinds = sorted({e["kind"] for e in json.loads(state.read_text())["entries"]})
+        return kinds if {"esp", "gre"} <= set(kinds) else []
+
+    with contextlib.suppress(AssertionError):  # the assertions below say what is missing
+        wait_until(saved_kinds, 2 * 30 + DEADLINE, "a saved table with both sessions")
+    assert state.exists(), "no state file written"
     saved = json.loads(state.read_text())
     kinds = sorted({e["kind"] for e in saved["entries"]})
     record_property("saved_kinds", kinds)
@@ -104,7 +111,7 @@ def test_sigkill_then_restart_with_state_file_keeps_the_vpn_sessions(
     assert after["esp"][0]["detail"]["spi_in"] == f"0x{SPI_IN:08x}"
 
     # the same call and the same association carry on
-    r = call.exchange(count=10, timeout=10)
+    r = call.exchange(count=10, timeout=DEADLINE)
     record_property("pptp_after", {"sent": r.sent - sent1, "verified": r.verified - ok1})
     assert r.verified - ok1 >= 10 and not r.crosstalk, r.as_dict()
     e = _esp_ok(topo)
@@ -158,11 +165,14 @@ def test_the_outside_interface_going_down_and_up_is_survived(
     sent0, ok0 = call.result.sent, call.result.verified
     call.exchange(count=3, timeout=1.0)
     sent1, ok1 = call.result.sent, call.result.verified
-    time.sleep(1.0)
+    time.sleep(1.0)  # the outage lasts a while (a scenario duration, not a wait)
     topo.exec("gw", ["ip", "link", "set", "wan0", "up"])
-    time.sleep(0.5)
+    # back once the link is up again and the kernel routes through it
+    wait_until(lambda: "198.51.100.0/24" in topo.exec("gw", ["ip", "-4", "route", "show", "dev",
+                                                            "wan0"], check=False).stdout,
+               what="wan0's route back")  # fmt: skip
     assert gw.running(), gw.log_tail()
-    r = call.exchange(count=10, timeout=10)
+    r = call.exchange(count=10, timeout=DEADLINE)
     e = _esp_ok(topo)
     record_property("while_down", {"sent": sent1 - sent0, "verified": ok1 - ok0})
     record_property("after", {"pptp_sent": r.sent - sent1, "pptp_verified": r.verified - ok1, "esp": e})

@@ -4,8 +4,10 @@ table stays the source of truth (traffic is credited back; status shows what is 
 
 from __future__ import annotations
 
-import time
+import contextlib
 from typing import Any
+
+from tests.waiting import ANSWER_TIMEOUT, wait_until
 
 from vpnmasq.lab.pptp_client import PptpClient
 from vpnmasq.lab.pptp_server import PptpServer
@@ -28,19 +30,19 @@ def test_established_esp_and_pptp_are_offloaded_to_the_kernel(vtopo: Topology, r
             assert r["ok"], r
         assert client.exchange(count=3, timeout=10).ok
         # wait for the sync that moves the associations into the kernel's maps
-        deadline = time.monotonic() + 5.0
         offloaded: list[dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            st = gw.status()
-            offloaded = [e for e in st["entries"] if e.get("offloaded")]
-            if len({e["proto"] for e in offloaded}) == 2 and len(offloaded) >= 3:
-                break
-            time.sleep(0.2)
+
+        def synced() -> bool:
+            offloaded[:] = [e for e in gw.status()["entries"] if e.get("offloaded")]
+            return len({e["proto"] for e in offloaded}) == 2 and len(offloaded) >= 3
+
+        with contextlib.suppress(AssertionError):  # the assertion below says what is missing
+            wait_until(synced, what="the offload sync")
         assert {e["proto"] for e in offloaded} == {"esp", "gre"}, gw.status_text()
         queued_before = gw.counters().get("nfq_received", 0)
         # steady state: the kernel forwards; the peers still verify every echo
         for i, (a, b) in enumerate(sas):
-            r = run_esp_client(topo, topo.hosts[i], r1, a, b, count=5, timeout=5)
+            r = run_esp_client(topo, topo.hosts[i], r1, a, b, count=5, timeout=ANSWER_TIMEOUT)
             assert r["ok"] and r["echo_src"] == GW_WAN_IP and not r["crosstalk"], r
         res = client.exchange(count=5, timeout=10)
         assert res.ok and not res.crosstalk
@@ -48,12 +50,14 @@ def test_established_esp_and_pptp_are_offloaded_to_the_kernel(vtopo: Topology, r
         # PPTP control (TCP 1723) echoes still pass the queue; ESP and GRE data do not
         assert queued_esp_gre < 5, queued_esp_gre  # the slow path would queue >= 30
         # the kernel's per-element counters are credited back at the next sync
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline:
-            flows = gw.status()["offload"]["flows"]
-            if sum(f["kernel_pkts_out"] for f in flows) >= 10:
-                break
-            time.sleep(0.2)
+        flows: list[dict[str, Any]] = []
+
+        def credited() -> bool:
+            flows[:] = gw.status()["offload"]["flows"]
+            return sum(f["kernel_pkts_out"] for f in flows) >= 10
+
+        with contextlib.suppress(AssertionError):
+            wait_until(credited, what="the kernel's counters credited")
         assert sum(f["kernel_pkts_out"] for f in flows) >= 10, flows
         print("queued during the offloaded phase:", queued_esp_gre)
     finally:

@@ -11,11 +11,13 @@ wan0 198.51.100.1, masquerade) -- r1 198.51.100.20.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 from vpnmasq.lab.pptp_client import PptpClient
 from vpnmasq.lab.pptp_server import PptpServer
@@ -141,10 +143,15 @@ def test_pptp_two_calls_one_control_connection(
     Known kernel failure, asserted so a change shows up."""
     shared_run = topo.mkdir("pptp-shared-run")
     c0 = PptpClient(topo, "h1", topo.ip("r1"), token="call0", run_dir=shared_run).start()
-    assert c0.wait_up(8), c0.result.as_dict()
+    assert c0.wait_up(DEADLINE), c0.result.as_dict()
     c1 = PptpClient(topo, "h1", topo.ip("r1"), token="call1", run_dir=shared_run).start()
     r1 = c1.exchange(count=3, timeout=4)
-    c0.poll(0.3)
+    # call 1's frames (the known failure) reach call 0: read them as long as they take
+    with contextlib.suppress(AssertionError):  # the assertion below says what is missing
+        wait_until(
+            lambda: c0.poll(0.2) >= 0 and any(x.startswith("call1 ") for x in c0.result.crosstalk),
+            ANSWER_TIMEOUT,
+        )
     record_property("call0", c0.result.as_dict())
     record_property("call1", r1.as_dict())
     record_property("tcp_1723", [ln for ln in topo.conntrack() if "dport=1723" in ln])
@@ -163,7 +170,7 @@ def test_strongswan_two_natt_clients_one_remote(
     t0 = time.monotonic()
     srv = IpsecResponder(topo, "r1", version=version).start()
     clients = [IpsecInitiator(topo, h, srv).start() for h in topo.hosts]
-    _parallel(lambda c: c.connect(timeout=15), clients)
+    _parallel(lambda c: c.connect(timeout=60), clients)
     record_property("connect_s", [c.connect_s for c in clients])
     udp = _parallel(lambda c: c.udp_echo(count=5), clients)
     tcp = _parallel(lambda c: c.tcp_echo(count=3), clients)
@@ -197,7 +204,7 @@ def test_raw_esp_two_clients_one_remote_kernel_drops_second(
     Known kernel failure, asserted."""
     require("py:scapy", "py:cryptography")
     srv = RawEspServer(topo, "r1", [(0x1001, 0x2001), (0x1002, 0x2002)]).start()
-    r1 = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3)
+    r1 = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3, timeout=ANSWER_TIMEOUT)
     drops_before = _ct_stat(topo, "drop")
     r2 = run_esp_client(topo, "h2", topo.ip("r1"), 0x1002, 0x2002, count=3, timeout=1.0)
     drops = _ct_stat(topo, "drop") - drops_before
@@ -225,7 +232,7 @@ def test_raw_esp_remote_sends_first_kernel_blocks_client(
     srv = RawEspServer(
         topo, "r1", [(0x1001, 0x2001)], send_first=GW_WAN_IP, first_count=2, first_interval=0.1
     ).start()
-    srv.jp.wait_for(lambda ev: ev.get("event") == "sent-first" and ev["n"] >= 2, 5)
+    srv.jp.wait_for(lambda ev: ev.get("event") == "sent-first" and ev["n"] >= 2, DEADLINE)
     before = [ln for ln in topo.conntrack() if ln.split()[1] == "50"]
     r = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3, timeout=1.0)
     summary = srv.stop()
@@ -262,7 +269,7 @@ def test_isakmp_remote_sends_first_takes_port_500(topo: Topology, record_propert
     kernel creates an UNREPLIED udp 500<->500 entry, so even the *first* LAN host then gets
     a remapped source port."""
     srv = IsakmpServer(topo, "r1", send_first=GW_WAN_IP).start()
-    srv.jp.wait_event("sent-first", 5)
+    srv.jp.wait_event("sent-first", DEADLINE)
     r1 = run_isakmp_client(topo, "h1", topo.ip("r1"), version=1, token="h1")
     peers = srv.peers()
     srv.stop()

@@ -14,15 +14,17 @@ daemon does not call it yet (see that module's docstring for the hook).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.waiting import ANSWER_TIMEOUT, wait_until
 
 from vpnmasq.lab.topology import GW_WAN_IP, LabError, Topology
 
@@ -167,7 +169,7 @@ def test_mss_clamp_fixes_a_pmtu_black_hole_on_a_1492_byte_outside_link(lab: Topo
     assert warn and "MTU 1492" in warn[0] and warn[0].endswith("-> fix: mss_clamp = 1452")
 
     gw = topo.gateway_vpnmasq(mode="userspace", config_overrides={"mss_clamp": 1452})
-    res = topo.run_json("h1", [*bulk, "--timeout", "5"])
+    res = topo.run_json("h1", [*bulk, "--timeout", "30"])  # ends when all is back
     assert res["ok"], res
     assert srv.where(event="syn")[-1]["mss"] == 1452
     assert gw.counters().get("mss_clamped", 0) >= 1
@@ -413,6 +415,23 @@ def test_diagnose_on_a_broken_gateway_then_follows_a_pptp_host(lab: Topology, re
     assert not any(ln.startswith("[FAIL] forward-mark") for ln in host.stdout.splitlines())
 
 
+def _packet_sockets(pid: int) -> int:
+    """How many AF_PACKET sockets process ``pid`` holds (its namespace's /proc/net/packet)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        inodes = set()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        with open(f"/proc/{pid}/net/packet") as f:
+            rows = [ln.split() for ln in f.read().splitlines()[1:]]
+    except OSError:
+        return 0
+    return sum(1 for row in rows if row and row[-1] in inodes)
+
+
 @pytest.mark.parametrize("lab", [(1, 1)], indirect=True)
 def test_trace_writes_a_pcapng_of_both_sides_with_pairs(lab: Topology, tmp_path: Path) -> None:
     """vpnmasq trace on the gateway while h1 sends raw ESP to r1: every ESP packet appears on
@@ -425,16 +444,18 @@ def test_trace_writes_a_pcapng_of_both_sides_with_pairs(lab: Topology, tmp_path:
         "gw",
         [PY, "-m", "vpnmasq.cli", "trace", "-c", str(gw.config_path), "-H", "10.77.0.11",
          "-p", "esp", "-o", str(out),
-         "-n", "12", "-d", "10", "--lines-per-second", "0"],
+         "-n", "12", "-d", "60", "--lines-per-second", "0"],
         name="trace",
     )
-    time.sleep(1.0)  # let it open its sockets
+    # capturing once its packet sockets (one per interface: lan0, wan0) exist
+    wait_until(lambda: _packet_sockets(tracer.pid) >= 2 or tracer.poll() is not None,
+               what="vpnmasq trace to open its sockets")  # fmt: skip
     from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
 
     RawEspServer(topo, "r1", [(0x1001, 0x2001)]).start()
-    res = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3)
+    res = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3, timeout=ANSWER_TIMEOUT)
     assert res.get("ok", res.get("verified")), res
-    stdout, stderr = tracer.communicate(timeout=20)
+    stdout, stderr = tracer.communicate(timeout=90)
     text = stdout.decode()
     print(text)
     lines = [ln for ln in text.splitlines() if " esp spi=" in ln]

@@ -391,7 +391,7 @@ class QueueWorker:
             return
         self._stopped = True
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=30)  # it checks every 50 ms; a busy machine may be slow
         self.queue.close()
         if self.errors:
             raise AssertionError("handler failed:\n" + "\n".join(self.errors))

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.control import ControlError, query
@@ -95,12 +96,9 @@ def sock(topo: Topology, role: str, family: int, kind: int, proto: int = 0) -> s
         return socket.socket(family, kind, proto)
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(step)
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Poll ``cond`` until it is true (see tests/waiting.py); AssertionError after ``timeout``."""
+    wait_until(cond, timeout, what)
 
 
 # ------------------------------------------------------------------------------ the daemon
@@ -112,6 +110,8 @@ class Daemon:
     mode: str
     workdir: Path
     extra: str = ""
+    #: Python run in the daemon's process before the CLI (e.g. to change a module constant)
+    python_setup: str = ""
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -139,10 +139,14 @@ class Daemon:
             self.write_config()
         log = self.workdir / f"daemon-{len(self.logs)}.log"
         self.logs.append(log)
+        python = [sys.executable, "-m", "vpnmasq.cli"]
+        if self.python_setup:
+            main = "import sys\nfrom vpnmasq.cli import main\nsys.exit(main())"
+            python = [sys.executable, "-c", f"{self.python_setup}\n{main}"]
         with open(log, "wb") as f:
             self.proc = self.topo.popen(
                 "gw",
-                [sys.executable, "-m", "vpnmasq.cli", "run", "-c", str(self.config_path), *args],
+                [*python, "run", "-c", str(self.config_path), *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
@@ -150,7 +154,7 @@ class Daemon:
             self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = DEADLINE) -> None:
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -161,7 +165,7 @@ class Daemon:
                 return False
             return "vpnmasq running" in self.log()
 
-        wait_for(ready, timeout, "vpnmasq to start", step=0.05)
+        wait_for(ready, "vpnmasq to start", timeout)
 
     def log(self, i: int = -1) -> str:
         return self.logs[i].read_text(errors="replace") if self.logs else ""
@@ -170,7 +174,7 @@ class Daemon:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: float = 10.0) -> int:
+    def wait(self, timeout: float = DEADLINE) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
@@ -181,7 +185,7 @@ class Daemon:
         return rc
 
     def status(self) -> dict[str, Any]:
-        return query(self.socket_path, "status")
+        return query(self.socket_path, "status", timeout=DEADLINE)
 
     def counters(self) -> dict[str, int]:
         c: dict[str, int] = self.status()["counters"]
@@ -192,7 +196,7 @@ class Daemon:
             [sys.executable, "-m", "vpnmasq.cli", "status", "--socket", self.socket_path, *args],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=DEADLINE,
         )
         assert r.returncode == 0, r.stderr
         return r.stdout
@@ -214,13 +218,20 @@ class Seen:
 
 
 class Sniffer:
-    """Every IPv4 packet on an interface of a namespace (both directions), in a thread."""
+    """Every IPv4 packet on an interface of a namespace (both directions), in a thread.
+
+    A frame that crossed the interface is already queued on the capture socket, but the
+    thread may not have read it yet (a busy machine). :attr:`seen`, :meth:`leaked` and
+    :meth:`clear` therefore :meth:`settle` first: they account for every frame that crossed
+    the interface before they were called."""
 
     def __init__(self, topo: Topology, role: str, ifname: str) -> None:
         self.s = sock(topo, role, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.s.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: lose no frame
         self.s.bind((ifname, 0))
         self.s.settimeout(0.05)
-        self.seen: list[Seen] = []
+        self._seen: list[Seen] = []
+        self._idle = 0  # reads that found the socket empty
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -230,6 +241,7 @@ class Sniffer:
             try:
                 frame, addr = self.s.recvfrom(65535)
             except TimeoutError:
+                self._idle += 1
                 continue
             except OSError:
                 return
@@ -241,7 +253,7 @@ class Sniffer:
             sport = dport = 0
             if proto in (6, 17) and len(ip) >= ihl + 4:
                 sport, dport = struct.unpack_from("!HH", ip, ihl)
-            self.seen.append(
+            self._seen.append(
                 Seen(
                     socket.inet_ntoa(ip[12:16]),
                     socket.inet_ntoa(ip[16:20]),
@@ -252,8 +264,20 @@ class Sniffer:
                 )
             )
 
+    def settle(self) -> None:
+        """Return once every frame queued before the call has been read: two more reads
+        found the socket empty (the second of them began after this call)."""
+        n = self._idle
+        wait_for(lambda: self._idle >= n + 2 or not self._t.is_alive(), "the sniffer to catch up")
+
+    @property
+    def seen(self) -> list[Seen]:
+        self.settle()
+        return list(self._seen)
+
     def clear(self) -> None:
-        self.seen.clear()
+        self.settle()
+        self._seen.clear()
 
     def leaked(self) -> list[Seen]:
         """Packets on the wire with an inside (LAN) source address."""
@@ -428,7 +452,7 @@ class Remote:
 
 # ------------------------------------------------------------------------------ clients
 def udp_echo(
-    topo: Topology, role: str, dst: str = R1, port: int = ECHO_PORT, timeout: float = 1.0
+    topo: Topology, role: str, dst: str = R1, port: int = ECHO_PORT, timeout: float = ANSWER_TIMEOUT
 ) -> bool:
     s = sock(topo, role, socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -446,7 +470,7 @@ def udp_echo(
         s.close()
 
 
-def tcp_echo(topo: Topology, role: str, dst: str = R1, timeout: float = 1.0) -> bool:
+def tcp_echo(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:
     s = sock(topo, role, socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
@@ -460,7 +484,7 @@ def tcp_echo(topo: Topology, role: str, dst: str = R1, timeout: float = 1.0) -> 
         s.close()
 
 
-def ping(topo: Topology, role: str, dst: str = R1, timeout: float = 1.0) -> bool:
+def ping(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:
     s = sock(topo, role, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     try:
         s.settimeout(timeout)
@@ -491,7 +515,7 @@ def _inet_checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def ike_echo(topo: Topology, role: str, dst: str = R1, timeout: float = 1.0) -> bool:
+def ike_echo(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:
     """An ISAKMP header from source port 500; True if the answer carries our cookie."""
     s = sock(topo, role, socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -536,7 +560,13 @@ class RawPeer:
 
 
 def esp_exchange(
-    topo: Topology, role: str, spi: int, *, dst: str = R1, timeout: float = 1.0, seq: int = 1
+    topo: Topology,
+    role: str,
+    spi: int,
+    *,
+    dst: str = R1,
+    timeout: float = ANSWER_TIMEOUT,
+    seq: int = 1,
 ) -> bool:
     """Send ESP with ``spi``; True if the remote's answer (on the paired SPI) comes back."""
     p = RawPeer(topo, role, IPPROTO_ESP)
@@ -556,7 +586,9 @@ def esp_exchange(
         p.close()
 
 
-def gre_v0_exchange(topo: Topology, role: str, dst: str = R1, timeout: float = 1.0) -> bool:
+def gre_v0_exchange(
+    topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT
+) -> bool:
     p = RawPeer(topo, role, IPPROTO_GRE)
     try:
         token = os.urandom(8)
@@ -578,7 +610,12 @@ class PptpCall:
     ``call_id``, then GRE both ways (see :meth:`gre_roundtrip`)."""
 
     def __init__(
-        self, topo: Topology, role: str, call_id: int, dst: str = R1, timeout: float = 1.5
+        self,
+        topo: Topology,
+        role: str,
+        call_id: int,
+        dst: str = R1,
+        timeout: float = ANSWER_TIMEOUT,
     ) -> None:
         self.c = sock(topo, role, socket.AF_INET, socket.SOCK_STREAM)
         self.c.settimeout(timeout)
@@ -597,7 +634,7 @@ class PptpCall:
         self.dst = dst
         self.gre = RawPeer(topo, role, IPPROTO_GRE)
 
-    def gre_roundtrip(self, timeout: float = 1.0) -> tuple[str, int] | None:
+    def gre_roundtrip(self, timeout: float = ANSWER_TIMEOUT) -> tuple[str, int] | None:
         """GRE to the server's Call ID; (source, Call ID) of the echo, or None."""
         token = os.urandom(8)
         self.gre.send(self.dst, gre_v1(self.server_id, token))
@@ -694,14 +731,17 @@ def iptables_save(topo: Topology) -> str:
 
 def gw_run(topo: Topology, *argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["ip", "netns", "exec", topo.ns("gw"), *argv], capture_output=True, text=True, timeout=15
+        ["ip", "netns", "exec", topo.ns("gw"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
     )
 
 
 def metrics_text(topo: Topology, port: int) -> str:
     s = sock(topo, "gw", socket.AF_INET, socket.SOCK_STREAM)
     try:
-        s.settimeout(2)
+        s.settimeout(ANSWER_TIMEOUT)
         s.connect(("127.0.0.1", port))
         s.sendall(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
         buf = b""

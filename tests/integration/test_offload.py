@@ -36,6 +36,7 @@ from vpnmasq.verdict import Action, Direction
 # tests/integration is not a package: make the shared test vocabulary importable on its own
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.pptp_wire import ControlLink  # noqa: E402
+from tests.waiting import ANSWER_TIMEOUT, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
@@ -110,7 +111,7 @@ def raw(lab: Lab, role: str, proto: int, bind: str | None = None) -> socket.sock
     return s
 
 
-def received(sock: socket.socket, timeout: float = 1.0) -> list[bytes]:
+def received(sock: socket.socket, timeout: float = ANSWER_TIMEOUT) -> list[bytes]:
     """IP datagrams a raw socket got within ``timeout`` (after the first, 0.2 s more)."""
     out: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -132,18 +133,30 @@ def gre_of(data: bytes) -> tuple[str, str, int]:
     return src, dst, struct.unpack_from("!H", data, 26)[0]
 
 
-def exchange(lab: Lab, t: GatewayTopology) -> dict[str, list[tuple[str, str, int]]]:
-    """One ESP and one GRE packet each way; what arrived at the far ends."""
+def exchange(
+    lab: Lab, t: GatewayTopology, *, gw: Gateway | None = None, dropped: tuple[str, ...] = ()
+) -> dict[str, list[tuple[str, str, int]]]:
+    """One ESP and one GRE packet each way; what arrived at the far ends.
+
+    Each side waits as long as it takes for a packet, except those named in ``dropped``
+    (e.g. "gre_in": expected to be queued and dropped by ``gw``'s engine): for them it waits
+    until the engine has seen both packets of the protocol, then only briefly."""
     got: dict[str, list[tuple[str, str, int]]] = {}
     for proto, name, out_pl, in_pl, parse in (
         (50, "esp", build_esp(SPI_OUT, 2), build_esp(SPI_IN, 2), esp_of),
         (47, "gre", build_gre_v1(PAC_CALL, b"\xff\x03\x00\x21"), build_gre_v1(LAN_CALL, b"\xff\x03\x00\x21"), gre_of),
     ):
         at_remote, at_inside = raw(lab, t.remote, proto), raw(lab, t.inside, proto)
+        queued = gw.queued_count(proto) if gw else 0
         raw(lab, t.inside, proto).sendto(out_pl, (t.remote_host, 0))
         raw(lab, t.remote, proto, bind=t.remote_host).sendto(in_pl, (t.public, 0))
-        got[name + "_out"] = [parse(d) for d in received(at_remote)]
-        got[name + "_in"] = [parse(d) for d in received(at_inside)]
+        if gw is not None and {name + "_out", name + "_in"} & set(dropped):
+            wait_until(
+                lambda g=gw, p=proto, n=queued + 2: g.queued_count(p) >= n,
+                what=f"{name} queued",
+            )
+        for key, sock in ((name + "_out", at_remote), (name + "_in", at_inside)):
+            got[key] = [parse(d) for d in received(sock, 0.5 if key in dropped else ANSWER_TIMEOUT)]
     return got
 
 
@@ -182,12 +195,50 @@ def test_offloaded_flows_are_rewritten_by_the_kernel_and_credited(
         gw.engine.flush()
         rep = off.sync(gw.engine, time.monotonic())
     assert rep.removed == 5 and rep.offloaded == 0
-    got = exchange(lab, t)
+    got = exchange(lab, t, gw=gw, dropped=("gre_out", "gre_in", "esp_in"))
     assert (gw.queued_count(50), gw.queued_count(47)) == (q_esp + 2, q_gre + 2)
     assert got["gre_out"] == got["gre_in"] == []  # the call is gone: the engine drops its GRE
     assert got["esp_out"] == EXPECTED["esp_out"]  # ESP starts afresh through the engine
     off.remove()
     assert OFFLOAD_TABLE not in lab.run(t.gw, ["nft", "list", "tables"]).stdout
+
+
+def _probe_counts(lab: Lab, t: GatewayTopology) -> dict[str, int]:
+    """Packets counted by the probes of :func:`test_offloaded_packets_skip_vpnmasqs_chains`."""
+    counts: dict[str, int] = {}
+    for ln in lab.run(t.gw, ["iptables-save", "-c", "-t", "mangle"]).stdout.splitlines():
+        if ln.startswith("[") and " -A VPNMASQ_" in ln and " -j " not in ln:
+            n, rest = ln[1:].split(":", 1)[0], ln.split("] ", 1)[1]
+            counts[rest] = int(n)
+    nft = lab.run(t.gw, ["nft", "list", "table", "ip", rules.NFT_TABLE]).stdout
+    for chain in ("raw_in", "raw_out"):
+        body = nft.split(f"chain {chain} {{", 1)[1]
+        counts[chain] = int(body.split("counter packets ", 1)[1].split()[0])
+    return counts
+
+
+def test_offloaded_packets_skip_vpnmasqs_chains(lab: Lab, topo: GatewayTopology, gw: Gateway) -> None:
+    """Why offloaded flows run near the kernel's speed (rules module docstring): their
+    packets never reach vpnmasq's classification (nft raw_in/raw_out) nor its queue chains
+    (VPNMASQ_IN/OUT), in either direction. Probes count ESP/GRE at the top of each; a packet
+    that misses the maps shows that the probes count."""
+    t = topo
+    associate(gw, t)
+    off = offloader(lab, t)
+    with gw.lock:
+        assert off.sync(gw.engine, time.monotonic()).offloaded == 5
+    for chain in ("VPNMASQ_IN", "VPNMASQ_OUT"):
+        lab.run(t.gw, ["iptables", "-t", "mangle", "-I", chain, "1", "-p", "50"])
+        lab.run(t.gw, ["iptables", "-t", "mangle", "-I", chain, "1", "-p", "47"])
+    for chain in ("raw_in", "raw_out"):
+        lab.run(t.gw, ["nft", "insert", "rule", "ip", rules.NFT_TABLE, chain,
+                       "meta", "l4proto", "{", "47", ",", "50", "}", "counter"])  # fmt: skip
+    assert exchange(lab, t) == EXPECTED
+    assert set(_probe_counts(lab, t).values()) == {0}, _probe_counts(lab, t)
+    # not offloaded: a replayed SPI from another address goes through both
+    raw(lab, t.remote, 50, bind=t.remote_link).sendto(build_esp(SPI_IN, 9), (t.public, 0))
+    wait_until(lambda: _probe_counts(lab, t)["-A VPNMASQ_IN -p esp"] == 1, what="replay queued")
+    assert _probe_counts(lab, t)["raw_in"] == 1
 
 
 def test_without_offload_the_same_packets_take_the_queue(
@@ -212,6 +263,8 @@ def test_a_replayed_spi_or_call_id_from_another_address_misses_the_maps(
     # the remote's link address (not the associated one) replays the SPI and the Call ID
     raw(lab, t.remote, 50, bind=t.remote_link).sendto(build_esp(SPI_IN, 9), (t.public, 0))
     raw(lab, t.remote, 47, bind=t.remote_link).sendto(build_gre_v1(LAN_CALL, b"\xff\x03"), (t.public, 0))
+    wait_until(lambda: (gw.queued_count(50), gw.queued_count(47)) >= (q[0] + 1, q[1] + 1),
+               what="both replays queued")  # fmt: skip
     assert received(at_inside[50], 0.5) == [] and received(at_inside[47], 0.5) == []
     assert (gw.queued_count(50), gw.queued_count(47)) == (q[0] + 1, q[1] + 1)  # the engine saw them
 
@@ -229,7 +282,8 @@ def test_after_a_restart_the_maps_are_reconciled_not_flushed(
     stale = Element("esp_in", (ip_to_int(t.remote_host), 0x7777), ip_to_int("10.77.0.99"))
     lab.run(t.gw, ["nft", "-f", "-"], input=element_commands([stale], []))
     second = offloader(lab, t)  # a new daemon: install keeps the elements
-    assert stale in second.read() and len(second.read()) == 6
+    # 5 elements, their 2 uncounted prerouting copies, and the stale one
+    assert stale in second.read() and len(second.read()) == 8
     with gw.lock:
         rep = second.sync(gw.engine, time.monotonic())
     assert (rep.added, rep.removed, rep.offloaded) == (0, 1, 5)

@@ -8,6 +8,7 @@ import socket
 
 import pytest
 from netns import GatewayTopology, Lab
+from tests.waiting import ANSWER_TIMEOUT
 
 from vpnmasq.datapath import rules
 
@@ -79,12 +80,16 @@ def test_install_then_remove_leaves_no_trace(
     rules.install(spec, netns=gw, iptables=variant)
     assert rules.installed(netns=gw, iptables=variant)
     first = snapshot(lab, topo.gw, variant)
-    for chain in ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT", "VPNMASQ_IN", "VPNMASQ_OUT"):
+    for chain in ("VPNMASQ_IN", "VPNMASQ_OUT"):
         assert f":{chain} " in first
-    assert ("table ip vpnmasq" in first) == (mode == "hybrid")
-    # our jumps come first in the built-in chains
-    assert "-A PREROUTING -j VPNMASQ_RAW\n-A PREROUTING -j FOREIGN" in first
-    assert f"-A PREROUTING -i {topo.gw_wan_if} -j VPNMASQ_IN\n-A PREROUTING -i eth9" in first
+    assert "VPNMASQ_RAW" not in first  # untracking is native nft now (rules module docstring)
+    assert "table ip vpnmasq {" in first and ("masquerade" in first) == (mode == "hybrid")
+    # our jumps come first in the built-in chains, and our raw chain before iptables raw
+    assert (
+        f"-A PREROUTING -i {topo.gw_wan_if} -m mark ! --mark 0x564d -j VPNMASQ_IN\n"
+        "-A PREROUTING -i eth9"
+    ) in first
+    assert "type filter hook prerouting priority raw - 1; policy accept;" in first
 
     rules.install(spec, netns=gw, iptables=variant)  # reinstall: same result, no duplicates
     assert snapshot(lab, topo.gw, variant) == first
@@ -101,10 +106,20 @@ def test_remove_after_a_crash_with_pieces_missing(lab: Lab, topo: GatewayTopolog
     add_foreign_state(lab, topo.gw, "iptables")
     before = snapshot(lab, topo.gw, "iptables")
     rules.install(spec_for(topo, "hybrid"), netns=gw)
-    lab.run(topo.gw, f"iptables -t mangle -D POSTROUTING -o {topo.gw_wan_if} -j VPNMASQ_OUT")
-    lab.run(topo.gw, "iptables -t mangle -F VPNMASQ_OUT && iptables -t mangle -X VPNMASQ_OUT")
-    lab.run(topo.gw, "iptables -t raw -F VPNMASQ_RAW_IN")
+    lab.run(
+        topo.gw,
+        f"iptables -t mangle -D POSTROUTING -o {topo.gw_wan_if} -s 192.168.50.0/24 -j VPNMASQ_OUT",
+    )
+    lab.run(topo.gw, "iptables -t mangle -F VPNMASQ_OUT")  # still jumped to for inside_net
     lab.run(topo.gw, "nft delete table ip vpnmasq")
+    # what an older version (untracking in iptables raw) left behind
+    lab.run(
+        topo.gw,
+        "iptables -t raw -N VPNMASQ_RAW && iptables -t raw -N VPNMASQ_RAW_IN"
+        " && iptables -t raw -A VPNMASQ_RAW -j VPNMASQ_RAW_IN"
+        " && iptables -t raw -A VPNMASQ_RAW_IN -p 50 -j CT --notrack"
+        " && iptables -t raw -I PREROUTING 1 -j VPNMASQ_RAW",
+    )
     assert rules.installed(netns=gw)
     rules.remove(netns=gw)
     assert snapshot(lab, topo.gw, "iptables") == before
@@ -172,7 +187,7 @@ def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
     client = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
     client.bind((t.inside_host, 4000))
     client.sendto(b"plain", (t.remote_host, 9))
-    got = _recv(server, 2.0)
+    got = _recv(server, ANSWER_TIMEOUT)
     assert got is not None and got[1][0] == t.public
     assert KERNEL_PORTS[0] <= got[1][1] <= KERNEL_PORTS[1]
     [entry] = [e for e in _conntrack(lab, t, "udp") if "dport=9 " in e]
@@ -190,7 +205,7 @@ def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
     refused = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
     refused.connect((t.remote_host, 10))
     refused.send(b"x")
-    refused.settimeout(2.0)
+    refused.settimeout(ANSWER_TIMEOUT)
     with pytest.raises(ConnectionRefusedError):
         refused.recv(10)
 
@@ -199,7 +214,7 @@ def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
     listener.bind((t.remote_host, 80))
     listener.listen()
     conn = lab.socket(t.inside, socket.AF_INET, socket.SOCK_STREAM)
-    conn.settimeout(2.0)
+    conn.settimeout(ANSWER_TIMEOUT)
     conn.connect((t.remote_host, 80))
     accepted, peer = listener.accept()
     assert peer[0] == t.public
@@ -217,25 +232,26 @@ def test_userspace_queues_only_owned_traffic_to_the_gateway(
     t = topo
     rules.install(spec_for(t, "userspace", public=public), netns=lab.ns(t.gw))
 
-    def reaches_gw(src_role: str, src: str, dst: str, port: int) -> bool:
+    def reaches_gw(src_role: str, src: str, dst: str, port: int, expected: bool) -> bool:
+        """Whether a datagram arrives; waits long only where one is ``expected``."""
         sink = lab.socket(t.gw, socket.AF_INET, socket.SOCK_DGRAM)
         sink.bind((dst, port))
         s = lab.socket(src_role, socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((src, 0))
         s.sendto(b"hi", (dst, port))
-        ok = _recv(sink, 0.3) is not None
+        ok = _recv(sink, ANSWER_TIMEOUT if expected else 0.3) is not None
         sink.close()
         s.close()
         return ok
 
     # from outside to the public address: alias range, IKE and forwards are queued
-    assert not reaches_gw(t.remote, t.remote_host, t.public, 61500)
-    assert not reaches_gw(t.remote, t.remote_host, t.public, 4500)
-    assert not reaches_gw(t.remote, t.remote_host, t.public, 5060)
-    assert reaches_gw(t.remote, t.remote_host, t.public, 5353)
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 61500, expected=False)
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 4500, expected=False)
+    assert not reaches_gw(t.remote, t.remote_host, t.public, 5060, expected=False)
+    assert reaches_gw(t.remote, t.remote_host, t.public, 5353, expected=True)
     # from inside to the gateway's own addresses (incl. the public one): never queued
-    assert reaches_gw(t.inside, t.inside_host, t.gw_lan, 61500)
-    assert reaches_gw(t.inside, t.inside_host, t.public, 61500)
+    assert reaches_gw(t.inside, t.inside_host, t.gw_lan, 61500, expected=True)
+    assert reaches_gw(t.inside, t.inside_host, t.public, 61500, expected=True)
     # forwarded traffic from inside leaving via outside_if: queued
     server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((t.remote_host, 9))

@@ -11,14 +11,13 @@ clock moving past idle timeouts and the public address changing.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, assert_checksums_ok, make_engine
-from vpnmasq.conntrack.table import Entry
+from vpnmasq.conntrack.table import ENTRY_FIELDS, Entry
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_TCP, PROTO_UDP, build_ipv4
 from vpnmasq.packet.l4 import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, build_tcp, build_udp
@@ -55,13 +54,13 @@ def count_fast_hits(eng: Engine) -> list[int]:
 
 def entry_state(e: Entry) -> dict[str, object]:
     out: dict[str, object] = {}
-    for f in dataclasses.fields(e):
-        v = getattr(e, f.name)
-        if f.name == "binding":
+    for name in ENTRY_FIELDS:
+        v = getattr(e, name)
+        if name == "binding":
             v = None if v is None else (v.proto, v.inside_ip, v.inside_port, v.alias_port, v.n_sessions)
-        elif f.name in ("ext", "alg"):
+        elif name in ("ext", "alg"):
             v = type(v).__name__
-        out[f.name] = v
+        out[name] = v
     out["keys"] = sorted(map(repr, e.keys))
     return out
 

@@ -2,9 +2,10 @@
 queue traffic to the public address on what the engine owns (its alias port range, IKE
 500/4500, forwarded ports, ICMP, GRE, ESP, AH), never ACCEPT anything (they untrack, queue,
 return or mark), never touch the filter table, and queue outbound traffic only from the
-inside networks. (Generated text from
-:func:`vpnmasq.datapath.rules.iptables_rules`; the namespace tests in tests/integration check
-that the same text is what gets installed.)"""
+inside networks. (Generated text from :func:`vpnmasq.datapath.rules.iptables_rules`, the
+queue rules, and :func:`vpnmasq.datapath.rules.nft_rules`, the native untracking, mark and
+kernel NAT; the namespace tests in tests/integration check that the same text is what gets
+installed.)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 
 import pytest
 
-from vpnmasq.datapath.rules import RuleSpec, iptables_rules
+from vpnmasq.datapath.rules import RuleSpec, iptables_rules, nft_rules
 from vpnmasq.verdict import Direction
 
 OUT = Direction.OUTBOUND
@@ -60,12 +61,32 @@ def test_rules_accept_nothing_and_queue_only_owned_inbound_traffic(mode: str, fo
     }
     assert ports <= allowed, ports - allowed
     assert not any(p in ports for p in ("22", "53", "80", "443", "1:65535", "0:65535"))
+    # the native side: nothing accepted, untracking inbound only for the public address and
+    # only with a destination port for TCP/UDP
+    nft = nft_rules(_spec(mode, forwards))
+    assert not re.search(r"(?<!policy )\baccept\b", nft), "the nft table never accepts anything"
+    ls = [ln.strip() for ln in nft.splitlines()]
+    start = ls.index("chain raw_in {") + 1
+    raw_in = ls[start : ls.index("}", start)]
+    assert raw_in[0] == f"ip daddr != {PUBLIC} return"
+    nft_ports: set[str] = set()
+    for line in raw_in[1:]:
+        assert line.endswith(" notrack"), line
+        if line.startswith(("tcp ", "udp ")):
+            m = re.search(r"dport (\{ [^}]+ \}|\S+)", line)
+            assert m, f"a tcp/udp rule without a port match would take every port: {line}"
+            nft_ports.add(m.group(1).replace("-", ":").replace("{ ", "").replace(" }", "").replace(", ", ","))
+    assert nft_ports <= allowed, nft_ports - allowed
 
 
 def test_outbound_queueing_is_only_for_inside_sources() -> None:
-    for line in _rules(_spec("userspace")):
-        if line.startswith("-A VPNMASQ_OUT") and "NFQUEUE" in line:
-            assert "-s 10.77.0.0/24" in line, line
+    for mode in ("userspace", "hybrid"):
+        jumps = [ln for ln in _rules(_spec(mode)) if ln.endswith("-j VPNMASQ_OUT")]
+        assert jumps == ["-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT"], jumps
+        nft = nft_rules(_spec(mode))
+        assert [ln.strip() for ln in nft.splitlines() if "goto raw_out" in ln] == [
+            "ip saddr 10.77.0.0/24 goto raw_out"
+        ]
 
 
 def test_replies_to_low_range_aliases_are_queued() -> None:

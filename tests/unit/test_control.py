@@ -8,13 +8,13 @@ import select
 import socket
 import stat
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.waiting import DEADLINE, wait_until
 from vpnmasq import __version__
 from vpnmasq.datapath import control
 from vpnmasq.datapath.control import ControlError, ControlServer, query
@@ -59,6 +59,12 @@ class Daemon:
         self.server.close()
 
 
+def server_clients(d: Daemon | ControlServer) -> int:
+    """How many connections the server holds open."""
+    server = d.server if isinstance(d, Daemon) else d
+    return len(server._clients)
+
+
 @pytest.fixture
 def sock_path(tmp_path: Path) -> str:
     return str(tmp_path / "run" / "vpnmasq" / "control.sock")
@@ -79,7 +85,7 @@ def raw_exchange(path: str, data: bytes, *, shut: bool = True, lines: int = 1) -
         s.sendall(data)
         if shut:
             s.shutdown(socket.SHUT_WR)
-    except BrokenPipeError:
+    except (BrokenPipeError, ConnectionResetError):
         pass  # refused and closed before we wrote: the answer is still readable
     buf = b""
     while buf.count(b"\n") < lines:
@@ -182,22 +188,41 @@ def test_too_many_clients_are_turned_away(daemon: Daemon, sock_path: str) -> Non
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(sock_path)
         idle.append(s)
-    time.sleep(0.2)  # let the server accept them
+    # the kernel queues connections in order, so the server accepts all idle ones first
+    wait_until(lambda: server_clients(daemon) == control.MAX_CLIENTS, what="16 accepted")
     answers = raw_exchange(sock_path, b'{"cmd": "ping"}\n')
     assert answers == [{"ok": False, "error": "too many control connections"}]
     # the CLI's client reports the daemon's reason, whether or not it got to write first
     with pytest.raises(ControlError, match="too many control connections"):
         query(sock_path, "ping")
+    assert server_clients(daemon) == control.MAX_CLIENTS  # the refused ones were not kept
     for s in idle:
         s.close()
-    time.sleep(0.2)
+    # once the server has seen the idle clients go, a new client is served again
+    wait_until(lambda: server_clients(daemon) == 0, what="the idle clients to be dropped")
     assert query(sock_path, "ping")["ok"] is True
 
 
-def test_handle_ready_returns_at_once_when_idle(daemon: Daemon) -> None:
-    t0 = time.monotonic()
-    daemon.server.handle_ready()
-    assert time.monotonic() - t0 < 0.5
+def test_handle_ready_returns_at_once_when_idle(sock_path: str) -> None:
+    # no serving thread here: a blocking accept/recv would hang the call below for ever
+    server = ControlServer(sock_path, status=dict, counters=dict, flush=lambda: 0)
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (server.handle_ready(), done.set()), daemon=True)
+        t.start()
+        assert done.wait(DEADLINE), "handle_ready blocked with nothing to do"
+        idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        idle.connect(sock_path)  # a client that never writes: accepted, then not waited on
+        try:
+            wait_until(lambda: (server.handle_ready(), server_clients(server))[1] == 1)
+            done.clear()
+            t = threading.Thread(target=lambda: (server.handle_ready(), done.set()), daemon=True)
+            t.start()
+            assert done.wait(DEADLINE), "handle_ready blocked on a silent client"
+        finally:
+            idle.close()
+    finally:
+        server.close()
 
 
 # ------------------------------------------------------------------------------ lifecycle

@@ -193,3 +193,65 @@ def test_ending_an_esp_or_gre_entry_asks_for_a_sync_now() -> None:
     assert any(isinstance(ev, EntryExpired) for ev in evs)
     assert Offloader.wants_sync(evs)
     assert not Offloader.wants_sync([])
+
+
+def _fake_kernel(kernel: set[Element]):  # type: ignore[no-untyped-def]
+    """A runner keeping ``kernel`` (our elements) as nft would: add/delete element lines in,
+    ``nft -j list table`` out (counters at zero)."""
+
+    def as_int(part: str) -> int:
+        return sum(int(o) << (8 * (3 - i)) for i, o in enumerate(part.split("."))) if "." in part else int(part)
+
+    def run(argv: list[str], stdin: str | None) -> str:
+        if argv[:2] == ["nft", "-j"]:
+            out = []
+            for el in kernel:
+                item = {"elem": {"val": {"concat": list(el.key)}, "counter": {"packets": 0, "bytes": 0}}}
+                entry = [item, el.value]
+                kind = "map" if el.value is not None else "set"
+                out.append({kind: {"table": OFFLOAD_TABLE, "name": el.set,
+                                   "elem": [entry] if el.value is not None else [item]}})
+            return json.dumps({"nftables": out})
+        for line in (stdin or "").splitlines():
+            verb, _, _, _, name, rest = line.split(" ", 5)
+            body = rest.strip("{} ")
+            key_text, _, value_text = body.partition(" : ")
+            key = tuple(as_int(p) for p in key_text.split(" . "))
+            if verb == "add":
+                kernel.add(Element(name, key, as_int(value_text) if value_text else None))
+            else:
+                for el in [el for el in kernel if (el.set, el.key) == (name, key)]:
+                    kernel.discard(el)
+        return ""
+
+    return run
+
+
+def test_outbound_elements_get_an_uncounted_prerouting_copy_that_follows_them() -> None:
+    """Offloaded outbound packets are untracked in prerouting by a lookup in a copy of the
+    outbound set (so vpnmasq's raw chain skips them): the copy comes and goes with its
+    original, an orphaned copy (a crash between two commands) is removed, and copies are
+    neither reported nor counted as offloaded."""
+    text = table_definition("198.51.100.1", "wan0", 0x564D)
+    assert (
+        'add rule ip vpnmasq_offload pre iifname != "wan0" ip protocol esp'
+        " ip saddr . ip daddr . esp spi @esp_out_pre notrack return"
+    ) in text
+    assert "\tset esp_out_pre {\n\t\ttypeof ip saddr . ip daddr . esp spi\n\t}" in text  # no counter
+    eng = make_engine()
+    esp(eng, PRV1, 0x1001, 0x2001)
+    orphan = Element("gre_out_pre", (PRV2, EXT, 0x4000))
+    kernel = {orphan}
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel))
+    rep = off.sync(eng, 1.0)
+    assert kernel == {
+        Element("esp_in", (EXT, 0x2001), PRV1),
+        Element("esp_out", (PRV1, EXT, 0x1001)),
+        Element("esp_out_pre", (PRV1, EXT, 0x1001)),
+    }
+    assert (rep.added, rep.removed, rep.offloaded) == (2, 0, 2)
+    assert off.status()["elements"] == 2 and len(off.status()["flows"]) == 1
+    assert off.sync(eng, 2.0).added == 0  # in step: nothing to do
+    eng.flush()
+    rep = off.sync(eng, 3.0)
+    assert rep.removed == 2 and kernel == set()

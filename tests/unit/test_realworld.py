@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import stat
 import struct
-import time
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -27,6 +28,7 @@ from tests.packets import (
     ip_of,
     make_engine,
 )
+from tests.waiting import DEADLINE
 from vpnmasq.config import ConfigError, load_config, upstream_nat_reason, validate
 from vpnmasq.datapath import routes as rt
 from vpnmasq.datapath.rules import RuleSpec, iptables_rules, nft_rules
@@ -85,11 +87,12 @@ def test_route_config_keys_and_errors() -> None:
 def test_rules_leave_routed_networks_to_the_kernel_and_clamp_mss_in_hybrid_mode() -> None:
     spec = RuleSpec("wan0", ["10.77.0.0/24"], "198.51.100.1", routed_networks=["10.88.0.0/24"],
                     mss_clamp=1452)
-    ipt = iptables_rules(spec).splitlines()
-    i_ret = ipt.index("-A VPNMASQ_RAW_OUT -d 10.88.0.0/24 -j RETURN")
-    i_first_notrack = next(i for i, line in enumerate(ipt) if line.startswith("-A VPNMASQ_RAW_OUT -p"))
-    assert i_ret < i_first_notrack  # RETURN before any NOTRACK
     nft = nft_rules(spec) or ""
+    raw_out = nft.split("chain raw_out {", 1)[1].splitlines()
+    i_ret = next(i for i, line in enumerate(raw_out) if "10.88.0.0/24" in line)
+    i_first_notrack = next(i for i, line in enumerate(raw_out) if "notrack" in line)
+    assert "return" in raw_out[i_ret] and i_ret < i_first_notrack  # RETURN before any NOTRACK
+    assert "10.88.0.0/24" not in iptables_rules(spec)  # the queue rules never see them
     assert 'oifname "wan0" tcp flags syn / syn,rst tcp option maxseg size > 1452 tcp option maxseg size set 1452' in nft
     assert "maxseg" not in (nft_rules(RuleSpec("wan0", ["10.77.0.0/24"])) or "")
 
@@ -298,9 +301,20 @@ def test_on_address_change_hook_runs_with_new_and_old_address(
 
     out = tmp_path / "args"
     hook = tmp_path / "hook.sh"
-    hook.write_text(f'#!/bin/sh\necho "$1|$2" > {out}\n')
+    # write then rename: the file never exists half written
+    hook.write_text(f'#!/bin/sh\necho "$1|$2" > {out}.tmp && mv {out}.tmp {out}\n')
     hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
     current = {"a": "198.51.100.1"}
+    started: list[subprocess.Popen[bytes]] = []
+    real_popen = subprocess.Popen
+
+    class RecordingPopen(real_popen):  # type: ignore[misc,valid-type]
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            if list(a[0] if a else kw["args"])[:1] == [str(hook)]:
+                started.append(self)
+
+    monkeypatch.setattr(daemon.subprocess, "Popen", RecordingPopen)
 
     def fake_read(ifname: str, cur: str | None = None) -> str | None:
         return current["a"]
@@ -318,17 +332,14 @@ def test_on_address_change_hook_runs_with_new_and_old_address(
     accepted(gw.engine.handle(build_udp(PRV1, EXT, 40000, 53, b"q"), OUT, 0.0))
     current["a"] = "198.51.100.77"
     gw._follow_address(1.0)
-    deadline = time.monotonic() + 5
-    while not out.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    assert len(started) == 1 and started[0].wait(DEADLINE) == 0  # the hook ran, and finished
     assert out.read_text().strip() == "198.51.100.77|198.51.100.1"
     (row,) = gw.engine.snapshot(1.0)
     assert row.outside.startswith("198.51.100.77:")  # rewrite policy kept the mapping
     out.unlink()
     current["a"] = None  # the address goes away: no hook run
     gw._follow_address(2.0)
-    time.sleep(0.2)
-    assert not out.exists()
+    assert len(started) == 1 and not out.exists()  # not started again
 
 
 # ------------------------------------------------------------------------------ hairpin

@@ -88,27 +88,45 @@ def test_overlapping_ranges_allowed_in_userspace_mode() -> None:
 # --- userspace mode ---------------------------------------------------------------------
 
 
-def test_userspace_raw_chains() -> None:
-    raw = table(iptables_rules(spec(mode="userspace")), "raw")
-    assert raw == [
-        ":VPNMASQ_RAW - [0:0]",
-        ":VPNMASQ_RAW_IN - [0:0]",
-        ":VPNMASQ_RAW_OUT - [0:0]",
-        "-A VPNMASQ_RAW -i wan0 -d 198.51.100.1/32 -j VPNMASQ_RAW_IN",
-        "-A VPNMASQ_RAW -i wan0 -j RETURN",
-        "-A VPNMASQ_RAW -s 10.77.0.0/24 -j VPNMASQ_RAW_OUT",
-        "-A VPNMASQ_RAW_IN -p tcp --dport 61000:65535 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p udp --dport 61000:65535 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p udp -m multiport --dports 500,4500 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 1 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 47 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 50 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 51 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -d 10.77.0.0/24 -j RETURN",
-        "-A VPNMASQ_RAW_OUT -m addrtype --dst-type LOCAL,BROADCAST,MULTICAST -j RETURN",
-        "-A VPNMASQ_RAW_OUT -j CT --notrack",
-        "-I PREROUTING 1 -j VPNMASQ_RAW",
+def nft_chain(text: str, name: str) -> list[str]:
+    """The rules of one chain of :func:`nft_rules` output (hook line left out)."""
+    ls = [ln.strip() for ln in lines(text)]
+    start = ls.index(f"chain {name} {{")
+    body = ls[start + 1 : ls.index("}", start)]
+    return [ln for ln in body if not ln.startswith("type ")]
+
+
+def nft_hook(text: str, name: str) -> str:
+    ls = [ln.strip() for ln in lines(text)]
+    return ls[ls.index(f"chain {name} {{") + 1]
+
+
+def test_userspace_untracks_in_native_nft_chains() -> None:
+    text = nft_rules(spec(mode="userspace"))
+    assert nft_hook(text, "raw") == "type filter hook prerouting priority raw - 1; policy accept;"
+    assert nft_chain(text, "raw") == [
+        "ct state untracked return",
+        'iifname "wan0" goto raw_in',
+        "ip saddr 10.77.0.0/24 goto raw_out",
     ]
+    assert nft_chain(text, "raw_in") == [
+        "ip daddr != 198.51.100.1 return",
+        "tcp dport 61000-65535 notrack",
+        "udp dport 61000-65535 notrack",
+        "udp dport { 500, 4500 } notrack",
+        "meta l4proto { 1, 47, 50, 51 } notrack",
+    ]
+    assert nft_chain(text, "raw_out") == [
+        "ip daddr 10.77.0.0/24 return",
+        "fib daddr type != { local, broadcast, multicast } notrack",
+    ]
+    assert nft_chain(text, "forward") == [
+        'oifname != "wan0" return',
+        "ip saddr != 10.77.0.0/24 return",
+        "ct state untracked meta mark set 0x564d return",
+    ]
+    assert "masquerade" not in text and "ct timeout" not in text  # no kernel NAT
+    assert "CT --notrack" not in iptables_rules(spec(mode="userspace"))  # nothing in raw
 
 
 def test_userspace_mangle_chains_queue_only_untracked() -> None:
@@ -117,7 +135,6 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
     assert mangle == [
         ":VPNMASQ_IN - [0:0]",
         ":VPNMASQ_OUT - [0:0]",
-        ":VPNMASQ_MARK - [0:0]",
         "-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN",
         f"-A VPNMASQ_IN -p tcp --dport 61000:65535 {q}",
         f"-A VPNMASQ_IN -p udp --dport 61000:65535 {q}",
@@ -126,13 +143,11 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
         f"-A VPNMASQ_IN -p 47 {q}",
         f"-A VPNMASQ_IN -p 50 {q}",
         f"-A VPNMASQ_IN -p 51 {q}",
-        f"-A VPNMASQ_OUT -s 10.77.0.0/24 {q}",
-        "-A VPNMASQ_MARK -s 10.77.0.0/24 -m conntrack --ctstate UNTRACKED -j MARK --set-mark 0x564d",
-        "-I PREROUTING 1 -i wan0 -j VPNMASQ_IN",
-        "-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT",
-        "-I FORWARD 1 -o wan0 -j VPNMASQ_MARK",
+        f"-A VPNMASQ_OUT {q}",
+        "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x564d -j VPNMASQ_IN",
+        "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT",
     ]
-    assert nft_rules(spec(mode="userspace")) is None
+    assert "*raw" not in iptables_rules(spec(mode="userspace"))
 
 
 def test_fail_open_adds_queue_bypass_everywhere_and_only_then() -> None:
@@ -144,54 +159,90 @@ def test_fail_open_adds_queue_bypass_everywhere_and_only_then() -> None:
 
 
 def test_forwards_and_several_inside_networks() -> None:
-    text = iptables_rules(
-        spec(
-            mode="userspace",
-            inside_networks=[INSIDE, "192.168.1.0/24"],
-            forwards=[("tcp", 22), ("udp", 5060), ("esp", None)],
-        )
+    s = spec(
+        mode="userspace",
+        inside_networks=[INSIDE, "192.168.1.0/24"],
+        forwards=[("tcp", 22), ("udp", 5060), ("esp", None)],
+        routed_networks=["10.88.0.0/16"],
     )
-    ls = lines(text)
-    assert "-A VPNMASQ_RAW_IN -p tcp --dport 22 -j CT --notrack" in ls
-    assert "-A VPNMASQ_RAW_IN -p udp --dport 5060 -j CT --notrack" in ls
-    assert sum(ln.startswith("-A VPNMASQ_RAW_IN -p 50 ") for ln in ls) == 1  # deduplicated
+    nft, ls = nft_rules(s), lines(iptables_rules(s))
+    raw_in = nft_chain(nft, "raw_in")
+    assert "tcp dport 22 notrack" in raw_in and "udp dport 5060 notrack" in raw_in
+    # ESP from the forward merged into the protocol set, once
+    assert [ln for ln in raw_in if ln.startswith("meta l4proto")] == [
+        "meta l4proto { 1, 47, 50, 51 } notrack"
+    ]
+    nets = "{ 10.77.0.0/24, 192.168.1.0/24 }"
+    assert f"ip saddr {nets} goto raw_out" in nft_chain(nft, "raw")
+    # LAN-to-LAN and routed networks are left to routing
+    assert nft_chain(nft, "raw_out")[0] == (
+        "ip daddr { 10.77.0.0/24, 192.168.1.0/24, 10.88.0.0/16 } return"
+    )
+    assert f"ip saddr != {nets} return" in nft_chain(nft, "forward")
     for net in (INSIDE, "192.168.1.0/24"):
-        assert f"-A VPNMASQ_RAW -s {net} -j VPNMASQ_RAW_OUT" in ls
-        assert f"-A VPNMASQ_RAW_OUT -d {net} -j RETURN" in ls
-        assert any(ln.startswith(f"-A VPNMASQ_OUT -s {net} ") for ln in ls)
-
-
-def test_no_public_address_uses_addrtype_of_the_outside_interface() -> None:
-    ls = lines(iptables_rules(spec(public_address=None)))
-    assert (
-        "-A VPNMASQ_RAW -i wan0 -m addrtype --dst-type LOCAL --limit-iface-in -j VPNMASQ_RAW_IN"
-        in ls
+        assert f"-I POSTROUTING 1 -o wan0 -s {net} -j VPNMASQ_OUT" in ls
+    # inserted one by one at the top: the last inserted ends up first
+    assert ls.index("-I POSTROUTING 1 -o wan0 -s 192.168.1.0/24 -j VPNMASQ_OUT") < ls.index(
+        f"-I POSTROUTING 1 -o wan0 -s {INSIDE} -j VPNMASQ_OUT"
     )
+
+
+def test_no_public_address_uses_the_addresses_of_the_outside_interface() -> None:
+    s = spec(public_address=None)
+    raw_in = nft_chain(nft_rules(s), "raw_in")
+    # the FIB lookup after the protocol match: the kernel's own replies never pay for it
+    assert raw_in[0] == "udp dport 500 fib daddr . iif type local notrack"
+    assert raw_in and all(ln.endswith(" fib daddr . iif type local notrack") for ln in raw_in)
+    ls = lines(iptables_rules(s))
     assert "-A VPNMASQ_IN -m addrtype ! --dst-type LOCAL --limit-iface-in -j RETURN" in ls
+
+
+@pytest.mark.parametrize(
+    ("match", "nft"),
+    [
+        ("", ""),
+        ("-p 47", "meta l4proto 47"),
+        ("-p 1", "meta l4proto 1"),
+        ("-p udp --dport 500", "udp dport 500"),
+        ("-p tcp --sport 1723 --dport 61000:65535", "tcp sport 1723 tcp dport 61000-65535"),
+        ("-p udp -m multiport --dports 500,4500", "udp dport { 500, 4500 }"),
+        ("-p icmp --icmp-type 11 -m conntrack --ctstate INVALID,UNTRACKED", None),
+        ("-p icmp --icmp-type 3", "icmp type destination-unreachable"),
+        ("-p tcp -m state --state NEW", None),
+    ],
+)
+def test_iptables_matches_have_one_native_form(match: str, nft: str | None) -> None:
+    """Untracking (nft) and queueing (iptables) come from one list of matches: every match
+    either has exactly one native form or is refused (never silently widened)."""
+    from vpnmasq.datapath.rules import _nft_match
+
+    if nft is None:
+        with pytest.raises(ValueError):
+            _nft_match(match)
+    else:
+        assert _nft_match(match) == nft
 
 
 # --- hybrid mode ----------------------------------------------------------------------------
 
 
 def test_hybrid_owns_only_vpn_traffic() -> None:
-    s = spec(mode="hybrid", alias_port_range=(62000, 62999))
-    raw = table(iptables_rules(s), "raw")
-    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_IN")] == [
-        "-A VPNMASQ_RAW_IN -p udp --dport 500 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p udp --sport 500 --dport 62000:62999 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p tcp --sport 1723 --dport 62000:62999 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 47 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 50 -j CT --notrack",
-        "-A VPNMASQ_RAW_IN -p 51 -j CT --notrack",
+    text = nft_rules(spec(mode="hybrid", alias_port_range=(62000, 62999)))
+    assert nft_chain(text, "raw_in") == [
+        "ip daddr != 198.51.100.1 return",
+        "udp dport 500 notrack",
+        "udp sport 500 udp dport 62000-62999 notrack",
+        "tcp sport 1723 tcp dport 62000-62999 notrack",
+        "meta l4proto { 47, 50, 51 } notrack",
     ]
-    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_OUT") and "notrack" in ln] == [
-        "-A VPNMASQ_RAW_OUT -p 47 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -p 50 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -p 51 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -p udp --sport 500 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -p udp --dport 500 -j CT --notrack",
-        "-A VPNMASQ_RAW_OUT -p tcp --dport 1723 -j CT --notrack",
+    local = "fib daddr type != { local, broadcast, multicast }"  # after the cheap matches
+    assert [ln for ln in nft_chain(text, "raw_out") if "notrack" in ln] == [
+        f"meta l4proto {{ 47, 50, 51 }} {local} notrack",
+        f"udp sport 500 {local} notrack",
+        f"udp dport 500 {local} notrack",
+        f"tcp dport 1723 {local} notrack",
     ]
+    raw = nft_chain(text, "raw") + nft_chain(text, "raw_in") + nft_chain(text, "raw_out")
     assert not any("icmp" in ln for ln in raw)  # ICMP errors stay tracked
 
 
@@ -200,63 +251,121 @@ def test_hybrid_queues_unrelated_icmp_errors_both_ways() -> None:
     for t in (3, 4, 11, 12):
         m = f"-p icmp --icmp-type {t} -m conntrack --ctstate INVALID,UNTRACKED -j NFQUEUE --queue-num 5"
         assert f"-A VPNMASQ_IN {m}" in mangle
-        assert f"-A VPNMASQ_OUT -s {INSIDE} {m}" in mangle
+        assert f"-A VPNMASQ_OUT {m}" in mangle
     queued = [ln for ln in mangle if "NFQUEUE" in ln]
     assert all("--ctstate UNTRACKED" in ln or "INVALID,UNTRACKED" in ln for ln in queued)
+    mark = nft_chain(nft_rules(spec(mode="hybrid")), "forward")
+    assert (
+        "icmp type { destination-unreachable, source-quench, time-exceeded, parameter-problem }"
+        " ct state { invalid, untracked } meta mark set 0x564d"
+    ) in mark
 
 
 def test_outbound_marks_mirror_outbound_queue_rules() -> None:
-    """What VPNMASQ_OUT queues in POSTROUTING is what VPNMASQ_MARK marks in FORWARD, so the
+    """What VPNMASQ_OUT queues in POSTROUTING is what the nft forward chain marks, so the
     admin's one mark rule also passes outbound owned packets (they reach FORWARD before
-    their verdict)."""
+    their verdict). Both are reached only for the outside interface and an inside source."""
+    from vpnmasq.datapath.rules import _nft_match
+
     for mode in ("hybrid", "userspace"):
         s = spec(mode=mode, inside_networks=[INSIDE, "192.168.1.0/24"], mark=0x1234)
         mangle = table(iptables_rules(s), "mangle")
         queued = [
-            ln.removeprefix("-A VPNMASQ_OUT ").removesuffix(" -j NFQUEUE --queue-num 5")
+            _nft_match(
+                re.sub(
+                    r"\s*-m conntrack --ctstate \S+",
+                    "",
+                    ln.removeprefix("-A VPNMASQ_OUT ").removesuffix(" -j NFQUEUE --queue-num 5"),
+                )
+            )
             for ln in mangle
-            if ln.startswith("-A VPNMASQ_OUT ")
+            if ln.startswith("-A VPNMASQ_OUT")
         ]
-        marked = [
-            ln.removeprefix("-A VPNMASQ_MARK ").removesuffix(" -j MARK --set-mark 0x1234")
-            for ln in mangle
-            if ln.startswith("-A VPNMASQ_MARK ")
-        ]
-        assert queued and queued == marked
-        assert "-I FORWARD 1 -o wan0 -j VPNMASQ_MARK" in mangle
+        fwd = nft_chain(nft_rules(s), "forward")
+        marked = [ln for ln in fwd if "meta mark set 0x1234" in ln]
+        assert queued and marked
+        for m in queued:  # every queued match is marked, under the same ct state
+            state = "ct state { invalid, untracked }" if "icmp" in m else "ct state untracked"
+            assert any(
+                ln.startswith(f"{m} {state}".strip()) or (m.startswith("icmp type") and "icmp" in ln)
+                or (m.startswith("meta l4proto") and ln.startswith("meta l4proto {"))
+                for ln in marked
+            ), m
+        assert len(marked) <= len(queued)
+        assert fwd[:2] == ['oifname != "wan0" return', "ip saddr != { 10.77.0.0/24, 192.168.1.0/24 } return"]
+        for net in (INSIDE, "192.168.1.0/24"):
+            assert f"-I POSTROUTING 1 -o wan0 -s {net} -j VPNMASQ_OUT" in mangle
+        assert not any("FORWARD" in ln or "MARK" in ln for ln in mangle)
+
+
+#: what an older version (all classification in iptables) left installed
+OLD_SAVE = """\
+*mangle
+:PREROUTING ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:VPNMASQ_IN - [0:0]
+:VPNMASQ_OUT - [0:0]
+:VPNMASQ_MARK - [0:0]
+-A PREROUTING -i wan0 -j VPNMASQ_IN
+-A FORWARD -o wan0 -j VPNMASQ_MARK
+-A POSTROUTING -o wan0 -j VPNMASQ_OUT
+-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN
+-A VPNMASQ_OUT -s 10.77.0.0/24 -p 50 -m conntrack --ctstate UNTRACKED -j NFQUEUE --queue-num 5
+-A VPNMASQ_MARK -s 10.77.0.0/24 -p 50 -m conntrack --ctstate UNTRACKED -j MARK --set-xmark 0x564d/0xffffffff
+COMMIT
+*raw
+:PREROUTING ACCEPT [0:0]
+:VPNMASQ_RAW - [0:0]
+:VPNMASQ_RAW_IN - [0:0]
+:VPNMASQ_RAW_OUT - [0:0]
+-A PREROUTING -j VPNMASQ_RAW
+-A VPNMASQ_RAW -i wan0 -d 198.51.100.1/32 -j VPNMASQ_RAW_IN
+-A VPNMASQ_RAW -s 10.77.0.0/24 -j VPNMASQ_RAW_OUT
+-A VPNMASQ_RAW_OUT -p 50 -j CT --notrack
+COMMIT
+"""
 
 
 def test_replacement_swaps_rules_in_one_transaction_per_table() -> None:
-    old_save = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(spec(mode="hybrid")))
-    # an older install also had a chain the new spec no longer declares
-    old_save = old_save.replace(
-        "*mangle\n", "*mangle\n:VPNMASQ_OLD - [0:0]\n-A FORWARD -j VPNMASQ_OLD\n", 1
-    )
-    text = iptables_replacement(old_save, spec(mode="userspace"))
+    text = iptables_replacement(OLD_SAVE, spec(mode="hybrid"))
     mangle = table(text, "mangle")
     raw = table(text, "raw")
     # declarations first (flush), then the old jumps go, the new rules and jumps come,
     # and the stale chain is removed last, all inside the same COMMIT
-    assert mangle[:3] == [":VPNMASQ_IN - [0:0]", ":VPNMASQ_OUT - [0:0]", ":VPNMASQ_MARK - [0:0]"]
+    assert mangle[:2] == [":VPNMASQ_IN - [0:0]", ":VPNMASQ_OUT - [0:0]"]
     dels = [ln for ln in mangle if ln.startswith("-D ")]
     assert dels == [
-        "-D FORWARD -j VPNMASQ_OLD",
         "-D PREROUTING -i wan0 -j VPNMASQ_IN",
-        "-D POSTROUTING -o wan0 -j VPNMASQ_OUT",
         "-D FORWARD -o wan0 -j VPNMASQ_MARK",
+        "-D POSTROUTING -o wan0 -j VPNMASQ_OUT",
     ]
-    assert mangle[-2:] == ["-F VPNMASQ_OLD", "-X VPNMASQ_OLD"]
-    assert mangle.index("-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT") > mangle.index(dels[-1])
-    assert "-D PREROUTING -j VPNMASQ_RAW" in raw and "-I PREROUTING 1 -j VPNMASQ_RAW" in raw
+    assert mangle[-2:] == ["-F VPNMASQ_MARK", "-X VPNMASQ_MARK"]
+    assert mangle.index("-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT") > mangle.index(
+        dels[-1]
+    )
+    # the older version's raw chains go in their own transaction (untracking is in nft now)
+    assert raw == [
+        "-D PREROUTING -j VPNMASQ_RAW",
+        "-F VPNMASQ_RAW",
+        "-F VPNMASQ_RAW_IN",
+        "-F VPNMASQ_RAW_OUT",
+        "-X VPNMASQ_RAW",
+        "-X VPNMASQ_RAW_IN",
+        "-X VPNMASQ_RAW_OUT",
+    ]
     assert text.count("COMMIT") == 2
     # nothing installed yet: the replacement is a plain install
     fresh = iptables_replacement("", spec(mode="userspace"))
     assert fresh == iptables_rules(spec(mode="userspace"))
+    # the same version again: the jumps are swapped, nothing else is left over
+    same = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(spec(mode="hybrid")))
+    again = table(iptables_replacement(same, spec(mode="hybrid")), "mangle")
+    assert [ln for ln in again if ln.startswith(("-F", "-X"))] == []
 
 
 def test_hybrid_nft_table() -> None:
     text = nft_rules(spec(mode="hybrid", kernel_port_range=(20000, 29999)))
-    assert text is not None
     ls = [ln.strip() for ln in lines(text)]
     assert ls[:2] == ["table ip vpnmasq {}", "delete table ip vpnmasq"]  # atomic replace
     match = 'oifname "wan0" ip saddr { 10.77.0.0/24 }'
@@ -264,15 +373,54 @@ def test_hybrid_nft_table() -> None:
     assert f"{match} masquerade" in ls
     assert "policy = { unreplied : 120, replied : 300 };" in ls
     assert any(ln.startswith("policy = { syn_sent : 240") for ln in ls)
-    assert f'{match} ct state new meta l4proto udp ct timeout set "udp_rfc4787"' in ls
-    assert "type filter hook forward priority filter - 1; policy accept;" in ls
+    fwd = nft_chain(text, "forward")
+    assert nft_hook(text, "forward") == (
+        "type filter hook forward priority mangle - 1; policy accept;"
+    )
+    # only new flows from the inside networks to the outside interface get the timeouts
+    i = fwd.index('ct state new meta l4proto udp ct timeout set "udp_rfc4787"')
+    assert fwd[:2] == ['oifname != "wan0" return', "ip saddr != 10.77.0.0/24 return"] and i > 1
+    assert 'ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"' in fwd
+
+
+def test_mss_clamp_is_hybrid_only_and_both_ways() -> None:
+    fwd = nft_chain(nft_rules(spec(mode="hybrid", mss_clamp=1400)), "forward")
+    syn = "tcp flags syn / syn,rst tcp option maxseg size > 1400 tcp option maxseg size set 1400"
+    assert fwd[:2] == [f'oifname "wan0" {syn}', f'iifname "wan0" {syn}']  # before the returns
+    assert "maxseg" not in nft_rules(spec(mode="userspace", mss_clamp=1400))  # the engine clamps
 
 
 def test_jumps_are_inserted_first() -> None:
     ls = lines(iptables_rules(spec()))
-    assert "-I PREROUTING 1 -j VPNMASQ_RAW" in ls
-    assert "-I PREROUTING 1 -i wan0 -j VPNMASQ_IN" in ls
-    assert "-I POSTROUTING 1 -o wan0 -j VPNMASQ_OUT" in ls
+    assert "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x564d -j VPNMASQ_IN" in ls
+    assert "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT" in ls
+    assert [ln for ln in ls if ln.startswith("-I ")] == [
+        "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x564d -j VPNMASQ_IN",
+        "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT",
+    ]
+
+
+def test_an_offloaded_packet_leaves_every_chain_at_its_first_rules() -> None:
+    """The layout that makes offloaded ESP/GRE cheap (module docstring): the offload table
+    untracks them before ``raw``, which returns on untracked packets at once; marked inbound
+    packets never jump to VPNMASQ_IN; outbound jumps need an inside source, which offloaded
+    packets no longer have in POSTROUTING; ``forward`` returns on the interface first and
+    marks then returns."""
+    for mode in ("hybrid", "userspace"):
+        s = spec(mode=mode, local_source_guard=["lan0"], mark=0x77)
+        nft = nft_rules(s)
+        raw = nft_chain(nft, "raw")
+        assert raw[0].startswith('iifname "lan0"') and raw[1] == "ct state untracked return"
+        fwd = nft_chain(nft, "forward")
+        assert fwd[0] == 'oifname != "wan0" return'
+        assert all(ln.endswith(" return") for ln in fwd if "meta mark set" in ln and "icmp" not in ln)
+        jumps = [ln for ln in lines(iptables_rules(s)) if ln.startswith("-I ")]
+        assert jumps == [
+            "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x77 -j VPNMASQ_IN",
+            "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT",
+        ]
+        # no xtables match or target outside the chains that only packets to queue reach
+        assert not re.search(r"-m (addrtype|conntrack|pkttype)|-j (CT|MARK)", "\n".join(jumps))
 
 
 # --- removal / inspection -------------------------------------------------------------------
@@ -396,15 +544,15 @@ def test_forward_mark_hint_and_port_warnings() -> None:
 def test_low_port_range_replies_are_owned_too() -> None:
     """Inside source ports below 1024 are mapped into low_port_range: replies to those
     aliases must be untracked and queued like replies to alias_port_range."""
-    us = lines(iptables_rules(spec(mode="userspace", low_port_range=(600, 1023))))
-    assert "-A VPNMASQ_RAW_IN -p udp --dport 600:1023 -j CT --notrack" in us
-    assert "-A VPNMASQ_RAW_IN -p tcp --dport 600:1023 -j CT --notrack" in us
-    assert any(ln.startswith("-A VPNMASQ_IN -p udp --dport 600:1023 ") for ln in us)
-    hy = lines(iptables_rules(spec(mode="hybrid", low_port_range=(600, 1023))))
-    assert "-A VPNMASQ_RAW_IN -p udp --sport 500 --dport 600:1023 -j CT --notrack" in hy
-    assert "-A VPNMASQ_RAW_IN -p tcp --sport 1723 --dport 600:1023 -j CT --notrack" in hy
-    assert not any("--dport 600:1023" in ln and "--sport" not in ln for ln in hy)
-    assert "600:1023" not in iptables_rules(spec(mode="userspace"))  # not given: not owned
+    s = spec(mode="userspace", low_port_range=(600, 1023))
+    us = nft_chain(nft_rules(s), "raw_in")
+    assert "udp dport 600-1023 notrack" in us and "tcp dport 600-1023 notrack" in us
+    assert any(ln.startswith("-A VPNMASQ_IN -p udp --dport 600:1023 ") for ln in lines(iptables_rules(s)))
+    hy = nft_chain(nft_rules(spec(mode="hybrid", low_port_range=(600, 1023))), "raw_in")
+    assert "udp sport 500 udp dport 600-1023 notrack" in hy
+    assert "tcp sport 1723 tcp dport 600-1023 notrack" in hy
+    assert not any("dport 600-1023" in ln and "sport" not in ln for ln in hy)
+    assert "600" not in nft_rules(spec(mode="userspace"))  # not given: not owned
     with pytest.raises(ValueError, match="low port range"):
         spec(mode="hybrid", low_port_range=(600, 2000), kernel_port_range=(1024, 60999))
 
@@ -419,22 +567,26 @@ def test_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_a
     the client's alias port are untracked in raw and queued in mangle PREROUTING, for
     packets that came in on any interface but the outside one; a local source is never
     hairpinned (the gateway's own packets looped through lo)."""
-    text = iptables_rules(spec(mode="userspace", hairpin_forwards=HAIRPINS))
-    raw = table(text, "raw")
-    assert raw[3] == ":VPNMASQ_RAW_HP - [0:0]"
-    # after the outside interface returned, before RAW_OUT (which returns on local addresses)
-    i_hp = raw.index("-A VPNMASQ_RAW -s 10.77.0.0/24 -d 198.51.100.1/32 -j VPNMASQ_RAW_HP")
-    assert raw.index("-A VPNMASQ_RAW -i wan0 -j RETURN") < i_hp
-    assert i_hp < raw.index("-A VPNMASQ_RAW -s 10.77.0.0/24 -j VPNMASQ_RAW_OUT")
-    assert [ln for ln in raw if ln.startswith("-A VPNMASQ_RAW_HP")] == [
-        "-A VPNMASQ_RAW_HP -m addrtype --src-type LOCAL -j RETURN",
-        "-A VPNMASQ_RAW_HP -p tcp --dport 8080 -j CT --notrack",
-        "-A VPNMASQ_RAW_HP -p tcp --sport 80 --dport 61000:65535 -j CT --notrack",
-        "-A VPNMASQ_RAW_HP -p udp --dport 53 -j CT --notrack",
-        "-A VPNMASQ_RAW_HP -p udp --sport 53 --dport 61000:65535 -j CT --notrack",
-        "-A VPNMASQ_RAW_HP -p 47 -j CT --notrack",
+    s = spec(mode="userspace", hairpin_forwards=HAIRPINS)
+    nft = nft_rules(s)
+    raw = nft_chain(nft, "raw")
+    # after the outside interface went to raw_in, before raw_out (which returns on local
+    # destinations)
+    assert raw == [
+        "ct state untracked return",
+        'iifname "wan0" goto raw_in',
+        "ip saddr 10.77.0.0/24 ip daddr 198.51.100.1 goto raw_hp",
+        "ip saddr 10.77.0.0/24 goto raw_out",
     ]
-    mangle = table(text, "mangle")
+    assert nft_chain(nft, "raw_hp") == [
+        "fib saddr type local return",
+        "tcp dport 8080 notrack",
+        "tcp sport 80 tcp dport 61000-65535 notrack",
+        "udp dport 53 notrack",
+        "udp sport 53 udp dport 61000-65535 notrack",
+        "meta l4proto 47 notrack",
+    ]
+    mangle = table(iptables_rules(s), "mangle")
     q = "-m conntrack --ctstate UNTRACKED -j NFQUEUE --queue-num 5"
     assert ":VPNMASQ_HP - [0:0]" in mangle
     assert [ln for ln in mangle if ln.startswith("-A VPNMASQ_HP")] == [
@@ -447,40 +599,41 @@ def test_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_a
     ]
     assert "-I PREROUTING 1 ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
     # the same in hybrid mode: hairpinned flows are never the kernel's
-    hy = iptables_rules(spec(mode="hybrid", hairpin_forwards=HAIRPINS))
-    assert [ln for ln in lines(hy) if "VPNMASQ_HP " in ln or "VPNMASQ_RAW_HP " in ln] == [
-        ln for ln in lines(text) if "VPNMASQ_HP " in ln or "VPNMASQ_RAW_HP " in ln
+    h = spec(mode="hybrid", hairpin_forwards=HAIRPINS)
+    assert nft_chain(nft_rules(h), "raw_hp") == nft_chain(nft, "raw_hp")
+    assert [ln for ln in lines(iptables_rules(h)) if "VPNMASQ_HP " in ln] == [
+        ln for ln in mangle if "VPNMASQ_HP " in ln
     ]
 
-
 def test_hairpin_replies_to_low_port_aliases_and_every_inside_network() -> None:
-    text = iptables_rules(
-        spec(
-            mode="userspace",
-            inside_networks=[INSIDE, "192.168.1.0/24"],
-            low_port_range=(600, 1023),
-            hairpin_forwards=[("tcp", 443, 443)],
-        )
+    s = spec(
+        mode="userspace",
+        inside_networks=[INSIDE, "192.168.1.0/24"],
+        low_port_range=(600, 1023),
+        hairpin_forwards=[("tcp", 443, 443)],
     )
-    ls = lines(text)
-    assert "-A VPNMASQ_RAW_HP -p tcp --sport 443 --dport 600:1023 -j CT --notrack" in ls
+    nft, ls = nft_rules(s), lines(iptables_rules(s))
+    assert "tcp sport 443 tcp dport 600-1023 notrack" in nft_chain(nft, "raw_hp")
+    nets = "{ 10.77.0.0/24, 192.168.1.0/24 }"
+    assert f"ip saddr {nets} ip daddr 198.51.100.1 goto raw_hp" in nft_chain(nft, "raw")
     for net in (INSIDE, "192.168.1.0/24"):
-        assert f"-A VPNMASQ_RAW -s {net} -d 198.51.100.1/32 -j VPNMASQ_RAW_HP" in ls
         assert any(ln.startswith(f"-A VPNMASQ_HP -s {net} -p tcp --dport 443 ") for ln in ls)
 
-
 def test_hairpin_needs_forwards_and_an_address() -> None:
-    assert "_HP" not in iptables_rules(spec(mode="userspace"))  # no forwards: no hairpin
-    no_addr = spec(mode="userspace", public_address=None, hairpin_forwards=HAIRPINS)
-    assert "_HP" not in iptables_rules(no_addr)  # no address yet: nothing to match
+    for s in (
+        spec(mode="userspace"),  # no forwards: no hairpin
+        spec(mode="userspace", public_address=None, hairpin_forwards=HAIRPINS),  # no address yet
+    ):
+        assert "_HP" not in iptables_rules(s) and "raw_hp" not in nft_rules(s)
     followed = spec(
         mode="userspace", public_address=None, hairpin_address="203.0.113.9", hairpin_forwards=HAIRPINS
     )
     ls = lines(iptables_rules(followed))
     assert "-I PREROUTING 1 ! -i wan0 -d 203.0.113.9/32 -j VPNMASQ_HP" in ls
+    assert "ip saddr 10.77.0.0/24 ip daddr 203.0.113.9 goto raw_hp" in nft_rules(followed)
     # the configured public address wins over the followed one
     both = spec(mode="userspace", hairpin_address="203.0.113.9", hairpin_forwards=HAIRPINS)
-    assert "203.0.113.9" not in iptables_rules(both)
+    assert "203.0.113.9" not in iptables_rules(both) + nft_rules(both)
 
 
 @pytest.mark.parametrize(
@@ -493,26 +646,23 @@ def test_hairpin_forwards_are_validated(hairpin: tuple[str, int | None, int | No
 
 
 def test_local_source_guard_comes_first_and_only_for_named_lan_interfaces() -> None:
-    raw = table(iptables_rules(spec(local_source_guard=["lan0", "eth1.10"])), "raw")
-    drop = "-m addrtype --src-type LOCAL -m pkttype --pkt-type unicast -j DROP"
-    assert raw[3:5] == [f"-A VPNMASQ_RAW -i lan0 {drop}", f"-A VPNMASQ_RAW -i eth1.10 {drop}"]
-    assert "DROP" not in iptables_rules(spec())
+    raw = nft_chain(nft_rules(spec(local_source_guard=["lan0", "eth1.10"])), "raw")
+    drop = "fib saddr type local meta pkttype host drop"  # = addrtype LOCAL, pkttype unicast
+    assert raw[:3] == [f'iifname "lan0" {drop}', f'iifname "eth1.10" {drop}', "ct state untracked return"]
+    assert "drop" not in nft_rules(spec()) and "DROP" not in iptables_rules(spec())
     for bad in ("wan0", "lo", "lan0; true", ""):
         with pytest.raises(ValueError, match="local source guard"):
             spec(local_source_guard=[bad])
-
 
 def test_replacement_drops_hairpin_chains_the_new_spec_does_not_have() -> None:
     old = spec(mode="userspace", hairpin_forwards=HAIRPINS, local_source_guard=["lan0"])
     old_save = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(old))
     text = iptables_replacement(old_save, spec(mode="userspace"))
-    mangle, raw = table(text, "mangle"), table(text, "raw")
+    mangle = table(text, "mangle")
     assert "-D PREROUTING ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
     assert mangle[-2:] == ["-F VPNMASQ_HP", "-X VPNMASQ_HP"]
-    assert raw[-2:] == ["-F VPNMASQ_RAW_HP", "-X VPNMASQ_RAW_HP"]
-    assert not any("DROP" in ln for ln in raw)  # VPNMASQ_RAW is flushed and refilled
-    assert iptables_removal(old_save).count("-X VPNMASQ_") == 8  # 4 + 2 chains, 2 hairpin
-
+    assert "*raw" not in text
+    assert iptables_removal(old_save).count("-X VPNMASQ_") == 3  # IN, OUT, HP
 
 def test_interfaces_towards_the_inside_networks() -> None:
     routes = [
@@ -567,9 +717,9 @@ def test_daemon_hairpins_forwards_without_a_remote_restriction(tmp_path: Path) -
     s = daemon.rule_spec(cfg, PUBLIC, guard=["lan0"])
     assert s.hairpin_forwards == (("tcp", 8080, 80), ("udp", 5060, 5060), ("gre", None, None))
     assert s.local_source_guard == ("lan0",)
-    text = iptables_rules(s)
-    assert "--dport 22 -j CT" in text  # still forwarded from outside ...
-    assert not any("VPNMASQ_RAW_HP" in ln and "22" in ln for ln in lines(text))  # ... not hairpinned
+    nft = nft_rules(s)
+    assert "tcp dport 22 notrack" in nft_chain(nft, "raw_in")  # still forwarded from outside ...
+    assert not any("22" in ln for ln in nft_chain(nft, "raw_hp"))  # ... not hairpinned
 
 
 class FakeSysctl:
@@ -636,3 +786,25 @@ def test_accept_local_left_on_an_interface_no_longer_hairpinned_is_restored(
     assert path.exists()
     HairpinSysctls(str(path)).restore()
     assert path.exists()
+
+
+def test_bare_protocol_matches_merge_into_one_set_where_the_first_stood() -> None:
+    from vpnmasq.datapath.rules import _nft_matches
+
+    assert _nft_matches(["-p udp --dport 500", "-p 47", "-p tcp --dport 1723", "-p 50", "-p 47"]) == [
+        "udp dport 500",
+        "meta l4proto { 47, 50 }",
+        "tcp dport 1723",
+    ]
+    assert _nft_matches(["", "-p 50"]) == ["", "meta l4proto 50"]  # "" (everything) stays
+    assert _nft_matches(["-p 50", "-p 50"]) == ["meta l4proto 50"]
+
+
+def test_our_own_forward_chain_is_not_taken_for_the_admins_mark_rule() -> None:
+    """``diagnose`` and the start-up hint look for a FORWARD rule accepting the mark; vpnmasq's
+    own forward chain sets that mark and must not count as one (the admin still needs it)."""
+    for mode in ("hybrid", "userspace"):
+        ours = nft_rules(spec(mode=mode))
+        listed = ours.replace("meta mark set 0x564d", "meta mark set 0x0000564d")  # as nft prints
+        assert not mark_rule_in_ruleset("", ours) and not mark_rule_in_ruleset("", listed)
+        assert mark_rule_in_ruleset("", listed + NFT.replace("MARKRULE", "meta mark 0x0000564d accept"))

@@ -1,18 +1,24 @@
 """The masquerade table: entries indexed by hashable keys, expired in LRU order per class.
 
 Every entry belongs to one *timeout class* (``"udp"``, ``"tcp_established"``, ``"esp"`` ...).
-All entries of a class share one idle timeout, so one insertion-ordered list per class is
-sorted by expiry: touching an entry moves it to the tail, expiry pops from the heads. Cost per
-packet is O(1); ``next_deadline()`` is the minimum over the class heads (few classes). A lookup
-also refuses an entry whose time is up, so an entry is never used late even if ``expire()``
-has not run yet (libalias-style HouseKeeping is only an optimisation of memory).
+All entries of a class share one idle timeout. Expiry is lazy (issue 6: a packet must not
+touch list neighbours): using an entry only moves its ``expires_at`` forward (one shared float
+per class and ``now``), and it keeps its place. Each class keeps a list in link order, which is
+deadline order (``now`` only grows), and a heap (:class:`LruList`). Expiry and
+:meth:`MasqTable.next_deadline` look at the heads only: a head whose ``expires_at`` is later
+than the deadline it was filed with was used since, and is filed again in the heap under its
+real deadline (at most once per use, so amortized O(log n) per packet, paid at expiry time);
+once neither head is stale, the smaller is the exact next deadline of its class.
+``next_deadline()`` is the minimum over the classes (few). A lookup also refuses an entry
+whose time is up, so an entry is never used late even if ``expire()`` has not run yet
+(libalias-style HouseKeeping is only an optimisation of memory).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import heapq
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 from vpnmasq.events import Row
@@ -157,9 +163,35 @@ class Binding:
             self._many = self._remotes = None
 
 
-@dataclass(slots=True, eq=False)
+#: Entry's constructor fields in signature order (its repr lists them in this order)
+ENTRY_FIELDS = (
+    "proto", "kind", "tclass", "inside_ip", "inside_port", "remote_ip", "remote_port",
+    "alias_ip", "alias_port", "created", "expires_at", "state", "state_name", "binding",
+    "_keys", "ext", "alg", "pkts_out", "pkts_in", "bytes_out", "bytes_in", "last_out",
+    "last_in", "last_ack_out", "flags", "live",
+)
+
+
 class Entry:
-    """One masqueraded flow (a session under a binding, or a VPN association)."""
+    """One masqueraded flow (a session under a binding, or a VPN association).
+
+    A plain slotted class, not a dataclass, so that the slots are laid out apart from the
+    constructor's order (issue 6): what a packet reads and writes on the engine's fast path
+    comes first, next to the object header (which the packet touches anyway, for the
+    reference count), so an established packet touches two or three cache lines of its entry
+    instead of four. Over a large table the cost of a packet is mostly such misses.
+    Equality is identity."""
+
+    __slots__ = (
+        # hot: the fast path, both directions
+        "flags", "expires_at", "tclass", "state", "alias_port", "inside_ip", "inside_port",
+        "pkts_out", "bytes_out", "last_out", "last_ack_out", "pkts_in", "bytes_in", "last_in",
+        # the class list of MasqTable: neighbours, and the deadline it was linked with
+        "_lprev", "_lnext", "_ldl",
+        # cold
+        "proto", "kind", "remote_ip", "remote_port", "alias_ip", "created", "state_name",
+        "binding", "_keys", "ext", "alg", "live",
+    )
 
     proto: int
     kind: str  # napt | fwd | icmp | generic | esp | gre | isakmp | hairpin
@@ -171,24 +203,88 @@ class Entry:
     alias_ip: int
     alias_port: int
     created: float
-    expires_at: float = 0.0
-    state: int = 0
-    state_name: str = ""
-    binding: Binding | None = None
+    expires_at: float
+    state: int
+    state_name: str
+    binding: Binding | None
     # index keys; None: the standard keys of its kind, recomputed from the fields (saves a
     # container per mapping; see standard_keys). Read them as ``entry.keys``.
-    _keys: tuple[Hashable, ...] | None = ()
-    ext: Any = None  # helper state
-    alg: Any = None  # payload helper attached (e.g. PPTP control parser)
-    pkts_out: int = 0
-    pkts_in: int = 0
-    bytes_out: int = 0
-    bytes_in: int = 0
-    last_out: float | None = None  # ``now`` of the last packet counted each way (status,
-    last_in: float | None = None  # diagnose: "GRE out 2 s ago, nothing back")
-    last_ack_out: int = -1  # TCP: last ACK number the inside host sent (RST window check)
-    flags: int = 0
-    live: bool = True
+    _keys: tuple[Hashable, ...] | None
+    ext: Any  # helper state
+    alg: Any  # payload helper attached (e.g. PPTP control parser)
+    pkts_out: int
+    pkts_in: int
+    bytes_out: int
+    bytes_in: int
+    last_out: float | None  # ``now`` of the last packet counted each way (status,
+    last_in: float | None  # diagnose: "GRE out 2 s ago, nothing back")
+    last_ack_out: int  # TCP: last ACK number the inside host sent (RST window check)
+    flags: int
+    live: bool
+    _lprev: Any  # Entry | LruList | None (None: in no list)
+    _lnext: Any
+    _ldl: float
+
+    def __init__(
+        self,
+        proto: int,
+        kind: str,
+        tclass: str,
+        inside_ip: int,
+        inside_port: int,
+        remote_ip: int,
+        remote_port: int,
+        alias_ip: int,
+        alias_port: int,
+        created: float,
+        expires_at: float = 0.0,
+        state: int = 0,
+        state_name: str = "",
+        binding: Binding | None = None,
+        _keys: tuple[Hashable, ...] | None = (),
+        ext: Any = None,
+        alg: Any = None,
+        pkts_out: int = 0,
+        pkts_in: int = 0,
+        bytes_out: int = 0,
+        bytes_in: int = 0,
+        last_out: float | None = None,
+        last_in: float | None = None,
+        last_ack_out: int = -1,
+        flags: int = 0,
+        live: bool = True,
+    ) -> None:
+        self.flags = flags
+        self.expires_at = expires_at
+        self.tclass = tclass
+        self.state = state
+        self.alias_port = alias_port
+        self.inside_ip = inside_ip
+        self.inside_port = inside_port
+        self.pkts_out = pkts_out
+        self.bytes_out = bytes_out
+        self.last_out = last_out
+        self.last_ack_out = last_ack_out
+        self.pkts_in = pkts_in
+        self.bytes_in = bytes_in
+        self.last_in = last_in
+        self._lprev = self._lnext = None
+        self._ldl = expires_at
+        self.proto = proto
+        self.kind = kind
+        self.remote_ip = remote_ip
+        self.remote_port = remote_port
+        self.alias_ip = alias_ip
+        self.created = created
+        self.state_name = state_name
+        self.binding = binding
+        self._keys = _keys
+        self.ext = ext
+        self.alg = alg
+        self.live = live
+
+    def __repr__(self) -> str:
+        return "Entry(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in ENTRY_FIELDS) + ")"
 
     @property
     def keys(self) -> tuple[Hashable, ...]:
@@ -230,6 +326,121 @@ class Entry:
         )
 
 
+_INF = float("inf")
+_EXPIRES = attrgetter("expires_at")
+
+
+class LruList:
+    """The entries of one timeout class, in two parts whose heads give the earliest deadline:
+
+    * a circular doubly linked list through the entries' own ``_lprev``/``_lnext`` slots
+      (this object is the sentinel), in the order they were linked, which is the order of
+      the deadlines they were linked with (``_ldl``: ``now`` only grows). No container entry
+      per mapping (an OrderedDict node and its dict slot cost about 100 bytes), O(1) unlink;
+    * a heap of the entries that were used after they were linked and then reached the head
+      (:meth:`settle`): keyed by their deadline when moved, ``[deadline, seq, entry]``
+      items, an item whose entry left is blanked (heapq's "mark as removed").
+
+    Both heads are lower bounds of every deadline behind them, so once neither is stale the
+    smaller one is the class's exact next deadline. Iterating gives a snapshot. Changed only
+    by :class:`MasqTable`."""
+
+    __slots__ = ("tclass", "n", "_lprev", "_lnext", "heap", "_seq")
+
+    def __init__(self, tclass: str) -> None:
+        self.tclass = tclass
+        self.n = 0  # entries of the class, in the list and in the heap
+        # Any: an Entry or this sentinel (both carry _lprev/_lnext); walks stop at self
+        self._lprev: Any = self
+        self._lnext: Any = self
+        self.heap: list[list[Any]] = []
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __bool__(self) -> bool:
+        return self.n > 0
+
+    def __iter__(self) -> Iterator[Entry]:
+        out: list[Entry] = []
+        e = self._lnext
+        while e is not self:
+            out.append(e)
+            e = e._lnext
+        out.extend(item[2] for item in self.heap if item[2] is not None)
+        return iter(out)
+
+    def __repr__(self) -> str:
+        return f"LruList({self.tclass!r}, {self.n} entries, {len(self.heap)} in the heap)"
+
+    def append(self, e: Entry, deadline: float) -> None:
+        """Link ``e`` at the tail; ``deadline`` is its expiry now (the order of the list)."""
+        tail = self._lprev
+        e._lprev = tail
+        e._lnext = self
+        tail._lnext = e
+        self._lprev = e
+        e._ldl = deadline
+        self.n += 1
+
+    def unlink(self, e: Entry) -> None:
+        p, n = e._lprev, e._lnext
+        if n is None:
+            raise KeyError(e)  # in no list (an OrderedDict raised the same)
+        if p is None:  # in the heap: blank its item
+            n[2] = None
+        else:
+            p._lnext = n
+            n._lprev = p
+        e._lprev = e._lnext = None
+        self.n -= 1
+
+    def relink(self, e: Entry) -> None:
+        """Move ``e`` to the tail, its current ``expires_at`` as its linked deadline."""
+        self.unlink(e)
+        self.append(e, e.expires_at)
+
+    def _push(self, e: Entry) -> None:
+        self._seq += 1
+        item = [e.expires_at, self._seq, e]
+        e._lprev = None
+        e._lnext = item
+        e._ldl = e.expires_at
+        heapq.heappush(self.heap, item)
+
+    def settle(self) -> Entry | None:
+        """The entry with the earliest deadline, after moving what was used since it was
+        linked or pushed (its ``expires_at`` is later than its key) into the heap, keyed by
+        its real deadline. Amortized O(log n) per use of an entry, paid here, not per packet."""
+        heap = self.heap
+        while True:
+            h = self._lnext
+            if h is not self and h.expires_at > h._ldl:
+                p, n = h._lprev, h._lnext  # stale list head: into the heap
+                p._lnext = n
+                n._lprev = p
+                self._push(h)
+                continue
+            while heap:
+                item = heap[0]
+                e = item[2]
+                if e is None:
+                    heapq.heappop(heap)
+                elif e.expires_at > item[0]:
+                    heapq.heappop(heap)
+                    self._push(e)
+                else:
+                    break
+            head: Entry | None = None if h is self else h
+            if not heap:
+                return head
+            top: Entry = heap[0][2]
+            if head is None or top.expires_at < head.expires_at:
+                return top
+            return head
+
+
 class TableFull(Exception):
     """Raised internally; the engine turns it into a counted TABLE_FULL drop."""
 
@@ -250,11 +461,31 @@ class MasqTable:
         self.index: dict[Hashable, Entry] = {}
         self.bindings: dict[tuple[int, int, int], Binding] = {}  # (proto, inside ip, port)
         self.alias_bindings: dict[tuple[int, int], Binding] = {}  # (proto, alias port)
-        self._lru: dict[str, OrderedDict[Entry, None]] = {}
+        self._lru: dict[str, LruList] = {}
         self.per_host: dict[int, int] = {}
         self.count = 0
         self._ints: dict[int, int] = {}  # interned addresses (see _intern)
         self.on_remove = on_remove
+        # deadline(): ``now + timeout`` per class as one float object shared while ``now``
+        # stays the same (a batch): no float allocated per packet, and no cold one freed
+        self._exp_now: float | None = None
+        self._exp: dict[str, float] = {}
+
+    def deadline(self, tclass: str, now: float) -> float:
+        """``now`` plus the idle timeout of ``tclass`` (inf when permanent)."""
+        if now != self._exp_now:
+            self._exp.clear()
+            self._exp_now = now
+        d = self._exp.get(tclass)
+        if d is None:
+            d = self._exp[tclass] = _INF if tclass == PERMANENT else now + self.timeouts[tclass]
+        return d
+
+    def _list(self, tclass: str) -> LruList:
+        lst = self._lru.get(tclass)
+        if lst is None:
+            lst = self._lru[tclass] = LruList(tclass)
+        return lst
 
     # --- entries --------------------------------------------------------------------
     def add(self, entry: Entry, now: float, keys: tuple[Hashable, ...] = ()) -> None:
@@ -264,13 +495,9 @@ class MasqTable:
         if self.max_per_host and entry.tclass != PERMANENT:
             if self.per_host.get(entry.inside_ip, 0) >= self.max_per_host:
                 raise TableFull("host limit")
-        lru = self._lru.get(entry.tclass)
-        if lru is None:
-            lru = self._lru[entry.tclass] = OrderedDict()
-        lru[entry] = None
-        entry.expires_at = (
-            float("inf") if entry.tclass == PERMANENT else now + self.timeouts[entry.tclass]
-        )
+        d = self.deadline(entry.tclass, now)
+        entry.expires_at = d
+        self._list(entry.tclass).append(entry, d)
         self.count += 1
         self.per_host[entry.inside_ip] = self.per_host.get(entry.inside_ip, 0) + 1
         self._intern(entry)
@@ -331,19 +558,27 @@ class MasqTable:
         return e
 
     def touch(self, entry: Entry, now: float) -> None:
-        lru = self._lru[entry.tclass]
-        lru.move_to_end(entry)
-        entry.expires_at = now + self.timeouts[entry.tclass] if entry.tclass != PERMANENT else entry.expires_at
+        """``entry`` was used at ``now``: its deadline moves, its place in its list does not
+        (lazy LRU, see the module docstring; ``Engine._fast`` does the same inline)."""
+        tclass = entry.tclass
+        if tclass == PERMANENT:
+            return
+        d = self._exp.get(tclass) if now == self._exp_now else None
+        if d is None:
+            d = self.deadline(tclass, now)
+        entry.expires_at = d
+        if d < entry._ldl and entry._lnext is not None:
+            # an earlier ``now`` than the one it was linked with: to the tail at once, as an
+            # eager LRU list would do (a head is trusted only if not re-linked later)
+            self._lru[tclass].relink(entry)
 
     def set_class(self, entry: Entry, tclass: str, now: float) -> None:
         if entry.tclass != tclass:
-            del self._lru[entry.tclass][entry]
+            self._lru[entry.tclass].unlink(entry)
             entry.tclass = tclass
-            lru = self._lru.get(tclass)
-            if lru is None:
-                lru = self._lru[tclass] = OrderedDict()
-            lru[entry] = None
-            entry.expires_at = float("inf") if tclass == PERMANENT else now + self.timeouts[tclass]
+            d = self.deadline(tclass, now)
+            entry.expires_at = d
+            self._list(tclass).append(entry, d)
         else:
             self.touch(entry, now)
 
@@ -351,7 +586,7 @@ class MasqTable:
         if not entry.live:
             return
         entry.live = False
-        del self._lru[entry.tclass][entry]
+        self._lru[entry.tclass].unlink(entry)
         self.count -= 1
         n = self.per_host.get(entry.inside_ip, 1) - 1
         if n:
@@ -369,33 +604,40 @@ class MasqTable:
 
     # --- expiry ---------------------------------------------------------------------
     def expire(self, now: float) -> int:
+        """Remove the entries due at ``now``: class by class, earliest deadline first."""
         n = 0
-        for lru in list(self._lru.values()):
-            while lru:
-                e = next(iter(lru))
-                if e.expires_at > now:
+        for lst in list(self._lru.values()):
+            while lst.n:
+                e = lst.settle()
+                if e is None or e.expires_at > now:
                     break
                 self.remove(e, "idle")
                 n += 1
         return n
 
     def next_deadline(self) -> float | None:
+        """The earliest ``expires_at`` of a non-permanent entry, or None (exact)."""
         best: float | None = None
-        for tclass, lru in self._lru.items():
-            if not lru or tclass == PERMANENT:
+        for tclass, lst in self._lru.items():
+            if not lst.n or tclass == PERMANENT:
                 continue
-            d = next(iter(lru)).expires_at
-            if best is None or d < best:
-                best = d
+            e = lst.settle()
+            if e is not None and (best is None or e.expires_at < best):
+                best = e.expires_at
         return best
 
     def entries_of(self, tclass: str) -> list[Entry]:
         """The entries of one timeout class, least recently used first (a snapshot)."""
-        return list(self._lru.get(tclass, ()))
+        lst = self._lru.get(tclass)
+        if not lst:
+            return []
+        out = list(lst)
+        out.sort(key=_EXPIRES)
+        return out
 
     def __iter__(self) -> Iterator[Entry]:
-        for lru in self._lru.values():
-            yield from list(lru)
+        for lst in list(self._lru.values()):
+            yield from lst
 
     def __len__(self) -> int:
         return self.count

@@ -124,12 +124,20 @@ _NLH = struct.Struct("=IHHII")  # nlmsg_len, type, flags, seq, pid
 _NLA = struct.Struct("=HH")  # nla_len, nla_type
 _PKT_HDR = struct.Struct(">IHB")  # packet_id, hw_protocol, hook
 _BE32 = struct.Struct(">I")
+_NLEN = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 # nlmsghdr + nfgenmsg(family, version, res_id) + NFQA_VERDICT_HDR(verdict, id)
 _VERDICT_HEAD = struct.Struct("=IHHII BBH HH II")
 _VERDICT_HEAD_LEN = _VERDICT_HEAD.size  # 32
 _MARK_ATTR = struct.Struct("=HHI")  # nla_len, nla_type, be32 mark (pre-swapped)
 _PAYLOAD_ATTR = struct.Struct("=HH")
+# what flush() writes: the verdict head (32 bytes), + the mark attribute, + the payload's
+# attribute header (the payload follows)
+_VH = struct.Struct("=IHHIIBBHHHII")
+_VH_MARK = struct.Struct("=IHHIIBBHHHIIHHI")
+_VH_PAY = struct.Struct("=IHHIIBBHHHIIHH")
+_VH_MARK_PAY = struct.Struct("=IHHIIBBHHHIIHHIHH")
+_BE_VERDICT = (socket.htonl(NF_DROP), socket.htonl(NF_ACCEPT))
 
 #: Upper bound for one send(): far below the (forced) send buffer, and large enough for
 #: dozens of full-size payload verdicts.
@@ -137,6 +145,8 @@ MAX_SEND_BYTES = 256 * 1024
 #: Receive buffer slack beyond the copy range for netlink + attribute headers.
 _RECV_SLACK = 4096
 _ACK_TIMEOUT = 2.0
+#: a plain int: socket.MSG_* are enum flags, and ``|`` on them runs Python code
+_RECV_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_TRUNC)
 
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
 
@@ -155,9 +165,9 @@ class NfQueueError(OSError):
     """The kernel refused a queue configuration request."""
 
 
-@dataclass(slots=True)
-class QueuedPacket:
-    """One packet handed to userspace.
+class QueuedPacket(NamedTuple):
+    """One packet handed to userspace (a tuple: the receive loop builds one per packet, and a
+    tuple is the cheapest record to build).
 
     ``cap_len`` is how many bytes we got (``len(payload)``); ``orig_len`` is the packet's real
     length. They differ only for packets longer than the copy range (``truncated``).
@@ -209,6 +219,9 @@ class VerdictMsg(NamedTuple):
 
 
 PendingVerdict = tuple[int, int | None, bytes | None]  # verdict, mark, payload
+#: one planned message: (batch, packet_id, verdict, mark, payload, n_packets), VerdictMsg's
+#: fields as a plain tuple (what :meth:`NfQueue.flush` encodes)
+_Planned = tuple[bool, int, int, int | None, bytes | None, int]
 
 
 def plan_verdicts(
@@ -223,41 +236,42 @@ def plan_verdicts(
     run members are not in the kernel queue (verdicted earlier or never queued), so covering
     them is harmless. Pure function; the order of the result is the order to send.
     """
-    msgs: list[VerdictMsg] = []
-    run_key: tuple[int, int | None] | None = None
+    return [VerdictMsg(*m) for m in _plan(pending, outstanding)]
+
+
+def _plan(pending: Mapping[int, PendingVerdict], outstanding: Iterable[int]) -> list[_Planned]:
+    """:func:`plan_verdicts` with plain tuples (the per-packet cost of :meth:`NfQueue.flush`)."""
+    msgs: list[_Planned] = []
+    add = msgs.append
+    get = pending.get
+    run_verdict = -1  # no run open
+    run_mark: int | None = None
     run_last = 0
     run_len = 0
     batching = True
-
-    def close_run() -> None:
-        nonlocal run_key, run_len
-        if run_key is not None:
-            if run_len == 1:
-                msgs.append(VerdictMsg(False, run_last, run_key[0], run_key[1], None, 1))
-            else:
-                msgs.append(VerdictMsg(True, run_last, run_key[0], run_key[1], None, run_len))
-        run_key = None
-        run_len = 0
-
     for pid in outstanding:
-        v = pending.get(pid)
+        v = get(pid)
         if v is None:
             # held packet: nothing above it may be batched any more
-            close_run()
+            if run_len:
+                add((run_len > 1, run_last, run_verdict, run_mark, None, run_len))
+                run_len = 0
             batching = False
             continue
         verdict, mark, payload = v
         if payload is None and batching:
-            key = (verdict, mark)
-            if key != run_key:
-                close_run()
-                run_key = key
-            run_last = pid
+            if run_len and (verdict != run_verdict or mark != run_mark):
+                add((run_len > 1, run_last, run_verdict, run_mark, None, run_len))
+                run_len = 0
+            run_verdict, run_mark, run_last = verdict, mark, pid
             run_len += 1
         else:
-            close_run()
-            msgs.append(VerdictMsg(False, pid, verdict, mark, payload, 1))
-    close_run()
+            if run_len:
+                add((run_len > 1, run_last, run_verdict, run_mark, None, run_len))
+                run_len = 0
+            add((False, pid, verdict, mark, payload, 1))
+    if run_len:
+        add((run_len > 1, run_last, run_verdict, run_mark, None, run_len))
     return msgs
 
 
@@ -268,28 +282,42 @@ def _attr(atype: int, data: bytes) -> bytes:
 
 #: 4-byte attributes QueuedPacket keeps, in the order of its fields after the header
 _U32_FIELDS = (NFQA_MARK, NFQA_IFINDEX_INDEV, NFQA_IFINDEX_OUTDEV, NFQA_CAP_LEN, NFQA_SKB_INFO)
-#: values of absent attributes (appended to an unpacked tuple, picked by index)
-_DEFAULTS: tuple[int | None, ...] = (0, None, None, -1, 0)
+#: a layout's expected header tuples, cached per datagram length, are dropped beyond this
+#: many lengths (a flood of varied sizes must not grow the cache without bound)
+_LAYOUT_CACHE_MAX = 2048
 
 
 class _Layout(NamedTuple):
-    """The attribute layout of one packet message, as a single big-endian struct.
+    """The layout of one whole packet datagram, as a single big-endian struct.
 
-    Attribute headers are read as raw 4-byte strings (they are host-endian) and compared
-    with those of the packet that taught the layout; values are read big-endian.
+    Packets of one queue nearly always carry the same attributes in the same order (header
+    first, payload last), so the receive loop keeps the layout of the last packet and
+    decodes the next one with one ``unpack_from`` (see :meth:`NfQueue.recv_batch`).
+
+    The struct reads the netlink message header (length, type and flags), every attribute
+    header and the payload attribute's header as raw 4-byte strings (they are host-endian),
+    and the values big-endian. A datagram of length ``n`` has this layout when those raw
+    strings equal ``expect(n)``: same message type, same attributes at the same offsets, a
+    message length of ``n`` and a payload attribute running to its end. ``fields`` then
+    picks the :class:`QueuedPacket` fields from ``unpacked + (payload, cap_len, orig_len,
+    0, None)`` (the last two stand for absent attributes).
     """
 
-    struct: struct.Struct
-    size: int  # from the first attribute to the payload data
-    headers: Callable[[tuple[object, ...]], object]
-    expected: object
-    fields: Callable[[tuple[object, ...]], tuple[Any, ...]]
+    unpack: Callable[[bytearray], tuple[Any, ...]]
+    size: int  # from the message start to the payload data
+    headers: Callable[[tuple[Any, ...]], tuple[bytes, ...]]
+    expected: dict[int, tuple[bytes, ...]]  # datagram length -> headers(...) to match
+    constant: tuple[bytes, ...]  # headers(...) without the first and last (length-dependent)
+    fields: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    cap_idx: int  # index of NFQA_CAP_LEN's value in the unpacked tuple, or -1
 
     @classmethod
-    def learn(cls, buf: bytearray, a: int, seen: list[tuple[int, int]]) -> _Layout | None:
-        fmt = [">"]
-        idx = 0
-        header_idx: list[int] = []
+    def learn(cls, buf: bytearray, n: int, seen: list[tuple[int, int]]) -> _Layout | None:
+        """The layout of the one-message datagram ``buf[:n]`` whose attributes before the
+        payload are ``seen`` (type, padded length); None if it has no packet header."""
+        fmt = [">4s4s8x4x"]  # nlmsg_len, type+flags; seq, pid; nfgenmsg
+        idx = 2
+        header_idx: list[int] = [0, 1]
         where: dict[int, int] = {}
         for atype, padded in seen:
             fmt.append("4s")
@@ -307,14 +335,39 @@ class _Layout(NamedTuple):
                 fmt.append(f"{padded - 4}x")
         if NFQA_PACKET_HDR not in where:
             return None
-        fmt.append("4x")  # the payload attribute header, checked separately
+        fmt.append("4s")  # the payload attribute's header
+        header_idx.append(idx)
+        length = idx + 1  # of the unpacked tuple; the tail follows
+        payload, cap, orig, zero, none = range(length, length + 5)
         st = struct.Struct("".join(fmt))
+        if st.size > n:
+            return None
         h = where[NFQA_PACKET_HDR]
-        pick = [h, h + 1, h + 2]
-        pick += [where.get(t, idx + i) for i, t in enumerate(_U32_FIELDS)]
+        pick = [h, h + 2, h + 1, payload, cap, orig, where.get(NFQA_MARK, zero)]
+        pick += [where.get(NFQA_IFINDEX_INDEV, none), where.get(NFQA_IFINDEX_OUTDEV, none)]
+        pick.append(where.get(NFQA_SKB_INFO, zero))
         headers = operator.itemgetter(*header_idx)
-        res = st.unpack_from(buf, a)
-        return cls(st, st.size, headers, headers(res), operator.itemgetter(*pick))
+        constant = headers(st.unpack_from(buf, 0))[1:-1]
+        return cls(
+            st.unpack_from,
+            st.size,
+            headers,
+            {},
+            constant,
+            operator.itemgetter(*pick),
+            where.get(NFQA_CAP_LEN, -1),
+        )
+
+    def expect(self, n: int) -> tuple[bytes, ...]:
+        """The raw headers a datagram of ``n`` bytes has in this layout (cached)."""
+        exp = self.expected
+        if len(exp) >= _LAYOUT_CACHE_MAX:
+            exp.clear()
+        plen = n - self.size + 4
+        # longer than an attribute can be: another layout (b"" matches no 4-byte header)
+        payload = _NLA.pack(plen, NFQA_PAYLOAD) if plen <= 0xFFFF else b""
+        e = exp[n] = (_NLEN.pack(n), *self.constant, payload)
+        return e
 
 
 class NfQueue:
@@ -347,25 +400,7 @@ class NfQueue:
             raise ValueError(f"copy_range must be 1..{MAX_COPY_RANGE}, got {copy_range}")
         if queue_maxlen < 1:
             raise ValueError("queue_maxlen must be positive")
-        self.queue_num = queue_num
-        self.copy_range = copy_range
-        self.queue_maxlen = queue_maxlen
-        self.fail_open = fail_open
-        self.counters = NfQueueCounters()
-        #: (errno, seq) of the last NLMSG_ERROR the kernel sent us, for diagnostics
-        self.last_error: tuple[int, int] | None = None
-        self._res_id = socket.htons(queue_num)
-        self._seq = 0
-        self._outstanding: dict[int, bool] = {}  # id -> truncated, in id (= receive) order
-        self._pending: dict[int, PendingVerdict] = {}
-        self._buf = bytearray(copy_range + _RECV_SLACK)
-        self._view = memoryview(self._buf)
-        self._closed = False
-        self._backlog: list[QueuedPacket] = []
-        self._layout: _Layout | None = None
-        self._ack_seq = -1
-        self._ack_err: int | None = None
-
+        self._init_state(queue_num, copy_range, queue_maxlen, fail_open)
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self._set_buffer(sock, socket.SO_RCVBUF, 33, rcvbuf)  # 33 = SO_RCVBUFFORCE
@@ -383,6 +418,44 @@ class NfQueue:
         except BaseException:
             sock.close()
             raise
+
+    @classmethod
+    def over(cls, sock: Any, queue_num: int = 0, *, send_limit: int = MAX_SEND_BYTES) -> NfQueue:
+        """A queue object over an already bound socket, or any object with the socket's
+        ``recv_into``, ``send`` and ``fileno`` (no configuration is sent): for tests and
+        benchmarks that feed the receive and verdict paths without a kernel queue."""
+        q = cls.__new__(cls)
+        q._init_state(queue_num, MAX_COPY_RANGE, 4096, False)
+        q._sock = sock
+        q._send_limit = min(send_limit, MAX_SEND_BYTES)
+        return q
+
+    def _init_state(
+        self, queue_num: int, copy_range: int, queue_maxlen: int, fail_open: bool
+    ) -> None:
+        self.queue_num = queue_num
+        self.copy_range = copy_range
+        self.queue_maxlen = queue_maxlen
+        self.fail_open = fail_open
+        self.counters = NfQueueCounters()
+        #: (errno, seq) of the last NLMSG_ERROR the kernel sent us, for diagnostics
+        self.last_error: tuple[int, int] | None = None
+        self._res_id = socket.htons(queue_num)
+        self._seq = 0
+        self._outstanding: dict[int, bool] = {}  # id -> truncated, in id (= receive) order
+        self._pending: dict[int, PendingVerdict] = {}
+        self._buf = bytearray(copy_range + _RECV_SLACK)
+        self._view = memoryview(self._buf)
+        self._send_limit = MAX_SEND_BYTES  # lowered to the socket's send buffer by __init__
+        # one send's worth of verdicts plus one full-size verdict (flush() sends before a
+        # message would pass the limit, so nothing is ever written beyond this)
+        self._sendbuf = bytearray(MAX_SEND_BYTES + MAX_COPY_RANGE + _RECV_SLACK)
+        self._sendview = memoryview(self._sendbuf)  # also pins its size: no silent resize
+        self._closed = False
+        self._backlog: list[QueuedPacket] = []
+        self._layout: _Layout | None = None
+        self._ack_seq = -1
+        self._ack_err: int | None = None
 
     # --- setup / teardown -------------------------------------------------------------
     @staticmethod
@@ -486,33 +559,84 @@ class NfQueue:
             return False
 
     def recv_batch(self, max_packets: int = 256) -> list[QueuedPacket]:
-        """Return up to ``max_packets`` queued packets that are already waiting; never blocks."""
+        """Return up to ``max_packets`` queued packets that are already waiting; never blocks.
+
+        This is the daemon's per-packet receive cost, so the loop is written for speed: one
+        ``recv_into`` per packet into the preallocated buffer (the kernel queues each packet
+        as its own datagram), and for a datagram in the learnt :class:`_Layout` one
+        ``unpack_from``, one comparison of its raw headers, one copy of the payload and one
+        tuple. Anything else (another attribute set, an error reply, several messages in one
+        datagram) takes the generic walk of :meth:`_parse`, which learns the new layout.
+        """
         out: list[QueuedPacket] = []
         if self._backlog:
             out, self._backlog = self._backlog[:max_packets], self._backlog[max_packets:]
-        sock = self._sock
+        recv_into = self._sock.recv_into
         buf = self._buf
-        flags = socket.MSG_DONTWAIT | socket.MSG_TRUNC
+        view = self._view
+        flags = _RECV_FLAGS
         cap = len(buf)
-        while len(out) < max_packets:
-            try:
-                n = sock.recv_into(buf, cap, flags)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.counters.enobufs += 1
+        outstanding = self._outstanding
+        append = out.append
+        new = tuple.__new__
+        got = len(out)
+        received = truncated = 0
+        lay = self._layout
+        if lay is not None:
+            unpack, size, headers, expected, _c, fields, cap_idx = lay
+        try:
+            while got < max_packets:
+                try:
+                    n = recv_into(buf, cap, flags)
+                except BlockingIOError:
+                    break
+                except InterruptedError:
                     continue
-                raise
-            if n > cap:  # cannot happen with our buffer size; never parse a cut message
-                self.counters.recv_errors += 1
-                continue
-            self._parse(n, out)
+                except OSError as e:
+                    if e.errno == errno.ENOBUFS:
+                        self.counters.enobufs += 1
+                        continue
+                    raise
+                if lay is not None and size <= n <= cap:
+                    res = unpack(buf)
+                    if headers(res) == (expected.get(n) or lay.expect(n)):
+                        c = n - size
+                        if cap_idx < 0:
+                            orig = c
+                        else:
+                            orig = res[cap_idx]
+                            if orig > c:
+                                truncated += 1
+                            else:
+                                orig = c
+                        pkt = new(
+                            QueuedPacket, fields(res + (bytes(view[size:n]), c, orig, 0, None))
+                        )
+                        outstanding[pkt[0]] = orig > c
+                        append(pkt)
+                        received += 1
+                        got += 1
+                        continue
+                if n > cap:  # cannot happen with our buffer size; never parse a cut message
+                    self.counters.recv_errors += 1
+                    continue
+                self._parse(n, out)
+                got = len(out)
+                if self._layout is not lay:
+                    lay = self._layout
+                    if lay is not None:
+                        unpack, size, headers, expected, _c, fields, cap_idx = lay
+        finally:
+            if received:
+                c_ = self.counters
+                c_.received += received
+                c_.truncated += truncated
         return out
 
     def _parse(self, n: int, out: list[QueuedPacket]) -> None:
+        """The generic walk over a datagram of ``n`` bytes: any number of messages (packets,
+        replies, errors) with any attributes. A datagram that is one packet message teaches
+        the layout for the next ones."""
         buf = self._buf
         off = 0
         while off + 16 <= n:
@@ -521,7 +645,8 @@ class NfQueue:
                 self.counters.recv_errors += 1
                 return
             if ntype == _MSG_PACKET:
-                pkt = self._parse_packet(off + 20, off + nlen)
+                seen: list[tuple[int, int]] = []
+                pkt = self._parse_packet(off + 20, off + nlen, seen)
                 if pkt is None:
                     self.counters.recv_errors += 1
                 else:
@@ -532,6 +657,8 @@ class NfQueue:
                         c.truncated += 1
                     self._outstanding[pkt.packet_id] = truncated
                     out.append(pkt)
+                    if off == 0 and nlen == n and seen and seen[-1][0] == NFQA_PAYLOAD:
+                        self._layout = _Layout.learn(buf, n, seen[:-1])
             elif ntype == NLMSG_ERROR:
                 (err,) = _I32.unpack_from(buf, off + 16)
                 if seq == self._ack_seq:
@@ -543,35 +670,11 @@ class NfQueue:
                 self.counters.enobufs += 1
             off += (nlen + 3) & ~3
 
-    def _parse_packet(self, a: int, end: int) -> QueuedPacket | None:
-        """Parse the attributes in ``buf[a:end]``.
-
-        Fast path: packets of one queue nearly always carry the same attributes in the same
-        order (header first, payload last), so the layout of the previous packet is kept as a
-        single struct; if the attribute headers at those offsets match, the packet is
-        decoded with one ``unpack_from``. Anything else takes the generic walk, which also
-        learns the new layout.
-        """
-        lay = self._layout
-        if lay is not None and a + lay.size <= end:
-            buf = self._buf
-            res = lay.struct.unpack_from(buf, a)
-            if lay.headers(res) == lay.expected:
-                p = a + lay.size  # payload data
-                plen, ptype = _NLA.unpack_from(buf, p - 4)
-                if ptype & NLA_TYPE_MASK == NFQA_PAYLOAD and 0 <= end - (p - 4 + plen) < 4:
-                    payload = bytes(self._view[p : p - 4 + plen])
-                    pid, hwp, hook, mark, indev, outdev, orig, skb_info = lay.fields(
-                        res + _DEFAULTS
-                    )
-                    cap = plen - 4
-                    return QueuedPacket(
-                        pid, hook, hwp, payload, cap, orig if orig > cap else cap,
-                        mark, indev, outdev, skb_info,
-                    )  # fmt: skip
-        return self._parse_generic(a, end)
-
-    def _parse_generic(self, a0: int, end: int) -> QueuedPacket | None:
+    def _parse_packet(
+        self, a0: int, end: int, seen: list[tuple[int, int]] | None = None
+    ) -> QueuedPacket | None:
+        """Walk the attributes in ``buf[a0:end]``; ``seen`` gets each one's (type, padded
+        length), in order."""
         buf = self._buf
         pid = -1
         hook = hwp = mark = skb_info = 0
@@ -579,38 +682,34 @@ class NfQueue:
         outdev: int | None = None
         payload = b""
         orig = -1
-        seen: list[tuple[int, int]] = []  # (type, padded length) before the payload
-        payload_last = False
+        if seen is None:
+            seen = []
         a = a0
         while a + 4 <= end:
             alen, atype = _NLA.unpack_from(buf, a)
             if alen < 4 or a + alen > end:
                 return None
             atype &= NLA_TYPE_MASK
-            payload_last = False
+            seen.append((atype, (alen + 3) & ~3))
             if atype == NFQA_PAYLOAD:
                 payload = bytes(self._view[a + 4 : a + alen])
-                payload_last = True
-            else:
-                seen.append((atype, (alen + 3) & ~3))
-                if atype == NFQA_PACKET_HDR:
-                    pid, hwp, hook = _PKT_HDR.unpack_from(buf, a + 4)
-                elif alen == 8 and atype in _U32_FIELDS:
-                    (value,) = _BE32.unpack_from(buf, a + 4)
-                    if atype == NFQA_MARK:
-                        mark = value
-                    elif atype == NFQA_IFINDEX_INDEV:
-                        indev = value
-                    elif atype == NFQA_IFINDEX_OUTDEV:
-                        outdev = value
-                    elif atype == NFQA_CAP_LEN:
-                        orig = value
-                    else:
-                        skb_info = value
+            elif atype == NFQA_PACKET_HDR:
+                pid, hwp, hook = _PKT_HDR.unpack_from(buf, a + 4)
+            elif alen == 8 and atype in _U32_FIELDS:
+                (value,) = _BE32.unpack_from(buf, a + 4)
+                if atype == NFQA_MARK:
+                    mark = value
+                elif atype == NFQA_IFINDEX_INDEV:
+                    indev = value
+                elif atype == NFQA_IFINDEX_OUTDEV:
+                    outdev = value
+                elif atype == NFQA_CAP_LEN:
+                    orig = value
+                else:
+                    skb_info = value
             a += (alen + 3) & ~3
         if pid < 0:
             return None
-        self._layout = _Layout.learn(buf, a0, seen) if payload_last else None
         cap = len(payload)
         return QueuedPacket(
             pid, hook, hwp, payload, cap, orig if orig > cap else cap, mark, indev, outdev, skb_info
@@ -627,7 +726,9 @@ class NfQueue:
 
     def accept(self, packet_id: int, payload: bytes | None = None, mark: int | None = None) -> None:
         """Buffer an accept, optionally replacing the packet and/or setting its mark."""
-        truncated = self._check(packet_id)
+        truncated = self._outstanding.get(packet_id)
+        if truncated is None or packet_id in self._pending:
+            self._check(packet_id)  # raises
         if payload is not None:
             if truncated:
                 raise ValueError(
@@ -677,42 +778,153 @@ class NfQueue:
         return head + tail
 
     def flush(self) -> int:
-        """Send every buffered verdict; returns the number of packets verdicted."""
-        if not self._pending:
-            return 0
-        msgs = plan_verdicts(self._pending, self._outstanding)
+        """Send every buffered verdict; returns the number of packets verdicted.
+
+        The messages are written straight into a preallocated buffer (one ``pack_into`` for
+        the headers of each, then its payload) and sent in as few ``send`` calls as fit
+        below the send limit.
+        """
         pending = self._pending
+        if not pending:
+            return 0
+        outstanding = self._outstanding
+        msgs = _plan(pending, outstanding)
         self._pending = {}
-        for pid in pending:
-            del self._outstanding[pid]
-        chunk: list[bytes] = []
-        chunk_msgs: list[VerdictMsg] = []
-        size = 0
+        if len(pending) == len(outstanding):  # nothing held back
+            outstanding.clear()
+        else:
+            for pid in pending:
+                del outstanding[pid]
+        buf = self._sendbuf
         limit = self._send_limit
-        for m in msgs:
-            data = self._encode(m)
-            if chunk and size + len(data) > limit:
-                self._send_chunk(chunk, chunk_msgs)
-                chunk, chunk_msgs, size = [], [], 0
-            chunk.append(data)
-            chunk_msgs.append(m)
-            size += len(data)
-        if chunk:
-            self._send_chunk(chunk, chunk_msgs)
+        res_id = self._res_id
+        seq = self._seq
+        htonl = socket.htonl
+        be_verdict = _BE_VERDICT
+        off = n_acc = n_drop = n_ind = n_batch = 0
+        batches: dict[int, int] = {}  # offset -> packets covered, for batch messages
+        last_mark: int | None = None
+        mark_be = 0
+        for batch, pid, verdict, mark, payload, cnt in msgs:
+            head = 32 if mark is None else 40
+            if payload is None:
+                size = head
+            else:
+                plen = len(payload)
+                size = head + ((plen + 7) & ~3)  # the payload attribute, padded
+            if off + size > limit and off:
+                self._send_buf(off, (n_acc, n_drop, n_ind, n_batch), batches)
+                off = n_acc = n_drop = n_ind = n_batch = 0
+                batches = {}
+            seq = (seq + 1) & 0xFFFFFFFF
+            if mark is not None and mark != last_mark:
+                last_mark, mark_be = mark, htonl(mark)
+            vbe = be_verdict[verdict] if verdict < 2 else htonl(verdict)
+            if payload is None:
+                if batch:
+                    typ = _MSG_BATCH
+                    batches[off] = cnt
+                    n_batch += 1
+                else:
+                    typ = _MSG_VERDICT
+                    n_ind += 1
+                if mark is None:
+                    _VH.pack_into(
+                        buf,
+                        off,
+                        32,
+                        typ,
+                        NLM_F_REQUEST,
+                        seq,
+                        0,
+                        0,
+                        NFNETLINK_V0,
+                        res_id,
+                        12,
+                        NFQA_VERDICT_HDR,
+                        vbe,
+                        htonl(pid),
+                    )
+                else:
+                    _VH_MARK.pack_into(
+                        buf,
+                        off,
+                        40,
+                        typ,
+                        NLM_F_REQUEST,
+                        seq,
+                        0,
+                        0,
+                        NFNETLINK_V0,
+                        res_id,
+                        12,
+                        NFQA_VERDICT_HDR,
+                        vbe,
+                        htonl(pid),
+                        8,
+                        NFQA_MARK,
+                        mark_be,
+                    )
+            else:
+                n_ind += 1
+                alen = plen + 4
+                if mark is None:
+                    _VH_PAY.pack_into(
+                        buf,
+                        off,
+                        size,
+                        _MSG_VERDICT,
+                        NLM_F_REQUEST,
+                        seq,
+                        0,
+                        0,
+                        NFNETLINK_V0,
+                        res_id,
+                        12,
+                        NFQA_VERDICT_HDR,
+                        vbe,
+                        htonl(pid),
+                        alen,
+                        NFQA_PAYLOAD,
+                    )
+                    a = off + 36
+                else:
+                    _VH_MARK_PAY.pack_into(
+                        buf,
+                        off,
+                        size,
+                        _MSG_VERDICT,
+                        NLM_F_REQUEST,
+                        seq,
+                        0,
+                        0,
+                        NFNETLINK_V0,
+                        res_id,
+                        12,
+                        NFQA_VERDICT_HDR,
+                        vbe,
+                        htonl(pid),
+                        8,
+                        NFQA_MARK,
+                        mark_be,
+                        alen,
+                        NFQA_PAYLOAD,
+                    )
+                    a = off + 44
+                buf[a : a + plen] = payload
+                if alen & 3:
+                    buf[a + plen : off + size] = _PAD[alen & 3]
+            if verdict == NF_ACCEPT:
+                n_acc += cnt
+            else:
+                n_drop += cnt
+            off += size
+        self._seq = seq
+        if off:
+            self._send_buf(off, (n_acc, n_drop, n_ind, n_batch), batches)
         return len(pending)
 
-    def _account(self, m: VerdictMsg) -> None:
-        c = self.counters
-        if m.verdict == NF_ACCEPT:
-            c.accepted += m.n_packets
-        else:
-            c.dropped += m.n_packets
-        if m.batch:
-            c.batch_msgs += 1
-        else:
-            c.verdict_msgs += 1
-
-    def _send(self, data: bytes) -> bool:
+    def _send(self, data: bytes | memoryview) -> bool:
         while True:
             try:
                 self._sock.send(data)
@@ -724,14 +936,35 @@ class NfQueue:
                 self.counters.send_errors += 1
                 return False
 
-    def _send_chunk(self, chunk: list[bytes], msgs: list[VerdictMsg]) -> None:
-        if self._send(b"".join(chunk)):
-            for m in msgs:
-                self._account(m)
+    def _send_buf(
+        self, end: int, tally: tuple[int, int, int, int], batches: dict[int, int]
+    ) -> None:
+        """Send ``_sendbuf[:end]`` (whole messages); ``tally`` is (accepted, dropped,
+        individual messages, batch messages) in it, counted once it is sent."""
+        view = self._sendview
+        c = self.counters
+        if self._send(view[:end]):
+            c.accepted += tally[0]
+            c.dropped += tally[1]
+            c.verdict_msgs += tally[2]
+            c.batch_msgs += tally[3]
             return
-        if len(chunk) == 1:
-            return
+        buf = self._sendbuf
+        if _NLEN.unpack_from(buf, 0)[0] == end:
+            return  # a single message: nothing to split
         # the kernel rejected the whole buffer (ENOMEM...): retry message by message, in order
-        for data, m in zip(chunk, msgs, strict=True):
-            if self._send(data):
-                self._account(m)
+        off = 0
+        while off < end:
+            (nlen,) = _NLEN.unpack_from(buf, off)
+            if self._send(view[off : off + nlen]):
+                (verdict,) = _BE32.unpack_from(buf, off + 24)
+                n = batches.get(off, 1)
+                if verdict == NF_ACCEPT:
+                    c.accepted += n
+                else:
+                    c.dropped += n
+                if off in batches:
+                    c.batch_msgs += 1
+                else:
+                    c.verdict_msgs += 1
+            off += nlen

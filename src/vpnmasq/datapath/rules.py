@@ -2,10 +2,50 @@
 
 Install and remove are symmetric (sshuttle style) and touch only what vpnmasq owns:
 
-* iptables (``iptables-restore --noflush``): chains ``VPNMASQ_RAW``, ``VPNMASQ_RAW_IN``,
-  ``VPNMASQ_RAW_OUT`` in ``raw`` and ``VPNMASQ_IN``, ``VPNMASQ_OUT`` in ``mangle``, plus one
-  jump to each dispatch chain inserted at the top of the built-in chain;
-* nftables (hybrid mode only): the table ``ip vpnmasq``.
+* iptables (``iptables-restore --noflush``): only the queue rules, chains ``VPNMASQ_IN``
+  and ``VPNMASQ_OUT`` (and ``VPNMASQ_HP`` when hairpinning) in ``mangle``, with their jumps
+  inserted at the top of PREROUTING and POSTROUTING;
+* nftables (every mode): the table ``ip vpnmasq``, native rules for everything else:
+  untracking (chain ``raw`` at prerouting priority raw - 1, dispatching to ``raw_in``,
+  ``raw_out``, ``raw_hp``), the local source guard, the mark and, in hybrid mode, the
+  conntrack timeouts and the MSS clamp (chain ``forward``, priority mangle - 1) and kernel
+  masquerade (chain ``postrouting``).
+
+Why the split (issue 6, measured with bench/lab.py floods of one offloaded ESP or GRE flow,
+ratios to the kernel's own NAT of the same packets in the same run, medians of 5 rounds):
+every base chain on a hook and every rule costs each forwarded packet, and xtables matches
+and targets through nft_compat (``-m addrtype``, ``-m conntrack``, ``-j CT``, ``-j MARK``)
+cost more than native expressions. With all classification in iptables (raw and mangle
+chains, an ``addrtype`` FIB lookup per packet in raw and another in mangle, ``-m conntrack``
+on the mark rules) offloaded flows ran at 0.66-0.80 of the kernel (median 0.70-0.74); the
+offload maps alone (no vpnmasq rules at all) at 0.84-0.95 (median 0.93). Native rules with
+the same chain layout gave 0.77 outbound; leaving out the local-destination FIB lookup and
+the inside-network lookup gave +0.04, leaving out the forward chain +0.05 (what remains is
+mostly per-base-chain cost). Hence the layout, in which an offloaded packet leaves every
+chain at its first rule or two:
+
+* inbound: the offload table rewrites, untracks and marks it at raw - 10; ``raw`` returns
+  at once (``ct state untracked return``: it has nothing left to do for a packet that is
+  already untracked); the PREROUTING jump to ``VPNMASQ_IN`` requires the mark to be absent
+  (``-m mark ! --mark``, a native compare): a marked packet was offloaded or already had
+  its verdict; ``forward`` returns on the output interface; POSTROUTING's jumps require an
+  inside source and the outside interface;
+* outbound: the offload table untracks it at raw - 10 (a lookup in an uncounted copy of its
+  outbound set, see :mod:`vpnmasq.datapath.offload`), so ``raw`` returns at its first rule;
+  ``forward`` marks it (protocols merged into one set lookup; one inside network is a plain
+  prefix compare, not a set); the offload table rewrites its source at mangle - 10, so the
+  POSTROUTING jump (``-o outside_if -s INSIDE``) no longer matches.
+
+The iptables side cannot shrink further: NFQUEUE needs a base chain in PREROUTING (inbound,
+hairpin) and in POSTROUTING (outbound), and each holds one jump per direction that an
+offloaded packet fails on its first native compare. Measured with this layout
+(``bench/run.py --skip-engine``, three runs of 3 rounds, 1.5 s windows): offloaded ESP and
+GRE at 0.81-0.87 of the kernel in the eight cells (median 0.83 in each run; single rounds
+0.79-0.91), outbound GRE the lowest; the maps alone 0.90-0.98 (median 0.96); plain TCP in
+hybrid mode 0.95-0.97. The gap left (about 0.1) is what six base
+chains with one to three rules each cost a packet against the kernel's conntrack lookup
+and NAT: the offload table's two, ``raw`` and ``forward`` here, and the two iptables
+mangle chains.
 
 :func:`remove` works from what is actually present (``iptables-save`` output), so it is
 idempotent and cleans up after a crash or after an install with a different spec.
@@ -22,20 +62,28 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   as with kernel SNAT. Inbound packets are queued in mangle PREROUTING, before routing, so
   the rewritten destination is what gets routed.
 * Every NFQUEUE rule also requires ``-m conntrack --ctstate UNTRACKED`` (ICMP errors:
-  ``INVALID,UNTRACKED``), for two reasons. (1) ``CT --notrack`` alone does not enable
-  conntrack in the namespace, and without conntrack there is no defragmentation either:
+  ``INVALID,UNTRACKED``), for two reasons (an xtables match, but only evaluated for packets
+  that passed the native matches before it, i.e. about to be queued). (1) ``CT --notrack``
+  alone does not enable conntrack in the namespace, and without conntrack there is no
+  defragmentation either:
   measured, userspace mode then queued a 3000-byte datagram as three fragments, so the
   engine would see fragments without ports. A conntrack match enables conntrack and its
   defrag hook (priority -400, before raw), so the engine sees whole datagrams (up to 65535
-  bytes; the kernel refragments on output). (2) Only what raw NOTRACKed is queued: the
-  engine never rewrites a packet that kernel conntrack is tracking.
-* The raw table runs before routing, so the NOTRACK rules for outbound traffic cannot test
+  bytes; the kernel refragments on output). (nft ``ct`` expressions in the table do the
+  same.) (2) Only what raw untracked is queued: the engine never rewrites a packet that
+  kernel conntrack is tracking.
+* The raw chain runs before routing, so the NOTRACK rules for outbound traffic cannot test
   the output interface. They use "not from outside_if, from an inside network, not to an
   inside network, not to a local/broadcast/multicast address". A packet matched there but
   routed elsewhere than outside_if is not queued and leaves un-NATed but also untracked.
 * An NFQUEUE verdict of ACCEPT resumes at the *next hook*, not at the next rule, so owned
   packets skip mangle rules placed after our jump. The jumps are inserted first so that no
   earlier ACCEPT can let an owned packet bypass the queue (which would leak LAN addresses).
+  Likewise an ``accept`` in one base chain does not skip the other base chains of the same
+  hook, which is why each of our chains begins with its own cheap early return.
+* The nft chains sit one priority step before the iptables chain they replace (raw - 1,
+  mangle - 1), so they still run before an admin's iptables raw or mangle rules, as the
+  jumps inserted at the top of those chains used to.
 * ICMP errors are queued but not NOTRACKed in hybrid mode, and only when conntrack did not
   relate them to a kernel-tracked flow (``--ctstate INVALID,UNTRACKED``): errors about
   kernel-masqueraded flows are RELATED and must stay with kernel NAT. An error about one of
@@ -43,9 +91,9 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   errors (an inside host answering one of our flows with "port unreachable"): the spec
   had none, but conntrack cannot relate them, so kernel NAT would let them out with the
   inside source address.
-* The raw side has a dispatch chain plus ``VPNMASQ_RAW_IN``/``VPNMASQ_RAW_OUT`` because the
-  LAN-to-LAN exclusion needs ``! -d`` for several inside networks, which iptables cannot
-  express in one rule (``! -d a,b`` is rejected): one ``-d NET -j RETURN`` per network.
+* The raw side has a dispatch chain plus ``raw_in``/``raw_out`` (``goto``: a packet from the
+  outside interface never reaches ``raw_out``); the LAN-to-LAN exclusion is one anonymous set
+  of the inside and routed networks (nft merges overlapping prefixes).
 * ``masquerade to :lo-hi`` needs a transport protocol match in nft 1.0.6, so hybrid mode
   masquerades TCP/UDP into the kernel port range and everything else (ICMP) plainly.
 * ``ct timeout`` objects (nft 1.0.6) exist for TCP and UDP only (no ICMP policy, so ICMP
@@ -63,7 +111,7 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
 * **Hairpinning** (``hairpin_forwards``; a LAN host reaching a forwarded LAN server through
   the public address, RFC 4787 REQ-9 / RFC 5382 REQ-8): without vpnmasq the kernel delivers
-  such packets to the gateway itself. ``VPNMASQ_RAW_HP`` (raw) and ``VPNMASQ_HP`` (mangle
+  such packets to the gateway itself. ``raw_hp`` (nft) and ``VPNMASQ_HP`` (mangle
   PREROUTING, jumped to for ``! -i outside_if -d PUBLIC``) untrack and queue, from the inside
   networks only, the client's packets to a forwarded port (or GRE) and the server's answers
   from its port to the alias ranges; the daemon hands packets queued in PREROUTING from a
@@ -80,7 +128,9 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   the LAN interface; strict ``rp_filter`` drops it as well (both measured, see
   ``tests/integration/test_hairpin.py``). The daemon sets ``accept_local`` where needed
   (``vpnmasq.daemon.HairpinSysctls``) and names those interfaces in ``local_source_guard``:
-  a raw rule drops unicast packets with a local source arriving there before vpnmasq's
+  the first rules of ``raw`` (``fib saddr type local meta pkttype host drop``, the native form
+  of ``-m addrtype --src-type LOCAL -m pkttype --pkt-type unicast``) drop unicast packets
+  with a local source arriving there before vpnmasq's
   rewrite, which puts the kernel's martian check back for everything but hairpinned
   packets (looped-back multicast and broadcast have a local source too, hence unicast only).
 
@@ -91,13 +141,17 @@ covers both directions:
 
 * inbound packets are rewritten and marked by vpnmasq's verdict in mangle PREROUTING, before
   routing, so FORWARD sees them marked;
-* outbound packets get their verdict only in POSTROUTING, after FORWARD, so the chain
-  ``VPNMASQ_MARK`` (mangle FORWARD, jumped to first for ``-o outside_if``) marks exactly what
-  ``VPNMASQ_OUT`` will queue (same matches: inside source, untracked, the owned protocols; in
-  hybrid mode also the unrelated ICMP errors). The MARK target is also accepted in the raw
-  table on this kernel (iptables-nft and -legacy), but mangle FORWARD runs after the routing
-  decision, so the mark cannot change policy routing (``ip rule fwmark``) and the output
-  interface can be matched exactly. The verdict sets the same mark again.
+* outbound packets get their verdict only in POSTROUTING, after FORWARD, so the nft chain
+  ``forward`` (forward hook, priority mangle - 1) marks exactly what ``VPNMASQ_OUT`` will
+  queue (same matches: outside interface, inside source, untracked, the owned protocols; in
+  hybrid mode also the unrelated ICMP errors), and the offloaded packets of those flows. The
+  forward hook runs after the routing decision, so the mark cannot change policy routing
+  (``ip rule fwmark``) and the output interface can be matched exactly. The verdict sets the
+  same mark again.
+* inbound offloaded packets are marked by the offload table's prerouting rule. The mark is
+  vpnmasq's: a packet from the outside interface that already carries it in mangle
+  PREROUTING is not queued (the worst an admin rule setting it could do is have an owned
+  packet for the public address delivered to the gateway itself, untranslated).
 
 The mark plays the role ``ct state established,related`` plays for tracked traffic, so the
 rule belongs where the admin accepts established traffic. Rules above it (e.g. one dropping a
@@ -105,11 +159,13 @@ LAN host) still apply to vpnmasq's packets; rules below it do not (as for establ
 but note that a *new* VPN flow is marked too: a block meant for VPN traffic must come before
 the mark rule).
 
-Atomic replacement (:func:`replace`, used by ``vpnmasq run --handover``): one
-``iptables-restore --noflush`` per table declares our chains (which flushes them), deletes the
-old jumps, adds the new rules and jumps, and removes chains the new spec no longer has, in one
-transaction per table; the nft table is replaced by one ``nft -f`` transaction. Owned packets
-are never un-queued in between.
+Atomic replacement (:func:`replace`, used by ``vpnmasq run --handover``): the nft table is
+replaced by one ``nft -f`` transaction first, then one ``iptables-restore --noflush`` per table
+declares our chains (which flushes them), deletes the old jumps, adds the new rules and jumps,
+and removes chains the new spec no longer has (an older version's raw chains and
+``VPNMASQ_MARK`` included), in one transaction per table. Owned packets are never un-queued
+in between: while both exist, the old raw chains and the new nft chain untrack the same
+packets.
 """
 
 from __future__ import annotations
@@ -157,13 +213,14 @@ ForwardProto = Literal["tcp", "udp", "gre", "esp"]
 DEFAULT_MARK = 0x564D  # "VM"
 NFT_TABLE = "vpnmasq"
 CHAIN_PREFIX = "VPNMASQ_"
-#: table -> our chains, in the order they are declared
+#: iptables table -> our chains, in the order they are declared (only the queue rules live
+#: in iptables; older versions also had VPNMASQ_RAW* in raw and VPNMASQ_MARK in mangle, which
+#: remove() and replace() still clean up: they go by the VPNMASQ_ prefix)
 CHAINS: dict[str, tuple[str, ...]] = {
-    "raw": ("VPNMASQ_RAW", "VPNMASQ_RAW_IN", "VPNMASQ_RAW_OUT"),
-    "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT", "VPNMASQ_MARK"),
+    "mangle": ("VPNMASQ_IN", "VPNMASQ_OUT"),
 }
-#: table -> our hairpin chain, declared only when the spec hairpins (after CHAINS[table])
-HAIRPIN_CHAINS: dict[str, str] = {"raw": "VPNMASQ_RAW_HP", "mangle": "VPNMASQ_HP"}
+#: iptables table -> our hairpin chain, declared only when the spec hairpins
+HAIRPIN_CHAINS: dict[str, str] = {"mangle": "VPNMASQ_HP"}
 PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
 #: ICMP errors the engine may have to translate: unreachable, source quench, time exceeded,
 #: parameter problem.
@@ -244,6 +301,18 @@ class RuleSpec:
     #: martian check for everything but the packets vpnmasq itself rewrites (see the module
     #: docstring)
     local_source_guard: Sequence[str] = field(default_factory=tuple)
+    # --- issue 8: the gateway's own ICMP errors (h4) ------------------------------------
+    #: queue the ICMP errors the gateway itself sends (mangle OUTPUT, chain
+    #: ``VPNMASQ_LOCAL``) when conntrack cannot relate them (INVALID/UNTRACKED: they quote a
+    #: packet vpnmasq owns), except those to an inside or routed network: the engine
+    #: translates the quoted header back (see :func:`_local_icmp_errors`). Off by default so
+    #: the generated text is unchanged for callers that do not ask; the daemon turns it on.
+    local_icmp_errors: bool = False
+    #: with hairpinning: also queue LAN hosts' ICMP errors to the public address that
+    #: conntrack cannot relate (about hairpinned, untracked flows; chain ``VPNMASQ_HP``),
+    #: which the engine translates for the other LAN host (see :func:`_hairpin_icmp_errors`)
+    hairpin_icmp_errors: bool = False
+    # --- end issue 8 ---------------------------------------------------------------------
 
     def __post_init__(self) -> None:
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
@@ -403,6 +472,61 @@ def _icmp_errors_unrelated() -> list[str]:
     ]
 
 
+# --- issue 8 (h4): the gateway's own ICMP errors about packets vpnmasq rewrote -----------
+#: mangle chain for them, jumped to from OUTPUT (RuleSpec.local_icmp_errors)
+LOCAL_ICMP_CHAIN = "VPNMASQ_LOCAL"
+
+
+def _local_icmp_errors(spec: RuleSpec, queue: str) -> list[str]:
+    """Rules queueing the gateway's own ICMP errors about packets vpnmasq owns.
+
+    When the gateway's kernel cannot forward a packet vpnmasq rewrote (fragmentation needed
+    because the LAN link is narrower, TTL exceeded, host unreachable after ARP fails), its
+    ICMP error quotes the rewritten header: an inbound packet now addressed to a LAN host,
+    or an outbound one now from the public address (the kernel then addresses the error to
+    the public address, itself). Conntrack cannot relate these errors (the quoted packet
+    was NOTRACKed), so they are INVALID; errors about flows the kernel tracks (kernel
+    masquerade in hybrid mode, the gateway's own sockets) are RELATED and stay with it.
+
+    They are queued in mangle OUTPUT, the only place where a rewritten destination is routed
+    again (``nf_reroute`` after the verdict, for LOCAL_OUT only): an error about an outbound
+    packet goes back to the LAN host. Errors to an inside or routed network are left alone:
+    they quote a LAN host's packet as it sent it (outbound packets are rewritten after the
+    forward path's MTU and TTL checks), so PMTUD for the LAN never waits for the daemon.
+    """
+    chain = LOCAL_ICMP_CHAIN
+    nets = (*spec.inside_networks, *spec.routed_networks)
+    out = [_rule(chain, f"-d {net}", "-j RETURN") for net in nets]
+    out += [
+        _rule(chain, f"-p icmp --icmp-type {t} -m conntrack --ctstate INVALID,UNTRACKED", queue)
+        for t in ICMP_ERROR_TYPES
+    ]
+    out.append(f"-I OUTPUT 1 -j {chain}")
+    return out
+
+
+def _hairpin_icmp_errors(spec: RuleSpec, queue: str) -> list[str]:
+    """Rules queueing, in the mangle hairpin chain, a LAN host's ICMP errors about packets
+    it got through a hairpin (a forwarded LAN server's "port unreachable" for a LAN client,
+    or the other way round). Without them the error, addressed to the public address, is
+    delivered to the gateway itself and lost. They are not NOTRACKed: only errors conntrack
+    cannot relate (INVALID: the quoted flow was untracked) are queued; errors about the
+    gateway's own traffic are RELATED and stay local."""
+    chain = HAIRPIN_CHAINS["mangle"]
+    return [
+        _rule(
+            chain,
+            f"-s {net} -p icmp --icmp-type {t} -m conntrack --ctstate INVALID,UNTRACKED",
+            queue,
+        )
+        for net in spec.inside_networks
+        for t in ICMP_ERROR_TYPES
+    ]
+
+
+# --- end issue 8 ----------------------------------------------------------------------------
+
+
 def _queue_target(spec: RuleSpec) -> str:
     t = f"-j NFQUEUE --queue-num {spec.queue_num}"
     return t + " --queue-bypass" if spec.fail_open else t
@@ -425,51 +549,17 @@ def _not_to_public(spec: RuleSpec) -> str:
 
 
 def iptables_rules(spec: RuleSpec) -> str:
-    """``iptables-restore --noflush`` input that installs vpnmasq's chains and jumps.
+    """``iptables-restore --noflush`` input that installs vpnmasq's queue chains and jumps.
 
-    Declaring a chain in a ``--noflush`` restore flushes it if it exists, so the text is
-    also correct over a partial earlier install (but :func:`install` removes first anyway).
+    Only the NFQUEUE rules live here (this kernel has no nft ``queue``): untracking, the
+    mark and kernel NAT are native rules of :func:`nft_rules`. Declaring a chain in a
+    ``--noflush`` restore flushes it if it exists, so the text is also correct over a
+    partial earlier install (but :func:`install` removes first anyway).
     """
     out_if = spec.outside_if
-    notrack = "-j CT --notrack"
     queue = _queue_target(spec)
     untracked = "-m conntrack --ctstate UNTRACKED"
-    raw: list[str] = ["*raw"]
-    raw += [f":{c} - [0:0]" for c in CHAINS["raw"]]
-    for ifname in spec.local_source_guard:  # before anything: the kernel's martian check
-        raw.append(
-            _rule(
-                "VPNMASQ_RAW",
-                f"-i {ifname} -m addrtype --src-type LOCAL -m pkttype --pkt-type unicast",
-                "-j DROP",
-            )
-        )
-    raw.append(_rule("VPNMASQ_RAW", f"-i {out_if} {_to_public(spec)}", "-j VPNMASQ_RAW_IN"))
-    raw.append(_rule("VPNMASQ_RAW", f"-i {out_if}", "-j RETURN"))
     hp_to = _hairpin_to(spec)
-    if hp_to is not None:  # before RAW_OUT, which returns on local destinations
-        raw.insert(raw.index(f":{CHAINS['raw'][-1]} - [0:0]") + 1, f":{HAIRPIN_CHAINS['raw']} - [0:0]")
-        for net in spec.inside_networks:
-            raw.append(_rule("VPNMASQ_RAW", f"-s {net} -d {hp_to}/32", f"-j {HAIRPIN_CHAINS['raw']}"))
-    for net in spec.inside_networks:
-        raw.append(_rule("VPNMASQ_RAW", f"-s {net}", "-j VPNMASQ_RAW_OUT"))
-    for m in _inbound_owned(spec):
-        raw.append(_rule("VPNMASQ_RAW_IN", m, notrack))
-    for net in (*spec.inside_networks, *spec.routed_networks):
-        raw.append(_rule("VPNMASQ_RAW_OUT", f"-d {net}", "-j RETURN"))
-    raw.append(
-        _rule("VPNMASQ_RAW_OUT", "-m addrtype --dst-type LOCAL,BROADCAST,MULTICAST", "-j RETURN")
-    )
-    for m in _outbound_owned(spec):
-        raw.append(_rule("VPNMASQ_RAW_OUT", m, notrack))
-    if hp_to is not None:
-        hp_raw = HAIRPIN_CHAINS["raw"]
-        raw.append(_rule(hp_raw, "-m addrtype --src-type LOCAL", "-j RETURN"))
-        for m in _hairpin_owned(spec):
-            raw.append(_rule(hp_raw, m, notrack))
-    raw.append("-I PREROUTING 1 -j VPNMASQ_RAW")
-    raw.append("COMMIT")
-
     mangle: list[str] = ["*mangle"]
     mangle += [f":{c} - [0:0]" for c in CHAINS["mangle"]]
     mangle.append(_rule("VPNMASQ_IN", _not_to_public(spec), "-j RETURN"))
@@ -481,14 +571,8 @@ def iptables_rules(spec: RuleSpec) -> str:
     outbound = [f"{m} {untracked}".strip() for m in _outbound_owned(spec)]
     if spec.mode == "hybrid":
         outbound += _icmp_errors_unrelated()
-    for net in spec.inside_networks:
-        for m in outbound:
-            mangle.append(_rule("VPNMASQ_OUT", f"-s {net} {m}", queue))
-    # the same packets, marked before the admin's filter FORWARD sees them (module docstring)
-    mark = f"-j MARK --set-mark {spec.mark:#x}"
-    for net in spec.inside_networks:
-        for m in outbound:
-            mangle.append(_rule("VPNMASQ_MARK", f"-s {net} {m}", mark))
+    for m in outbound:  # the jumps test the inside source (module docstring)
+        mangle.append(_rule("VPNMASQ_OUT", m, queue))
     if hp_to is not None:
         hp = HAIRPIN_CHAINS["mangle"]
         mangle.insert(mangle.index(f":{CHAINS['mangle'][-1]} - [0:0]") + 1, f":{hp} - [0:0]")
@@ -497,58 +581,179 @@ def iptables_rules(spec: RuleSpec) -> str:
             for m in _hairpin_owned(spec):
                 mangle.append(_rule(hp, f"-s {net} {m} {untracked}", queue))
         mangle.append(f"-I PREROUTING 1 ! -i {out_if} -d {hp_to}/32 -j {hp}")
-    mangle.append(f"-I PREROUTING 1 -i {out_if} -j VPNMASQ_IN")
-    mangle.append(f"-I POSTROUTING 1 -o {out_if} -j VPNMASQ_OUT")
-    mangle.append(f"-I FORWARD 1 -o {out_if} -j VPNMASQ_MARK")
+    # packets carrying the mark were offloaded (or already had their verdict): never queued
+    mangle.append(f"-I PREROUTING 1 -i {out_if} -m mark ! --mark {spec.mark:#x} -j VPNMASQ_IN")
+    for net in reversed(spec.inside_networks):  # inserted first, so in the networks' order
+        mangle.append(f"-I POSTROUTING 1 -o {out_if} -s {net} -j VPNMASQ_OUT")
+    if spec.local_icmp_errors:  # issue 8 (h4): the gateway's own ICMP errors
+        last_decl = max(i for i, ln in enumerate(mangle) if ln.startswith(":"))
+        mangle.insert(last_decl + 1, f":{LOCAL_ICMP_CHAIN} - [0:0]")
+        mangle += _local_icmp_errors(spec, queue)
+    if spec.hairpin_icmp_errors and hp_to is not None:  # issue 8 (h4)
+        mangle += _hairpin_icmp_errors(spec, queue)
     mangle.append("COMMIT")
-    return "\n".join(raw + mangle) + "\n"
+    return "\n".join(mangle) + "\n"
 
 
-def nft_rules(spec: RuleSpec) -> str | None:
-    """``nft -f`` input for the ``ip vpnmasq`` table, or ``None`` (userspace mode has no
-    kernel masquerade). Replaces an existing table of that name atomically."""
-    if spec.mode != "hybrid":
-        return None
-    out_if = spec.outside_if
-    nets = ", ".join(spec.inside_networks)
-    klo, khi = spec.kernel_port_range
-    udp = ", ".join(f"{k} : {v}" for k, v in UDP_TIMEOUTS.items())
-    tcp = ", ".join(f"{k} : {v}" for k, v in TCP_TIMEOUTS.items())
-    match = f'oifname "{out_if}" ip saddr {{ {nets} }}'
-    return f"""\
-table ip {NFT_TABLE} {{}}
-delete table ip {NFT_TABLE}
-table ip {NFT_TABLE} {{
-	ct timeout udp_rfc4787 {{
-		protocol udp; l3proto ip;
-		policy = {{ {udp} }};
-	}}
-	ct timeout tcp_rfc5382 {{
-		protocol tcp; l3proto ip;
-		policy = {{ {tcp} }};
-	}}
-	chain postrouting {{
-		type nat hook postrouting priority srcnat; policy accept;
-		{match} meta l4proto {{ tcp, udp }} masquerade to :{klo}-{khi}
-		{match} masquerade
-	}}
-	chain timeouts {{
-		type filter hook forward priority filter - 1; policy accept;
-		{match} ct state new meta l4proto udp ct timeout set "udp_rfc4787"
-		{match} ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"{_nft_mss(spec)}
-	}}
-}}
-"""
+#: nft names of ICMP_ERROR_TYPES (the forward chain marks unrelated errors by type)
+_ICMP_ERROR_NAMES = {
+    3: "destination-unreachable",
+    4: "source-quench",
+    11: "time-exceeded",
+    12: "parameter-problem",
+}
 
 
-def _nft_mss(spec: RuleSpec) -> str:
-    """Hybrid mode MSS clamp: SYNs forwarded through outside_if, either way."""
-    if not spec.mss_clamp:
+def _nft_match(match: str) -> str:
+    """The native nft form of one of the iptables matches of :func:`_inbound_owned`,
+    :func:`_outbound_owned` and :func:`_hairpin_owned` (``-p``, ``--sport``/``--dport`` with
+    a port or ``lo:hi``, ``-m multiport --dports a,b``, ``--icmp-type``; ``""`` matches
+    everything). Untracking (nft) and queueing (iptables) are generated from the same list,
+    so they cannot drift apart."""
+    toks = match.split()
+    proto: str | None = None
+    ports: list[str] = []
+    icmp_type: int | None = None
+    i = 0
+    while i < len(toks):
+        tok, arg = toks[i], toks[i + 1] if i + 1 < len(toks) else ""
+        if tok == "-p":
+            proto = arg
+        elif tok in ("--sport", "--dport"):
+            ports.append(f"{tok[2:]} {arg.replace(':', '-')}")
+        elif tok == "-m" and arg == "multiport":
+            pass
+        elif tok == "--dports":
+            ports.append("dport { " + ", ".join(arg.split(",")) + " }")
+        elif tok == "--icmp-type":
+            icmp_type = int(arg)
+        else:
+            raise ValueError(f"no nft form for {match!r}")
+        i += 2
+    if icmp_type is not None:
+        return f"icmp type {_ICMP_ERROR_NAMES.get(icmp_type, str(icmp_type))}"
+    if proto is None:
         return ""
+    if ports:
+        return " ".join(f"{proto} {p}" for p in ports)
+    return f"meta l4proto {PROTO_NUM.get(proto, proto)}"
+
+
+def _nft_matches(matches: Sequence[str]) -> list[str]:
+    """:func:`_nft_match` of each, with the bare protocol matches (``-p 47``, ``-p 50``, ...)
+    merged into one set lookup where the first of them stood."""
+    placeholder = "\0"  # where the merged protocol rule goes
+    out: list[str] = []
+    protos: list[str] = []
+    for m in matches:
+        n = _nft_match(m)
+        if n.startswith("meta l4proto "):
+            if not protos:
+                out.append(placeholder)
+            protos.append(n.removeprefix("meta l4proto "))
+        else:
+            out.append(n)
+    if protos:
+        uniq = list(dict.fromkeys(protos))
+        merged = uniq[0] if len(uniq) == 1 else "{ " + ", ".join(uniq) + " }"
+        out[out.index(placeholder)] = f"meta l4proto {merged}"
+    return list(dict.fromkeys(out))
+
+
+def _nft_nets(nets: Iterable[str]) -> str:
+    """One network as a prefix (a plain compare), several as an anonymous set."""
+    uniq = list(dict.fromkeys(nets))
+    return uniq[0] if len(uniq) == 1 else "{ " + ", ".join(uniq) + " }"
+
+
+def _chain(name: str, rules: Sequence[str], hook: str | None = None) -> str:
+    body = [f"\t\t{hook}; policy accept;"] if hook else []
+    body += [f"\t\t{r}" for r in rules]
+    return "\t" + f"chain {name} {{\n" + "\n".join(body) + "\n\t}"
+
+
+def nft_rules(spec: RuleSpec) -> str:
+    """``nft -f`` input for the ``ip vpnmasq`` table (every mode). Replaces an existing
+    table of that name atomically. See the module docstring for the chains and why they
+    are ordered as they are: an offloaded packet leaves each chain at its first rule or
+    two."""
+    out_if = spec.outside_if
+    inside = _nft_nets(spec.inside_networks)
+    mark = f"meta mark set {spec.mark:#x}"
+    hp_to = _hairpin_to(spec)
+    raw = [  # before anything: the kernel's martian check (RuleSpec.local_source_guard)
+        f'iifname "{ifname}" fib saddr type local meta pkttype host drop'
+        for ifname in spec.local_source_guard
+    ]
+    raw += ["ct state untracked return", f'iifname "{out_if}" goto raw_in']
+    if hp_to is not None:  # before raw_out, which returns on local destinations
+        raw.append(f"ip saddr {inside} ip daddr {hp_to} goto raw_hp")
+    raw.append(f"ip saddr {inside} goto raw_out")
+    # FIB lookups (``fib``) only after the protocol matches: in hybrid mode most packets are
+    # the kernel's (plain TCP/UDP), which then pay a few compares and no lookup
+    inbound = _nft_matches(_inbound_owned(spec))
+    if spec.public_address is not None:
+        raw_in = [f"ip daddr != {spec.public_address} return"]
+        raw_in += [f"{m} notrack" for m in inbound]
+    else:  # an address of outside_if (addrtype LOCAL --limit-iface-in)
+        raw_in = [f"{m} fib daddr . iif type local notrack" for m in inbound]
+    raw_out = [f"ip daddr {_nft_nets((*spec.inside_networks, *spec.routed_networks))} return"]
+    raw_out += [
+        f"{m} fib daddr type != {{ local, broadcast, multicast }} notrack".lstrip()
+        for m in _nft_matches(_outbound_owned(spec))
+    ]
+    chains = [
+        _chain("raw", raw, "type filter hook prerouting priority raw - 1"),
+        _chain("raw_in", raw_in),
+        _chain("raw_out", raw_out),
+    ]
+    if hp_to is not None:
+        raw_hp = ["fib saddr type local return"]
+        raw_hp += [f"{m} notrack" for m in _nft_matches(_hairpin_owned(spec))]
+        chains.append(_chain("raw_hp", raw_hp))
+    forward = _nft_mss(spec)
+    forward += [f'oifname != "{out_if}" return', f"ip saddr != {inside} return"]
+    forward += [  # return: nothing below applies to an untracked packet
+        f"{m} ct state untracked {mark} return".lstrip()
+        for m in _nft_matches(_outbound_owned(spec))
+    ]
+    head = ""
+    if spec.mode == "hybrid":
+        icmp = ", ".join(_ICMP_ERROR_NAMES[t] for t in ICMP_ERROR_TYPES)
+        forward.append(f"icmp type {{ {icmp} }} ct state {{ invalid, untracked }} {mark}")
+        forward.append('ct state new meta l4proto udp ct timeout set "udp_rfc4787"')
+        forward.append('ct state new meta l4proto tcp ct timeout set "tcp_rfc5382"')
+        udp = ", ".join(f"{k} : {v}" for k, v in UDP_TIMEOUTS.items())
+        tcp = ", ".join(f"{k} : {v}" for k, v in TCP_TIMEOUTS.items())
+        head = (
+            f"\tct timeout udp_rfc4787 {{\n\t\tprotocol udp; l3proto ip;\n"
+            f"\t\tpolicy = {{ {udp} }};\n\t}}\n"
+            f"\tct timeout tcp_rfc5382 {{\n\t\tprotocol tcp; l3proto ip;\n"
+            f"\t\tpolicy = {{ {tcp} }};\n\t}}\n"
+        )
+        klo, khi = spec.kernel_port_range
+        match = f'oifname "{out_if}" ip saddr {{ {", ".join(spec.inside_networks)} }}'
+        nat = [
+            f"{match} meta l4proto {{ tcp, udp }} masquerade to :{klo}-{khi}",
+            f"{match} masquerade",
+        ]
+        chains.append(_chain("postrouting", nat, "type nat hook postrouting priority srcnat"))
+    chains.append(_chain("forward", forward, "type filter hook forward priority mangle - 1"))
+    return (
+        f"table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n"
+        + head
+        + "\n".join(chains)
+        + "\n}\n"
+    )
+
+
+def _nft_mss(spec: RuleSpec) -> list[str]:
+    """Hybrid mode MSS clamp: SYNs forwarded through outside_if, either way."""
+    if not spec.mss_clamp or spec.mode != "hybrid":
+        return []
     m = spec.mss_clamp
     syn = f"tcp flags syn / syn,rst tcp option maxseg size > {m} tcp option maxseg size set {m}"
-    return f'\n\t\toifname "{spec.outside_if}" {syn}\n\t\tiifname "{spec.outside_if}" {syn}'
-
+    return [f'oifname "{spec.outside_if}" {syn}', f'iifname "{spec.outside_if}" {syn}']
 
 
 def nft_removal() -> str:
@@ -782,11 +987,9 @@ def install(spec: RuleSpec, *, netns: str | None = None, iptables: str = "iptabl
     ``netns`` runs the tools in a named network namespace (tests).
     """
     remove(netns=netns, iptables=iptables)
-    try:
+    try:  # nft first: the queue rules only take packets its raw chain untracked
+        _run(["nft", "-f", "-"], netns, nft_rules(spec))
         _run([f"{iptables}-restore", "--noflush"], netns, iptables_rules(spec))
-        nft = nft_rules(spec)
-        if nft is not None:
-            _run(["nft", "-f", "-"], netns, nft)
     except RuleError:
         remove(netns=netns, iptables=iptables)
         raise
@@ -798,17 +1001,17 @@ def replace(spec: RuleSpec, *, netns: str | None = None, iptables: str = "iptabl
     ``iptables-restore`` transaction per table (:func:`iptables_replacement`) and one ``nft -f``
     transaction. On failure the previous rules stay as they were (a handover must not open a
     gap) and :class:`RuleError` is raised.
+
+    The nft table goes first: replacing an older version's rules, whose untracking was in
+    iptables raw, the new table untracks (and marks) the same packets before the old chains
+    go, so the old queue rules keep taking them until the new ones replace them.
     """
+    _run(["nft", "-f", "-"], netns, nft_rules(spec))
     _run(
         [f"{iptables}-restore", "--noflush"],
         netns,
         iptables_replacement(_save(iptables, netns), spec),
     )
-    nft = nft_rules(spec)
-    if nft is not None:
-        _run(["nft", "-f", "-"], netns, nft)
-    elif _nft_has_table(_nft_list(netns)):
-        _run(["nft", "-f", "-"], netns, nft_removal())
 
 
 def remove(*, netns: str | None = None, iptables: str = "iptables") -> None:

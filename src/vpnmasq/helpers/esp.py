@@ -247,6 +247,15 @@ class EspHelper:
             return None  # a waiter's packets never left
         return e
 
+    def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
+        """Inbound ESP as delivered (remote -> LAN host) quoted in an ICMP error from the LAN
+        side or the gateway itself (issue 8): the quoted SPI is the LAN host's inbound SPI,
+        the association's only if it belongs to that host."""
+        ib = inner.buf
+        spi = int.from_bytes(ib[inner.ihl : inner.ihl + 4], "big")
+        e: Entry | None = self.engine.table.get(("esp-i", inner.src, spi), now)
+        return e if e is not None and e.inside_ip == inner.dst else None
+
     # ------------------------------------------------------------------ signals and queries
     def child_exchange(self, host: int, remote: int, xid: Hashable, now: float) -> None:
         """The IKE helper saw ``host`` and ``remote`` run an exchange that creates child SAs."""

@@ -323,6 +323,19 @@ class IsakmpHelper:
             return max(entries, key=lambda x: x.ext.last_seen)
         return None
 
+    def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
+        """Inbound ISAKMP as delivered (remote:500 -> LAN host:500) quoted in an ICMP error
+        from the gateway itself or the LAN (issue 8: e.g. a certificate-sized IKE_AUTH too
+        big for the LAN link): the session both cookies name, if it is that host's."""
+        ib = inner.buf
+        po = inner.ihl + UDP_MIN
+        if len(ib) < po + 16:
+            return None
+        ic = int.from_bytes(ib[po : po + 8], "big")
+        rc = int.from_bytes(ib[po + 8 : po + 16], "big")
+        e: Entry | None = self.engine.table.get(("ike-ir", inner.src, ic, rc), now) if rc else None
+        return e if e is not None and e.inside_ip == inner.dst else None
+
     # ------------------------------------------------------------------ queries
     def holders(self, remote: int, now: float) -> dict[int, float]:
         """LAN hosts holding an IKE session with ``remote`` -> time of their last message."""

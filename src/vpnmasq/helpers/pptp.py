@@ -1220,6 +1220,31 @@ class GreHelper:
         e: Entry | None = table.get(("gi", PROTO_GRE, inner.dst), now)
         return e
 
+    def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
+        """Inbound GRE as delivered (remote -> LAN host, the LAN host's own Call ID) quoted in
+        an ICMP error from the LAN side or the gateway itself (issue 8): that host's call
+        with that remote and Call ID. The calls are scanned (no index by inside Call ID):
+        such errors are rare, and each follows a GRE packet that already cost a slow path."""
+        b = inner.buf
+        l4 = inner.ihl
+        if len(b) < l4 + GRE_MIN_V1 or b[l4 + 1] & 0x07 != 1 or not self.pptp_enabled:
+            return None
+        if int.from_bytes(b[l4 : l4 + 4], "big") & GRE_V1_MASK != GRE_V1_VALUE:
+            return None
+        cid = (b[l4 + GRE_CALL_ID] << 8) | b[l4 + GRE_CALL_ID + 1]
+        for (remote, _peer_id), entries in self.by_peer.items():
+            if remote != inner.src:
+                continue
+            for e in entries:
+                if e.inside_ip == inner.dst and e.inside_port == cid and e.live and e.expires_at > now:
+                    return e
+        return None
+
+    def icmp_embedded_outbound_fix(self, inner: IPv4, entry: Entry) -> None:
+        """The quoted Call ID back to the one the remote sent (our outside Call ID)."""
+        if isinstance(entry.ext, Call) and entry.inside_port != entry.alias_port:
+            inner.set_l4_u16(GRE_CALL_ID, entry.alias_port, None)  # GRE v1 has no checksum
+
     def detail(self, entry: Entry, now: float) -> dict[str, str]:
         c = entry.ext
         if isinstance(c, Call):

@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .topology import Topology
 
 MODES = ("hybrid", "userspace")
+#: how long a control-socket query may wait for the daemon (a busy machine, a busy daemon)
+QUERY_TIMEOUT = 30.0
 
 
 def _toml_value(v: object) -> str:
@@ -157,7 +159,7 @@ class VpnmasqGateway:
         return self.topo.ns("gw")
 
     # ----------------------------------------------------------------- life cycle
-    def start(self, timeout: float = 15.0) -> VpnmasqGateway:
+    def start(self, timeout: float = 60.0) -> VpnmasqGateway:
         if self.proc is not None:
             raise LabError("vpnmasq already started")
         self.config_path.write_text(to_toml(self.config))
@@ -222,16 +224,16 @@ class VpnmasqGateway:
 
     def status(self) -> dict[str, Any]:
         """``vpnmasq status --json``, as a dict: ``entries`` (wire rows) and ``counters``."""
-        return query(self.socket_path, "status")
+        return query(self.socket_path, "status", timeout=QUERY_TIMEOUT)
 
     def rows(self) -> list[Row]:
         return rows_from_wire(self.status().get("entries", []))
 
     def counters(self) -> dict[str, int]:
-        return dict(query(self.socket_path, "counters").get("counters", {}))
+        return dict(query(self.socket_path, "counters", timeout=QUERY_TIMEOUT).get("counters", {}))
 
     def flush(self) -> int:
-        return int(query(self.socket_path, "flush").get("flushed", 0))
+        return int(query(self.socket_path, "flush", timeout=QUERY_TIMEOUT).get("flushed", 0))
 
     def entries(self, kind: str | None = None, **detail: str) -> list[dict[str, Any]]:
         """Wire rows (as ``vpnmasq status --json`` prints them) of one protocol or helper
@@ -266,7 +268,7 @@ class VpnmasqGateway:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log().splitlines()[-n:])
 
-    def wait_log(self, pattern: str, timeout: float = 5.0) -> re.Match[str]:
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
         """Wait until a line of the daemon's log matches ``pattern`` (a regex)."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout

@@ -545,7 +545,7 @@ class Topology:
         argv: Sequence[str],
         *,
         ready: str = "ready",
-        timeout: float = 10.0,
+        timeout: float = 30.0,
         name: str | None = None,
         private_run: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
@@ -655,7 +655,7 @@ class Topology:
         forwards: Sequence[Any] = (),
         config_overrides: Any = None,
         log_level: str = "info",
-        timeout: float = 15.0,
+        timeout: float = 60.0,
     ) -> Any:
         """Run ``vpnmasq run`` in the gateway instead of the kernel's NAT; returns the started
         :class:`vpnmasq.lab.gateway.VpnmasqGateway` (also kept as ``self.vpnmasq``).
@@ -708,9 +708,10 @@ class Topology:
         if bpf:
             argv += bpf.split()
         p = self.popen(role, argv, name=f"tcpdump:{role}:{iface}", stdout=subprocess.DEVNULL)
-        # tcpdump prints "listening on" to stderr once the socket is open.
+        # tcpdump prints "listening on" to stderr once the socket is open (generous: on a
+        # busy machine a late start would miss the first packets)
         assert p.stderr is not None
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         buf = b""
         os.set_blocking(p.stderr.fileno(), False)
         while b"listening on" not in buf and time.monotonic() < deadline and p.poll() is None:
@@ -723,7 +724,7 @@ class Topology:
             time.sleep(0.1)
             p.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(2)
+                p.wait(10)  # its file is complete only once it exits by itself
             self.stop(p)
 
     def start_captures(
@@ -767,11 +768,11 @@ class Topology:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)  # tcpdump flushes and closes the file
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(2)
+                    p.wait(10)
             self.stop(p)
 
 
-def _wait_tcpdump(p: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+def _wait_tcpdump(p: subprocess.Popen[Any], timeout: float = 30.0) -> None:
     """Return once tcpdump prints "listening on" (its socket is open), exits, or timeout."""
     assert p.stderr is not None
     deadline = time.monotonic() + timeout
@@ -820,7 +821,7 @@ class JsonProcess:
         with self._cv:
             self._cv.notify_all()
 
-    def wait_for(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_for(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
         """Wait for the first event with pred(event) true; LabError on timeout or exit."""
         deadline = time.monotonic() + timeout
         with self._cv:
@@ -841,7 +842,7 @@ class JsonProcess:
                     )
                 self._cv.wait(min(left, 0.2))
 
-    def wait_event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait_for(lambda ev: ev.get("event") == name, timeout)
 
     def where(self, **match: Any) -> list[dict[str, Any]]:
