@@ -148,6 +148,14 @@ def vtopo(request: pytest.FixtureRequest) -> Iterator[Topology]:
 
 
 @pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    """No NAT yet (tests start vpnmasq themselves); 2 LAN hosts and 1 remote unless sized by
+    ``@pytest.mark.parametrize("lab", [(hosts, remotes)], indirect=True)``."""
+    hosts, remotes = getattr(request, "param", (2, 1))
+    yield from _make_topo(request, hosts=hosts, remotes=remotes, kernel_nat=False)
+
+
+@pytest.fixture
 def vgw(vtopo: Topology, mode: str, request: pytest.FixtureRequest) -> VpnmasqGateway:
     """``vpnmasq run`` in the gateway of ``vtopo``, default config, in ``mode``."""
     gw: VpnmasqGateway = vtopo.gateway_vpnmasq(mode)

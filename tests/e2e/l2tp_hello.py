@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import select
-import signal
 import socket
 import struct
 import time
 
-from realworld_peers import L2TP_PORT, _emit, _l2tp_hello
+from realworld_peers import L2TP_PORT, _emit, _l2tp_hello, udp_datagrams
 
 
 def _parse(data: bytes) -> tuple[int, int, bytes] | None:
@@ -34,23 +33,8 @@ def _parse(data: bytes) -> tuple[int, int, bytes] | None:
 
 
 def server(bind: str, duration: float) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((bind, L2TP_PORT))
-    stop = False
-
-    def _term(*_a: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _term)
-    _emit({"event": "ready", "port": L2TP_PORT})
     seen: set[tuple[str, int]] = set()
-    t_end = time.monotonic() + duration
-    while not stop and time.monotonic() < t_end:
-        r, _, _ = select.select([sock], [], [], 0.2)
-        if not r:
-            continue
-        data, (addr, port) = sock.recvfrom(65535)
+    for sock, data, addr, port in udp_datagrams(bind, L2TP_PORT, duration):
         msg = _parse(data)
         if msg is None:
             _emit({"event": "bad", "peer": f"{addr}:{port}", "len": len(data)})

@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 TUNSETIFF = 0x400454CA
@@ -220,11 +221,13 @@ def _esp_open(sa: Any, src: str, dst: str, esp: bytes) -> bytes:
     return bytes(sa.decrypt(IP(bytes(ip)))[IP].payload)
 
 
-def l2tp_natt_server(bind: str, duration: float) -> int:
-    from vpnmasq.lab.rawpeers import make_sa
-
+def udp_datagrams(
+    bind: str, port: int, duration: float
+) -> Iterator[tuple[socket.socket, bytes, str, int]]:
+    """A UDP server loop: bind ``bind:port``, emit ``ready``, then yield ``(sock, data,
+    peer address, peer port)`` for each datagram until SIGTERM or ``duration`` seconds."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((bind, NATT_PORT))
+    sock.bind((bind, port))
     stop = False
 
     def _term(*_a: object) -> None:
@@ -232,14 +235,21 @@ def l2tp_natt_server(bind: str, duration: float) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, _term)
-    _emit({"event": "ready", "port": NATT_PORT})
-    seen: set[tuple[str, int]] = set()
+    _emit({"event": "ready", "port": port})
     t_end = time.monotonic() + duration
     while not stop and time.monotonic() < t_end:
         r, _, _ = select.select([sock], [], [], 0.2)
         if not r:
             continue
-        data, (addr, port) = sock.recvfrom(65535)
+        data, (addr, peer_port) = sock.recvfrom(65535)
+        yield sock, data, addr, peer_port
+
+
+def l2tp_natt_server(bind: str, duration: float) -> int:
+    from vpnmasq.lab.rawpeers import make_sa
+
+    seen: set[tuple[str, int]] = set()
+    for sock, data, addr, port in udp_datagrams(bind, NATT_PORT, duration):
         if len(data) < 8 or data[:4] == b"\0\0\0\0":
             continue  # keepalive or IKE (none here)
         spi = struct.unpack("!I", data[:4])[0]

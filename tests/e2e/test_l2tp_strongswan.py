@@ -20,7 +20,6 @@ clients speak) and IKEv2, in both vpnmasq modes.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +34,6 @@ HELLO = str(Path(__file__).with_name("l2tp_hello.py"))
 PY = sys.executable
 CHARON = "/usr/lib/ipsec/charon"
 CONNECT_TIMEOUT = 30.0  # generous: charons and the gateway share two loaded cores
-
-
-@pytest.fixture
-def lab(request: pytest.FixtureRequest) -> Iterator[Topology]:
-    """h1, h2 on the LAN, r1 outside; vpnmasq is started by the test."""
-    topo = Topology(hosts=2, remotes=1)
-    try:
-        topo.up()
-        yield topo
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed and topo.vpnmasq is not None:
-            print("--- vpnmasq status ---\n" + topo.vpnmasq.status_text())
-            print("--- vpnmasq log ---\n" + topo.vpnmasq.log_tail(40))
-    finally:
-        topo.down()
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +31,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
 PEERS = str(Path(__file__).with_name("realworld_peers.py"))
 PY = sys.executable
-
-
-@pytest.fixture
-def lab(request: pytest.FixtureRequest) -> Iterator[Topology]:
-    """A topology sized by ``@pytest.mark.parametrize("lab", [(hosts, remotes)], indirect=True)``."""
-    hosts, remotes = getattr(request, "param", (2, 1))
-    topo = Topology(hosts=hosts, remotes=remotes)
-    try:
-        topo.up()
-        yield topo
-        rep = getattr(request.node, "rep_call", None)
-        if rep is not None and rep.failed and topo.vpnmasq is not None:
-            print("--- vpnmasq status ---\n" + topo.vpnmasq.status_text())
-            print("--- vpnmasq log ---\n" + topo.vpnmasq.log_tail(40))
-    finally:
-        topo.down()
 
 
 def vpnmasq(topo: Topology, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,8 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,30 @@ class IcmpWatch:
     def close(self) -> None:
         self.s.close()
 
+    def __enter__(self) -> IcmpWatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def _running(
+    topo: Topology, workdir: Path, mode: str, *, narrow_lan: bool = False, config: str | None = None
+) -> Iterator[tuple[Daemon, ExitStack]]:
+    """``vpnmasq run`` in ``mode`` (with ``config`` added, the LAN link narrowed to LAN_MTU if
+    asked) and an ExitStack for the test's sockets: they are closed at the end, and then,
+    if the test passed, the daemon must stop cleanly."""
+    d = Daemon(topo, mode, workdir)
+    if config is not None:
+        d.write_config(config)
+    d.start()
+    if narrow_lan:
+        _narrow_lan(topo)
+    with ExitStack() as res:
+        yield d, res
+    assert d.stop() == 0
+
 
 def _wait_error(
     watch: IcmpWatch, send: Callable[[], None], match: Callable[[bytes], bool]
@@ -155,6 +180,62 @@ def _no_private_quoted(errors: list[bytes]) -> None:
             assert not socket.inet_ntoa(addr).startswith("10.77."), f"LAN address leaked: {pkt!r}"
 
 
+def _frag_needed(proto: int | None = None) -> Callable[[bytes], bool]:
+    """Matches "fragmentation needed" (3/4), quoting a packet of ``proto`` when given."""
+
+    def match(pkt: bytes) -> bool:
+        ihl = (pkt[0] & 0x0F) * 4
+        return pkt[ihl : ihl + 2] == b"\x03\x04" and (proto is None or pkt[ihl + 8 + 9] == proto)
+
+    return match
+
+
+def _unreachable_to(dst: str) -> Callable[[bytes], bool]:
+    """Matches a "destination unreachable" quoting a whole IP header addressed to ``dst``."""
+
+    def match(pkt: bytes) -> bool:
+        ihl = (pkt[0] & 0x0F) * 4
+        q = pkt[ihl + 8 :]
+        return pkt[ihl] == 3 and len(q) >= 28 and q[16:20] == socket.inet_aton(dst)
+
+    return match
+
+
+def _frag_needed_quoting(
+    watch: IcmpWatch, send: Callable[[], None], sent: bytes, proto: int | None = None
+) -> tuple[bytes, list[bytes]]:
+    """Send until a frag-needed arrives; it quotes ``sent`` byte for byte, checksums right.
+    Returns (it, every error seen)."""
+    err, seen = _wait_error(watch, send, _frag_needed(proto))
+    quoted = _quoted(err)
+    assert quoted == sent[: len(quoted)], (quoted[:48].hex(), sent[:48].hex())
+    _checksums_ok(err)
+    return err, seen
+
+
+def _inbound_frag_needed(
+    watch: IcmpWatch, raw: socket.socket, sent: bytes, proto: int | None = None
+) -> bytes:
+    """r1 sends ``sent`` to the public address until the gateway's frag-needed arrives: it
+    quotes r1's own packet byte for byte, and no error r1 saw quoted a LAN address."""
+    err, seen = _frag_needed_quoting(watch, lambda: raw.sendto(sent, (PUBLIC, 0)), sent, proto)
+    _no_private_quoted(seen)
+    return err
+
+
+def _outbound_unreachable(watch: IcmpWatch, send: Callable[[], object]) -> bytes:
+    """h1 ``send``s to NOBODY until "host unreachable" arrives: addressed to h1, quoting
+    h1's own address as the source, checksums right. Returns the quoted packet."""
+    # ARP for NOBODY fails after about 3 s; resending keeps the neighbour entry trying
+    err, _ = _wait_error(watch, send, _unreachable_to(NOBODY))
+    p = IP(err)
+    assert p.dst == H1 and (p[ICMP].type, p[ICMP].code) == (3, 1), p.summary()
+    q = _quoted(err)
+    assert q[12:16] == socket.inet_aton(H1)
+    _checksums_ok(err)
+    return q
+
+
 def _udp_mapping(topo: Topology) -> tuple[socket.socket, socket.socket, int]:
     """h1 (an unconnected UDP socket) sends to r1:9; (h1's socket, r1's socket, alias port)."""
     r = sock(topo, "r1", socket.AF_INET, socket.SOCK_DGRAM)
@@ -178,47 +259,32 @@ def _udp_mapping(topo: Topology) -> tuple[socket.socket, socket.socket, int]:
 def test_frag_needed_about_inbound_udp_quotes_the_remotes_own_packet(
     topo: Topology, workdir: Path
 ) -> None:
-    d = Daemon(topo, "userspace", workdir).start()
-    _narrow_lan(topo)
-    h, r, alias = _udp_mapping(topo)
-    watch = IcmpWatch(topo, "r1")
-    raw = _raw_sender(topo, "r1")
-    try:
+    with _running(topo, workdir, "userspace", narrow_lan=True) as (d, res):
+        h, r, alias = _udp_mapping(topo)
+        res.enter_context(h)
+        res.enter_context(r)
+        watch = res.enter_context(IcmpWatch(topo, "r1"))
+        raw = res.enter_context(_raw_sender(topo, "r1"))
         sent = _big_df(R1, PUBLIC, UDP(sport=9, dport=alias))
-
-        def frag_needed(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            return pkt[ihl : ihl + 2] == b"\x03\x04"
-
-        err, seen = _wait_error(watch, lambda: raw.sendto(sent, (PUBLIC, 0)), frag_needed)
+        # byte for byte what r1 sent (TTL included: the MTU check comes before the decrement)
+        err = _inbound_frag_needed(watch, raw, sent)
         p = IP(err)
         assert (p.src, p.dst) == (PUBLIC, R1)
         assert p[ICMP].nexthopmtu == LAN_MTU
-        quoted = _quoted(err)
-        # byte for byte what r1 sent (TTL included: the MTU check comes before the decrement)
-        assert len(quoted) >= 28 and quoted == sent[: len(quoted)], (quoted[:48].hex(), sent[:48].hex())
-        _checksums_ok(err)
-        _no_private_quoted(seen)
+        assert len(_quoted(err)) >= 28
         assert d.counters().get("icmp_local_error_out", 0) >= 1
-    finally:
-        for s in (h, r, raw):
-            s.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
 def test_frag_needed_about_inbound_esp_keeps_the_spi_and_the_public_address(
     topo: Topology, workdir: Path, mode: str
 ) -> None:
-    d = Daemon(topo, mode, workdir).start()
-    _narrow_lan(topo)
-    h1 = sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
-    r_esp = sock(topo, "r1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
-    r_esp.settimeout(1.0)
-    watch = IcmpWatch(topo, "r1")
-    raw = _raw_sender(topo, "r1")
-    try:
+    with _running(topo, workdir, mode, narrow_lan=True) as (d, res):
+        h1 = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
+        r_esp = res.enter_context(sock(topo, "r1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
+        r_esp.settimeout(1.0)
+        watch = res.enter_context(IcmpWatch(topo, "r1"))
+        raw = res.enter_context(_raw_sender(topo, "r1"))
         # h1's outbound SA first, so the remote's answer on SPI 0x2001 is placed at h1
         deadline = time.monotonic() + WAIT_S
         while True:
@@ -232,26 +298,13 @@ def test_frag_needed_about_inbound_esp_keeps_the_spi_and_the_public_address(
             assert time.monotonic() < deadline, "h1's ESP never reached r1"
         esp = Raw(struct.pack("!II", 0x2001, 7) + os.urandom(16))
         sent = _big_df(R1, PUBLIC, esp, proto=IPPROTO_ESP)
-
-        def frag_needed(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            return pkt[ihl : ihl + 2] == b"\x03\x04" and pkt[ihl + 8 + 9] == IPPROTO_ESP
-
-        err, seen = _wait_error(watch, lambda: raw.sendto(sent, (PUBLIC, 0)), frag_needed)
+        err = _inbound_frag_needed(watch, raw, sent, IPPROTO_ESP)
         p = IP(err)
         assert (p.src, p.dst) == (PUBLIC, R1)
         quoted = _quoted(err)
         assert quoted[16:20] == socket.inet_aton(PUBLIC)
         assert quoted[20:24] == struct.pack("!I", 0x2001)
-        assert quoted == sent[: len(quoted)]
-        _checksums_ok(err)
-        _no_private_quoted(seen)
         assert d.counters().get("icmp_local_error_out", 0) >= 1
-    finally:
-        for s in (h1, r_esp, raw):
-            s.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
@@ -260,18 +313,16 @@ def test_frag_needed_about_inbound_isakmp_quotes_the_public_address(
 ) -> None:
     """A certificate-sized IKE message too big for the LAN link: the remote's kernel lowers
     its path MTU only if the error quotes its own packet (ISAKMP is found by its cookies)."""
-    d = Daemon(topo, mode, workdir).start()
-    _narrow_lan(topo)
     ic, rc = int.from_bytes(os.urandom(8), "big") | 1, 0x5EED5EED5EED5EED
-    h = sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM)
-    h.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    h.bind(("0.0.0.0", 500))
-    r = sock(topo, "r1", socket.AF_INET, socket.SOCK_DGRAM)
-    r.bind((R1, 500))
-    r.settimeout(1.0)
-    watch = IcmpWatch(topo, "r1")
-    raw = _raw_sender(topo, "r1")
-    try:
+    with _running(topo, workdir, mode, narrow_lan=True) as (d, res):
+        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM))
+        h.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        h.bind(("0.0.0.0", 500))
+        r = res.enter_context(sock(topo, "r1", socket.AF_INET, socket.SOCK_DGRAM))
+        r.bind((R1, 500))
+        r.settimeout(1.0)
+        watch = res.enter_context(IcmpWatch(topo, "r1"))
+        raw = res.enter_context(_raw_sender(topo, "r1"))
         deadline = time.monotonic() + WAIT_S
         while True:  # IKE_SA_INIT from h1 (IKEv2 header, responder cookie 0)
             h.sendto(struct.pack("!QQBBBBII", ic, 0, 33, 0x20, 34, 0x08, 0, 28), (R1, 500))
@@ -289,22 +340,8 @@ def test_frag_needed_about_inbound_isakmp_quotes_the_public_address(
         assert h.recv(2048) == answer
         auth = Raw(struct.pack("!QQBBBBII", ic, rc, 35, 0x20, 35, 0x20, 1, 1372))
         sent = _big_df(R1, PUBLIC, UDP(sport=500, dport=500) / auth)
-
-        def frag_needed(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            return pkt[ihl : ihl + 2] == b"\x03\x04"
-
-        err, seen = _wait_error(watch, lambda: raw.sendto(sent, (PUBLIC, 0)), frag_needed)
-        quoted = _quoted(err)
-        assert quoted == sent[: len(quoted)], (quoted[:48].hex(), sent[:48].hex())
-        _checksums_ok(err)
-        _no_private_quoted(seen)
+        _inbound_frag_needed(watch, raw, sent)
         assert d.counters().get("icmp_local_error_out", 0) >= 1
-    finally:
-        for s in (h, r, raw):
-            s.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
@@ -313,36 +350,21 @@ def test_frag_needed_about_inbound_pptp_gre_quotes_the_outside_call_id(
 ) -> None:
     """GRE to a PPTP client: the gateway's error must quote the Call ID the server sent (the
     outside one vpnmasq allocated), not the client's own."""
-    d = Daemon(topo, mode, workdir).start()
-    _narrow_lan(topo)
-    remote = Remote(topo)
-    # two callers with the same Call ID: the second gets another one outside
-    calls = [PptpCall(topo, h, call_id=7, timeout=WAIT_S) for h in ("h1", "h2")]
-    watch = IcmpWatch(topo, "r1")
-    raw = _raw_sender(topo, "r1")
-    try:
+    with _running(topo, workdir, mode, narrow_lan=True) as (_d, res):
+        remote = Remote(topo)
+        res.callback(remote.close)
+        # two callers with the same Call ID: the second gets another one outside
+        calls = [PptpCall(topo, h, call_id=7, timeout=WAIT_S) for h in ("h1", "h2")]
+        for c in reversed(calls):
+            res.callback(c.close)
+        watch = res.enter_context(IcmpWatch(topo, "r1"))
+        raw = res.enter_context(_raw_sender(topo, "r1"))
         # the caller's Call ID as the server saw it, for the call where it is not 7
         (outside,) = [remote.calls[c.server_id] for c in calls if remote.calls[c.server_id] != 7]
         gre = Raw(gre_v1(outside, b"\xff\x03" + os.urandom(16)))
         sent = _big_df(R1, PUBLIC, gre, proto=47)
-
-        def frag_needed(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            return pkt[ihl : ihl + 2] == b"\x03\x04" and pkt[ihl + 8 + 9] == 47
-
-        err, seen = _wait_error(watch, lambda: raw.sendto(sent, (PUBLIC, 0)), frag_needed)
-        quoted = _quoted(err)
-        assert quoted == sent[: len(quoted)], (quoted[:48].hex(), sent[:48].hex())
-        assert struct.unpack_from("!H", quoted, 20 + 6)[0] == outside
-        _checksums_ok(err)
-        _no_private_quoted(seen)
-    finally:
-        for c in calls:
-            c.close()
-        remote.close()
-        raw.close()
-        watch.close()
-    assert d.stop() == 0
+        err = _inbound_frag_needed(watch, raw, sent, 47)
+        assert struct.unpack_from("!H", _quoted(err), 20 + 6)[0] == outside
 
 
 def test_host_unreachable_about_an_outbound_packet_reaches_the_lan_host(
@@ -350,32 +372,14 @@ def test_host_unreachable_about_an_outbound_packet_reaches_the_lan_host(
 ) -> None:
     """The kernel addresses it to the public address (the quoted source): RFC 5508 wants it
     at the LAN host, quoting the LAN host's own packet."""
-    d = Daemon(topo, "userspace", workdir).start()
-    watch = IcmpWatch(topo, "h1")
-    h = sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM)
-    h.bind(("0.0.0.0", 0))
-    port = h.getsockname()[1]
-    try:
-
-        def unreachable(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            q = pkt[ihl + 8 :]
-            return pkt[ihl] == 3 and len(q) >= 28 and q[16:20] == socket.inet_aton(NOBODY)
-
-        # ARP for NOBODY fails after about 3 s; resending keeps the neighbour entry trying
-        err, _seen = _wait_error(watch, lambda: h.sendto(b"anyone?", (NOBODY, 9)), unreachable)
-        p = IP(err)
-        assert p.dst == H1 and p[ICMP].type == 3 and p[ICMP].code == 1, p.summary()
-        q = _quoted(err)
-        ihl = (q[0] & 0x0F) * 4
-        assert q[12:16] == socket.inet_aton(H1)
-        assert struct.unpack_from("!HH", q, ihl) == (port, 9)
-        _checksums_ok(err)
+    with _running(topo, workdir, "userspace") as (d, res):
+        watch = res.enter_context(IcmpWatch(topo, "h1"))
+        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM))
+        h.bind(("0.0.0.0", 0))
+        port = h.getsockname()[1]
+        q = _outbound_unreachable(watch, lambda: h.sendto(b"anyone?", (NOBODY, 9)))
+        assert struct.unpack_from("!HH", q, (q[0] & 0x0F) * 4) == (port, 9)
         assert d.counters().get("icmp_local_error_in", 0) >= 1
-    finally:
-        h.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
@@ -383,55 +387,27 @@ def test_host_unreachable_about_outbound_esp_reaches_the_lan_host(
     topo: Topology, workdir: Path, mode: str
 ) -> None:
     """The same for ESP (vpnmasq's in both modes): found by the quoted SPI."""
-    d = Daemon(topo, mode, workdir).start()
-    watch = IcmpWatch(topo, "h1")
-    h = sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
     esp = struct.pack("!II", 0x7001, 1) + b"anyone there?"
-    try:
-
-        def unreachable(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            q = pkt[ihl + 8 :]
-            return pkt[ihl] == 3 and len(q) >= 28 and q[16:20] == socket.inet_aton(NOBODY)
-
-        err, _ = _wait_error(watch, lambda: h.sendto(esp, (NOBODY, 0)), unreachable)
-        p = IP(err)
-        assert p.dst == H1 and (p[ICMP].type, p[ICMP].code) == (3, 1), p.summary()
-        q = _quoted(err)
-        assert q[12:16] == socket.inet_aton(H1) and q[9] == IPPROTO_ESP
+    with _running(topo, workdir, mode) as (d, res):
+        watch = res.enter_context(IcmpWatch(topo, "h1"))
+        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
+        q = _outbound_unreachable(watch, lambda: h.sendto(esp, (NOBODY, 0)))
+        assert q[9] == IPPROTO_ESP
         assert q[20:24] == struct.pack("!I", 0x7001)
-        _checksums_ok(err)
         assert d.counters().get("icmp_local_error_in", 0) >= 1
-    finally:
-        h.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
 def test_pmtud_for_the_lan_still_works_through_a_narrower_outside_link(
     topo: Topology, workdir: Path, mode: str
 ) -> None:
-    d = Daemon(topo, mode, workdir).start()
-    assert gw_run(topo, "ip", "link", "set", "wan0", "mtu", str(LAN_MTU)).returncode == 0
-    watch = IcmpWatch(topo, "h1")
-    raw = _raw_sender(topo, "h1")
-    try:
+    with _running(topo, workdir, mode) as (_d, res):
+        assert gw_run(topo, "ip", "link", "set", "wan0", "mtu", str(LAN_MTU)).returncode == 0
+        watch = res.enter_context(IcmpWatch(topo, "h1"))
+        raw = res.enter_context(_raw_sender(topo, "h1"))
         sent = _big_df(H1, R1, UDP(sport=4444, dport=9))
-
-        def frag_needed(pkt: bytes) -> bool:
-            ihl = (pkt[0] & 0x0F) * 4
-            return pkt[ihl : ihl + 2] == b"\x03\x04"
-
-        err, _ = _wait_error(watch, lambda: raw.sendto(sent, (R1, 0)), frag_needed)
+        err, _ = _frag_needed_quoting(watch, lambda: raw.sendto(sent, (R1, 0)), sent)
         assert IP(err)[ICMP].nexthopmtu == LAN_MTU
-        quoted = _quoted(err)
-        assert quoted == sent[: len(quoted)]
-        _checksums_ok(err)
-    finally:
-        raw.close()
-        watch.close()
-    assert d.stop() == 0
 
 
 def test_rules_queue_the_gateways_icmp_errors_from_output(topo: Topology, workdir: Path) -> None:
@@ -454,17 +430,14 @@ def test_port_unreachable_inside_a_hairpinned_flow_reaches_the_lan_client(
     """h1 -> public:5353, forwarded to srv:5353 where no socket listens: srv's "port
     unreachable" (addressed to the public address, quoting public:alias -> srv) goes back to
     h1 quoting h1's own datagram, so h1's connected socket sees ECONNREFUSED."""
-    d = Daemon(topo, mode, workdir)
-    d.write_config(
-        f'\n[[forward]]\nprotocol = "udp"\nport = {HAIRPIN_UDP_PORT}\nto = "10.77.0.5"\n'
-    )
-    d.start()
-    srv_wire = Sniffer(topo, "srv", "eth0")
-    watch = IcmpWatch(topo, "h1")
-    h = sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM)
-    h.connect((PUBLIC, HAIRPIN_UDP_PORT))
-    port = h.getsockname()[1]
-    try:
+    forward = f'\n[[forward]]\nprotocol = "udp"\nport = {HAIRPIN_UDP_PORT}\nto = "10.77.0.5"\n'
+    with _running(topo, workdir, mode, config=forward) as (d, res):
+        srv_wire = Sniffer(topo, "srv", "eth0")
+        res.callback(srv_wire.close)
+        watch = res.enter_context(IcmpWatch(topo, "h1"))
+        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM))
+        h.connect((PUBLIC, HAIRPIN_UDP_PORT))
+        port = h.getsockname()[1]
 
         def unreachable(pkt: bytes) -> bool:
             ihl = (pkt[0] & 0x0F) * 4
@@ -485,11 +458,6 @@ def test_port_unreachable_inside_a_hairpinned_flow_reaches_the_lan_client(
         # it was srv's error (the gateway would answer a datagram it kept with its own)
         assert any(p.proto == 1 and p.outgoing and p.dst == PUBLIC for p in srv_wire.seen)
         assert d.counters().get("hairpin", 0) >= 2  # h1's datagram and srv's error
-    finally:
-        h.close()
-        watch.close()
-        srv_wire.close()
-    assert d.stop() == 0
 
 
 def _refused(s: socket.socket) -> bool:

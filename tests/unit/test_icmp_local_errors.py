@@ -9,6 +9,8 @@ address (itself), to the LAN host. The lab test is tests/integration/test_icmp_l
 
 from __future__ import annotations
 
+import pytest
+
 from tests.packets import (
     EXT,
     IN,
@@ -176,30 +178,42 @@ def test_a_lan_host_still_cannot_send_errors_about_another_hosts_flow():
 
 
 # ---------------------------------------------------------------- hairpinned flows (issue 8)
-def _hairpin_udp(eng):
-    """PRV1:40000 -> MASQ:5353, forwarded to SRV_LAN:15353; (client's packet as the server
-    got it, the server's answer as the client got it)."""
+def _hairpin_udp():
+    """An engine forwarding MASQ:5353 to SRV_LAN:15353, and PRV1:40000 -> MASQ:5353 through
+    it; (engine, client's packet as the server got it, the server's answer as the client
+    got it)."""
+    eng = make_engine(forwards=(Forward("udp", "10.77.0.5", 5353, to_port=15353),))
     to_srv = accepted(eng.handle(build_udp(PRV1, MASQ, 40000, 5353, b"q" * 60), OUT, 0.0))
     assert (to_srv.src, to_srv.dst, to_srv.u16(2)) == (MASQ, SRV_LAN, 15353)
     reply = build_udp(SRV_LAN, MASQ, 15353, to_srv.u16(0), b"r" * 60)
     to_cli = accepted(eng.handle(reply, OUT, 0.1))
     assert (to_cli.src, to_cli.u16(0), to_cli.dst, to_cli.u16(2)) == (MASQ, 5353, PRV1, 40000)
-    return to_srv, to_cli
+    return eng, to_srv, to_cli
 
 
-def test_server_error_in_a_hairpinned_flow_reaches_the_client_quoting_its_packet():
-    eng = make_engine(forwards=(Forward("udp", "10.77.0.5", 5353, to_port=15353),))
-    to_srv, _ = _hairpin_udp(eng)
-    err = _error(SRV_LAN, MASQ, bytes(to_srv.buf), 3, 3)  # port unreachable from the server
-    ip = accepted(eng.handle(err, OUT, 0.2))
+@pytest.mark.parametrize(
+    ("err_src", "code", "now"),
+    [
+        # port unreachable from the server
+        pytest.param(SRV_LAN, 3, 0.2, id="server-error"),
+        # the gateway cannot deliver a hairpinned datagram to the LAN server (ARP fails): its
+        # host unreachable quotes public:alias -> server and goes to the public address
+        pytest.param(MASQ, 1, 3.0, id="gateway-error"),
+    ],
+)
+def test_error_about_a_hairpinned_packet_reaches_the_client_quoting_its_packet(err_src, code, now):
+    """An error about the client's datagram as the server got it (public:alias -> server)
+    belongs to the LAN client, quoting the client's own datagram."""
+    eng, to_srv, _ = _hairpin_udp()
+    err = _error(err_src, MASQ, bytes(to_srv.buf), 3, code)
+    ip = accepted(eng.handle(err, OUT, now))
     assert (ip.src, ip.dst) == (MASQ, PRV1)
     q = _quoted(ip)
     assert (q.src, q.u16(0), q.dst, q.u16(2)) == (PRV1, 40000, MASQ, 5353)
 
 
 def test_client_error_in_a_hairpinned_flow_reaches_the_server_quoting_its_packet():
-    eng = make_engine(forwards=(Forward("udp", "10.77.0.5", 5353, to_port=15353),))
-    to_srv, to_cli = _hairpin_udp(eng)
+    eng, to_srv, to_cli = _hairpin_udp()
     err = _error(PRV1, MASQ, bytes(to_cli.buf), 3, 3)
     ip = accepted(eng.handle(err, OUT, 0.2))
     assert (ip.src, ip.dst) == (MASQ, SRV_LAN)
@@ -213,19 +227,6 @@ def test_hairpin_error_about_an_unknown_flow_is_dropped_and_pings_stay_local():
     dropped(eng.handle(_error(SRV_LAN, MASQ, bytes(stray), 3, 3), OUT, 0.0), DropReason.ICMP_NO_MAPPING)
     ping = eng.handle(build_icmp(PRV1, MASQ, 8, 0, (9 << 16) | 1, b"hi"), OUT, 0.0)
     assert ping.action is Action.ACCEPT and ping.payload is None
-
-
-def test_gateway_error_about_a_hairpinned_packet_reaches_the_client():
-    """The gateway cannot deliver a hairpinned datagram to the LAN server (ARP fails): its
-    host unreachable quotes public:alias -> server and goes to the public address; it
-    belongs to the LAN client, quoting the client's own datagram."""
-    eng = make_engine(forwards=(Forward("udp", "10.77.0.5", 5353, to_port=15353),))
-    to_srv, _ = _hairpin_udp(eng)
-    err = _error(MASQ, MASQ, bytes(to_srv.buf), 3, 1)
-    ip = accepted(eng.handle(err, OUT, 3.0))
-    assert (ip.src, ip.dst) == (MASQ, PRV1)
-    q = _quoted(ip)
-    assert (q.src, q.u16(0), q.dst, q.u16(2)) == (PRV1, 40000, MASQ, 5353)
 
 
 def test_the_daemons_own_error_about_an_inbound_ah_packet_passes_unchanged():

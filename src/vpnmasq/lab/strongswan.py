@@ -29,7 +29,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .topology import LAN_NET, LabError, Topology
 
@@ -325,8 +325,16 @@ class IpsecResponder:
         self.echo_udp: Any = None
         self.echo_tcp: Any = None
 
-    def start(self) -> IpsecResponder:
+    def start(self) -> Self:
         self.topo.exec(self.role, ["ip", "addr", "replace", f"{self.inner_ip}/32", "dev", "lo"])
+        self._start_charon()
+        if self.echo:
+            self.echo_udp = self._start_echo_server("udp")
+            self.echo_tcp = self._start_echo_server("tcp")
+        return self
+
+    def _start_charon(self) -> None:
+        """Start charon and load the responder connection (local_ts = ``inner_net``)."""
         self.charon.start()
         self.charon.load(
             responder_conf(
@@ -337,33 +345,21 @@ class IpsecResponder:
                 psk=self.psk,
             )
         )
-        if self.echo:
-            py = self.topo.py
-            self.echo_udp = self.topo.start_json(
-                self.role,
-                py(
-                    "vpnmasq.lab.plain",
-                    "udp-echo-server",
-                    "--port",
-                    ECHO_PORT,
-                    "--bind",
-                    self.inner_ip,
-                ),
-                name=f"udp-echo:{self.role}",
-            )
-            self.echo_tcp = self.topo.start_json(
-                self.role,
-                py(
-                    "vpnmasq.lab.plain",
-                    "tcp-echo-server",
-                    "--port",
-                    ECHO_PORT,
-                    "--bind",
-                    self.inner_ip,
-                ),
-                name=f"tcp-echo:{self.role}",
-            )
-        return self
+
+    def _start_echo_server(self, proto: str) -> Any:
+        """A ``udp``/``tcp`` echo server on the inner address, ``ECHO_PORT``."""
+        return self.topo.start_json(
+            self.role,
+            self.topo.py(
+                "vpnmasq.lab.plain",
+                f"{proto}-echo-server",
+                "--port",
+                ECHO_PORT,
+                "--bind",
+                self.inner_ip,
+            ),
+            name=f"{proto}-echo:{self.role}",
+        )
 
     def peers_seen(self) -> list[str]:
         """Inner source addresses the UDP echo server saw (one per client through the tunnel)."""
@@ -400,9 +396,10 @@ class IpsecInitiator:
         self.psk = psk if psk is not None else server.psk
         self.encap = encap
         self.charon = Charon(topo, role, name=f"charon-{role}-to-{server.role}", debug=debug)
+        self.local_ts = "dynamic"
         self.connect_s: float | None = None
 
-    def start(self) -> IpsecInitiator:
+    def start(self) -> Self:
         self.charon.start()
         self.charon.load(
             initiator_conf(
@@ -412,6 +409,7 @@ class IpsecInitiator:
                 version=self.version,
                 psk=self.psk,
                 encap=self.encap,
+                local_ts=self.local_ts,
             )
         )
         return self
@@ -515,17 +513,9 @@ class L2tpIpsecServer(IpsecResponder):
         self.inner_net = l2tp_ts()  # local_ts; clients use it as remote_ts (the server itself)
         self.inner_ip = self.ip
 
-    def start(self) -> L2tpIpsecServer:
-        self.charon.start()
-        self.charon.load(
-            responder_conf(
-                local_ip=self.ip,
-                inner_net=self.inner_net,
-                remote_ts=self.remote_ts,
-                version=self.version,
-                psk=self.psk,
-            )
-        )
+    def start(self) -> Self:
+        # no inner address on lo and no echo servers: the server's inner address is its own
+        self._start_charon()
         return self
 
 
@@ -538,18 +528,4 @@ class L2tpIpsecClient(IpsecInitiator):
     ) -> None:
         super().__init__(topo, role, server, debug=debug)
         self.charon.fwmark = PEER_TS_FWMARK
-
-    def start(self) -> L2tpIpsecClient:
-        self.charon.start()
-        self.charon.load(
-            initiator_conf(
-                local_ip=self.ip,
-                remote_ip=self.server.ip,
-                inner_net=self.server.inner_net,
-                version=self.version,
-                psk=self.psk,
-                encap=self.encap,
-                local_ts=l2tp_ts(),
-            )
-        )
-        return self
+        self.local_ts = l2tp_ts()
