@@ -470,11 +470,18 @@ def udp_echo(
         s.close()
 
 
-def tcp_echo(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:
+def tcp_echo(
+    topo: Topology,
+    role: str,
+    dst: str = R1,
+    port: int = ECHO_PORT,
+    *,
+    timeout: float = ANSWER_TIMEOUT,
+) -> bool:
     s = sock(topo, role, socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
-        s.connect((dst, ECHO_PORT))
+        s.connect((dst, port))
         token = os.urandom(16)
         s.sendall(token)
         return _recv_exact(s, len(token)) == token

@@ -36,12 +36,12 @@ from test_daemon_harness import (
     PptpCall,
     Remote,
     Sniffer,
-    _recv_exact,
     gw_run,
     iptables_save,
     ours_installed,
     remote,
     sock,
+    tcp_echo,
     topo,
     udp_echo,
     wait_for,
@@ -97,22 +97,6 @@ def lan_server(topo: Topology) -> Iterator[Remote]:
         r.close()
 
 
-def tcp_echo_to(
-    topo: Topology, role: str, dst: str, port: int, timeout: float = ANSWER_TIMEOUT
-) -> bool:
-    s = sock(topo, role, socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.settimeout(timeout)
-        s.connect((dst, port))
-        token = os.urandom(16)
-        s.sendall(token)
-        return _recv_exact(s, len(token)) == token
-    except (OSError, ConnectionError):
-        return False
-    finally:
-        s.close()
-
-
 def accept_local(topo: Topology, ifname: str = "lan0") -> str:
     return gw_run(topo, "sysctl", "-n", f"net.ipv4.conf.{ifname}.accept_local").stdout.strip()
 
@@ -158,7 +142,7 @@ def test_lan_hosts_reach_forwarded_lan_servers_through_the_public_address(
     assert accept_local(topo) == "1"
     # TCP (8080 on the public address -> srv:7) and UDP, from both LAN hosts
     for host in ("h1", "h2"):
-        assert tcp_echo_to(topo, host, PUBLIC, 8080), f"TCP hairpin from {host}\n{d.log()}"
+        assert tcp_echo(topo, host, PUBLIC, 8080), f"TCP hairpin from {host}\n{d.log()}"
         assert udp_echo(topo, host, PUBLIC, 7), f"UDP hairpin from {host}"
     # the server saw the public address (its answers come back through the gateway), each
     # client on its own alias port
@@ -223,7 +207,7 @@ def test_only_forwarded_ports_hairpin_and_the_gateways_own_services_stay_local(
     finally:
         srv.close()
         usrv.close()
-    assert tcp_echo_to(topo, "h1", PUBLIC, 8080)  # through the stateful FORWARD chain
+    assert tcp_echo(topo, "h1", PUBLIC, 8080)  # through the stateful FORWARD chain
     c = d.counters()
     assert c.get("hairpin", 0) >= 4, c
     assert not any(r["inside"].startswith(H1) and r["remote"].endswith((":2222", ":5300"))
@@ -321,5 +305,5 @@ def test_hairpin_rules_follow_an_address_change(
     except AssertionError as e:
         raise AssertionError(f"{e}\n{lan_server.peers}\n{d.log()}") from None
     assert lan_server.saw("udp")[-1][0] == NEW_PUBLIC
-    assert tcp_echo_to(topo, "h2", NEW_PUBLIC, 8080)
+    assert tcp_echo(topo, "h2", NEW_PUBLIC, 8080)
     assert d.stop() == 0 and not ours_installed(topo)
