@@ -10,8 +10,8 @@ demo: setup
 	.venv/bin/vpnmasq demo
 
 lint: setup
-	.venv/bin/ruff check src tests bench fuzz
-	.venv/bin/mypy src/vpnmasq
+	.venv/bin/ruff check src lab tests bench fuzz
+	.venv/bin/mypy src/vpnmasq lab/vpnmasq_lab
 	.venv/bin/lint-imports
 
 test: lint

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from vpnmasq.datapath import rules
-from vpnmasq.lab.topology import Topology
 from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
 from vpnmasq.packet.l4 import build_esp, build_gre_v1, build_udp
+from vpnmasq_lab.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
 VPNMASQ = ROOT / ".venv" / "bin" / "vpnmasq"

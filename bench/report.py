@@ -549,7 +549,7 @@ METHOD = """\
   `taskset`, nft and iptables (`scripts/setup.sh` installs them). Results also go to
   `docs/bench-results.json`.
 - Lab (`bench/lab.py`): `h1 10.77.0.11 -- gw -- r1 198.51.100.20`, veth and bridges, built by
-  `vpnmasq.lab.topology.Topology`. Gateway modes per round: `kernel`
+  `vpnmasq_lab.topology.Topology`. Gateway modes per round: `kernel`
   (`Topology.gateway_kernel_nat()`: nftables masquerade plus the kernel PPTP helper),
   `hybrid` and `userspace` (`vpnmasq run`), `offload` (`vpnmasq run` in hybrid mode with
   `offload = true`: the kernel fast path of `vpnmasq.datapath.offload`).

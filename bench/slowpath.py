@@ -25,7 +25,7 @@ from typing import Any
 
 import lab
 
-from vpnmasq.lab.topology import Topology
+from vpnmasq_lab.topology import Topology
 
 MODES = ("kernel", "userspace")
 

@@ -4,9 +4,12 @@
 set -eu
 cd "$(dirname "$0")/.."
 
+# Every package whose files the daemon, the lab, the tests or the benchmarks use;
+# tests/unit/test_system_packages.py checks each file's owner (dpkg -S) against this list.
 APT_PACKAGES="iproute2 nftables iptables conntrack tcpdump tshark iperf3 socat \
-pptpd pptp-linux strongswan-charon strongswan-swanctl libcharon-extra-plugins \
-libstrongswan-extra-plugins netsniff-ng hping3 kmod"
+pptpd pptp-linux strongswan-charon strongswan-libcharon strongswan-swanctl libstrongswan \
+libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins \
+netsniff-ng hping3 kmod procps util-linux mount coreutils dash dpkg openssl"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -30,10 +33,10 @@ STAMP=.venv/.setup-stamp
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
-if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ lab/pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-    .venv/bin/python -c 'import vpnmasq, scapy, click, pyroute2' 
+    .venv/bin/python -m pip install -q -e '.[dev]' -e ./lab 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -c 'import vpnmasq, vpnmasq_lab, scapy, click, pyroute2' 
     touch "$STAMP"
 fi
 echo "setup: ready (.venv/bin/vpnmasq)"

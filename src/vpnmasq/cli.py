@@ -581,10 +581,10 @@ def demo(args: Sequence[str]) -> None:
     the demo; run `vpnmasq demo --help` for its options.
     """
     try:
-        lab_demo = importlib.import_module("vpnmasq.lab.demo")
+        lab_demo = importlib.import_module("vpnmasq_lab.demo")
     except ImportError as e:
-        if _missing_module(e, "vpnmasq.lab.demo", "vpnmasq.lab"):
-            _fail("the lab demo is not part of this build (vpnmasq.lab.demo is missing)")
+        if _missing_module(e, "vpnmasq_lab.demo", "vpnmasq_lab"):
+            _fail("the lab demo is not installed: it is the separate vpnmasq-lab package (pip install ./lab from a clone; `make demo` does it)")
         raise
     rc = lab_demo.main(list(args))
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,6 +1,6 @@
 """Fixtures for end-to-end tests with real VPN peers in network namespaces.
 
-Every test gets a fresh :class:`vpnmasq.lab.topology.Topology` that is torn down afterwards,
+Every test gets a fresh :class:`vpnmasq_lab.topology.Topology` that is torn down afterwards,
 also on failure or Ctrl-C:
 
 * ``topo``: 2 LAN hosts, 1 remote, the kernel's own NAT in the gateway;
@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from vpnmasq.lab.gateway import VpnmasqGateway
-from vpnmasq.lab.topology import Topology, cleanup_stale
+from vpnmasq_lab.gateway import VpnmasqGateway
+from vpnmasq_lab.topology import Topology, cleanup_stale
 
 KEEP_CAPTURES_ENV = "VPNMASQ_KEEP_CAPTURES"
 MODES = ("hybrid", "userspace")

@@ -15,7 +15,7 @@ prints ``{"event": "ready"}`` once the device exists (the caller adds addresses/
 ``l2tp-natt-server`` / ``l2tp-natt-client``: the data path of L2TP/IPsec (RFC 3193): ESP in
 *transport* mode carrying UDP 1701 (an L2TP control header and a token), inside UDP 4500
 (NAT-T, RFC 3948), with real crypto (scapy, keys from the SPI as in
-:mod:`vpnmasq.lab.rawpeers`). No IKE: strongSwan's kernel-libipsec only does tunnel mode
+:mod:`vpnmasq_lab.rawpeers`). No IKE: strongSwan's kernel-libipsec only does tunnel mode
 ("IPsec SA: unsupported mode") and this kernel has no ESP, so a real L2TP/IPsec stack cannot
 run here. The inner UDP checksum covers the sender's own addresses (transport mode), which a
 NAT changes; the receiver reports whether it verifies as received and with the original
@@ -246,7 +246,7 @@ def udp_datagrams(
 
 
 def l2tp_natt_server(bind: str, duration: float) -> int:
-    from vpnmasq.lab.rawpeers import make_sa
+    from vpnmasq_lab.rawpeers import make_sa
 
     seen: set[tuple[str, int]] = set()
     for sock, data, addr, port in udp_datagrams(bind, NATT_PORT, duration):
@@ -275,7 +275,7 @@ def l2tp_natt_server(bind: str, duration: float) -> int:
 
 
 def l2tp_natt_client(server: str, spi: int, token: str, count: int, timeout: float) -> int:
-    from vpnmasq.lab.rawpeers import make_sa
+    from vpnmasq_lab.rawpeers import make_sa
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("0.0.0.0", NATT_PORT))

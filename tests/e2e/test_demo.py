@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vpnmasq.lab.strongswan import CHARON
+from vpnmasq_lab.strongswan import CHARON
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 

@@ -162,11 +162,11 @@ def test_pptp_and_esp_sessions_survive_an_outside_flood(
     vtopo: Any, require: Any, record_property: Any, tmp_path: Path
 ) -> None:
     require("pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy", "py:cryptography")
-    from vpnmasq.lab.pcap import read_ipv4
-    from vpnmasq.lab.pptp_client import PptpClient
-    from vpnmasq.lab.pptp_server import PptpServer
-    from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
-    from vpnmasq.lab.topology import GW_WAN_IP
+    from vpnmasq_lab.pcap import read_ipv4
+    from vpnmasq_lab.pptp_client import PptpClient
+    from vpnmasq_lab.pptp_server import PptpServer
+    from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
+    from vpnmasq_lab.topology import GW_WAN_IP
 
     topo = vtopo
     gw = topo.gateway_vpnmasq(
@@ -267,11 +267,11 @@ def test_an_outsider_cannot_reach_a_real_pptp_call_or_esp_session(
     replayed, and forged PPTP control messages on the control connection's public port.
     Nothing of it reaches the LAN (capture on lan0), the call and the association go on."""
     require("pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy", "py:cryptography")
-    from vpnmasq.lab.pcap import read_ipv4
-    from vpnmasq.lab.pptp_client import PptpClient
-    from vpnmasq.lab.pptp_server import PptpServer
-    from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
-    from vpnmasq.lab.topology import GW_WAN_IP
+    from vpnmasq_lab.pcap import read_ipv4
+    from vpnmasq_lab.pptp_client import PptpClient
+    from vpnmasq_lab.pptp_server import PptpServer
+    from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
+    from vpnmasq_lab.topology import GW_WAN_IP
 
     topo = vtopo
     gw = topo.gateway_vpnmasq("userspace")

@@ -27,9 +27,9 @@ SPI_OUT, SPI_IN = 0x1001, 0x2001
 
 def _sessions(topo: Any) -> tuple[Any, Any]:
     """A PPTP call h1 -> r1 and a raw-ESP association h2 <-> r1, both verified."""
-    from vpnmasq.lab.pptp_client import PptpClient
-    from vpnmasq.lab.pptp_server import PptpServer
-    from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
+    from vpnmasq_lab.pptp_client import PptpClient
+    from vpnmasq_lab.pptp_server import PptpServer
+    from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
 
     r1 = topo.ip("r1")
     PptpServer(topo, "r1").start()
@@ -43,7 +43,7 @@ def _sessions(topo: Any) -> tuple[Any, Any]:
 
 
 def _esp_ok(topo: Any, count: int = 5, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
-    from vpnmasq.lab.rawpeers import run_esp_client
+    from vpnmasq_lab.rawpeers import run_esp_client
 
     return run_esp_client(topo, "h2", topo.ip("r1"), SPI_OUT, SPI_IN, count=count, timeout=timeout)
 
@@ -60,7 +60,7 @@ def test_sigkill_then_restart_with_state_file_keeps_the_vpn_sessions(
     vtopo: Any, require: Any, record_property: Any
 ) -> None:
     require("pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy", "py:cryptography")
-    from vpnmasq.lab.topology import GW_WAN_IP
+    from vpnmasq_lab.topology import GW_WAN_IP
 
     topo = vtopo
     state = topo.workdir / "vpnmasq-state.json"
@@ -134,7 +134,7 @@ def test_a_corrupt_or_incompatible_state_file_is_reported_and_ignored(
     vtopo: Any, require: Any, content: bytes
 ) -> None:
     require("py:scapy", "py:cryptography")
-    from vpnmasq.lab.rawpeers import RawEspServer
+    from vpnmasq_lab.rawpeers import RawEspServer
 
     topo = vtopo
     state: Path = topo.workdir / "vpnmasq-state.json"
@@ -146,7 +146,7 @@ def test_a_corrupt_or_incompatible_state_file_is_reported_and_ignored(
     assert not gw.rows()
     # and it works: a new association is made
     srv = RawEspServer(topo, "r1", [(SPI_OUT, SPI_IN)]).start()
-    from vpnmasq.lab.rawpeers import run_esp_client
+    from vpnmasq_lab.rawpeers import run_esp_client
 
     e = run_esp_client(topo, "h2", topo.ip("r1"), SPI_OUT, SPI_IN, count=3, timeout=5, resend=True)
     assert e["ok"], e

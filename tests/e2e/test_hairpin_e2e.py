@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from vpnmasq.lab.pcap import PROTO_GRE, read_ipv4
-from vpnmasq.lab.pptp_client import PptpClient
-from vpnmasq.lab.pptp_server import PptpServer
-from vpnmasq.lab.strongswan import CHARON, Charon, IpsecResponder, initiator_conf
-from vpnmasq.lab.topology import GW_WAN_IP, LAN_SERVER_IP, Topology
+from vpnmasq_lab.pcap import PROTO_GRE, read_ipv4
+from vpnmasq_lab.pptp_client import PptpClient
+from vpnmasq_lab.pptp_server import PptpServer
+from vpnmasq_lab.strongswan import CHARON, Charon, IpsecResponder, initiator_conf
+from vpnmasq_lab.topology import GW_WAN_IP, LAN_SERVER_IP, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -108,7 +108,7 @@ def test_lan_ipsec_client_reaches_a_lan_ipsec_server_through_the_public_address(
     conf = initiator_conf(local_ip=topo.ip("h1"), remote_ip=GW_WAN_IP, inner_net=srv.inner_net)
     client.load(conf.replace(f"id = {GW_WAN_IP}", f"id = {LAN_SERVER_IP}"))
     client.initiate("net", "home", timeout=15)
-    py = lambda *a: topo.py("vpnmasq.lab.plain", *a)  # noqa: E731
+    py = lambda *a: topo.py("vpnmasq_lab.plain", *a)  # noqa: E731
     echo = topo.run_json("h1", py("udp-echo-client", srv.inner_ip, 7, "--count", 3, "--token", "h1"))
     record_property("udp_through_tunnel", echo)
     record_property("status", gw.status_text())
@@ -136,7 +136,7 @@ def test_lan_hosts_reach_forwarded_tcp_and_udp_servers_through_the_public_addres
             {"protocol": "udp", "port": 5353, "to": LAN_SERVER_IP},
         ],
     )
-    py = lambda *a: topo.py("vpnmasq.lab.plain", *a)  # noqa: E731
+    py = lambda *a: topo.py("vpnmasq_lab.plain", *a)  # noqa: E731
     tcp = topo.start_json("srv", py("tcp-echo-server", "--port", 7))
     udp = topo.start_json("srv", py("udp-echo-server", "--port", 5353))
     hosts = ["h1", "h2"]

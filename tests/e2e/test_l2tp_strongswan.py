@@ -12,7 +12,7 @@ lab's strongSwan changes). The transport-mode data path is covered by scapy ESP
 The closest real case, here: two LAN clients and one server, each a charon, negotiating
 through vpnmasq over NAT-T with L2TP/IPsec's traffic selectors, restricted to the two hosts
 and UDP 1701 (``local_ts = dynamic[udp/1701]``, host-to-host *tunnel* mode; see
-:class:`vpnmasq.lab.strongswan.L2tpIpsecServer`), both tunnels up at once, each carrying an
+:class:`vpnmasq_lab.strongswan.L2tpIpsecServer`), both tunnels up at once, each carrying an
 L2TP-shaped hello echo on UDP 1701 (tests/e2e/l2tp_hello.py). IKEv1 (what desktop L2TP/IPsec
 clients speak) and IKEv2, in both vpnmasq modes.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from tests.waiting import DEADLINE
 
-from vpnmasq.lab.topology import GW_WAN_IP, LabError, Topology
+from vpnmasq_lab.topology import GW_WAN_IP, LabError, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -42,7 +42,7 @@ def test_l2tp_hello_through_strongswan_host_to_host_tunnels_two_clients(
     lab: Topology, mode: str, version: int, require: Any
 ) -> None:
     require(CHARON, "swanctl")
-    from vpnmasq.lab.strongswan import L2tpIpsecClient, L2tpIpsecServer
+    from vpnmasq_lab.strongswan import L2tpIpsecClient, L2tpIpsecServer
 
     topo = lab
     gw = topo.gateway_vpnmasq(mode=mode)
@@ -85,7 +85,7 @@ def test_kernel_libipsec_refuses_transport_mode(lab: Topology, require: Any) -> 
     """The finding behind the case above, recorded as a test: IKE comes up, the transport
     mode CHILD_SA does not, with the error kernel-libipsec gives."""
     require(CHARON, "swanctl")
-    from vpnmasq.lab.strongswan import (
+    from vpnmasq_lab.strongswan import (
         L2tpIpsecClient,
         L2tpIpsecServer,
         l2tp_ts,

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from vpnmasq.lab.pppstub import (
+from vpnmasq_lab.pppstub import (
     FCS_GOOD,
     HdlcDecoder,
     encode_frame,
@@ -15,7 +15,7 @@ from vpnmasq.lab.pppstub import (
     ppp_frame,
     split_ppp,
 )
-from vpnmasq.lab.rawpeers import isakmp_packet, parse_isakmp
+from vpnmasq_lab.rawpeers import isakmp_packet, parse_isakmp
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ def test_esp_round_trip_survives_nat_of_outer_header() -> None:
     import socket
     import struct
 
-    from vpnmasq.lab.rawpeers import esp_decrypt, esp_encrypt, make_sa
+    from vpnmasq_lab.rawpeers import esp_decrypt, esp_encrypt, make_sa
 
     sa = make_sa(0x1001)
     esp = esp_encrypt(sa, "10.77.0.11", "198.51.100.20", b"VMQ h1 1")

@@ -10,9 +10,9 @@ import pytest
 
 from vpnmasq.config import load_config
 from vpnmasq.events import Row
-from vpnmasq.lab.demo import Session, SessionSpec, main, plan_sessions, table_text
-from vpnmasq.lab.gateway import lab_config, to_toml
-from vpnmasq.lab.pcap import PROTO_ESP, PROTO_GRE, PROTO_UDP, read_ipv4
+from vpnmasq_lab.demo import Session, SessionSpec, main, plan_sessions, table_text
+from vpnmasq_lab.gateway import lab_config, to_toml
+from vpnmasq_lab.pcap import PROTO_ESP, PROTO_GRE, PROTO_UDP, read_ipv4
 
 pytestmark = pytest.mark.e2e
 

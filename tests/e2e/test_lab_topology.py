@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from vpnmasq.lab.topology import OWNER_DIR, Topology, cleanup_stale, list_namespaces, netns_pids
+from vpnmasq_lab.topology import OWNER_DIR, Topology, cleanup_stale, list_namespaces, netns_pids
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 _OWNER = """
 import json, sys, time
-from vpnmasq.lab.topology import Topology
+from vpnmasq_lab.topology import Topology
 topo = Topology(hosts=1, remotes=1).up()
-p = topo.start_json("r1", topo.py("vpnmasq.lab.plain", "udp-echo-server", "--port", "7"))
+p = topo.start_json("r1", topo.py("vpnmasq_lab.plain", "udp-echo-server", "--port", "7"))
 print(json.dumps({"tag": topo.tag, "ns": [n.ns for n in topo.nodes.values()],
                   "workdir": str(topo.workdir)}), flush=True)
 time.sleep(60)

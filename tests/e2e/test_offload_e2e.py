@@ -9,10 +9,10 @@ from typing import Any
 
 from tests.waiting import ANSWER_TIMEOUT, wait_until
 
-from vpnmasq.lab.pptp_client import PptpClient
-from vpnmasq.lab.pptp_server import PptpServer
-from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
-from vpnmasq.lab.topology import GW_WAN_IP, Topology
+from vpnmasq_lab.pptp_client import PptpClient
+from vpnmasq_lab.pptp_server import PptpServer
+from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
+from vpnmasq_lab.topology import GW_WAN_IP, Topology
 
 
 def test_established_esp_and_pptp_are_offloaded_to_the_kernel(vtopo: Topology, require: Any) -> None:

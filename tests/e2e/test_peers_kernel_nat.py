@@ -5,7 +5,7 @@ against vpnmasq and compared. Where the kernel is known to fail (raw ESP from a 
 host, remote-sends-first ESP, two PPTP calls on one control connection) the test asserts the
 failure: if a kernel change ever makes it pass, the test flags it.
 
-Topology (vpnmasq.lab.topology): h1 10.77.0.11, h2 10.77.0.12 -- gw (lan0 10.77.0.1,
+Topology (vpnmasq_lab.topology): h1 10.77.0.11, h2 10.77.0.12 -- gw (lan0 10.77.0.1,
 wan0 198.51.100.1, masquerade) -- r1 198.51.100.20.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
-from vpnmasq.lab.pptp_client import PptpClient
-from vpnmasq.lab.pptp_server import PptpServer
-from vpnmasq.lab.rawpeers import IsakmpServer, RawEspServer, run_esp_client, run_isakmp_client
-from vpnmasq.lab.strongswan import CHARON, IpsecInitiator, IpsecResponder
-from vpnmasq.lab.topology import GW_WAN_IP, Topology
+from vpnmasq_lab.pptp_client import PptpClient
+from vpnmasq_lab.pptp_server import PptpServer
+from vpnmasq_lab.rawpeers import IsakmpServer, RawEspServer, run_esp_client, run_isakmp_client
+from vpnmasq_lab.strongswan import CHARON, IpsecInitiator, IpsecResponder
+from vpnmasq_lab.topology import GW_WAN_IP, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -51,16 +51,16 @@ def _ct_stat(topo: Topology, key: str) -> int:
 def test_plain_traffic_through_kernel_nat(topo: Topology, record_property: Any) -> None:
     """Baseline: ICMP, UDP and TCP from both hosts reach r1 as 198.51.100.1."""
     py = topo.py
-    udp = topo.start_json("r1", py("vpnmasq.lab.plain", "udp-echo-server", "--port", 7))
-    topo.start_json("r1", py("vpnmasq.lab.plain", "tcp-echo-server", "--port", 7))
+    udp = topo.start_json("r1", py("vpnmasq_lab.plain", "udp-echo-server", "--port", 7))
+    topo.start_json("r1", py("vpnmasq_lab.plain", "tcp-echo-server", "--port", 7))
     for h in topo.hosts:
-        assert topo.run_json(h, py("vpnmasq.lab.plain", "ping", "198.51.100.20", "--count", 2))[
+        assert topo.run_json(h, py("vpnmasq_lab.plain", "ping", "198.51.100.20", "--count", 2))[
             "ok"
         ]
         assert topo.run_json(
             h,
             py(
-                "vpnmasq.lab.plain",
+                "vpnmasq_lab.plain",
                 "udp-echo-client",
                 "198.51.100.20",
                 7,
@@ -73,7 +73,7 @@ def test_plain_traffic_through_kernel_nat(topo: Topology, record_property: Any) 
         assert topo.run_json(
             h,
             py(
-                "vpnmasq.lab.plain",
+                "vpnmasq_lab.plain",
                 "tcp-echo-client",
                 "198.51.100.20",
                 7,

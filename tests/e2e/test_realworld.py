@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from tests.waiting import ANSWER_TIMEOUT, wait_until
 
-from vpnmasq.lab.topology import GW_WAN_IP, LabError, Topology
+from vpnmasq_lab.topology import GW_WAN_IP, LabError, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns]
 
@@ -67,9 +67,9 @@ def test_lan_reaches_a_remote_network_through_a_lan_gre_router(lab: Topology, mo
                          "net.ipv4.conf.gre1.rp_filter=0"])
     topo.exec("h1", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
     topo.exec("r1", ["ip", "addr", "add", "10.88.0.1/32", "dev", "lo"])
-    echo = topo.start_json("r1", topo.py("vpnmasq.lab.plain", "udp-echo-server", "--port", "7",
+    echo = topo.start_json("r1", topo.py("vpnmasq_lab.plain", "udp-echo-server", "--port", "7",
                                          "--bind", "10.88.0.1"))
-    res = topo.run_json("h2", topo.py("vpnmasq.lab.plain", "udp-echo-client", "10.88.0.1", "7",
+    res = topo.run_json("h2", topo.py("vpnmasq_lab.plain", "udp-echo-client", "10.88.0.1", "7",
                                       "--count", "3", "--token", "h2"))
     assert res["ok"], res
     peers = [ev["peer"].split(":")[0] for ev in echo.where(event="peer")]
@@ -94,7 +94,7 @@ def test_strongswan_on_the_gateway_and_a_lan_ipsec_client_at_once(
     UDP 500 and 4500. With local_vpn the gateway's IKE and ESP-in-UDP replies, which no LAN
     host claims, are delivered to it; with local_vpn = "never" they are dropped."""
     require("/usr/lib/ipsec/charon", "swanctl")
-    from vpnmasq.lab.strongswan import Charon, IpsecInitiator, IpsecResponder, initiator_conf
+    from vpnmasq_lab.strongswan import Charon, IpsecInitiator, IpsecResponder, initiator_conf
 
     topo = lab
     r1 = IpsecResponder(topo, "r1").start()
@@ -119,7 +119,7 @@ def test_strongswan_on_the_gateway_and_a_lan_ipsec_client_at_once(
     client.connect()
     own.initiate("net", "home")
     res_lan = client.udp_echo(count=3)
-    res_gw = topo.run_json("gw", topo.py("vpnmasq.lab.plain", "udp-echo-client", r2.inner_ip, "7",
+    res_gw = topo.run_json("gw", topo.py("vpnmasq_lab.plain", "udp-echo-client", r2.inner_ip, "7",
                                          "--count", "3", "--token", "gw"))
     assert res_lan["ok"], res_lan
     assert res_gw["ok"], res_gw
@@ -250,7 +250,7 @@ def test_certificate_sized_ike_auth_ip_fragmented_on_a_1492_link(
     from scapy.layers.inet import IP
     from scapy.utils import rdpcap
 
-    from vpnmasq.lab.strongswan import Charon
+    from vpnmasq_lab.strongswan import Charon
 
     topo = lab
     pki = topo.mkdir("pki")
@@ -259,7 +259,7 @@ def test_certificate_sized_ike_auth_ip_fragmented_on_a_1492_link(
     topo.exec("r1", ["ip", "link", "set", "eth0", "mtu", "1492"])
     gw = topo.gateway_vpnmasq(mode=mode)
     topo.exec("r1", ["ip", "addr", "add", "10.99.20.1/32", "dev", "lo"])
-    topo.start_json("r1", topo.py("vpnmasq.lab.plain", "udp-echo-server", "--port", "7",
+    topo.start_json("r1", topo.py("vpnmasq_lab.plain", "udp-echo-server", "--port", "7",
                                   "--bind", "10.99.20.1"))
     peers = {}
     for role, conf in (("r1", IKE_CERT_RESPONDER), ("h1", IKE_CERT_INITIATOR)):
@@ -272,7 +272,7 @@ def test_certificate_sized_ike_auth_ip_fragmented_on_a_1492_link(
         peers[role] = ch
     with topo.capture("gw", "wan0", pki / "wan0.pcap"):
         peers["h1"].initiate("net", "home")
-        res = topo.run_json("h1", topo.py("vpnmasq.lab.plain", "udp-echo-client", "10.99.20.1",
+        res = topo.run_json("h1", topo.py("vpnmasq_lab.plain", "udp-echo-client", "10.99.20.1",
                                           "7", "--count", "2"))
     assert res["ok"], res
     frags = [p[IP] for p in rdpcap(str(pki / "wan0.pcap")) if IP in p and (p[IP].flags.MF or p[IP].frag)]
@@ -311,7 +311,7 @@ def test_ipv6_forwarding_is_unaffected(lab: Topology, mode: str) -> None:
     res = topo.run_json("h1", [PY, PEERS, "udp6-echo-client", "fd51::20", "7"])
     assert res["ok"], res
     assert [e["peer"] for e in srv.where(event="peer")] == ["fd77::11"]
-    v4 = topo.run_json("h1", topo.py("vpnmasq.lab.plain", "ping", "198.51.100.20", "--count", "2"))
+    v4 = topo.run_json("h1", topo.py("vpnmasq_lab.plain", "ping", "198.51.100.20", "--count", "2"))
     assert v4.get("received", 0) >= 1, v4  # IPv4 still masqueraded alongside
     ip6 = topo.exec("gw", ["ip6tables-save"], check=False).stdout
     assert "VPNMASQ" not in ip6
@@ -355,8 +355,8 @@ def test_diagnose_on_a_broken_gateway_then_follows_a_pptp_host(lab: Topology, re
     rule added and GRE blocked at the remote, it follows h1's PPTP call to "GRE out, nothing
     back"."""
     require("pptpd", "pptp")
-    from vpnmasq.lab.pptp_client import PptpClient
-    from vpnmasq.lab.pptp_server import PptpServer
+    from vpnmasq_lab.pptp_client import PptpClient
+    from vpnmasq_lab.pptp_server import PptpServer
 
     topo = lab
     cgn = "100.64.0.1"
@@ -433,7 +433,7 @@ def test_trace_writes_a_pcapng_of_both_sides_with_pairs(lab: Topology, tmp_path:
     # capturing once its packet sockets (one per interface: lan0, wan0) exist
     wait_until(lambda: _packet_sockets(tracer.pid) >= 2 or tracer.poll() is not None,
                what="vpnmasq trace to open its sockets")  # fmt: skip
-    from vpnmasq.lab.rawpeers import RawEspServer, run_esp_client
+    from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
 
     RawEspServer(topo, "r1", [(0x1001, 0x2001)]).start()
     res = run_esp_client(topo, "h1", topo.ip("r1"), 0x1001, 0x2001, count=3, timeout=ANSWER_TIMEOUT)

@@ -22,19 +22,19 @@ from typing import Any, TypeVar
 import pytest
 from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
-from vpnmasq.lab.gateway import VpnmasqGateway
-from vpnmasq.lab.pcap import PROTO_GRE, PROTO_UDP, read_ipv4
-from vpnmasq.lab.pptp_client import PptpClient
-from vpnmasq.lab.pptp_server import PptpServer
-from vpnmasq.lab.rawpeers import (
+from vpnmasq_lab.gateway import VpnmasqGateway
+from vpnmasq_lab.pcap import PROTO_GRE, PROTO_UDP, read_ipv4
+from vpnmasq_lab.pptp_client import PptpClient
+from vpnmasq_lab.pptp_server import PptpServer
+from vpnmasq_lab.rawpeers import (
     IsakmpServer,
     RawEspServer,
     esp_client_argv,
     run_esp_client,
     run_isakmp_client,
 )
-from vpnmasq.lab.strongswan import CHARON, IpsecInitiator, IpsecResponder
-from vpnmasq.lab.topology import GW_WAN_IP, LAN_SERVER_IP, Topology
+from vpnmasq_lab.strongswan import CHARON, IpsecInitiator, IpsecResponder
+from vpnmasq_lab.topology import GW_WAN_IP, LAN_SERVER_IP, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -74,7 +74,7 @@ def _parallel(fn: Callable[[T], R], items: list[T]) -> list[R]:
 
 
 def _py(topo: Topology, *args: object) -> list[str]:
-    return topo.py("vpnmasq.lab.plain", *args)
+    return topo.py("vpnmasq_lab.plain", *args)
 
 
 # -------------------------------------------------------------------------------- plain
@@ -426,9 +426,9 @@ def test_ah_refused_with_reason_in_log(vgw: VpnmasqGateway, record_property: Any
     topo = vgw.topo
     r1 = topo.ip("r1")
     listener = topo.start_json(
-        "r1", topo.py("vpnmasq.lab.rawpeers", "raw-listen", "--proto", 51, "--bind", r1)
+        "r1", topo.py("vpnmasq_lab.rawpeers", "raw-listen", "--proto", 51, "--bind", r1)
     )
-    sent = topo.run_json("h1", topo.py("vpnmasq.lab.rawpeers", "ah-send", "--dst", r1))
+    sent = topo.run_json("h1", topo.py("vpnmasq_lab.rawpeers", "ah-send", "--dst", r1))
     counters = _wait_counter(vgw, "drop:ah-cannot-be-masqueraded", sent["sent"])
     line = vgw.wait_log(r"ah-cannot-be-masqueraded: LAN host 10\.77\.0\.11 <-> 198\.51\.100\.20")
     listener.stop()

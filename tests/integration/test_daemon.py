@@ -38,7 +38,7 @@ from test_daemon_harness import (
 )
 from tests.waiting import ANSWER_TIMEOUT
 
-from vpnmasq.lab.topology import Topology
+from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]

@@ -1,6 +1,6 @@
 """Harness for the daemon integration tests (test_daemon.py, test_daemon_lifecycle.py).
 
-The lab is :class:`vpnmasq.lab.topology.Topology`: LAN hosts h1 (10.77.0.11) and h2
+The lab is :class:`vpnmasq_lab.topology.Topology`: LAN hosts h1 (10.77.0.11) and h2
 (10.77.0.12) and a LAN server srv (10.77.0.5) on one switch, the gateway gw (lan0 10.77.0.1,
 wan0 198.51.100.1) and an outside host r1 (198.51.100.20). ``vpnmasq run`` runs in gw as a
 real process (:class:`Daemon`); everything else is driven from the test process with sockets
@@ -46,7 +46,7 @@ from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.control import ControlError, query
-from vpnmasq.lab.topology import Topology, cleanup_stale
+from vpnmasq_lab.topology import Topology, cleanup_stale
 
 LAN = ipaddress.IPv4Network("10.77.0.0/24")
 PUBLIC = "198.51.100.1"

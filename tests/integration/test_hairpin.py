@@ -51,7 +51,7 @@ from test_daemon_harness import (
 from tests.waiting import ANSWER_TIMEOUT
 
 from vpnmasq.daemon import HAIRPIN_SYSCTL_FILE
-from vpnmasq.lab.topology import Topology
+from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]

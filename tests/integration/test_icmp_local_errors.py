@@ -46,7 +46,7 @@ from test_daemon_harness import (
 )
 from tests.waiting import DEADLINE, wait_until
 
-from vpnmasq.lab.topology import Topology
+from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 scapy_all = pytest.importorskip("scapy.all")

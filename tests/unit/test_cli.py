@@ -317,22 +317,22 @@ def test_run_without_daemon_module(monkeypatch: pytest.MonkeyPatch, good: Path) 
 
 def test_demo_passes_arguments_through(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[str]] = []
-    fake = types.ModuleType("vpnmasq.lab.demo")
+    fake = types.ModuleType("vpnmasq_lab.demo")
 
     def main(argv: list[str]) -> int:
         seen.append(argv)
         return 3
 
     fake.main = main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "vpnmasq.lab.demo", fake)
+    monkeypatch.setitem(sys.modules, "vpnmasq_lab.demo", fake)
     r = invoke("demo", "--hosts", "3", "--help")
     assert r.exit_code == 3 and seen == [["--hosts", "3", "--help"]]
 
 
 def test_demo_absent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "vpnmasq.lab.demo", None)
+    monkeypatch.setitem(sys.modules, "vpnmasq_lab.demo", None)
     r = invoke("demo")
-    assert r.exit_code == 1 and "lab demo is not part of this build" in r.output
+    assert r.exit_code == 1 and "lab demo is not installed" in r.output and "vpnmasq-lab" in r.output
 
 
 # ------------------------------------------------------------------------------ replay

@@ -3,13 +3,13 @@
 Each is a function (usable in-process, e.g. inside a namespace subprocess) and a CLI
 subcommand that prints one JSON object on stdout::
 
-    python -m vpnmasq.lab.plain ping 198.51.100.20 --count 3
-    python -m vpnmasq.lab.plain udp-echo-server --port 7           # runs until killed
-    python -m vpnmasq.lab.plain udp-echo-client 198.51.100.20 7 --count 5 --token h1
-    python -m vpnmasq.lab.plain tcp-echo-server --port 7
-    python -m vpnmasq.lab.plain tcp-echo-client 198.51.100.20 7 --count 5 --token h1
-    python -m vpnmasq.lab.plain http-server --port 80                # web-like traffic:
-    python -m vpnmasq.lab.plain http-client 198.51.100.22 80 --count 3 --token h1
+    python -m vpnmasq_lab.plain ping 198.51.100.20 --count 3
+    python -m vpnmasq_lab.plain udp-echo-server --port 7           # runs until killed
+    python -m vpnmasq_lab.plain udp-echo-client 198.51.100.20 7 --count 5 --token h1
+    python -m vpnmasq_lab.plain tcp-echo-server --port 7
+    python -m vpnmasq_lab.plain tcp-echo-client 198.51.100.20 7 --count 5 --token h1
+    python -m vpnmasq_lab.plain http-server --port 80                # web-like traffic:
+    python -m vpnmasq_lab.plain http-client 198.51.100.22 80 --count 3 --token h1
 
 Servers print ``{"event": "ready", ...}`` once listening and ``{"event": "peer", "peer":
 "ip:port"}`` the first time they see a peer, so a test can check what source address and
@@ -352,7 +352,7 @@ def http_client(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.plain")
+    ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.plain")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("ping")
     p.add_argument("dst")

@@ -9,7 +9,7 @@ the same on the client side, on fd 0 when run with ``--nolaunchpppd``.
 
 Codec (pure): :func:`fcs16`, :func:`encode_frame`, :class:`HdlcDecoder`.
 
-Server role (pptpd's ``ppp`` program): ``python -m vpnmasq.lab.pppstub --log-dir D -- ARGS``.
+Server role (pptpd's ``ppp`` program): ``python -m vpnmasq_lab.pppstub --log-dir D -- ARGS``.
 pptpctrl runs it as ``<ppp> local file <optfile> 115200 <localip>:<remoteip> ipparam
 <client public ip> remotenumber <client public ip>`` with the pty slave on fds 0 and 1. It
 puts the pty in raw mode and answers every test frame (PPP protocol 0x0021 carrying
@@ -273,7 +273,7 @@ def _arg_after(args: Sequence[str], key: str) -> str | None:
 def write_wrapper(path: Path, log_dir: Path, python: str = sys.executable) -> Path:
     """Write the executable that pptpd's ``ppp`` option points at (it takes no arguments)."""
     path.write_text(
-        f'#!/bin/sh\nexec {python} -m vpnmasq.lab.pppstub --log-dir {log_dir} -- "$@"\n'
+        f'#!/bin/sh\nexec {python} -m vpnmasq_lab.pppstub --log-dir {log_dir} -- "$@"\n'
     )
     path.chmod(0o755)
     return path
@@ -289,7 +289,7 @@ def read_stub_logs(log_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.pppstub")
+    ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.pppstub")
     ap.add_argument("--log-dir", type=Path)
     ap.add_argument("pppd_args", nargs="*", help="whatever pptpctrl passes to pppd")
     a = ap.parse_args(argv)

@@ -3,7 +3,7 @@
 With ``--nolaunchpppd`` pptp uses its fd 0 as the "pty" of a pppd that is not there: it reads
 async-HDLC frames from fd 0 and writes frames from the server back to it. We give it one
 end of a ``socketpair`` as stdin and stdout and play pppd on the other end with
-:mod:`vpnmasq.lab.pppstub`'s codec::
+:mod:`vpnmasq_lab.pppstub`'s codec::
 
     c = PptpClient(topo, "h1", topo.ip("r1"), token="h1").start()
     res = c.exchange(count=5)    # PptpResult(sent, received, verified, crosstalk, ...)

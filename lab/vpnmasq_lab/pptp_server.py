@@ -1,4 +1,4 @@
-"""PoPToP ``pptpd`` in a namespace, with :mod:`vpnmasq.lab.pppstub` as its ``ppp`` program.
+"""PoPToP ``pptpd`` in a namespace, with :mod:`vpnmasq_lab.pppstub` as its ``ppp`` program.
 
 ::
 

@@ -47,7 +47,7 @@ from .gateway import VpnmasqGateway
 from .pptp_client import PptpClient
 from .pptp_server import PptpServer
 from .rawpeers import RawEspServer, run_esp_client
-from .strongswan import CHARON, IpsecInitiator, IpsecResponder
+from .strongswan import CHARON, IpsecInitiator, IpsecResponder, missing_plugins
 from .topology import GW_WAN_IP, LAN_SERVER_IP, LabError, Topology, cleanup_stale
 
 DEFAULT_HOSTS = 6
@@ -257,7 +257,7 @@ class Session(threading.Thread):
             r = self.topo.run_json(
                 self.spec.client,
                 self.topo.py(
-                    "vpnmasq.lab.plain",
+                    "vpnmasq_lab.plain",
                     "http-client",
                     self.topo.ip(self.spec.server),
                     WEB_PORT,
@@ -334,7 +334,7 @@ class Servers:
         if "web" in kinds:
             srv.web = topo.start_json(
                 WEB_SERVER,
-                topo.py("vpnmasq.lab.plain", "http-server", "--port", WEB_PORT),
+                topo.py("vpnmasq_lab.plain", "http-server", "--port", WEB_PORT),
                 name="http-server",
             )
         return srv
@@ -795,8 +795,10 @@ def main(argv: list[str] | None = None) -> int:
         out.print(f"vpnmasq demo: missing programs: {', '.join(missing)}", style="red")
         return 2
     have_pptp = not _missing(["pptpd", "pptp", "/usr/sbin/pptpctrl"])
-    have_swan = not _missing([CHARON, "swanctl"])
-    for ok, what in ((have_pptp, "PPTP (pptpd, pptp)"), (have_swan, "strongSwan (charon)")):
+    swan_plugins = missing_plugins()
+    have_swan = not _missing([CHARON, "swanctl"]) and not swan_plugins
+    swan_what = "strongSwan (charon)" + (f": plugins {', '.join(swan_plugins)}" if swan_plugins else "")
+    for ok, what in ((have_pptp, "PPTP (pptpd, pptp)"), (have_swan, swan_what)):
         if not ok:
             out.print(f"note: {what} not installed; those sessions are left out", style="yellow")
     style = "quiet" if args.quiet else ("live" if out.is_terminal else "text")

@@ -10,8 +10,8 @@ ESP (real ESP from :class:`scapy.layers.ipsec.SecurityAssociation`: AES-CBC + HM
 transport mode, next header 253 "experimental", keys derived from the SPI and a seed so the
 two ends need only agree on SPIs)::
 
-    python -m vpnmasq.lab.rawpeers esp-server --bind 198.51.100.20 --sa 0x1001:0x2001 --sa 0x1002:0x2002
-    python -m vpnmasq.lab.rawpeers esp-client --server 198.51.100.20 --spi-out 0x1001 --spi-in 0x2001 --token h1
+    python -m vpnmasq_lab.rawpeers esp-server --bind 198.51.100.20 --sa 0x1001:0x2001 --sa 0x1002:0x2002
+    python -m vpnmasq_lab.rawpeers esp-client --server 198.51.100.20 --spi-out 0x1001 --spi-in 0x2001 --token h1
 
 ``--sa IN:OUT``: the server receives on SPI IN and answers on SPI OUT, to whatever source
 address the packet came from (the gateway's public address behind a NAT). It echoes the
@@ -23,8 +23,8 @@ are counted as ``foreign`` (that is cross-talk: another client's traffic deliver
 ISAKMP (plain ``struct`` encoding of the RFC 2408 / RFC 7296 header plus one Vendor ID
 payload that carries a token)::
 
-    python -m vpnmasq.lab.rawpeers isakmp-server --bind 198.51.100.20
-    python -m vpnmasq.lab.rawpeers isakmp-client --server 198.51.100.20 --version 1 --token h1
+    python -m vpnmasq_lab.rawpeers isakmp-server --bind 198.51.100.20
+    python -m vpnmasq_lab.rawpeers isakmp-client --server 198.51.100.20 --version 1 --token h1
 
 The client sends from source port 500 (``--sport``) with a random initiator cookie; the
 server answers each initiator cookie with a stable responder cookie and reports the source
@@ -41,8 +41,8 @@ host's SA is being associated).
 
 AH (IP protocol 51), which no NAT can rewrite::
 
-    python -m vpnmasq.lab.rawpeers ah-send --dst 198.51.100.20 --count 3
-    python -m vpnmasq.lab.rawpeers raw-listen --proto 51 --bind 198.51.100.20   # counts arrivals
+    python -m vpnmasq_lab.rawpeers ah-send --dst 198.51.100.20 --count 3
+    python -m vpnmasq_lab.rawpeers raw-listen --proto 51 --bind 198.51.100.20   # counts arrivals
 """
 
 from __future__ import annotations
@@ -865,7 +865,7 @@ def _sa_pair(s: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.rawpeers")
+    ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.rawpeers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("esp-server")
     p.add_argument("--bind", required=True)

@@ -15,7 +15,7 @@ Usage::
     with Topology(hosts=2, remotes=1) as topo:
         topo.gateway_kernel_nat()
         topo.exec("h1", ["ip", "route"])
-        p = topo.popen("r1", topo.py("vpnmasq.lab.plain", "udp-echo-server", "--port", "7"))
+        p = topo.popen("r1", topo.py("vpnmasq_lab.plain", "udp-echo-server", "--port", "7"))
 
 Every process started through :meth:`Topology.popen` is tracked and killed by
 :meth:`Topology.down`, which also kills whatever else still runs inside the namespaces and
@@ -515,7 +515,7 @@ class Topology:
 
     @staticmethod
     def py(module: str, *args: object) -> list[str]:
-        """argv to run a module with this interpreter: ``topo.py("vpnmasq.lab.plain", ...)``."""
+        """argv to run a module with this interpreter: ``topo.py("vpnmasq_lab.plain", ...)``."""
         return [sys.executable, "-m", module, *(str(a) for a in args)]
 
     def run_json(
@@ -658,7 +658,7 @@ class Topology:
         timeout: float = 60.0,
     ) -> Any:
         """Run ``vpnmasq run`` in the gateway instead of the kernel's NAT; returns the started
-        :class:`vpnmasq.lab.gateway.VpnmasqGateway` (also kept as ``self.vpnmasq``).
+        :class:`vpnmasq_lab.gateway.VpnmasqGateway` (also kept as ``self.vpnmasq``).
 
         Removes the kernel NAT table first and stops a daemon this topology started before.
         ``forwards``: ``[[forward]]`` tables as dicts (``{"protocol": "gre", "to": ...}``);
@@ -914,10 +914,10 @@ def kernel_has(option: str) -> bool | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpnmasq.lab.topology cleanup [--prefix P] [--force]`` or ``up`` (demo shell)."""
+    """``python -m vpnmasq_lab.topology cleanup [--prefix P] [--force]`` or ``up`` (demo shell)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m vpnmasq.lab.topology")
+    ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.topology")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("cleanup", help="remove namespaces left by crashed lab runs")
     c.add_argument("--prefix", default=DEFAULT_PREFIX)
