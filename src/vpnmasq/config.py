@@ -128,6 +128,23 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Sync:
+    """[sync]: replicate the table to a standby gateway (docs/HA.md). Off unless ``peer``."""
+
+    peer: str | None = None  # "address:port" of the other gateway's sync listener
+    listen: str | None = None  # "address:port" this gateway receives on
+    key_file: str | None = None  # shared secret (both gateways read the same bytes)
+    interface: str | None = None  # bind the sync socket to this device
+    node: int = 1  # 1 or 2: which half of each identifier range new mappings come from
+    full_sync_interval: float = 10.0
+    queue: int = 256  # datagrams waiting to be sent; more are dropped (then a full resync)
+
+    @property
+    def enabled(self) -> bool:
+        return self.peer is not None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     outside_interface: str = "wan0"
     inside_networks: tuple[str, ...] = ("10.0.0.0/8",)
@@ -163,6 +180,7 @@ class Config:
     local_vpn: LocalVpnPolicy = "auto"
     mss_clamp: int = 0
     routes: tuple[Route, ...] = ()
+    sync: Sync = field(default_factory=Sync)
 
     def inside_nets(self) -> tuple[ipaddress.IPv4Network, ...]:
         return tuple(ipaddress.IPv4Network(n, strict=False) for n in self.inside_networks)
@@ -691,6 +709,55 @@ ESP_DOCS: dict[str, tuple[_Kind, str]] = {
     "max_pending_per_host": (_COUNT1, "New outbound SPIs one inside host may have pending."),
 }
 
+SYNC_KEYS: tuple[KeySpec, ...] = (
+    KeySpec(
+        "peer",
+        _Kind('"address:port"', _p_host_port),
+        "The other gateway's sync listener. Setting it turns on replication: the gateway "
+        "that holds the public address sends its table there; the other keeps it and takes "
+        "over when the address arrives (keepalived moves it; docs/HA.md). Needs "
+        "public_address (the virtual public address), listen and key_file.",
+    ),
+    KeySpec(
+        "listen",
+        _Kind('"address:port"', _p_host_port),
+        "Address and UDP port this gateway receives sync messages on (a dedicated link or "
+        "the LAN; never the outside).",
+    ),
+    KeySpec(
+        "key_file",
+        _PATH,
+        "File holding the shared key (at least 16 bytes, the same file on both gateways, "
+        "mode 0600). Every message carries an HMAC-SHA256 over it, a sequence number and "
+        "a timestamp; forged, replayed or stale messages are dropped and counted.",
+    ),
+    KeySpec(
+        "interface",
+        _Kind("interface name", _p_ifname),
+        "Bind the sync socket to this interface (SO_BINDTODEVICE). Unset: any.",
+    ),
+    KeySpec(
+        "node",
+        _k_int(1, 2, "1 or 2"),
+        "Role hint, different on the two gateways: node 1 hands out new ports, ICMP ids and "
+        "PPTP Call IDs from the lower half of each range, node 2 from the upper half, so "
+        "even when both are active at once (split brain) no identifier goes to two hosts.",
+    ),
+    KeySpec(
+        "full_sync_interval",
+        _SECONDS,
+        "The active gateway re-sends the whole table this often (changes go at once), so a "
+        "standby that joined late or lost messages catches up.",
+    ),
+    KeySpec(
+        "queue",
+        _COUNT1,
+        "Sync datagrams that may wait for the socket. When the standby or the link is "
+        "slow, more are dropped and counted (the packet path never waits), and a full "
+        "resync follows.",
+    ),
+)
+
 TIMEOUT_KEYS: tuple[KeySpec, ...] = tuple(KeySpec(k, _SECONDS, d) for k, d in TIMEOUT_DOCS.items())
 LIMIT_KEYS: tuple[KeySpec, ...] = tuple(KeySpec(k, kd[0], kd[1]) for k, kd in LIMIT_DOCS.items())
 ESP_KEYS: tuple[KeySpec, ...] = tuple(KeySpec(k, kd[0], kd[1]) for k, kd in ESP_DOCS.items())
@@ -755,6 +822,7 @@ _TABLES: dict[str, tuple[type[Any], str, tuple[KeySpec, ...]]] = {
     "timeouts": (Timeouts, "timeouts", TIMEOUT_KEYS),
     "limits": (Limits, "limits", LIMIT_KEYS),
     "esp": (EspPolicy, "esp", ESP_KEYS),
+    "sync": (Sync, "sync", SYNC_KEYS),
 }
 _TOP_BY_KEY = {s.key: s for s in TOP_KEYS}
 _TOP_NAMES: tuple[str, ...] = (*(s.key for s in TOP_KEYS), *_TABLES, "forward", "route")
@@ -763,10 +831,11 @@ _TOP_NAMES: tuple[str, ...] = (*(s.key for s in TOP_KEYS), *_TABLES, "forward", 
 def _check_docs_cover_dataclasses() -> None:
     """Every dataclass field is documented exactly once (cheap; runs at import)."""
     pairs: list[tuple[type[Any], tuple[KeySpec, ...], set[str]]] = [
-        (Config, TOP_KEYS, {"timeouts", "limits", "esp", "forwards", "routes"}),
+        (Config, TOP_KEYS, {"timeouts", "limits", "esp", "forwards", "routes", "sync"}),
         (Timeouts, TIMEOUT_KEYS, set()),
         (Limits, LIMIT_KEYS, set()),
         (EspPolicy, ESP_KEYS, set()),
+        (Sync, SYNC_KEYS, set()),
         (Forward, FORWARD_KEYS, set()),
         (Route, ROUTE_KEYS, set()),
     ]
@@ -1309,6 +1378,33 @@ def _cross_checks(config: Config, errors: _Problems) -> None:
             break
         seen.append((i, f))
     _route_checks(config, errors)
+    _sync_checks(config, errors)
+
+
+def _sync_checks(config: Config, errors: _Problems) -> None:
+    sync = config.sync
+    if not sync.enabled:
+        for name in ("listen", "key_file", "interface"):
+            if getattr(sync, name) is not None:
+                errors.add(f"sync.{name}", f"sync.{name} needs sync.peer (replication is off)")
+        return
+    for name in ("listen", "key_file"):
+        if getattr(sync, name) is None:
+            errors.add("sync.peer", f"replication needs sync.{name} too")
+    if config.public_address is None:
+        errors.add(
+            "sync.peer",
+            "replication needs public_address: the virtual public address keepalived moves "
+            "(the gateway holding it is the active one)",
+        )
+    for name in ("peer", "listen"):
+        host = str(getattr(sync, name) or "").rpartition(":")[0]
+        if name == "listen" and host in ("", "0.0.0.0"):
+            continue
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            errors.add(f"sync.{name}", f'"{getattr(sync, name)}" needs an IPv4 address')
 
 
 def _route_checks(config: Config, errors: _Problems) -> None:
@@ -1501,6 +1597,7 @@ def _sections() -> list[tuple[str, str, tuple[KeySpec, ...], object]]:
         ("[timeouts] (seconds)", "timeouts.", TIMEOUT_KEYS, Timeouts()),
         ("[limits]", "limits.", LIMIT_KEYS, Limits()),
         ("[esp] (IPsec ESP association policy)", "esp.", ESP_KEYS, EspPolicy()),
+        ("[sync] (active/standby table replication, docs/HA.md)", "sync.", SYNC_KEYS, Sync()),
         ("[[forward]] (one table per rule; publishes an inside server)", "", FORWARD_KEYS, None),
         (
             "[[route]] (one table per remote network behind a LAN VPN router)",

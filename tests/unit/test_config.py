@@ -371,7 +371,7 @@ def test_explain_markdown_has_one_row_per_key() -> None:
     md = explain("markdown")
     rows = [line for line in md.splitlines() if line.startswith("| `")]
     total = len(TOP_KEYS) + len(TIMEOUT_KEYS) + len(LIMIT_KEYS) + len(ESP_KEYS) + len(FORWARD_KEYS)
-    total += len(cfgmod.ROUTE_KEYS)
+    total += len(cfgmod.ROUTE_KEYS) + len(cfgmod.SYNC_KEYS)
     assert len(rows) == total
     assert "| `timeouts.udp` | seconds | `300` |" in md
 
@@ -440,3 +440,55 @@ def test_bad_timeout_is_reported_on_its_own_line(
     err = error_of("\n".join(lines) + "\n")
     bad = keys[bad_index]
     assert (err.key, err.line) == (f"timeouts.{bad}", where[bad])
+
+
+# ------------------------------------------------------------------------------ [sync]
+SYNC_OK = """\
+outside_interface = "wan0"
+inside_networks = ["10.77.0.0/24"]
+public_address = "198.51.100.1"
+[sync]
+peer = "10.99.0.2:3790"
+listen = "10.99.0.1:3790"
+key_file = "/etc/vpnmasq/sync.key"
+node = 2
+"""
+
+
+def test_sync_section_loads_and_is_off_by_default() -> None:
+    assert not Config().sync.enabled
+    c = load_config(SYNC_OK)
+    assert c.sync.enabled
+    assert (c.sync.peer, c.sync.listen, c.sync.node) == ("10.99.0.2:3790", "10.99.0.1:3790", 2)
+    assert c.sync.full_sync_interval == 10.0
+
+
+@pytest.mark.parametrize(
+    "edit, key, words",
+    [
+        ('public_address = "198.51.100.1"\n', "sync.peer", "needs public_address"),
+        ('key_file = "/etc/vpnmasq/sync.key"\n', "sync.peer", "needs sync.key_file"),
+        ("node = 2\n", None, None),
+        ('peer = "10.99.0.2:3790"\n', "sync.listen", "needs sync.peer"),
+    ],
+)
+def test_sync_section_needs_its_companions(edit: str, key: str | None, words: str | None) -> None:
+    text = SYNC_OK.replace(edit, "")
+    if key is None:
+        assert load_config(text).sync.node == 1
+        return
+    with pytest.raises(ConfigError) as exc:
+        load_config(text)
+    assert key in str(exc.value) and words in str(exc.value)
+
+
+def test_sync_node_is_1_or_2() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(SYNC_OK.replace("node = 2", "node = 3"))
+    assert "sync.node" in str(exc.value)
+
+
+def test_explain_documents_sync() -> None:
+    text = explain()
+    for spec in cfgmod.SYNC_KEYS:
+        assert f"\nsync.{spec.key}  (" in text
