@@ -185,6 +185,13 @@ class Config:
     def inside_nets(self) -> tuple[ipaddress.IPv4Network, ...]:
         return tuple(ipaddress.IPv4Network(n, strict=False) for n in self.inside_networks)
 
+    @property
+    def alias_port_ranges(self) -> tuple[tuple[int, int], ...]:
+        """The pool of TCP/UDP ports vpnmasq maps LAN hosts to on the public address, as
+        (low, high) pairs: the engine's port allocator takes them from here, and the rules
+        queue the inbound and hairpinned packets to exactly these ports."""
+        return tuple((r.low, r.high) for r in (self.port_range, self.low_port_range))
+
 
 KNOWN_HELPERS: tuple[str, ...] = ("isakmp", "natt", "esp", "pptp", "gre", "ah", "fwz")
 FORWARD_PROTOCOLS: tuple[str, ...] = ("tcp", "udp", "gre", "esp")

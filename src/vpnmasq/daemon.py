@@ -19,8 +19,8 @@ then :meth:`Gateway.start`:
    (:func:`vpnmasq.datapath.rules.install`); a ``--handover`` start swaps the predecessor's
    rules for its own atomically (:func:`vpnmasq.datapath.rules.replace`), so there is no
    moment without them.
-4. with ``[[forward]]``s that hairpin (LAN hosts reaching them through the public address),
-   turns ``accept_local`` on for the LAN interfaces after the rules (with their guard) are in
+4. when it hairpins (LAN hosts reaching each other through the public address: every
+   mapping in userspace mode, ``[[forward]]``s in both modes), turns ``accept_local`` on for the LAN interfaces after the rules (with their guard) are in
    place, recording the admin's values next to the control socket (:class:`HairpinSysctls`);
    a normal stop puts them back, a handover leaves them to the successor.
 
@@ -432,6 +432,7 @@ def rule_spec(
         alias_port_range=(config.port_range.low, config.port_range.high),
         kernel_port_range=(config.kernel_port_range.low, config.kernel_port_range.high),
         low_port_range=(config.low_port_range.low, config.low_port_range.high),
+        alias_ranges=config.alias_port_ranges,
         forwards=[(f.protocol, f.port) for f in config.forwards],
         forward_reply_ports=[
             (f.protocol, f.to_port)
@@ -497,7 +498,7 @@ class Gateway:
         # Hairpinning needs accept_local on the LAN interfaces (HairpinSysctls); the guard
         # rule that comes with it is installed before the sysctl is changed.
         hairpin_ifs: list[str] = []
-        if hairpin_forwards(cfg):
+        if rules.hairpins(cfg.mode, hairpin_forwards(cfg)):
             hairpin_ifs = rules.interfaces_towards(
                 rules.main_routes(), cfg.inside_networks, cfg.outside_interface
             )
@@ -523,9 +524,12 @@ class Gateway:
             cfg.queue_num,
         )
         if hairpin_ifs:
+            hairpinned = [_describe_hairpin(h) for h in hairpin_forwards(cfg)]
+            if cfg.mode == "userspace":
+                hairpinned.insert(0, "every mapping")
             log.info(
                 "hairpinning %s from %s (accept_local set on: %s)",
-                ", ".join(_describe_hairpin(h) for h in hairpin_forwards(cfg)),
+                ", ".join(hairpinned),
                 ",".join(hairpin_ifs),
                 ",".join(self.hairpin_sysctls.guard) or "none needed",
             )
@@ -982,9 +986,9 @@ class Gateway:
     def _follow_hairpin_address(self) -> None:
         """The hairpin rules name the public address (packets from the LAN to it cannot be
         matched by interface): swap them atomically for the new address. Only needed when
-        ``public_address`` is not configured and some forward hairpins."""
+        ``public_address`` is not configured and something hairpins."""
         cfg = self.config
-        if cfg.public_address or not hairpin_forwards(cfg):
+        if cfg.public_address or not rules.hairpins(cfg.mode, hairpin_forwards(cfg)):
             return
         try:
             rules.replace(

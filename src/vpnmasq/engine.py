@@ -198,8 +198,7 @@ class Engine:
             on_remove=self._on_remove,
         )
         self.rng = random.Random(rng_seed)
-        pr, lo = config.port_range, config.low_port_range
-        ranges = [(pr.low, pr.high), (lo.low, lo.high)]
+        ranges = list(config.alias_port_ranges)
         self.ports: dict[int, IdAllocator] = {
             PROTO_TCP: IdAllocator(ranges, self.rng, preserve=config.preserve_ports),
             PROTO_UDP: IdAllocator(
@@ -1195,8 +1194,7 @@ class Engine:
             return True
         ib = inner.buf
         sport = (ib[inner.ihl] << 8) | ib[inner.ihl + 1]
-        pr, lo = self.config.port_range, self.config.low_port_range
-        return sport not in pr and sport not in lo
+        return not any(lo <= sport <= hi for lo, hi in self.config.alias_port_ranges)
 
     def _icmp_error_out(self, ip: IPv4, off: int, now: float, *, local: bool = False) -> Verdict:
         """A LAN host's ICMP error about a packet it received through us (RFC 5508 REQ-4).

@@ -107,7 +107,13 @@ def test_userspace_untracks_in_native_nft_chains() -> None:
     assert nft_chain(text, "raw") == [
         "ct state untracked return",
         'iifname "wan0" goto raw_in',
+        "ip saddr 10.77.0.0/24 ip daddr 198.51.100.1 goto raw_hp",  # every mapping hairpins
         "ip saddr 10.77.0.0/24 goto raw_out",
+    ]
+    assert nft_chain(text, "raw_hp") == [
+        "fib saddr type local return",
+        "tcp dport 61000-65535 notrack",
+        "udp dport 61000-65535 notrack",
     ]
     assert nft_chain(text, "raw_in") == [
         "ip daddr != 198.51.100.1 return",
@@ -135,6 +141,7 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
     assert mangle == [
         ":VPNMASQ_IN - [0:0]",
         ":VPNMASQ_OUT - [0:0]",
+        ":VPNMASQ_HP - [0:0]",
         "-A VPNMASQ_IN ! -d 198.51.100.1/32 -j RETURN",
         f"-A VPNMASQ_IN -p tcp --dport 61000:65535 {q}",
         f"-A VPNMASQ_IN -p udp --dport 61000:65535 {q}",
@@ -144,6 +151,10 @@ def test_userspace_mangle_chains_queue_only_untracked() -> None:
         f"-A VPNMASQ_IN -p 50 {q}",
         f"-A VPNMASQ_IN -p 51 {q}",
         f"-A VPNMASQ_OUT {q}",
+        "-A VPNMASQ_HP -m addrtype --src-type LOCAL -j RETURN",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --dport 61000:65535 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --dport 61000:65535 {q}",
+        "-I PREROUTING 1 ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP",
         "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x564d -j VPNMASQ_IN",
         "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT",
     ]
@@ -415,7 +426,10 @@ def test_an_offloaded_packet_leaves_every_chain_at_its_first_rules() -> None:
         assert fwd[0] == 'oifname != "wan0" return'
         assert all(ln.endswith(" return") for ln in fwd if "meta mark set" in ln and "icmp" not in ln)
         jumps = [ln for ln in lines(iptables_rules(s)) if ln.startswith("-I ")]
+        # userspace mode hairpins every mapping: packets from the LAN to the public address
+        hairpin = ["-I PREROUTING 1 ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP"]
         assert jumps == [
+            *(hairpin if mode == "userspace" else []),
             "-I PREROUTING 1 -i wan0 -m mark ! --mark 0x77 -j VPNMASQ_IN",
             "-I POSTROUTING 1 -o wan0 -s 10.77.0.0/24 -j VPNMASQ_OUT",
         ]
@@ -562,12 +576,13 @@ def test_low_port_range_replies_are_owned_too() -> None:
 HAIRPINS = [("tcp", 8080, 80), ("udp", 53, 53), ("gre", None, None)]
 
 
-def test_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_address() -> None:
-    """A LAN client's packets to a forwarded port (or GRE) and the LAN server's answers to
-    the client's alias port are untracked in raw and queued in mangle PREROUTING, for
-    packets that came in on any interface but the outside one; a local source is never
-    hairpinned (the gateway's own packets looped through lo)."""
-    s = spec(mode="userspace", hairpin_forwards=HAIRPINS)
+def test_hybrid_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_address() -> None:
+    """Hybrid mode: a LAN client's packets to a forwarded port (or GRE) and the LAN server's
+    answers to the client's alias port are untracked in raw and queued in mangle PREROUTING,
+    for packets that came in on any interface but the outside one; a local source is never
+    hairpinned (the gateway's own packets looped through lo). Plain traffic's mappings are
+    the kernel's: nothing else to the public address is queued."""
+    s = spec(mode="hybrid", hairpin_forwards=HAIRPINS)
     nft = nft_rules(s)
     raw = nft_chain(nft, "raw")
     # after the outside interface went to raw_in, before raw_out (which returns on local
@@ -598,16 +613,51 @@ def test_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_public_a
         f"-A VPNMASQ_HP -s 10.77.0.0/24 -p 47 {q}",
     ]
     assert "-I PREROUTING 1 ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
-    # the same in hybrid mode: hairpinned flows are never the kernel's
-    h = spec(mode="hybrid", hairpin_forwards=HAIRPINS)
-    assert nft_chain(nft_rules(h), "raw_hp") == nft_chain(nft, "raw_hp")
-    assert [ln for ln in lines(iptables_rules(h)) if "VPNMASQ_HP " in ln] == [
-        ln for ln in mangle if "VPNMASQ_HP " in ln
+
+
+def test_userspace_hairpins_the_whole_port_pool_and_the_forwards() -> None:
+    """Userspace mode: TCP/UDP from the LAN to any port of the engine's pool (every mapping;
+    a forwarded server's answers go there too) and to the forwarded ports (GRE too). The
+    pool is the one the daemon passes from Config.alias_port_ranges, every range of it."""
+    s = spec(mode="userspace", hairpin_forwards=HAIRPINS, alias_ranges=[(61000, 65535), (600, 1023)])
+    assert nft_chain(nft_rules(s), "raw_hp") == [
+        "fib saddr type local return",
+        "tcp dport 61000-65535 notrack",
+        "udp dport 61000-65535 notrack",
+        "tcp dport 600-1023 notrack",
+        "udp dport 600-1023 notrack",
+        "tcp dport 8080 notrack",
+        "udp dport 53 notrack",
+        "meta l4proto 47 notrack",
     ]
+    q = "-m conntrack --ctstate UNTRACKED -j NFQUEUE --queue-num 5"
+    assert [ln for ln in lines(iptables_rules(s)) if ln.startswith("-A VPNMASQ_HP")] == [
+        "-A VPNMASQ_HP -m addrtype --src-type LOCAL -j RETURN",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --dport 61000:65535 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --dport 61000:65535 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --dport 600:1023 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --dport 600:1023 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p tcp --dport 8080 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p udp --dport 53 {q}",
+        f"-A VPNMASQ_HP -s 10.77.0.0/24 -p 47 {q}",
+    ]
+    # the pool, not the kernel's range, and never ICMP queries (pinging the public address
+    # is answered by the gateway)
+    assert "32768" not in nft_rules(s) and "icmp" not in " ".join(nft_chain(nft_rules(s), "raw_hp"))
+
+
+def test_the_pool_defaults_to_the_alias_and_low_port_ranges_and_is_validated() -> None:
+    assert spec(low_port_range=(600, 1023)).alias_ranges == ((61000, 65535), (600, 1023))
+    assert spec().alias_ranges == ((61000, 65535),)
+    assert spec(mode="userspace", alias_ranges=[(2000, 2999)]).alias_ranges == ((2000, 2999),)
+    with pytest.raises(ValueError, match="overlaps kernel port range"):
+        spec(mode="hybrid", alias_ranges=[(61000, 65535), (40000, 40999)])
+    with pytest.raises(ValueError, match="alias_ranges"):
+        spec(alias_ranges=[(0, 10)])
 
 def test_hairpin_replies_to_low_port_aliases_and_every_inside_network() -> None:
     s = spec(
-        mode="userspace",
+        mode="hybrid",
         inside_networks=[INSIDE, "192.168.1.0/24"],
         low_port_range=(600, 1023),
         hairpin_forwards=[("tcp", 443, 443)],
@@ -619,10 +669,11 @@ def test_hairpin_replies_to_low_port_aliases_and_every_inside_network() -> None:
     for net in (INSIDE, "192.168.1.0/24"):
         assert any(ln.startswith(f"-A VPNMASQ_HP -s {net} -p tcp --dport 443 ") for ln in ls)
 
-def test_hairpin_needs_forwards_and_an_address() -> None:
+def test_hairpin_needs_forwards_or_userspace_mode_and_an_address() -> None:
     for s in (
-        spec(mode="userspace"),  # no forwards: no hairpin
+        spec(mode="hybrid"),  # hybrid mode without forwards: no hairpin
         spec(mode="userspace", public_address=None, hairpin_forwards=HAIRPINS),  # no address yet
+        spec(mode="userspace", public_address=None),
     ):
         assert "_HP" not in iptables_rules(s) and "raw_hp" not in nft_rules(s)
     followed = spec(
@@ -657,7 +708,7 @@ def test_local_source_guard_comes_first_and_only_for_named_lan_interfaces() -> N
 def test_replacement_drops_hairpin_chains_the_new_spec_does_not_have() -> None:
     old = spec(mode="userspace", hairpin_forwards=HAIRPINS, local_source_guard=["lan0"])
     old_save = re.sub(r"-I (\w+) 1 ", r"-A \1 ", iptables_rules(old))
-    text = iptables_replacement(old_save, spec(mode="userspace"))
+    text = iptables_replacement(old_save, spec(mode="hybrid"))
     mangle = table(text, "mangle")
     assert "-D PREROUTING ! -i wan0 -d 198.51.100.1/32 -j VPNMASQ_HP" in mangle
     assert mangle[-2:] == ["-F VPNMASQ_HP", "-X VPNMASQ_HP"]
@@ -720,6 +771,30 @@ def test_daemon_hairpins_forwards_without_a_remote_restriction(tmp_path: Path) -
     nft = nft_rules(s)
     assert "tcp dport 22 notrack" in nft_chain(nft, "raw_in")  # still forwarded from outside ...
     assert not any("22" in ln for ln in nft_chain(nft, "raw_hp"))  # ... not hairpinned
+
+
+def test_the_rules_queue_the_engines_port_pool(tmp_path: Path) -> None:
+    """One home: the daemon passes Config.alias_port_ranges, the pool the engine allocates
+    from, so the inbound and hairpin rules follow any change of it."""
+    from vpnmasq import daemon
+    from vpnmasq.config import Config, PortRange
+    from vpnmasq.engine import Engine
+
+    cfg = Config(
+        inside_networks=(INSIDE,),
+        mode="userspace",
+        port_range=PortRange(40000, 40999),
+        low_port_range=PortRange(700, 799),
+        control_socket=str(tmp_path / "ctl.sock"),
+    )
+    assert cfg.alias_port_ranges == ((40000, 40999), (700, 799))
+    s = daemon.rule_spec(cfg, PUBLIC)
+    assert s.alias_ranges == cfg.alias_port_ranges
+    hp = nft_chain(nft_rules(s), "raw_hp")
+    assert "udp dport 40000-40999 notrack" in hp and "tcp dport 700-799 notrack" in hp
+    assert "udp dport 40000-40999 notrack" in nft_chain(nft_rules(s), "raw_in")
+    eng = Engine(cfg, rng_seed=1)
+    assert [a.ranges for a in eng.ports.values()] == [[(40000, 40999), (700, 799)]] * 2
 
 
 class FakeSysctl:

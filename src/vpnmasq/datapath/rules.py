@@ -109,20 +109,23 @@ iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
   UDP 500 and TCP 1723 there.
 * With ``public_address=None`` the inbound match is
   ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
-* **Hairpinning** (``hairpin_forwards``; a LAN host reaching a forwarded LAN server through
-  the public address, RFC 4787 REQ-9 / RFC 5382 REQ-8): without vpnmasq the kernel delivers
-  such packets to the gateway itself. ``raw_hp`` (nft) and ``VPNMASQ_HP`` (mangle
-  PREROUTING, jumped to for ``! -i outside_if -d PUBLIC``) untrack and queue, from the inside
-  networks only, the client's packets to a forwarded port (or GRE) and the server's answers
-  from its port to the alias ranges; the daemon hands packets queued in PREROUTING from a
-  non-outside interface to the engine as OUTBOUND, and the engine translates source and
-  destination. Nothing else to the public address is touched (the gateway's own services
-  keep the LAN client's address), nor anything with a local source (the gateway's own
-  packets looped through lo). ESP forwards do not hairpin (the engine refuses: NAT-T does,
-  as UDP). The destination must be a concrete address (an interface match cannot tell the
-  public address from the gateway's LAN addresses on a LAN packet), so without
-  ``public_address`` the daemon passes the current one as ``hairpin_address`` and replaces
-  the rules when it changes.
+* **Hairpinning** (a LAN host reaching another LAN host through the public address, RFC
+  4787 REQ-9 / RFC 5382 REQ-7): without vpnmasq the kernel delivers such packets to the
+  gateway itself. ``raw_hp`` (nft) and ``VPNMASQ_HP`` (mangle PREROUTING, jumped to for
+  ``! -i outside_if -d PUBLIC``) untrack and queue, from the inside networks only, what can
+  hairpin (:func:`_hairpin_owned`): in userspace mode TCP/UDP to any port of the engine's
+  pool (``alias_ranges``: every mapping) and to the forwarded ports (``hairpin_forwards``,
+  GRE too); in hybrid mode only the forwards (a client's packets to a forwarded port or GRE,
+  the server's answers from its port to the pool), since plain traffic's mappings are the
+  kernel's, which does not hairpin them. The daemon hands packets queued in PREROUTING from
+  a non-outside interface to the engine as OUTBOUND, and the engine translates source and
+  destination, filtering as for a packet from outside. Nothing else to the public address
+  is touched (the gateway's own services on other ports keep the LAN client's address), nor
+  anything with a local source (the gateway's own packets looped through lo). ESP forwards
+  do not hairpin (the engine refuses: NAT-T does, as UDP). The destination must be a
+  concrete address (an interface match cannot tell the public address from the gateway's
+  LAN addresses on a LAN packet), so without ``public_address`` the daemon passes the
+  current one as ``hairpin_address`` and replaces the rules when it changes.
 * The rewritten packet leaves PREROUTING with the public address, a local address, as its
   source, and the routing decision drops it as a martian unless ``accept_local`` is on for
   the LAN interface; strict ``rp_filter`` drops it as well (both measured, see
@@ -188,6 +191,7 @@ __all__ = [
     "RuleSpec",
     "forward_mark_hint",
     "forward_mark_rule_present",
+    "hairpins",
     "install",
     "installed",
     "interfaces_towards",
@@ -275,6 +279,10 @@ class RuleSpec:
     #: where vpnmasq maps inside source ports below 1024 (Config.low_port_range); replies
     #: to those aliases are owned like replies to alias_port_range. None: not used.
     low_port_range: tuple[int, int] | None = None
+    #: every range the engine allocates TCP/UDP ports from (Config.alias_port_ranges, the
+    #: one home of that pool); empty: alias_port_range and low_port_range. Inbound and
+    #: hairpinned packets to these ports are the ones vpnmasq owns.
+    alias_ranges: Sequence[tuple[int, int]] = field(default_factory=tuple)
     forwards: Sequence[tuple[str, int | None]] = field(default_factory=tuple)
     #: (tcp|udp, port) a forwarded LAN server answers from when it differs from the public
     #: port (a forward with ``to_port``). Hybrid mode must own those replies: kernel
@@ -342,6 +350,13 @@ class RuleSpec:
             object.__setattr__(self, "low_port_range", lo)
             if self.mode == "hybrid" and not (lo[1] < k[0] or k[1] < lo[0]):
                 raise ValueError(f"low port range {lo} overlaps kernel port range {k}")
+        pool = [_check_range("alias_ranges", tuple(r)) for r in self.alias_ranges]  # type: ignore[arg-type]
+        if not pool:
+            pool = [a] if self.low_port_range is None else [a, self.low_port_range]
+        for r in pool:
+            if self.mode == "hybrid" and not (r[1] < k[0] or k[1] < r[0]):
+                raise ValueError(f"alias port range {r} overlaps kernel port range {k}")
+        object.__setattr__(self, "alias_ranges", tuple(dict.fromkeys(pool)))
         fwds: list[tuple[str, int | None]] = []
         for proto, port in self.forwards:
             if proto in ("tcp", "udp"):
@@ -397,12 +412,15 @@ def _range(r: tuple[int, int]) -> str:
     return f"{r[0]}:{r[1]}" if r[0] != r[1] else str(r[0])
 
 
+def _aliases(spec: RuleSpec) -> list[str]:
+    """The engine's port pool (:attr:`RuleSpec.alias_ranges`) as match arguments."""
+    return [_range(r) for r in spec.alias_ranges]
+
+
 def _inbound_owned(spec: RuleSpec) -> list[str]:
     """Matches for inbound packets (already known to be for the public address) that
     vpnmasq owns: NOTRACKed in raw and queued in mangle."""
-    aliases = [_range(spec.alias_port_range)]
-    if spec.low_port_range is not None:  # inside source ports < 1024 are mapped there
-        aliases.append(_range(spec.low_port_range))
+    aliases = _aliases(spec)
     m: list[str] = []
     if spec.mode == "userspace":
         for alias in aliases:
@@ -421,27 +439,37 @@ def _inbound_owned(spec: RuleSpec) -> list[str]:
     return list(dict.fromkeys(m))
 
 
+def hairpins(mode: Mode, hairpin_forwards: Sequence[object]) -> bool:
+    """Whether vpnmasq hairpins anything: every mapping in userspace mode (the engine owns
+    them all), only forwards in hybrid mode (plain traffic's mappings are the kernel's)."""
+    return mode == "userspace" or bool(hairpin_forwards)
+
+
 def _hairpin_to(spec: RuleSpec) -> str | None:
     """The address hairpinned packets are sent to, or None when there is no hairpinning."""
-    if not spec.hairpin_forwards:
+    if not hairpins(spec.mode, spec.hairpin_forwards):
         return None
     return spec.public_address or spec.hairpin_address
 
 
 def _hairpin_owned(spec: RuleSpec) -> list[str]:
     """Matches for packets from an inside network to the public address that vpnmasq
-    hairpins: a LAN client's packets to a forwarded port (or GRE), and the forwarded LAN
-    server's answers, which go to the client's alias port on the public address."""
-    aliases = [_range(spec.alias_port_range)]
-    if spec.low_port_range is not None:
-        aliases.append(_range(spec.low_port_range))
+    hairpins. Userspace mode: TCP/UDP to any port of the engine's pool (every mapping,
+    RFC 4787 REQ-9, RFC 5382 REQ-7; a forwarded LAN server's answers go there too) and to
+    the forwarded ports. Hybrid mode: a LAN client's packets to a forwarded port (or GRE)
+    and the forwarded LAN server's answers to the client's alias port."""
+    aliases = _aliases(spec)
+    userspace = spec.mode == "userspace"
     m: list[str] = []
+    if userspace:
+        m += [f"-p {proto} --dport {alias}" for alias in aliases for proto in ("tcp", "udp")]
     for proto, port, server_port in spec.hairpin_forwards:
         if proto == "gre":
             m.append(f"-p {PROTO_NUM['gre']}")
             continue
         m.append(f"-p {proto} --dport {port}")
-        m += [f"-p {proto} --sport {server_port} --dport {alias}" for alias in aliases]
+        if not userspace:
+            m += [f"-p {proto} --sport {server_port} --dport {alias}" for alias in aliases]
     return list(dict.fromkeys(m))
 
 
@@ -932,12 +960,13 @@ def port_range_warnings(spec: RuleSpec, local_port_range: tuple[int, int]) -> li
     drops. Reserving the range (``net.ipv4.ip_local_reserved_ports``) avoids this.
     """
     warnings = []
-    a, loc = spec.alias_port_range, local_port_range
-    if not (a[1] < loc[0] or loc[1] < a[0]):
-        warnings.append(
-            f"alias port range {a[0]}-{a[1]} overlaps net.ipv4.ip_local_port_range "
-            f"{loc[0]}-{loc[1]}: set net.ipv4.ip_local_reserved_ports={a[0]}-{a[1]}"
-        )
+    loc = local_port_range
+    for a in spec.alias_ranges:
+        if not (a[1] < loc[0] or loc[1] < a[0]):
+            warnings.append(
+                f"alias port range {a[0]}-{a[1]} overlaps net.ipv4.ip_local_port_range "
+                f"{loc[0]}-{loc[1]}: set net.ipv4.ip_local_reserved_ports={a[0]}-{a[1]}"
+            )
     return warnings
 
 
