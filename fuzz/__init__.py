@@ -1,4 +1,4 @@
-"""Fuzzing harnesses for vpnmasq (issue 7).
+"""Fuzzing harnesses for vpnmasq.
 
 ``fuzz/targets.py`` holds one target per parser plus the engine entry point; every target
 drives a :class:`fuzz.world.World` (an engine already carrying real sessions: TCP, UDP, ICMP,

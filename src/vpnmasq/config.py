@@ -176,7 +176,7 @@ class Config:
     log_level: str = "info"
     offload: bool = False
     on_address_change_hook: str | None = None
-    # issue 8 (running it in the real world)
+    # running it in the real world: routes, local VPN endpoints, MSS clamping
     local_vpn: LocalVpnPolicy = "auto"
     mss_clamp: int = 0
     routes: tuple[Route, ...] = ()
@@ -1561,7 +1561,7 @@ def _warnings(config: Config, warn: _Problems) -> None:
             )
 
 
-# Upstream NAT (seed 2.9, issue 8): an outside address that is itself private means another
+# Upstream NAT (seed 2.9): an outside address that is itself private means another
 # NAT sits between the gateway and the Internet. NAT-T survives it; raw ESP and GRE rarely do,
 # and nothing outside can reach the [[forward]]s.
 UPSTREAM_NAT_NETWORKS: tuple[tuple[ipaddress.IPv4Network, str], ...] = (

@@ -4,57 +4,10 @@ them.
 
 The loop is the only place that reads the clock: ``now = time.monotonic()`` once per batch
 (and ``time.time()`` only to date a saved table, see :mod:`vpnmasq.state`).
+SIGTERM/SIGINT stop (rules removed, table saved to ``state_file``); SIGHUP hands over
+(table saved, rules and queue left in place for ``vpnmasq run --handover``).
 
-Life cycle
-----------
-``vpnmasq run`` (:func:`run`) checks that it is root and that ``outside_interface`` exists,
-then :meth:`Gateway.start`:
-
-1. binds the NFQUEUE first: if another process holds the queue (another vpnmasq) nothing else
-   is touched, in particular not its rules;
-2. restores the table: from ``state_file`` if set, or with ``--handover`` from the handover
-   file (:func:`handover_path`); a corrupt or incompatible file is reported and ignored, and
-   without ``state_file`` or ``--handover`` every start begins with an empty table;
-3. installs the rules. A normal start first removes whatever vpnmasq rules a crashed run left
-   (:func:`vpnmasq.datapath.rules.install`); a ``--handover`` start swaps the predecessor's
-   rules for its own atomically (:func:`vpnmasq.datapath.rules.replace`), so there is no
-   moment without them.
-4. when it hairpins (LAN hosts reaching each other through the public address: every
-   mapping in userspace mode, ``[[forward]]``s in both modes), turns ``accept_local`` on for the LAN interfaces after the rules (with their guard) are in
-   place, recording the admin's values next to the control socket (:class:`HairpinSysctls`);
-   a normal stop puts them back, a handover leaves them to the successor.
-
-Direction: a packet queued in POSTROUTING is outbound; one queued in PREROUTING is inbound
-if it came in on ``outside_interface`` and outbound (a LAN host hairpinning) otherwise.
-
-Signals
--------
-``SIGTERM`` / ``SIGINT``: **stop**. Buffered verdicts are sent, the table is saved to
-``state_file`` (if set), the queue is closed and exactly vpnmasq's rules are removed; exit 0.
-With ``ip_forward`` on, the LAN traffic vpnmasq owned then leaves un-NATed: see
-``packaging/guard.nft``.
-
-``SIGHUP``: **hand over** (for an upgrade or a restart with a new configuration). Buffered
-verdicts are sent, the table is saved to the handover file, the queue is closed and the
-rules are *left in place*; exit 0. Until a successor binds the queue the kernel drops the
-packets vpnmasq owns (fail closed: ``fail_open = false``), and never lets them out with LAN
-addresses.
-
-``vpnmasq run --handover``: the **successor**. It waits up to :data:`HANDOVER_WAIT_S` for the
-queue to become free (the predecessor may still be saving), restores the handover file,
-swaps the rules atomically and carries on with the table: established ESP associations,
-ISAKMP sessions, PPTP calls and NAPT mappings keep working without new associations.
-
-An upgrade is therefore ``kill -HUP <pid>; wait for it to exit; vpnmasq run --handover``.
-The handover file is ``state_file`` when that is set, otherwise ``handover.json`` next to the
-control socket (deleted once the successor has read it). While running, the table is also
-saved to ``state_file`` every :data:`STATE_SAVE_INTERVAL_S` seconds by a forked child (a
-copy-on-write snapshot: the packet loop does not stall on a big table), so a crash loses at
-most that much.
-
-The public address is read from ``outside_interface`` and followed with netlink: the rules
-match "an address of outside_interface" (unless ``public_address`` is configured), so an
-address change needs no rule change, only the engine's (``on_address_change``).
+Life cycle, signals and hand-over: docs/internals/daemon.md.
 """
 
 from __future__ import annotations
@@ -88,7 +41,7 @@ from vpnmasq.events import (
 )
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
-from vpnmasq.verdict import Action, Direction, Verdict
+from vpnmasq.verdict import Action, Direction, DropReason, Verdict
 
 log = logging.getLogger("vpnmasq")
 
@@ -444,7 +397,7 @@ def rule_spec(
         hairpin_forwards=hairpin_forwards(config),
         hairpin_address=hairpin_address,
         local_source_guard=guard,
-        local_icmp_errors=True,  # issue 8: the gateway's own ICMP errors are translated
+        local_icmp_errors=True,  # the gateway's own ICMP errors are translated
         hairpin_icmp_errors=True,  # ... and LAN hosts' errors inside hairpinned flows
     )
 
@@ -878,11 +831,12 @@ class Gateway:
     def _drop_too_big(self, pid: int, orig_len: int, now: float) -> None:
         """A packet longer than the copy range arrived cut: it cannot be translated."""
         eng = self.engine
-        eng.count("drop:too-big")
+        key = "drop:" + DropReason.TOO_BIG.value
+        eng.count(key)
         eng.count("dropped")
         self.rl.emit(
-            "drop:too-big", logging.INFO,
-            f"drop too-big: {orig_len} bytes exceed the queue copy range", now,
+            key, logging.INFO,
+            f"drop {DropReason.TOO_BIG.value}: {orig_len} bytes exceed the queue copy range", now,
         )
         assert self.nfq is not None
         self.nfq.drop(pid)

@@ -9,12 +9,7 @@ Two halves, as the rest of vpnmasq:
   fixture facts. :func:`run_checks` runs them all; :func:`render` prints one line per
   finding, each saying what to fix.
 
-The order follows the HOWTO's (5.1): is vpnmasq running, the kernel basics (forwarding,
-rp_filter, the netfilter pieces it needs), firewall rules that compete with it or drop its
-packets, the outside address (upstream NAT), the link MTU, a VPN endpoint on the gateway
-itself, then what the daemon counted and, given ``--host``, where that host's VPN traffic
-was last seen and where it stopped (HOWTO 5.2/5.3: "UDP seen but no ESP", "GRE out, nothing
-back").
+Design notes, kernel facts and measurements: docs/internals/diagnose.md.
 """
 
 from __future__ import annotations

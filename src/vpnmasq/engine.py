@@ -61,6 +61,8 @@ from vpnmasq.packet.l4 import (
     ICMP_MIN,
     ICMP_QUERIES,
     ICMP_REPLIES,
+    ISAKMP_PORT,
+    NATT_PORT,
     TCP_ACK,
     TCP_CSUM,
     TCP_FIN,
@@ -110,7 +112,7 @@ RST_WINDOW = 1 << 20
 MAX_PACKET = 65531
 _FAST_KINDS = frozenset({"napt", "fwd"})
 #: UDP ports whose inbound packets always take the slow path (IKE, NAT-T: helpers, local VPN)
-_SLOW_UDP_PORTS = frozenset({500, 4500})
+_SLOW_UDP_PORTS = frozenset({ISAKMP_PORT, NATT_PORT})
 #: version/IHL, total length, flags+offset, protocol, source, destination, source port,
 #: destination port: one unpack for the fast path's whole parse
 _FAST_HDR = struct.Struct("!BxHxxHxBxxIIHH")
@@ -126,10 +128,10 @@ NEW_MAPPING_BURST_S = 1.0
 MAX_RATE_BUCKETS = 65536
 #: First-fragment states kept (each maps later fragments of one datagram). A first fragment
 #: is remembered for timeouts.fragment; this bounds what a flood of them can take (about
-#: 150 bytes each, so some 10 MB), issue 7.
+#: 150 bytes each, so some 10 MB).
 MAX_FRAGMENT_STATES = 65536
 #: Drops that mean "nobody on the LAN wants this inbound VPN packet": with ``local_vpn`` it
-#: goes to the gateway's own VPN endpoint instead (issue 8; see :meth:`Engine.drop`).
+#: goes to the gateway's own VPN endpoint instead (see :meth:`Engine.drop`).
 LOCAL_DELIVERY_REASONS = frozenset(
     {
         DropReason.NO_MAPPING,
@@ -205,7 +207,7 @@ class Engine:
                 ranges,
                 self.rng,
                 preserve=config.preserve_ports,
-                always_preserve=frozenset({4500}) if "natt" in config.helpers else frozenset(),
+                always_preserve=frozenset({NATT_PORT}) if "natt" in config.helpers else frozenset(),
             ),
         }
         ir = config.icmp_id_range
@@ -263,15 +265,15 @@ class Engine:
             elif spec.kind == "udp-port":
                 assert spec.port is not None
                 self.udp_helpers[spec.port] = inst
-                if spec.port == 500:
-                    self.ports[PROTO_UDP].reserve(500)
+                if spec.port == ISAKMP_PORT:
+                    self.ports[PROTO_UDP].reserve(ISAKMP_PORT)
             else:
                 assert spec.port is not None
                 self.tcp_algs[spec.port] = inst
             for kind in getattr(inst, "kinds", (spec.name,)):
                 self.kind_helpers[kind] = inst
 
-        # issue 8: [[route]] networks are routed, never masqueraded; MSS clamping; inbound
+        # [[route]] networks are routed, never masqueraded; MSS clamping; inbound
         # VPN packets nobody on the LAN wants may go to the gateway's own VPN endpoint
         self._routed = [_net(r.network) for r in config.routes]
         self.mss_clamp = config.mss_clamp
@@ -347,7 +349,7 @@ class Engine:
         elif p == PROTO_GRE:
             kind = "gre"
         elif p == PROTO_UDP and ip.frag_offset == 0 and ip.l4_len >= 4:
-            if ip.u16(2) not in (500, 4500):
+            if ip.u16(2) not in _SLOW_UDP_PORTS:
                 return None
             kind = "ike"
         else:
@@ -532,7 +534,7 @@ class Engine:
             if not self.is_inside(src):
                 if self.is_exempt(src):
                     return ACCEPT_UNCHANGED
-                if proto == PROTO_ICMP:  # the gateway's own ICMP errors (issue 8)
+                if proto == PROTO_ICMP:  # the gateway's own ICMP errors
                     return self._icmp_error_local(ip, now)
                 return self.drop(DropReason.NOT_INSIDE, f"source {int_to_ip(src)} is not inside", ip)
             if self._exempt and self.is_exempt(src):
@@ -986,7 +988,7 @@ class Engine:
             r = self._add_inbound_session(ip, fb, proto, sport, dport, now, "fwd")
             if isinstance(r, Verdict) and new_fb:
                 # refused (table or host share full): give the port back, or every refused
-                # packet to a new port would keep one taken for good (issue 7)
+                # packet to a new port would keep one taken for good
                 self.table.drop_binding(fb)
                 self.ports[proto].release(dport)
             return r
@@ -1244,7 +1246,7 @@ class Engine:
         return self._finish_icmp_error(ip, off, ioff, inner, orig_len)
 
     def _icmp_error_local(self, ip: IPv4, now: float) -> Verdict:
-        """An ICMP error the gateway itself sent (issue 8), queued from its OUTPUT hook by the
+        """An ICMP error the gateway itself sent, queued from its OUTPUT hook by the
         rules (:mod:`vpnmasq.datapath.rules`): the only outbound packets from a source that
         is not inside. When it quotes a packet vpnmasq rewrote, the quoted header is the
         rewritten one, so it goes through the same translation as anyone else's error:
@@ -1327,7 +1329,7 @@ class Engine:
         """A LAN host reaching a LAN host through the public address (RFC 4787 REQ-9):
         translate the source as for any outbound packet, then the destination as inbound.
 
-        PPTP's GRE hairpins too (issue 8: a LAN client calling a LAN PPTP server through
+        PPTP's GRE hairpins too (a LAN client calling a LAN PPTP server through
         the public address): the control connection gets two ALGs (the client's outbound
         leg and the forwarded server's inbound leg), each with its own outside Call ID, so
         GRE is found as an outbound call of one and an inbound call of the other. ESP does
@@ -1341,7 +1343,7 @@ class Engine:
             v = self._udp_out(ip, now)
         elif p == PROTO_ICMP:
             off = ip.l4(ICMP_MIN)
-            if ip.buf[off] in ICMP_ERRORS:  # about a hairpinned packet (issue 8)
+            if ip.buf[off] in ICMP_ERRORS:  # about a hairpinned packet
                 return self._icmp_error_hairpin(ip, off, now)
             return ACCEPT_LOCAL  # pinging our own public address: the gateway answers
         elif p == PROTO_GRE and self.proto_helpers.get(p) is not None:
@@ -1361,7 +1363,7 @@ class Engine:
     def _icmp_error_hairpin(
         self, ip: IPv4, off: int, now: float, *, local: bool = False
     ) -> Verdict:
-        """A LAN host's ICMP error about a packet it got through a hairpin (issue 8): the
+        """A LAN host's ICMP error about a packet it got through a hairpin: the
         quoted packet came from the public address (both its addresses were translated),
         so the error is translated as a LAN host's error (its leg towards the public
         address, :meth:`_icmp_error_out`), then as an error arriving at the public address

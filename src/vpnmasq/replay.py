@@ -7,14 +7,7 @@ an inside network as OUTBOUND and every other one as INBOUND, and hands it to
 forward is written to the output file as raw IPv4 (LINKTYPE_RAW) with the capture
 timestamps, so Wireshark and tshark read it directly.
 
-The input should be what the gateway *receives*: LAN traffic as captured on the inside and
-replies as captured on the outside (addressed to ``public_address``). Packets that already
-carry the public address as their source were captured after masquerading; they are
-skipped and counted. Held packets (out-of-order fragments) are written when the engine
-releases them, with the timestamp of the moment of release.
-
-Timestamps that go backwards (merged captures) are clamped so the engine's clock never
-runs backwards; the output keeps the original timestamps of the packets.
+Design notes, kernel facts and measurements: docs/internals/replay.md.
 """
 
 from __future__ import annotations

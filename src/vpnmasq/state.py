@@ -1,54 +1,13 @@
 """Saving and restoring the masquerade table: opt-in ``state_file``, and ``run --handover``.
 
-Two halves:
+:func:`export_state` / :func:`import_state` turn an engine's table into a JSON-able dict and
+back; they are pure (``now`` and ``wall`` are passed in). :func:`write_state` /
+:func:`read_state` put that dict in a file, atomically, mode 0600, format and version
+checked (:class:`StateError` otherwise). Helper state crosses through the helper interface's
+``export_entry``/``import_entry`` and the ALGs' ``export_state``; what no longer applies on
+restore is dropped and counted by reason in :class:`RestoreReport`.
 
-* :func:`export_state` / :func:`import_state` turn an :class:`~vpnmasq.engine.Engine`'s table
-  into a JSON-able dict and back. They are pure: the caller passes ``now`` (the monotonic
-  clock the engine runs on) and ``wall`` (``time.time()``), so tests move both by hand.
-* :func:`write_state` / :func:`read_state` put that dict in a file: written atomically
-  (temporary file in the same directory, ``fsync``, ``rename``, ``fsync`` of the directory),
-  mode 0600; read back with its format and version checked (:class:`StateError` otherwise).
-
-Format (``"format": "vpnmasq-state"``, ``"version": 1``)::
-
-    {"format", "version", "saved_at" (wall clock), "public_address", "mode",
-     "entries": [{"id", "proto", "kind", "tclass", "inside", "inside_port", "remote",
-                  "remote_port", "alias_port", "age", "expires_in", "state", "state_name",
-                  "flags", "last_ack_out", "pkts", "bytes", "last", "keys", "binding",
-                  "ext", "alg"}, ...],
-     "bindings": [{"proto", "inside", "inside_port", "alias_port", "static"}, ...],
-     "skipped": {reason: count}}
-
-Monotonic instants are saved as *seconds before the save* (``age``, ``expires_in`` is the
-lifetime left, helpers' ``last_seen`` and the like), and restored as ``now - ago - elapsed``,
-where ``elapsed`` is the wall-clock time between save and restore (never negative): an entry
-with 100 s left that was saved 30 s ago comes back with 70 s left, and one whose time ran
-out while vpnmasq was down is not restored. Index keys are saved as they are (lists of ints
-and strings), so helper-specific keys (SPIs, cookies, Call IDs) need no per-kind code here.
-
-What is saved: NAPT and ICMP sessions with their endpoint-independent bindings, other
-protocols by address pair, and whatever the helpers export through ``export_entry`` (ESP
-associations, ISAKMP sessions, PPTP calls, address-only GRE) and ALGs through
-``export_state`` (PPTP control connections with their calls and parser positions, NAT-T
-watches). Not saved: pending ESP initial packets (their claim on the remote's next SPI),
-fragments held for reassembly, and counters.
-
-Restoring drops what no longer applies, counted by reason in :class:`RestoreReport`:
-
-``address-changed``   the public address differs from the saved one and ``on_address_change``
-                      is ``flush`` (with ``rewrite``, the entries move to the new address);
-``no-public-address`` the outside interface has no address yet (nothing to check against);
-``expired``           the lifetime ran out while vpnmasq was not running;
-``not-inside``        the inside host is no longer in ``inside_networks``;
-``helper-disabled``   the entry's helper is not enabled (or does not restore);
-``binding``           its port or identifier is no longer available (out of range, now
-                      forwarded, taken) or its forward is gone;
-``conflict``          one of its keys is already taken;
-``table-full``        more entries than ``limits.max_entries`` (or the per-host limit) allow;
-                      the ones with the least time left go first;
-``helper-refused``    the helper could not use the record (e.g. a GRE call whose control
-                      connection was dropped);
-``malformed``         the record is not what this version writes.
+Format and the restore reasons: docs/internals/state.md.
 """
 
 from __future__ import annotations
@@ -62,15 +21,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpnmasq.conntrack.table import PERMANENT, Binding, Entry
+from vpnmasq.conntrack.table import PERMANENT, Binding, Entry, standard_keys
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_ICMP, int_to_ip, ip_to_int
-
-_standard_keys: Callable[[Entry], tuple[Hashable, ...] | None] | None
-try:  # the keys the engine files its own kinds under, rebuilt from an entry's fields
-    from vpnmasq.conntrack.table import standard_keys as _standard_keys
-except ImportError:  # pragma: no cover - an older table: every entry saves its keys
-    _standard_keys = None
 
 STATE_FORMAT = "vpnmasq-state"
 STATE_VERSION = 1
@@ -190,9 +143,6 @@ def _plain_key(k: Hashable) -> list[int | str] | None:
     return list(k)
 
 
-def _std_keys(e: Entry) -> tuple[Hashable, ...] | None:
-    return None if _standard_keys is None else _standard_keys(e)
-
 
 def _export_entry(
     engine: Engine,
@@ -219,7 +169,7 @@ def _export_entry(
             alg = afn(ago, ref)
     own = tuple(e.keys)
     keys: list[list[int | str] | None] | None = None  # None: the standard keys of its kind
-    if not own or own != _std_keys(e):
+    if not own or own != standard_keys(e):
         keys = [_plain_key(k) for k in own]
         if not keys or any(k is None for k in keys):
             return None, "unsupported"
@@ -497,7 +447,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
         e.last_out = None if lo is None else now - _num(lo) - elapsed
         e.last_in = None if li is None else now - _num(li) - elapsed
     if raw_keys is None:  # the standard keys of its kind, from the fields just read
-        std = _std_keys(e)
+        std = standard_keys(e)
         if std is None:
             return "malformed"
         keys: tuple[Hashable, ...] = std

@@ -5,23 +5,7 @@ The daemon answers ``status`` on its control socket with :func:`status_payload`
 (:func:`rows_from_wire`) and prints :func:`render_text` (columns like ``conntrack -L``) or
 :func:`render_json`. The lab demo shows the same columns live with :func:`rich_table`.
 
-Per-protocol detail comes from ``Row.detail`` (filled by the helpers). These keys get
-columns of their own when the listing shows one kind of entry, and lead the ``DETAIL``
-column otherwise; any other key follows as ``key=value``:
-
-=========  ==========================================================================
-esp        ``spi_out``, ``spi_in`` (hex), ``assoc`` (association state) and ``how``
-           (how the SPI pair was associated)
-isakmp     ``icookie``, ``rcookie`` (16 hex digits), ``version``
-gre        ``call_id_inside`` (the inside host's Call ID), ``call_id_outside`` (what
-           the remote sees), ``peer_call_id`` (the remote's Call ID)
-pptp       ``call_ids`` ("inside>outside" pairs of the calls), ``control`` (state)
-natt       ``natt`` (what the UDP 4500 flow carries), ``spi_out``, ``spi_in``
-=========  ==========================================================================
-
-The kind of a row is ``detail["kind"]`` or ``detail["alg"]`` if set, else its IP protocol
-when that has columns (esp, gre), else a marker key (``icookie`` -> isakmp, ``natt`` ->
-natt, ``call_ids`` -> pptp), else the IP protocol.
+Design notes, kernel facts and measurements: docs/internals/status.md.
 """
 
 from __future__ import annotations

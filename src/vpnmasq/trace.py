@@ -1,23 +1,10 @@
 """``vpnmasq trace``: every matching packet before and after translation, as pcapng for
 Wireshark, plus decoded one-line debug output (rate-limited).
 
-Mechanism: trace observes on its own instead of asking the daemon. It opens one
-``AF_PACKET`` socket per gateway interface (the inside ones and ``outside_interface``),
-so a packet is seen as it enters or leaves each of them: a LAN host's datagram on the
-inside interface *before* vpnmasq rewrote it and on the outside interface *after*, and a
-reply the other way round. This works whatever the daemon's state (stuck, not running,
-hybrid mode where the kernel does the plain NAT), needs no hook in the daemon and cannot
-slow its datapath. The cost: the two copies of a packet are matched here, not told by the
-engine. They are paired by what masquerading never changes (IP protocol, IP ident, total
-length, remote address) within :data:`PAIR_WINDOW` seconds; the second copy's pcapng
-comment names the first ("after translation of #12"). A packet dropped by the gateway has
-no partner: "GRE out, nothing back" shows as outbound packets on both sides and nothing
-inbound.
+Pure parts (filters, pcapng blocks, decoding) are tested on bytes; the capture runs in the
+daemon through the control socket.
 
-The pure parts are unit-tested: :func:`decode` (GRE flags/key/Call ID/seq/ack, ESP SPI/seq,
-ISAKMP cookies/exchange/message id, NAT-T, PPTP control messages, ICMP errors with what they
-quote), :class:`PcapngWriter` (bytes), :class:`Tracer` (filter, learned remotes, pairing)
-and :class:`LineLimiter` (a token bucket per flow; ``now`` passed in).
+Design notes, kernel facts and measurements: docs/internals/trace.md.
 """
 
 from __future__ import annotations

@@ -39,16 +39,13 @@ class DropReason(enum.Enum):
     ISAKMP_UNKNOWN = "isakmp-unknown-session"
     ISAKMP_AMBIGUOUS = "isakmp-ambiguous-remote-initiated"
     ISAKMP_COLLISION = "isakmp-cookie-collision"
-    PPTP_BAD_MESSAGE = "pptp-bad-message"
     PPTP_OUT_OF_ORDER = "pptp-out-of-order"  # control segment beyond a gap; resent in order
     FRAGMENT_TIMEOUT = "fragment-timeout"
     FRAGMENT_OVERFLOW = "fragment-buffer-full"
-    TTL_EXCEEDED = "ttl-exceeded"
-    TOO_BIG = "too-big"
+    TOO_BIG = "too-big"  # longer than the queue copy range (the daemon counts it)
     ICMP_NO_MAPPING = "icmp-error-no-mapping"
     NO_ADDRESS = "no-public-address"
     GENERIC_BUSY = "generic-protocol-remote-in-use"
-    NOT_FOR_US = "not-for-public-address"
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from vpnmasq.packet.l4 import NATT_PORT
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
@@ -185,7 +187,6 @@ def tcp_bulk_client(dst: str, port: int, size: int, timeout: float) -> int:
 
 
 L2TP_PORT = 1701
-NATT_PORT = 4500
 REPLY_SPI_OFFSET = 0x1000
 
 

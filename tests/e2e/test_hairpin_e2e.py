@@ -1,11 +1,11 @@
 """Hairpinning with real peers through ``vpnmasq run``, in both modes (issues 2 and 8): LAN
 hosts reach a LAN server published with ``[[forward]]`` through the public address.
 
-* PPTP (issue 8, "Hairpin for VPN protocols"): PoPToP on srv (10.77.0.5), published with
+* PPTP (hairpin for VPN protocols): PoPToP on srv (10.77.0.5), published with
   ``tcp 1723`` + ``gre``; pptp-linux on h1 and h2 dials 198.51.100.1 while h3 calls the
   PoPToP on r1. Every call's frames come back verified, PoPToP on srv sees the calls come
   from the public address, and nothing of the hairpinned calls appears on wan0.
-* IPsec (issue 8): strongSwan (kernel-libipsec) responder on srv behind ``udp 500`` +
+* IPsec: strongSwan (kernel-libipsec) responder on srv behind ``udp 500`` +
   ``udp 4500``, initiator on h1 dialing 198.51.100.1: NAT is detected, ESP runs in UDP 4500
   and hairpins as UDP (raw ESP cannot: the engine refuses it, see Engine._hairpin).
 * TCP and UDP: the lab's echo servers on srv behind ``tcp 8080 -> 7`` and ``udp 5353``.

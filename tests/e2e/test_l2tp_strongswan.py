@@ -1,4 +1,4 @@
-"""L2TP/IPsec with real strongSwan peers through ``vpnmasq run`` (issue 8).
+"""L2TP/IPsec with real strongSwan peers through ``vpnmasq run``.
 
 The issue asks for "strongSwan in transport mode over NAT-T carrying a UDP 1701 echo". Here
 strongSwan (5.9.8) does ESP only through kernel-libipsec (the kernel has no ESP), and

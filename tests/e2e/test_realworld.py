@@ -1,4 +1,4 @@
-"""Running vpnmasq in the real world (issue 8), each case with real peers through
+"""Running vpnmasq in the real world, each case with real peers through
 ``vpnmasq run`` in the lab gateway:
 
 * network to network (HOWTO 2.8): a LAN VPN router with a GRE v0 tunnel to a remote site;

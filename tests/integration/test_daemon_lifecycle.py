@@ -69,7 +69,7 @@ def test_clean_stop_removes_exactly_our_rules(topo: Topology, workdir, mode: str
     d = Daemon(topo, mode, workdir, python_setup=LONG_IDLE_POLL).start()
     assert ours_installed(topo)
     # mangle PREROUTING, POSTROUTING once per inside network (two here), and mangle OUTPUT
-    # for the gateway's own ICMP errors (issue 8); the rest is vpnmasq's nft table
+    # for the gateway's own ICMP errors; the rest is vpnmasq's nft table
     assert len(jumps(iptables_save(topo))) == 4
     assert d.stop(signal.SIGTERM) == 0
     assert not ours_installed(topo)

@@ -151,7 +151,7 @@ def test_lan_hosts_reach_forwarded_lan_servers_through_the_public_address(
         seen = lan_server.saw(kind)
         assert {a for a, _ in seen} == {PUBLIC}, seen
         assert len({p for _, p in seen}) == 2 and all(p in ALIAS_RANGE for _, p in seen)
-    # PPTP to the LAN server through the public address (issue 8): both hosts use Call ID 7
+    # PPTP to the LAN server through the public address: both hosts use Call ID 7
     calls = [PptpCall(topo, h, call_id=7, dst=PUBLIC) for h in ("h1", "h2")]
     try:
         for call in calls:

@@ -1,4 +1,4 @@
-"""The gateway's own ICMP errors about packets vpnmasq rewrote leave translated (issue 8).
+"""The gateway's own ICMP errors about packets vpnmasq rewrote leave translated.
 
 ``vpnmasq run`` in the lab gateway (harness: test_daemon_harness.py). When the gateway's
 kernel cannot forward a packet vpnmasq rewrote, its ICMP error quotes the rewritten header:
@@ -46,6 +46,7 @@ from test_daemon_harness import (
 )
 from tests.waiting import DEADLINE, wait_until
 
+from vpnmasq.packet.checksum import checksum
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
@@ -73,16 +74,8 @@ def _checksums_ok(pkt: bytes) -> None:
     hdr = bytearray(quoted[:ihl])
     given = hdr[10:12]
     hdr[10:12] = b"\0\0"
-    assert struct.pack("!H", _csum(bytes(hdr))) == bytes(given), "quoted IP header checksum"
+    assert struct.pack("!H", checksum(bytes(hdr))) == bytes(given), "quoted IP header checksum"
 
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def _quoted(pkt: bytes) -> bytes:

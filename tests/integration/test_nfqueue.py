@@ -30,6 +30,7 @@ from vpnmasq.datapath.nfqueue import (
     VerdictMsg,
     plan_verdicts,
 )
+from vpnmasq.packet.checksum import checksum
 
 MARK = rules.DEFAULT_MARK
 ALIAS_PORT = 61001  # in RuleSpec's default alias range, so replies are queued inbound
@@ -178,14 +179,6 @@ def test_constructor_validates_arguments() -> None:
 # --- helpers for the namespace tests --------------------------------------------------------
 
 
-def _csum(data: bytes | bytearray) -> int:
-    """RFC 1071 checksum; 0 when ``data`` already contains a valid checksum."""
-    n = int.from_bytes(data, "big") << (8 * (len(data) & 1))
-    s = n % 0xFFFF  # == one's-complement sum of the 16-bit words (2**16 == 1 mod 0xffff)
-    if s == 0 and n:
-        s = 0xFFFF
-    return ~s & 0xFFFF
-
 
 def rewrite(pkt: bytes, *, src: str | None = None, dst: str | None = None) -> bytes:
     """Change addresses and recompute every checksum from scratch (test oracle, not fast)."""
@@ -196,38 +189,38 @@ def rewrite(pkt: bytes, *, src: str | None = None, dst: str | None = None) -> by
     if dst:
         b[16:20] = socket.inet_aton(dst)
     b[10:12] = b"\0\0"
-    b[10:12] = struct.pack("!H", _csum(b[:ihl]))
+    b[10:12] = struct.pack("!H", checksum(b[:ihl]))
     if struct.unpack_from("!H", b, 6)[0] & 0x3FFF:
         return bytes(b)  # a fragment: the L4 checksum covers the whole datagram, keep it
     proto, l4 = b[9], ihl
     pseudo = bytes(b[12:20]) + struct.pack("!BBH", 0, proto, len(b) - ihl)
     if proto == 17 and b[l4 + 6 : l4 + 8] != b"\0\0":
         b[l4 + 6 : l4 + 8] = b"\0\0"
-        b[l4 + 6 : l4 + 8] = struct.pack("!H", _csum(pseudo + bytes(b[l4:])) or 0xFFFF)
+        b[l4 + 6 : l4 + 8] = struct.pack("!H", checksum(pseudo + bytes(b[l4:])) or 0xFFFF)
     elif proto == 6:
         b[l4 + 16 : l4 + 18] = b"\0\0"
-        b[l4 + 16 : l4 + 18] = struct.pack("!H", _csum(pseudo + bytes(b[l4:])))
+        b[l4 + 16 : l4 + 18] = struct.pack("!H", checksum(pseudo + bytes(b[l4:])))
     elif proto == 1:
         b[l4 + 2 : l4 + 4] = b"\0\0"
-        b[l4 + 2 : l4 + 4] = struct.pack("!H", _csum(b[l4:]))
+        b[l4 + 2 : l4 + 4] = struct.pack("!H", checksum(b[l4:]))
     return bytes(b)
 
 
 def checksums_ok(ip: bytes) -> bool:
     """IP header checksum, and the L4 checksum for unfragmented UDP/TCP/ICMP."""
     ihl = (ip[0] & 0x0F) * 4
-    if _csum(ip[:ihl]) != 0:
+    if checksum(ip[:ihl]) != 0:
         return False
     if struct.unpack_from("!H", ip, 6)[0] & 0x3FFF:  # fragment: L4 sum covers the datagram
         return True
     proto = ip[9]
     pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(ip) - ihl)
     if proto == 17:
-        return ip[ihl + 6 : ihl + 8] == b"\0\0" or _csum(pseudo + ip[ihl:]) == 0
+        return ip[ihl + 6 : ihl + 8] == b"\0\0" or checksum(pseudo + ip[ihl:]) == 0
     if proto == 6:
-        return _csum(pseudo + ip[ihl:]) == 0
+        return checksum(pseudo + ip[ihl:]) == 0
     if proto == 1:
-        return _csum(ip[ihl:]) == 0
+        return checksum(ip[ihl:]) == 0
     return True
 
 
@@ -292,7 +285,7 @@ class Capture:
 
 def icmp_echo(sock: socket.socket, dst: str, ident: int, seq: int, data: bytes) -> None:
     hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
-    c = _csum(hdr + data)
+    c = checksum(hdr + data)
     sock.sendto(struct.pack("!BBHHH", 8, 0, c, ident, seq) + data, (dst, 0))
 
 

@@ -281,7 +281,7 @@ def test_unknown_inbound_isakmp_dropped_and_local_hook() -> None:
     gw = Gw()
     v = dropped(gw.ike_in(0xABC, 0), DropReason.ISAKMP_UNKNOWN)
     assert "no LAN host holds an IKE session" in v.detail
-    gw.ike.deliver_unknown_locally = True  # issue 8: the gateway's own IKE daemon
+    gw.ike.deliver_unknown_locally = True  # the gateway's own IKE daemon
     v = gw.ike_in(0xABC, 0)
     assert v.action is Action.ACCEPT and v.local
 

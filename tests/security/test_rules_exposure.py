@@ -90,7 +90,7 @@ def test_outbound_queueing_is_only_for_inside_sources() -> None:
 
 
 def test_replies_to_low_range_aliases_are_queued() -> None:
-    # was a finding for issue 4 (rules.py): the engine maps LAN source ports < 1024 into
+    # was a finding in the rules' review: the engine maps LAN source ports < 1024 into
     # low_port_range (600-1023); rules now untrack/queue that range as well
     from vpnmasq.config import Config
     from vpnmasq.daemon import rule_spec

@@ -1,5 +1,5 @@
-"""The rules that queue ICMP errors about vpnmasq's flows which conntrack cannot relate
-(issue 8): the gateway's own (mangle OUTPUT, chain VPNMASQ_LOCAL) and LAN hosts' errors inside
+"""The rules that queue ICMP errors about vpnmasq's flows which conntrack cannot relate:
+the gateway's own (mangle OUTPUT, chain VPNMASQ_LOCAL) and LAN hosts' errors inside
 hairpinned flows (chain VPNMASQ_HP). Off by default in RuleSpec; the daemon turns both on."""
 
 from __future__ import annotations

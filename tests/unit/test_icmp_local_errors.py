@@ -1,4 +1,4 @@
-"""The gateway's own ICMP errors about packets vpnmasq rewrote (issue 8), bytes in / bytes out.
+"""The gateway's own ICMP errors about packets vpnmasq rewrote, bytes in / bytes out.
 
 The rules queue ICMP errors the gateway itself sends (OUTPUT hook) to the engine as outbound
 packets whose source is a gateway address, not an inside one. The engine translates the
@@ -177,7 +177,7 @@ def test_a_lan_host_still_cannot_send_errors_about_another_hosts_flow():
     assert ok.src == MASQ
 
 
-# ---------------------------------------------------------------- hairpinned flows (issue 8)
+# ---------------------------------------------------------------- hairpinned flows ---------
 def _hairpin_udp():
     """An engine forwarding MASQ:5353 to SRV_LAN:15353, and PRV1:40000 -> MASQ:5353 through
     it; (engine, client's packet as the server got it, the server's answer as the client

@@ -1,4 +1,4 @@
-"""The table's compact forms (issue 6, memory per mapping): a binding keeps a lone session in
+"""The table's compact forms (memory per mapping): a binding keeps a lone session in
 a slot, standard keys are recomputed instead of stored, identifiers live in a bitmap, and the
 small values that change hot paths (accept verdicts, dotted quads) equal their plain forms."""
 

@@ -1,4 +1,4 @@
-"""The table's lazy LRU lists (issue 6): using an entry moves only its deadline, never its
+"""The table's lazy LRU lists: using an entry moves only its deadline, never its
 place in its class list, yet expiry and ``next_deadline()`` stay exact.
 
 Checked against a plain model (a dict of deadlines): after any sequence of adds, uses, class

@@ -1,7 +1,7 @@
 """The masquerade table: entries indexed by hashable keys, expired in LRU order per class.
 
 Every entry belongs to one *timeout class* (``"udp"``, ``"tcp_established"``, ``"esp"`` ...).
-All entries of a class share one idle timeout. Expiry is lazy (issue 6: a packet must not
+All entries of a class share one idle timeout. Expiry is lazy (a packet must not
 touch list neighbours): using an entry only moves its ``expires_at`` forward (one shared float
 per class and ``now``), and it keeps its place. Each class keeps a list in link order, which is
 deadline order (``now`` only grows), and a heap (:class:`LruList`). Expiry and
@@ -176,7 +176,7 @@ class Entry:
     """One masqueraded flow (a session under a binding, or a VPN association).
 
     A plain slotted class, not a dataclass, so that the slots are laid out apart from the
-    constructor's order (issue 6): what a packet reads and writes on the engine's fast path
+    constructor's order: what a packet reads and writes on the engine's fast path
     comes first, next to the object header (which the packet touches anyway, for the
     reference count), so an established packet touches two or three cache lines of its entry
     instead of four. Over a large table the cost of a packet is mostly such misses.

@@ -5,20 +5,7 @@ JSON. Each request is one line, ``{"cmd": "status" | "counters" | "flush" | "pin
 answer is one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. A client may
 send several requests on one connection.
 
-The server never blocks and owns no thread: the daemon polls :meth:`ControlServer.fileno`
-(an epoll descriptor that is readable whenever the listener or any client needs service)
-in its own loop and calls :meth:`ControlServer.handle_ready`. The answers come from
-callbacks, so this module knows nothing about the engine::
-
-    server = ControlServer(
-        config.control_socket,
-        status=lambda: status.status_payload(engine.snapshot(clock()), engine.counters),
-        counters=lambda: dict(engine.counters),
-        flush=engine.flush,
-    )
-    ...
-    if server.fileno() in ready_fds:
-        server.handle_ready()
+Design notes, kernel facts and measurements: docs/internals/datapath-control.md.
 """
 
 from __future__ import annotations

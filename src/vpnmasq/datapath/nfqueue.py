@@ -9,36 +9,7 @@ Shape of use (one thread owns the object; it is not thread-safe)::
                 ...                           # q.accept(pkt.packet_id, new_bytes) / q.drop(...)
             q.flush()                         # all buffered verdicts, few send() calls
 
-Kernel facts this module relies on (kernel 6.x, ``net/netfilter/nfnetlink_queue.c``), checked
-in network namespaces by ``tests/integration/test_nfqueue.py``:
-
-* Each queued packet is its own netlink message, so one ``recv`` returns one packet. The
-  packet header attribute comes first and the payload last.
-* Packet ids are assigned per queue, in increasing order (mod 2**32), under the queue lock
-  that also orders delivery to our socket: receive order == id order. A packet whose message
-  could not be delivered (receive buffer full) is *not* kept in the kernel queue (it is
-  dropped, or accepted with F_FAIL_OPEN), so an id gap never hides a packet still waiting.
-* ``NFQNL_MSG_VERDICT_BATCH`` with id N applies its verdict (and mark) to *every* queued
-  packet with id <= N (serial arithmetic). We therefore batch only a run of payload-less
-  verdicts with equal (verdict, mark) that covers the oldest outstanding packets, i.e. no
-  packet we still hold (or that gets a different verdict later in the same flush) is below
-  it. Messages in one ``send`` are processed in order, so a run may start right after
-  individual verdicts sent earlier in the same buffer.
-* A verdict carrying a payload must be an individual ``NFQNL_MSG_VERDICT``; we pack many
-  into one ``send``, keeping each ``send`` below the socket send buffer (the kernel rejects
-  larger ones with EMSGSIZE).
-* ``NFQA_CFG_FLAGS`` is only accepted together with ``NFQA_CFG_MASK``; bind, params, maxlen
-  and flags go in one config message (acknowledged, so a busy queue raises here).
-* No ``NFQA_CFG_F_GSO``: without it the kernel segments GSO packets and completes
-  CHECKSUM_PARTIAL checksums before queueing, so RFC 1624 incremental updates by the
-  engine are correct. (With it, returning a modified payload breaks partial checksums.)
-* The copy range maximum is 65531 (65535 minus the attribute header). A longer packet (a
-  reassembled datagram can be 65535 bytes) arrives truncated; the kernel then adds
-  ``NFQA_CAP_LEN`` carrying the *original* length (despite the name). Such a packet may be
-  accepted or dropped unchanged, never returned with a payload: :meth:`NfQueue.accept`
-  raises ``ValueError``.
-* Closing the socket (or unbinding) makes the kernel drop every packet still waiting for a
-  verdict, which is the fail-closed behaviour we want when the daemon dies.
+Design notes, kernel facts and measurements: docs/internals/datapath-nfqueue.md.
 """
 
 from __future__ import annotations

@@ -7,58 +7,7 @@ directions, before they would reach the queue. Packets whose key is in no map do
 and take the queue as before, so the engine still sees every packet it has not understood
 (new SPIs, rekeys, unknown calls, anything from another address).
 
-::
-
-    prerouting, priority raw - 10 (before vpnmasq's raw chain and conntrack):
-      from wan, to the public address, ESP:     daddr  <- @esp_in[saddr . spi]
-      from wan, to the public address, GRE v1:  daddr  <- @gre_in_addr[saddr . call id],
-                                                call id <- @gre_in_call[saddr . call id]
-      (then notrack and the vpnmasq mark, as the queue's verdict would)
-      not from wan, ESP    saddr . daddr . spi      in @esp_out_pre: notrack
-      not from wan, GRE v1 saddr . daddr . call id  in @gre_out_pre: notrack
-    postrouting, priority mangle - 10 (before vpnmasq's queue rule in mangle POSTROUTING):
-      to wan, ESP    saddr . daddr . spi      in @esp_out: saddr <- public address
-      to wan, GRE v1 saddr . daddr . call id  in @gre_out: saddr <- public address
-
-Keys always include the remote's address (``ip saddr . esp spi``, ``ip saddr . @th,48,16``),
-never an SPI or Call ID alone: an attacker replaying a client's SPI from another address
-misses the map and meets the engine, which drops it. Outbound keys include the LAN host and
-the remote. The rewrite comes first in each rule: a lookup that misses ends the rule, so
-``notrack`` and the mark apply only to offloaded packets. A rule that rewrote ends with
-``return`` (in a base chain: its policy, accept), which only ends this chain (the hook's other
-base chains still run) but spares the packet the rules after it. Outbound rewrites happen after
-routing: a source rewritten to the gateway's own address before routing would be a martian.
-ESP and enhanced GRE carry no transport checksum; nftables fixes the IP header checksum.
-
-Why outbound packets are also looked up in prerouting (``@esp_out_pre``, ``@gre_out_pre``,
-uncounted copies of ``@esp_out``/``@gre_out`` that :meth:`Offloader.sync` keeps in step): an
-offloaded packet should do as little as possible besides the rewrite (the cost is per base
-chain and per rule, see :mod:`vpnmasq.datapath.rules`). Untracked here, it leaves vpnmasq's
-raw chain at its first rule (``ct state untracked return``) instead of walking the
-classification (inside-network and local-destination lookups, protocol matches) only to be
-untracked there anyway. Measured with bench/lab.py's floods: about +0.04 of the kernel's rate
-for outbound ESP and GRE. The copies carry no counters, so each packet is counted once, in
-postrouting. A copy without its original (a crash between two commands) only untracks: the
-packet then takes the queue, and the engine decides as it would have.
-
-The table in Python stays the source of truth. :meth:`Offloader.sync` (the daemon calls it
-every :data:`SYNC_INTERVAL_S` and at once when an ESP or GRE entry ends) lists the maps with
-their per-element counters, and
-
-* credits the traffic each element forwarded since the last sync to its engine entry (packet
-  and byte counts, ``last_in``/``last_out``, and a touch), so idle timeouts work as before;
-* removes elements whose entry expired or ended, or that the engine does not know (after a
-  crash or a restart the maps are *reconciled* with the restored table: kept where they agree,
-  corrected or removed where not, never blindly kept or flushed);
-* adds elements for entries that became eligible: ESP associations ``established`` and not
-  tentative, PPTP calls ``established`` with the remote's Call ID known.
-
-:meth:`Offloader.status` lists what is offloaded. Offload is optional: without an Offloader
-(config ``offload = false``) nothing here runs and every VPN packet takes the queue.
-
-Facts (kernel 6.18, nft 1.0.6, checked by tests/integration/test_offload.py): concatenated
-typeof keys with ``esp spi`` and ``@th,48,16`` load; ``counter`` in a set or map declaration
-gives each element its own counter, updated on lookup, listed by ``nft -j list table``.
+Design notes, kernel facts and measurements: docs/internals/datapath-offload.md.
 """
 
 from __future__ import annotations

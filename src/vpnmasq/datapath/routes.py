@@ -1,33 +1,11 @@
-"""Host networking the daemon applies around the engine (issue 8): ``[[route]]`` networks and
+"""Host networking the daemon applies around the engine: ``[[route]]`` networks and
 the gateway's own VPN endpoints.
 
 Two jobs, each a pure part (tested on text) and a thin applier (``ip``, ``sysctl``, /proc):
+the routes to networks behind LAN VPN routers (tagged with :data:`RT_PROTO`, so only ours
+are removed), and probing which VPN protocols have a local consumer (``local_vpn = "auto"``).
 
-* **Network to network** (HOWTO 2.8). :func:`apply_routes` installs each ``[[route]]``
-  (``ip route replace NET via ROUTER proto 86``: protocol 86 marks vpnmasq's routes, so
-  :func:`remove_routes` deletes exactly those) and, for a route with ``send_redirects =
-  false``, turns ICMP redirects off on the interface towards the router and in ``all``
-  (the kernel sends a redirect if either is on). It returns an :class:`Applied` record;
-  :func:`undo` restores the sysctls it changed and removes the routes.
-  The engine never masquerades traffic to those networks (``Engine.is_routed``) and the
-  rules leave it untracked-free (``RuleSpec.routed_networks``).
-
-* **Local VPN consumers** (``local_vpn = "auto"``). :func:`local_vpn_consumers` says which
-  of "ike", "esp", "gre" have an endpoint on the gateway itself: a UDP socket on port 500 or
-  4500 (charon, pluto, racoon), a raw socket for protocol 50 or an XFRM state for ESP (kernel
-  IPsec), a raw socket for protocol 47 (pptpd's pptpctrl) or a GRE tunnel device. The
-  daemon feeds the answer to ``Engine.set_local_consumers``.
-
-Daemon hook (for the owner of ``daemon.py``)::
-
-    # Gateway.start(), after rules.install():
-    self.routes_applied = routes.apply_routes(cfg.routes)
-    self.engine.set_local_consumers(routes.local_vpn_consumers(self.public))
-    # Gateway._follow_address() and every ADDRESS_POLL_S: refresh the consumers the same way
-    # Gateway.stop(), unless keep_rules (handover):
-    routes.undo(self.routes_applied)
-    # rule_spec(): RuleSpec(..., routed_networks=[r.network for r in cfg.routes],
-    #                       mss_clamp=cfg.mss_clamp)
+Design notes, kernel facts and measurements: docs/internals/datapath-routes.md.
 """
 
 from __future__ import annotations
@@ -38,6 +16,9 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from vpnmasq.packet.ipv4 import PROTO_ESP, PROTO_GRE
+from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT
 
 __all__ = [
     "RT_PROTO",
@@ -55,9 +36,7 @@ __all__ = [
 #: rtnetlink protocol number on vpnmasq's routes (``ip route ... proto 86``): numbers above
 #: RTPROT_STATIC (4) and not in /etc/iproute2/rt_protos are free for daemons to claim.
 RT_PROTO = 86
-IKE_PORTS = (500, 4500)
-PROTO_GRE = 47
-PROTO_ESP = 50
+IKE_PORTS = (ISAKMP_PORT, NATT_PORT)
 #: /proc/net/{udp,raw} socket state 07 = TCP_CLOSE, what unconnected UDP and raw sockets show
 _UNCONNECTED = "07"
 

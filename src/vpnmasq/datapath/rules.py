@@ -1,174 +1,14 @@
 """Netfilter rules for vpnmasq: generated as text by pure functions, applied by thin ones.
 
-Install and remove are symmetric (sshuttle style) and touch only what vpnmasq owns:
+Owns the iptables queue chains (``VPNMASQ_IN``/``OUT``/``HP`` in mangle) and the nft table
+``ip vpnmasq`` (untracking, local-source guard, mark, hybrid-mode timeouts, MSS clamp and
+kernel masquerade). Install and remove are symmetric (sshuttle style) and touch only what
+vpnmasq owns; :func:`remove` works from what is present, so it cleans up after a crash;
+:func:`replace` swaps rules atomically for a handover. Seam: :class:`RuleSpec` in, text out,
+``iptables-restore``/``nft -f`` the only I/O. Known limit: a packet untracked in raw but
+routed elsewhere than the outside interface leaves un-NATed (and untracked).
 
-* iptables (``iptables-restore --noflush``): only the queue rules, chains ``VPNMASQ_IN``
-  and ``VPNMASQ_OUT`` (and ``VPNMASQ_HP`` when hairpinning) in ``mangle``, with their jumps
-  inserted at the top of PREROUTING and POSTROUTING;
-* nftables (every mode): the table ``ip vpnmasq``, native rules for everything else:
-  untracking (chain ``raw`` at prerouting priority raw - 1, dispatching to ``raw_in``,
-  ``raw_out``, ``raw_hp``), the local source guard, the mark and, in hybrid mode, the
-  conntrack timeouts and the MSS clamp (chain ``forward``, priority mangle - 1) and kernel
-  masquerade (chain ``postrouting``).
-
-Why the split (issue 6, measured with bench/lab.py floods of one offloaded ESP or GRE flow,
-ratios to the kernel's own NAT of the same packets in the same run, medians of 5 rounds):
-every base chain on a hook and every rule costs each forwarded packet, and xtables matches
-and targets through nft_compat (``-m addrtype``, ``-m conntrack``, ``-j CT``, ``-j MARK``)
-cost more than native expressions. With all classification in iptables (raw and mangle
-chains, an ``addrtype`` FIB lookup per packet in raw and another in mangle, ``-m conntrack``
-on the mark rules) offloaded flows ran at 0.66-0.80 of the kernel (median 0.70-0.74); the
-offload maps alone (no vpnmasq rules at all) at 0.84-0.95 (median 0.93). Native rules with
-the same chain layout gave 0.77 outbound; leaving out the local-destination FIB lookup and
-the inside-network lookup gave +0.04, leaving out the forward chain +0.05 (what remains is
-mostly per-base-chain cost). Hence the layout, in which an offloaded packet leaves every
-chain at its first rule or two:
-
-* inbound: the offload table rewrites, untracks and marks it at raw - 10; ``raw`` returns
-  at once (``ct state untracked return``: it has nothing left to do for a packet that is
-  already untracked); the PREROUTING jump to ``VPNMASQ_IN`` requires the mark to be absent
-  (``-m mark ! --mark``, a native compare): a marked packet was offloaded or already had
-  its verdict; ``forward`` returns on the output interface; POSTROUTING's jumps require an
-  inside source and the outside interface;
-* outbound: the offload table untracks it at raw - 10 (a lookup in an uncounted copy of its
-  outbound set, see :mod:`vpnmasq.datapath.offload`), so ``raw`` returns at its first rule;
-  ``forward`` marks it (protocols merged into one set lookup; one inside network is a plain
-  prefix compare, not a set); the offload table rewrites its source at mangle - 10, so the
-  POSTROUTING jump (``-o outside_if -s INSIDE``) no longer matches.
-
-The iptables side cannot shrink further: NFQUEUE needs a base chain in PREROUTING (inbound,
-hairpin) and in POSTROUTING (outbound), and each holds one jump per direction that an
-offloaded packet fails on its first native compare. Measured with this layout
-(``bench/run.py --skip-engine``, three runs of 3 rounds, 1.5 s windows): offloaded ESP and
-GRE at 0.81-0.87 of the kernel in the eight cells (median 0.83 in each run; single rounds
-0.79-0.91), outbound GRE the lowest; the maps alone 0.90-0.98 (median 0.96); plain TCP in
-hybrid mode 0.95-0.97. The gap left (about 0.1) is what six base
-chains with one to three rules each cost a packet against the kernel's conntrack lookup
-and NAT: the offload table's two, ``raw`` and ``forward`` here, and the two iptables
-mangle chains.
-
-:func:`remove` works from what is actually present (``iptables-save`` output), so it is
-idempotent and cleans up after a crash or after an install with a different spec.
-
-Design, and where it deviates from the first spec (facts checked on kernel 6.18, nft 1.0.6,
-iptables 1.8.9 in network namespaces; see ``tests/integration/test_rules.py``):
-
-* Queueing uses the xtables ``NFQUEUE`` target: this kernel has no nft ``queue``
-  expression. Both iptables-nft and iptables-legacy load the rules.
-* Outbound packets are queued in mangle POSTROUTING (after routing), never in PREROUTING:
-  once the source is rewritten to the gateway's own public address, a routing decision
-  taken afterwards rejects it as a martian (local source on input). POSTROUTING also runs
-  after the admin's filter FORWARD rules, which therefore see the original LAN addresses,
-  as with kernel SNAT. Inbound packets are queued in mangle PREROUTING, before routing, so
-  the rewritten destination is what gets routed.
-* Every NFQUEUE rule also requires ``-m conntrack --ctstate UNTRACKED`` (ICMP errors:
-  ``INVALID,UNTRACKED``), for two reasons (an xtables match, but only evaluated for packets
-  that passed the native matches before it, i.e. about to be queued). (1) ``CT --notrack``
-  alone does not enable conntrack in the namespace, and without conntrack there is no
-  defragmentation either:
-  measured, userspace mode then queued a 3000-byte datagram as three fragments, so the
-  engine would see fragments without ports. A conntrack match enables conntrack and its
-  defrag hook (priority -400, before raw), so the engine sees whole datagrams (up to 65535
-  bytes; the kernel refragments on output). (nft ``ct`` expressions in the table do the
-  same.) (2) Only what raw untracked is queued: the engine never rewrites a packet that
-  kernel conntrack is tracking.
-* The raw chain runs before routing, so the NOTRACK rules for outbound traffic cannot test
-  the output interface. They use "not from outside_if, from an inside network, not to an
-  inside network, not to a local/broadcast/multicast address". A packet matched there but
-  routed elsewhere than outside_if is not queued and leaves un-NATed but also untracked.
-* An NFQUEUE verdict of ACCEPT resumes at the *next hook*, not at the next rule, so owned
-  packets skip mangle rules placed after our jump. The jumps are inserted first so that no
-  earlier ACCEPT can let an owned packet bypass the queue (which would leak LAN addresses).
-  Likewise an ``accept`` in one base chain does not skip the other base chains of the same
-  hook, which is why each of our chains begins with its own cheap early return.
-* The nft chains sit one priority step before the iptables chain they replace (raw - 1,
-  mangle - 1), so they still run before an admin's iptables raw or mangle rules, as the
-  jumps inserted at the top of those chains used to.
-* ICMP errors are queued but not NOTRACKed in hybrid mode, and only when conntrack did not
-  relate them to a kernel-tracked flow (``--ctstate INVALID,UNTRACKED``): errors about
-  kernel-masqueraded flows are RELATED and must stay with kernel NAT. An error about one of
-  our untracked flows has no conntrack entry and is INVALID. This also covers *outbound*
-  errors (an inside host answering one of our flows with "port unreachable"): the spec
-  had none, but conntrack cannot relate them, so kernel NAT would let them out with the
-  inside source address.
-* The raw side has a dispatch chain plus ``raw_in``/``raw_out`` (``goto``: a packet from the
-  outside interface never reaches ``raw_out``); the LAN-to-LAN exclusion is one anonymous set
-  of the inside and routed networks (nft merges overlapping prefixes).
-* ``masquerade to :lo-hi`` needs a transport protocol match in nft 1.0.6, so hybrid mode
-  masquerades TCP/UDP into the kernel port range and everything else (ICMP) plainly.
-* ``ct timeout`` objects (nft 1.0.6) exist for TCP and UDP only (no ICMP policy, so ICMP
-  keeps the 30 s default). They are assigned to ``ct state new`` flows in a forward-hook
-  chain, before the entry is confirmed at the end of POSTROUTING; measured, a new UDP flow
-  then gets 120 s instead of 30 s, and TCP states the policy does not list keep the
-  kernel defaults (established stays at 5 days).
-* Replies are owned for both ranges the engine allocates from: ``alias_port_range`` and,
-  when given, ``low_port_range`` (where inside source ports below 1024 are mapped, RFC 4787
-  REQ-3). In userspace mode every inbound TCP/UDP packet to those ports of the public
-  address is therefore vpnmasq's: the gateway's own services must not listen there (move
-  ``low_port_range`` if one does, e.g. LDAPS on 636); hybrid mode only owns replies from
-  UDP 500 and TCP 1723 there.
-* With ``public_address=None`` the inbound match is
-  ``-m addrtype --dst-type LOCAL --limit-iface-in`` (an address of outside_if).
-* **Hairpinning** (a LAN host reaching another LAN host through the public address, RFC
-  4787 REQ-9 / RFC 5382 REQ-7): without vpnmasq the kernel delivers such packets to the
-  gateway itself. ``raw_hp`` (nft) and ``VPNMASQ_HP`` (mangle PREROUTING, jumped to for
-  ``! -i outside_if -d PUBLIC``) untrack and queue, from the inside networks only, what can
-  hairpin (:func:`_hairpin_owned`): in userspace mode TCP/UDP to any port of the engine's
-  pool (``alias_ranges``: every mapping) and to the forwarded ports (``hairpin_forwards``,
-  GRE too); in hybrid mode only the forwards (a client's packets to a forwarded port or GRE,
-  the server's answers from its port to the pool), since plain traffic's mappings are the
-  kernel's, which does not hairpin them. The daemon hands packets queued in PREROUTING from
-  a non-outside interface to the engine as OUTBOUND, and the engine translates source and
-  destination, filtering as for a packet from outside. Nothing else to the public address
-  is touched (the gateway's own services on other ports keep the LAN client's address), nor
-  anything with a local source (the gateway's own packets looped through lo). ESP forwards
-  do not hairpin (the engine refuses: NAT-T does, as UDP). The destination must be a
-  concrete address (an interface match cannot tell the public address from the gateway's
-  LAN addresses on a LAN packet), so without ``public_address`` the daemon passes the
-  current one as ``hairpin_address`` and replaces the rules when it changes.
-* The rewritten packet leaves PREROUTING with the public address, a local address, as its
-  source, and the routing decision drops it as a martian unless ``accept_local`` is on for
-  the LAN interface; strict ``rp_filter`` drops it as well (both measured, see
-  ``tests/integration/test_hairpin.py``). The daemon sets ``accept_local`` where needed
-  (``vpnmasq.daemon.HairpinSysctls``) and names those interfaces in ``local_source_guard``:
-  the first rules of ``raw`` (``fib saddr type local meta pkttype host drop``, the native form
-  of ``-m addrtype --src-type LOCAL -m pkttype --pkt-type unicast``) drop unicast packets
-  with a local source arriving there before vpnmasq's
-  rewrite, which puts the kernel's martian check back for everything but hairpinned
-  packets (looped-back multicast and broadcast have a local source too, hence unicast only).
-
-The packet mark (``RuleSpec.mark``) is how an admin's stateful FORWARD policy lets vpnmasq's
-packets through: untracked packets match neither ``ct state established`` nor ``ct state new``,
-so the admin adds one rule accepting the mark (:func:`forward_mark_hint`), and that one rule
-covers both directions:
-
-* inbound packets are rewritten and marked by vpnmasq's verdict in mangle PREROUTING, before
-  routing, so FORWARD sees them marked;
-* outbound packets get their verdict only in POSTROUTING, after FORWARD, so the nft chain
-  ``forward`` (forward hook, priority mangle - 1) marks exactly what ``VPNMASQ_OUT`` will
-  queue (same matches: outside interface, inside source, untracked, the owned protocols; in
-  hybrid mode also the unrelated ICMP errors), and the offloaded packets of those flows. The
-  forward hook runs after the routing decision, so the mark cannot change policy routing
-  (``ip rule fwmark``) and the output interface can be matched exactly. The verdict sets the
-  same mark again.
-* inbound offloaded packets are marked by the offload table's prerouting rule. The mark is
-  vpnmasq's: a packet from the outside interface that already carries it in mangle
-  PREROUTING is not queued (the worst an admin rule setting it could do is have an owned
-  packet for the public address delivered to the gateway itself, untranslated).
-
-The mark plays the role ``ct state established,related`` plays for tracked traffic, so the
-rule belongs where the admin accepts established traffic. Rules above it (e.g. one dropping a
-LAN host) still apply to vpnmasq's packets; rules below it do not (as for established flows,
-but note that a *new* VPN flow is marked too: a block meant for VPN traffic must come before
-the mark rule).
-
-Atomic replacement (:func:`replace`, used by ``vpnmasq run --handover``): the nft table is
-replaced by one ``nft -f`` transaction first, then one ``iptables-restore --noflush`` per table
-declares our chains (which flushes them), deletes the old jumps, adds the new rules and jumps,
-and removes chains the new spec no longer has (an older version's raw chains and
-``VPNMASQ_MARK`` included), in one transaction per table. Owned packets are never un-queued
-in between: while both exist, the old raw chains and the new nft chain untrack the same
-packets.
+Design notes, kernel facts and measurements: docs/internals/datapath-rules.md.
 """
 
 from __future__ import annotations
@@ -181,6 +21,18 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from vpnmasq.config import Mode
+from vpnmasq.packet.ipv4 import (
+    PROTO_AH,
+    PROTO_ESP,
+    PROTO_GRE,
+    PROTO_ICMP,
+    PROTO_NAMES,
+    PROTO_TCP,
+    PROTO_UDP,
+)
+from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, PPTP_PORT
 
 __all__ = [
     "CHAINS",
@@ -211,7 +63,6 @@ __all__ = [
     "replace",
 ]
 
-Mode = Literal["hybrid", "userspace"]
 ForwardProto = Literal["tcp", "udp", "gre", "esp"]
 
 DEFAULT_MARK = 0x564D  # "VM"
@@ -225,13 +76,10 @@ CHAINS: dict[str, tuple[str, ...]] = {
 }
 #: iptables table -> our hairpin chain, declared only when the spec hairpins
 HAIRPIN_CHAINS: dict[str, str] = {"mangle": "VPNMASQ_HP"}
-PROTO_NUM = {"icmp": 1, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ah": 51}
+PROTO_NUM = {PROTO_NAMES[p]: p for p in (PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_GRE, PROTO_ESP, PROTO_AH)}
 #: ICMP errors the engine may have to translate: unreachable, source quench, time exceeded,
 #: parameter problem.
 ICMP_ERROR_TYPES = (3, 4, 11, 12)
-IKE_PORT = 500
-NATT_PORT = 4500
-PPTP_PORT = 1723
 #: RFC 4787 REQ-5: UDP mappings must live >= 2 min (5 min recommended); Linux defaults are
 #: 30 s (unreplied) / 120 s (replied).
 UDP_TIMEOUTS = {"unreplied": 120, "replied": 300}
@@ -309,7 +157,7 @@ class RuleSpec:
     #: martian check for everything but the packets vpnmasq itself rewrites (see the module
     #: docstring)
     local_source_guard: Sequence[str] = field(default_factory=tuple)
-    # --- issue 8: the gateway's own ICMP errors (h4) ------------------------------------
+    # --- the gateway's own ICMP errors about packets vpnmasq rewrote ------------------------------
     #: queue the ICMP errors the gateway itself sends (mangle OUTPUT, chain
     #: ``VPNMASQ_LOCAL``) when conntrack cannot relate them (INVALID/UNTRACKED: they quote a
     #: packet vpnmasq owns), except those to an inside or routed network: the engine
@@ -320,7 +168,7 @@ class RuleSpec:
     #: conntrack cannot relate (about hairpinned, untracked flows; chain ``VPNMASQ_HP``),
     #: which the engine translates for the other LAN host (see :func:`_hairpin_icmp_errors`)
     hairpin_icmp_errors: bool = False
-    # --- end issue 8 ---------------------------------------------------------------------
+    # --- end of the gateway's own ICMP errors -----------------------------------------------------
 
     def __post_init__(self) -> None:
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
@@ -425,12 +273,12 @@ def _inbound_owned(spec: RuleSpec) -> list[str]:
     if spec.mode == "userspace":
         for alias in aliases:
             m += [f"-p tcp --dport {alias}", f"-p udp --dport {alias}"]
-        m += [f"-p udp -m multiport --dports {IKE_PORT},{NATT_PORT}", "-p 1"]
+        m += [f"-p udp -m multiport --dports {ISAKMP_PORT},{NATT_PORT}", "-p 1"]
     else:
-        m.append(f"-p udp --dport {IKE_PORT}")
+        m.append(f"-p udp --dport {ISAKMP_PORT}")
         for alias in aliases:
             m += [
-                f"-p udp --sport {IKE_PORT} --dport {alias}",
+                f"-p udp --sport {ISAKMP_PORT} --dport {alias}",
                 f"-p tcp --sport {PPTP_PORT} --dport {alias}",
             ]
     m += ["-p 47", "-p 50", "-p 51"]
@@ -481,8 +329,8 @@ def _outbound_owned(spec: RuleSpec) -> list[str]:
         "-p 47",
         "-p 50",
         "-p 51",
-        f"-p udp --sport {IKE_PORT}",
-        f"-p udp --dport {IKE_PORT}",
+        f"-p udp --sport {ISAKMP_PORT}",
+        f"-p udp --dport {ISAKMP_PORT}",
         f"-p tcp --dport {PPTP_PORT}",
     ]
     # Replies of forwarded LAN servers (e.g. a PPTP server's SYN-ACK from port 1723): the
@@ -500,7 +348,7 @@ def _icmp_errors_unrelated() -> list[str]:
     ]
 
 
-# --- issue 8 (h4): the gateway's own ICMP errors about packets vpnmasq rewrote -----------
+# --- the gateway's own ICMP errors about packets vpnmasq rewrote -------------------------
 #: mangle chain for them, jumped to from OUTPUT (RuleSpec.local_icmp_errors)
 LOCAL_ICMP_CHAIN = "VPNMASQ_LOCAL"
 
@@ -552,7 +400,7 @@ def _hairpin_icmp_errors(spec: RuleSpec, queue: str) -> list[str]:
     ]
 
 
-# --- end issue 8 ----------------------------------------------------------------------------
+# --- end of the gateway's own ICMP errors ---------------------------------------------------------
 
 
 def _queue_target(spec: RuleSpec) -> str:
@@ -613,11 +461,11 @@ def iptables_rules(spec: RuleSpec) -> str:
     mangle.append(f"-I PREROUTING 1 -i {out_if} -m mark ! --mark {spec.mark:#x} -j VPNMASQ_IN")
     for net in reversed(spec.inside_networks):  # inserted first, so in the networks' order
         mangle.append(f"-I POSTROUTING 1 -o {out_if} -s {net} -j VPNMASQ_OUT")
-    if spec.local_icmp_errors:  # issue 8 (h4): the gateway's own ICMP errors
+    if spec.local_icmp_errors:  # the gateway's own ICMP errors
         last_decl = max(i for i, ln in enumerate(mangle) if ln.startswith(":"))
         mangle.insert(last_decl + 1, f":{LOCAL_ICMP_CHAIN} - [0:0]")
         mangle += _local_icmp_errors(spec, queue)
-    if spec.hairpin_icmp_errors and hp_to is not None:  # issue 8 (h4)
+    if spec.hairpin_icmp_errors and hp_to is not None:  # LAN hosts' errors about hairpinned flows
         mangle += _hairpin_icmp_errors(spec, queue)
     mangle.append("COMMIT")
     return "\n".join(mangle) + "\n"

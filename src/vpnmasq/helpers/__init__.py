@@ -6,36 +6,24 @@ which to enable by name (an unknown name is a config error).
 
 from __future__ import annotations
 
+from vpnmasq.helpers import esp, isakmp, pptp, unmasqueradable
+from vpnmasq.helpers.base import HelperSpec
 from vpnmasq.helpers.registry import HelperRegistry
+
+#: every helper vpnmasq ships, in registration order
+SHIPPED: tuple[HelperSpec, ...] = (
+    unmasqueradable.AH_SPEC,
+    unmasqueradable.FWZ_SPEC,
+    *isakmp.SPECS,
+    *esp.SPECS,
+    *pptp.SPECS,
+)
 
 
 def default_registry() -> HelperRegistry:
-    from vpnmasq.helpers import unmasqueradable
-
     reg = HelperRegistry()
-    reg.register(unmasqueradable.AH_SPEC)
-    reg.register(unmasqueradable.FWZ_SPEC)
-    try:  # VPN helpers land in their own modules; each adds its specs here
-        from vpnmasq.helpers import isakmp
-
-        for spec in isakmp.SPECS:
-            reg.register(spec)
-    except ImportError:
-        pass
-    try:
-        from vpnmasq.helpers import esp
-
-        for spec in esp.SPECS:
-            reg.register(spec)
-    except ImportError:
-        pass
-    try:
-        from vpnmasq.helpers import pptp
-
-        for spec in pptp.SPECS:
-            reg.register(spec)
-    except ImportError:
-        pass
+    for spec in SHIPPED:
+        reg.register(spec)
     return reg
 
 

@@ -1,50 +1,16 @@
 """ESP (IP protocol 50): associate each LAN host's outbound SPI with the remote's inbound SPI.
 
 The SPIs are chosen inside encrypted IKE payloads, so the gateway cannot read them (HOWTO 2.6).
-Outbound is easy (the source address says who sent it); inbound ESP carries only the remote's
-address and an SPI that the LAN host picked, so a *new* inbound SPI has to be placed.
+Outbound is easy (the source address says who sent it); a *new* inbound SPI has to be placed.
+Per remote, a FIFO of claims (one per LAN host, made by the IKE helper's child-SA signal or an
+initial outbound packet) decides who takes the next new inbound SPI; the turn passes after
+``timeouts.esp_pending``. Precedence: established association > head claim > ``[[forward]]``
+of ESP > single-host guess (``esp.guess_single_host``) > drop ``ESP_UNASSOCIATED``.
 
-Who may take the next new inbound SPI from a remote
-----------------------------------------------------
-Per remote, a FIFO of *claims*, at most one per LAN host. A claim holds *expectations* of one
-new inbound SPI each; it is made by
+Known limit (HOWTO 6.1/6.2): with several claims, a remote that answers late or sends first
+on a new SA can still be misassociated (harmless to confidentiality, RFC 4303 3.4.2).
 
-* the cleartext IKE signal (:mod:`vpnmasq.helpers.isakmp` calls :meth:`EspHelper.child_exchange`):
-  the LAN host just ran an exchange that creates child SAs with that remote (IKEv1 Quick Mode,
-  IKEv2 IKE_AUTH / CREATE_CHILD_SA); valid :data:`SIGNAL_WINDOW` seconds; or
-* an outbound *initial* packet (an SPI not seen before from that host to that remote; HOWTO
-  6.2 step 1). It fulfils the host's open signal expectation if there is one.
-
-The next unknown inbound SPI from the remote goes to the claim at the head of the FIFO
-(``how``: ``ike-signal`` when that was the only claim and it came from the IKE signal,
-``serialized`` otherwise). With one claim there is nothing to serialize: a host that ran an
-exchange gets the remote's new SPI even when the remote sends first, and rekeys need no turn
-(HOWTO 6.2 case c). With several, only the head's initial packets pass; the others' are
-dropped (``ESP_WAITING``, "waiting for pending init of HOST") while they keep their place, and
-their next packet retries (HOWTO 6.2 step 2).
-
-The turn is time-based, not counted in packets: the head yields, and re-queues at the back,
-when it has not sent within ``timeouts.esp_pending`` of getting the turn, or got no new inbound
-SPI within ``esp_pending`` of its first packet. So one host holds the turn at most
-2 x esp_pending, and with n hosts starting at once the last is associated within
-:meth:`EspHelper.worst_case_wait` (the 1999 patch allowed 12 minutes). A waiter whose entry is
-older than ``timeouts.esp_wait_max`` leaves the FIFO (its next packet queues again).
-
-Precedence for inbound ESP (also in tests): an established association (or an inbound SPI
-already placed) > the head claim from that remote (only the remote the claim is for can
-complete it) > a ``[[forward]]`` of ESP to a LAN server > the single-host guess, if enabled
-(``esp.guess_single_host``) > drop ``ESP_UNASSOCIATED``. Nothing unassociated is ever handed
-to a LAN host by default.
-
-The guess is tentative: it holds while the host is the only plausible one (the only LAN host
-with an IKE session or ESP with that remote, and no other host's claim) and ends as soon as
-that stops being true (the SPI is then placed afresh) or the host confirms it by sending a new
-SPI of its own to the remote.
-
-Known limits, as in the HOWTO (6.1/6.2): two hosts picking the same inbound SPI with the same
-remote (1 in 2^32) share it; with several claims, a remote that answers late (after
-esp_pending) or sends first on a new SA can still be misassociated. Misrouted ESP is harmless
-to confidentiality (the receiver discards an SPI it does not know, RFC 4303 3.4.2).
+Design notes: docs/internals/helpers-esp.md.
 """
 
 from __future__ import annotations
@@ -249,7 +215,7 @@ class EspHelper:
 
     def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
         """Inbound ESP as delivered (remote -> LAN host) quoted in an ICMP error from the LAN
-        side or the gateway itself (issue 8): the quoted SPI is the LAN host's inbound SPI,
+        side or the gateway itself: the quoted SPI is the LAN host's inbound SPI,
         the association's only if it belongs to that host."""
         ib = inner.buf
         spi = int.from_bytes(ib[inner.ihl : inner.ihl + 4], "big")

@@ -1,44 +1,14 @@
 """ISAKMP / IKE on UDP 500 (IKEv1 RFC 2408/2409, IKEv2 RFC 7296) and NAT-T on UDP 4500 (RFC 3948).
 
-ISAKMP ("isakmp", udp-port 500)
--------------------------------
-Every LAN host keeps source port 500, even when several talk to the same remote: IKE peers
-expect 500 and the cookies tell the sessions apart (HOWTO 2.10). One entry per IKE SA, keyed by
+ISAKMP: every LAN host keeps source port 500 (HOWTO 2.10); sessions are told apart by the
+full 64+64-bit cookies, one entry per IKE SA. A child-SA exchange signals the ESP helper
+(its typed peer) that this host may take the remote's next new SPI. Remote-initiated
+sessions go to the one LAN host it could be, or per ``ambiguous_ike``.
 
-* ``("ike-o", lan, remote, icookie)`` for the LAN host's packets, and
-* ``("ike-ir", remote, icookie, rcookie)`` for the remote's, once the responder cookie is known.
+NAT-T: plain NAPT does the translating (4500 kept where free); :class:`NattWatch` labels
+keepalives, IKE and ESP-in-UDP for status.
 
-Both cookies are used in full (64 + 64 bits; the 2.0 patch kept 32 bits of the initiator cookie
-only). While an exchange is *outstanding* (responder cookie not yet seen) it is found by
-(remote, icookie); a second LAN host starting an exchange with the same initiator cookie to the
-same remote in that window is dropped (``ISAKMP_COLLISION``, HOWTO 6.1).
-
-Inbound messages with cookies we do not know are a new exchange started by the remote (a rekey,
-or the first message of a new IKE SA after an IKEv2 IKE SA rekey). They go to the LAN host that
-holds an IKE session (or live ESP associations) with that remote when there is exactly one; with
-several the engine is told (``engine.notice``) and ``config.ambiguous_ike`` decides: ``"drop"``
-(``ISAKMP_AMBIGUOUS``) or ``"most-recent"``. With none, a ``[[forward]]`` of UDP 500 to a LAN
-server takes it; otherwise ``ISAKMP_UNKNOWN`` (or the gateway's own IKE, see
-:attr:`IsakmpHelper.deliver_unknown_locally`).
-
-Precedence, inbound: an entry matching the cookies (a LAN client's or a forwarded server's) >
-a LAN host holding an IKE session with that remote > the forward > drop. Forwarded IKE (to the
-same port 500) is tracked by cookies like a client's, so a server on the LAN and clients of the
-same remote never steal each other's messages; a forward to another port is left to plain NAPT.
-
-Entries live ``timeouts.isakmp`` (hours: at least the IKE SA lifetime, or HOWTO 5.7 returns);
-an exchange nobody answered lives :data:`OUTSTANDING_TIMEOUT`.
-
-The cleartext exchange type of each message tells the ESP helper which LAN host just ran an
-exchange that creates child SAs with which remote (IKEv1 Quick Mode 32, IKEv2 IKE_AUTH 35 and
-CREATE_CHILD_SA 36): see :mod:`vpnmasq.helpers.esp`.
-
-NAT-T ("natt", udp-port 4500)
------------------------------
-Plain NAPT does the work (port 4500 kept where free, never a port a forward owns: the engine's
-UDP allocator has ``always_preserve={4500}``); keepalives refresh the mapping like any packet.
-The helper only watches those sessions to label them for status: NAT-keepalive (one 0xFF
-octet), IKE (behind the 4-octet non-ESP marker) and ESP-in-UDP (a non-zero SPI first).
+Design notes: docs/internals/helpers-isakmp.md.
 """
 
 from __future__ import annotations
@@ -52,11 +22,9 @@ from vpnmasq.conntrack.table import Entry
 from vpnmasq.helpers.base import HelperSpec
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import PROTO_UDP, IPv4, int_to_ip, ip_to_int
-from vpnmasq.packet.l4 import UDP_MIN
+from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, UDP_MIN
 from vpnmasq.verdict import ACCEPT_LOCAL, DropReason, Verdict, accept
 
-ISAKMP_PORT = 500
-NATT_PORT = 4500
 #: RFC 2408 3.1 / RFC 7296 3.1: the fixed header is 28 octets
 HEADER_LEN = 28
 _HDR = struct.Struct("!QQBBBBII")
@@ -212,7 +180,7 @@ class IsakmpHelper:
         self.timeout_classes = {
             "isakmp_outstanding": min(OUTSTANDING_TIMEOUT, engine.config.timeouts.isakmp)
         }
-        #: The gateway's own IKE daemon (issue 8): deliver inbound ISAKMP that matches
+        #: The gateway's own IKE daemon: deliver inbound ISAKMP that matches
         #: nothing to the gateway itself (ACCEPT_LOCAL) instead of dropping ISAKMP_UNKNOWN.
         #: Kept in step with ``config.local_vpn`` by ``Engine.set_local_consumers``.
         self.deliver_unknown_locally: bool = getattr(engine.config, "local_vpn", "") == "always"
@@ -325,7 +293,7 @@ class IsakmpHelper:
 
     def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
         """Inbound ISAKMP as delivered (remote:500 -> LAN host:500) quoted in an ICMP error
-        from the gateway itself or the LAN (issue 8: e.g. a certificate-sized IKE_AUTH too
+        from the gateway itself or the LAN (e.g. a certificate-sized IKE_AUTH too
         big for the LAN link): the session both cookies name, if it is that host's."""
         ib = inner.buf
         po = inner.ihl + UDP_MIN

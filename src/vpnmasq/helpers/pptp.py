@@ -5,56 +5,12 @@ Two specs, one shared call store::
     pptp  tcp-alg  TCP 1723  per control connection: PptpControl (parses, rewrites Call IDs)
     gre   proto    IP 47     GreHelper: enhanced GRE v1 by Call ID, GRE v0 by address pair
 
-**One symmetric rule instead of two role tables.** Every Call ID field of a control message
-either holds the *sender's own* Call ID or the *receiver's* ("Peer's Call ID"); see
-:data:`MESSAGES`. The Call IDs that need masquerading are always those of the LAN host,
-whatever its role (PNS = client, PAC = server behind a forward), so:
+One symmetric rule (:data:`MESSAGES`): going out, a message's *own* Call ID field is rewritten
+inside -> outside; coming in, its *peer* field is restored. Outside Call IDs come from
+:class:`CallIdPool`. Rewrites are keyed by TCP sequence number, so retransmits match.
+Known limit: a TCP segment split by IP fragmentation desyncs its direction (passed through).
 
-* a message going out (LAN -> outside) has its *own* field rewritten inside -> outside ID;
-* a message coming in (outside -> LAN) has its *peer* field restored outside -> inside ID;
-* the remote's own Call ID is never rewritten; it is learned (OCRP/ICRP) and used to find
-  calls (Call-Disconnect-Notify carries the PAC's own ID, RFC 2637 2.13: it ends the call
-  and, for a remote PAC, stays untouched - unlike Linux, which rewrites it).
-
-For a LAN PNS that gives exactly: out 7/10/12 @12; in 8 @14, 11/14/15 @12; 13 finds the call.
-For a LAN PAC (``server_inside``): out 8/9/13 @12; in 10 @14, 15 @12; 12 finds the call.
-
-**Outside Call IDs** come from :class:`CallIdPool`: unique per remote (the public address is
-one), shared by LAN clients' calls and a forwarded LAN server's calls, keeping the LAN
-host's own ID when free. An outside ID always keeps the *high byte* of the inside ID when the
-256-ID block allows (it nearly always does); that is what makes straddles work, see below.
-
-**Stream handling: rewrites keyed by TCP sequence number, no held verdicts.** Each direction
-has a :class:`StreamReader` that tracks the next expected sequence number, frames messages
-(only the first :data:`HEAD_KEEP` bytes of a message are kept; bodies are skipped by count)
-and records every byte it rewrote in a log keyed by sequence number. For every segment:
-
-* bytes before ``next_seq`` were seen already: the log is replayed over them, so a
-  retransmit (re-segmented or not) carries byte-for-byte what went out first. The log is
-  pruned by the other direction's ACKs: a copy of acknowledged data is discarded by the
-  receiver, whatever it carries;
-* new bytes are parsed; a field's rewrite is decided the moment its *last* byte arrives and
-  logged, then the log is applied to the segment with an incremental TCP checksum update
-  (byte-wise, at the right half of its 16-bit word, so odd alignment is handled);
-* a segment that starts beyond ``next_seq`` (a gap: reordered or an earlier one lost) is
-  dropped (counted, ``pptp-out-of-order``); its sender retransmits it in order. Passing it
-  would let the receiver keep unrewritten bytes we could not yet interpret.
-
-A Call ID straddling two segments has its high byte in a segment that is already gone when
-the low byte arrives. Because outside and inside IDs share the high byte, only the low byte
-(in the current segment) ever changes; no verdict has to be held. Only if the whole 256-ID
-block is in use may the high byte differ; a straddle then is counted, not fixed.
-
-**Fail open for the stream, never corrupt it** (Linux ``goto invalid`` -> accept): a message
-with good framing but a bad type, a short length or a wrong PPTP message type is skipped
-(counted, notice); bad magic, length < 12 or > :data:`MAX_MESSAGE_LEN` means we lost the
-framing ("desync"): that direction is passed through from then on (counted, notice). Dropping
-would not help: TCP would retransmit the same bytes forever. A TCP segment split by IP
-fragmentation cannot be seen whole, so it desyncs its direction too (known limit).
-
-Calls end on Call-Disconnect-Notify, a failed Outgoing/Incoming-Call-Reply,
-Stop-Control-Connection, FIN/RST or removal (expiry, flush) of the control entry, and when
-their GRE entry (kind ``gre``, timeout class ``gre``) idles out.
+Design notes: docs/internals/helpers-pptp.md.
 """
 
 from __future__ import annotations
@@ -77,6 +33,7 @@ from vpnmasq.packet.l4 import (
     GRE_MIN_V1,
     GRE_V1_MASK,
     GRE_V1_VALUE,
+    PPTP_PORT,
     TCP_ACK,
     TCP_CSUM,
     TCP_FIN,
@@ -88,7 +45,6 @@ from vpnmasq.verdict import DropReason, Verdict, accept
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.config import Forward
 
-PPTP_PORT = 1723
 PPTP_MAGIC = 0x1A2B3C4D
 PPTP_CONTROL = 1  # PPTP Message Type 1: control message (2, management, has no messages)
 HEADER_LEN = 12  # Length, PPTP Message Type, Magic Cookie, Control Message Type, Reserved0
@@ -102,7 +58,7 @@ HEAD_KEEP = 17
 MAX_CALLS_PER_CONTROL = 1024
 #: Calls one control connection may hold without a GRE entry (the table or the host's share
 #: was full). Such a call keeps its outside Call ID (no clash) but carries no data, so this
-#: bounds the outside IDs a host can hold beyond its entry limit (issue 7: a LAN host opening
+#: bounds the outside IDs a host can hold beyond its entry limit (a LAN host opening
 #: calls as fast as it can must not use up a server's Call IDs for everyone).
 MAX_CALLS_WITHOUT_GRE = 16
 #: The Call ID written into a call the gateway refuses (over a limit, or no outside ID left):
@@ -1222,7 +1178,7 @@ class GreHelper:
 
     def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
         """Inbound GRE as delivered (remote -> LAN host, the LAN host's own Call ID) quoted in
-        an ICMP error from the LAN side or the gateway itself (issue 8): that host's call
+        an ICMP error from the LAN side or the gateway itself: that host's call
         with that remote and Call ID. The calls are scanned (no index by inside Call ID):
         such errors are rare, and each follows a GRE packet that already cost a slow path."""
         b = inner.buf

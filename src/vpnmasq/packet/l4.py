@@ -11,6 +11,11 @@ import struct
 from vpnmasq.packet.checksum import checksum, pseudo_header_sum
 from vpnmasq.packet.ipv4 import PROTO_ICMP, PROTO_TCP, PROTO_UDP, build_ipv4
 
+#: well-known ports of the VPN protocols vpnmasq handles (IANA)
+ISAKMP_PORT = 500  # IKE (RFC 7296 2.)
+NATT_PORT = 4500  # IKE and ESP-in-UDP behind NAT (RFC 3948)
+PPTP_PORT = 1723  # PPTP control connection (RFC 2637 2.)
+
 TCP_MIN = 20
 TCP_CSUM = 16
 TCP_FIN = 0x01
