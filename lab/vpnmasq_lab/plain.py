@@ -30,18 +30,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vpnmasq.packet.checksum import checksum
+
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
 
-
-def inet_checksum(data: bytes) -> int:
-    """RFC 1071 one's complement sum (for ICMP)."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return int(~s & 0xFFFF)
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -73,7 +66,7 @@ def ping(
             if seq < count and now >= next_send:
                 seq += 1
                 hdr = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq)
-                csum = inet_checksum(hdr + payload)
+                csum = checksum(hdr + payload)
                 pkt = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, csum, ident, seq) + payload
                 s.sendto(pkt, (dst, 0))
                 pending[seq] = now

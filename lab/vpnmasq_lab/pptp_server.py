@@ -22,10 +22,10 @@ import os
 import subprocess
 from typing import Any
 
+from vpnmasq.packet.l4 import PPTP_PORT
+
 from .pppstub import read_stub_logs, write_wrapper
 from .topology import Topology
-
-PPTP_PORT = 1723
 
 
 class PptpServer:

@@ -60,9 +60,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-IPPROTO_ESP = 50
+from vpnmasq.packet.ipv4 import PROTO_ESP
+from vpnmasq.packet.l4 import ISAKMP_PORT
+
 ESP_NEXT_HEADER = 253  # RFC 3692 experimental: nobody will interpret our payload
-ISAKMP_PORT = 500
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -131,7 +132,7 @@ def _esp_spi(ip_packet: bytes) -> tuple[str, int] | None:
 
 
 def _esp_socket(bind: str | None) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP)
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, PROTO_ESP)
     if bind:
         s.bind((bind, 0))
     return s

@@ -46,6 +46,7 @@ from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.control import ControlError, query
+from vpnmasq.packet.checksum import checksum
 from vpnmasq_lab.topology import Topology, cleanup_stale
 
 LAN = ipaddress.IPv4Network("10.77.0.0/24")
@@ -497,7 +498,7 @@ def ping(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEO
         s.settimeout(timeout)
         ident = int.from_bytes(os.urandom(2), "big")
         body = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"vpnmasq"
-        csum = _inet_checksum(body)
+        csum = checksum(body)
         s.sendto(body[:2] + struct.pack("!H", csum) + body[4:], (dst, 0))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -512,14 +513,6 @@ def ping(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEO
     finally:
         s.close()
 
-
-def _inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def ike_echo(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:

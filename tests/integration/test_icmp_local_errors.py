@@ -47,6 +47,7 @@ from test_daemon_harness import (
 from tests.waiting import DEADLINE, wait_until
 
 from vpnmasq.packet.checksum import checksum
+from vpnmasq.packet.ipv4 import PROTO_ESP
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
@@ -55,7 +56,7 @@ IP, UDP, ICMP, Raw = scapy_all.IP, scapy_all.UDP, scapy_all.ICMP, scapy_all.Raw
 __all__ = ["topo", "workdir"]  # fixtures used by name
 
 NOBODY = "198.51.100.99"  # on the outside link, answers no ARP
-IPPROTO_ESP = 50
+
 LAN_MTU = 1280
 WAIT_S = DEADLINE  # generous: CI machines are loaded
 
@@ -273,8 +274,8 @@ def test_frag_needed_about_inbound_esp_keeps_the_spi_and_the_public_address(
     topo: Topology, workdir: Path, mode: str
 ) -> None:
     with _running(topo, workdir, mode, narrow_lan=True) as (d, res):
-        h1 = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
-        r_esp = res.enter_context(sock(topo, "r1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
+        h1 = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, PROTO_ESP))
+        r_esp = res.enter_context(sock(topo, "r1", socket.AF_INET, socket.SOCK_RAW, PROTO_ESP))
         r_esp.settimeout(1.0)
         watch = res.enter_context(IcmpWatch(topo, "r1"))
         raw = res.enter_context(_raw_sender(topo, "r1"))
@@ -290,8 +291,8 @@ def test_frag_needed_about_inbound_esp_keeps_the_spi_and_the_public_address(
                 pass
             assert time.monotonic() < deadline, "h1's ESP never reached r1"
         esp = Raw(struct.pack("!II", 0x2001, 7) + os.urandom(16))
-        sent = _big_df(R1, PUBLIC, esp, proto=IPPROTO_ESP)
-        err = _inbound_frag_needed(watch, raw, sent, IPPROTO_ESP)
+        sent = _big_df(R1, PUBLIC, esp, proto=PROTO_ESP)
+        err = _inbound_frag_needed(watch, raw, sent, PROTO_ESP)
         p = IP(err)
         assert (p.src, p.dst) == (PUBLIC, R1)
         quoted = _quoted(err)
@@ -383,9 +384,9 @@ def test_host_unreachable_about_outbound_esp_reaches_the_lan_host(
     esp = struct.pack("!II", 0x7001, 1) + b"anyone there?"
     with _running(topo, workdir, mode) as (d, res):
         watch = res.enter_context(IcmpWatch(topo, "h1"))
-        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, IPPROTO_ESP))
+        h = res.enter_context(sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, PROTO_ESP))
         q = _outbound_unreachable(watch, lambda: h.sendto(esp, (NOBODY, 0)))
-        assert q[9] == IPPROTO_ESP
+        assert q[9] == PROTO_ESP
         assert q[20:24] == struct.pack("!I", 0x7001)
         assert d.counters().get("icmp_local_error_in", 0) >= 1
 
