@@ -76,8 +76,12 @@ class RestoreReport:
 
 
 # ------------------------------------------------------------------------------ export
-def export_state(engine: Engine, now: float, wall: float) -> dict[str, Any]:
-    """The engine's table as a JSON-able dict (see the module docstring)."""
+def export_state(
+    engine: Engine, now: float, wall: float, stable_id: Callable[[Entry], int] | None = None
+) -> dict[str, Any]:
+    """The engine's table as a JSON-able dict (see the module docstring). Records are
+    numbered 0, 1, ... unless ``stable_id`` gives each entry an id that stays the same
+    from one export to the next (replication sends only what changed)."""
     live = [e for e in engine.table if e.live and e.expires_at > now]
     # entries with an ALG first: helpers' records (a call's GRE entry) refer to them
     live.sort(key=lambda e: e.alg is None)
@@ -113,7 +117,7 @@ def export_state(engine: Engine, now: float, wall: float) -> dict[str, Any]:
                     }
                 )
             rec["binding"] = bi
-        rec["id"] = len(out)
+        rec["id"] = len(out) if stable_id is None else stable_id(e)
         ids[id(e)] = rec["id"]
         if e.alg is not None:
             ids[id(e.alg)] = rec["id"]
@@ -245,11 +249,23 @@ def check_header(data: object, where: str = "state") -> Mapping[str, Any]:
     return data
 
 
-def import_state(engine: Engine, data: object, now: float, wall: float) -> RestoreReport:
+def import_state(
+    engine: Engine,
+    data: object,
+    now: float,
+    wall: float,
+    *,
+    ranges_of: Any = None,
+) -> RestoreReport:
     """Restore a saved table into ``engine``, whose table must still be empty.
 
     Raises :class:`StateError` if ``data`` is not a state this version reads; individual
     records that do not fit are dropped and counted (see the module docstring).
+
+    Replication (``vpnmasq.sync``) adds two things: a record may carry ``"held"``, the
+    seconds a standby kept it before this import (added to its age like ``elapsed``), and
+    ``ranges_of`` (a Config) widens the port and ICMP id ranges a restored binding may use
+    to that config's: the peer hands out the other half of the ranges this engine uses.
     """
     d = check_header(data)
     if len(engine.table):
@@ -272,15 +288,16 @@ def import_state(engine: Engine, data: object, now: float, wall: float) -> Resto
         rep.drop("address-changed", len(recs))
         return rep
 
-    def at(ago: float) -> float:
-        return now - ago - elapsed
+    def held(rec: Mapping[str, Any]) -> float:
+        h = rec.get("held", 0.0)
+        return max(0.0, float(h)) if isinstance(h, int | float) and not isinstance(h, bool) else 0.0
 
     # 1. records -> candidate entries
     cands: list[_Cand] = []
     taken: set[Hashable] = set(engine.table.index)
     for rec in recs:
         try:
-            c = _build(engine, rec, now, elapsed, pub)
+            c = _build(engine, rec, now, elapsed + held(rec), pub)
         except (KeyError, TypeError, ValueError, OSError, AttributeError):
             rep.drop("malformed")
             continue
@@ -314,7 +331,7 @@ def import_state(engine: Engine, data: object, now: float, wall: float) -> Resto
     lost: set[int] = set()
     for bi, sessions in by_binding.items():
         try:
-            b, is_new = _claim_binding(engine, brecs[bi], sessions)
+            b, is_new = _claim_binding(engine, brecs[bi], sessions, ranges_of)
         except (IndexError, KeyError, TypeError, ValueError, OSError):
             b, is_new = None, False
         if b is None:
@@ -335,6 +352,11 @@ def import_state(engine: Engine, data: object, now: float, wall: float) -> Resto
     ready: list[_Cand] = []
     for c in cands:
         e, rec = c.entry, c.rec
+        ago_base = elapsed + held(rec)
+
+        def at(ago: float, base: float = ago_base) -> float:
+            return now - ago - base
+
         alg = rec.get("alg")
         if isinstance(alg, Mapping):
             factory = engine.helper_by_name.get(str(alg.get("helper")))
@@ -490,7 +512,9 @@ def _fit(engine: Engine, cands: list[_Cand], rep: RestoreReport) -> list[_Cand]:
     return [c for i, c in enumerate(cands) if i in keep]
 
 
-def _claim_binding(engine: Engine, brec: Any, sessions: list[_Cand]) -> tuple[Binding | None, bool]:
+def _claim_binding(
+    engine: Engine, brec: Any, sessions: list[_Cand], ranges_of: Any = None
+) -> tuple[Binding | None, bool]:
     """The binding for restored sessions: the config's static one, or a dynamic one whose
     outside port/id is claimed again in the allocator. (None, False) if that is not possible."""
     if not isinstance(brec, Mapping):
@@ -518,6 +542,13 @@ def _claim_binding(engine: Engine, brec: Any, sessions: list[_Cand]) -> tuple[Bi
     if alloc is None:
         return None, False
     in_range = any(lo <= alias <= hi for lo, hi in alloc.ranges) or alias in alloc.always_preserve
+    if ranges_of is not None and not in_range:
+        wide = (
+            [ranges_of.icmp_id_range]
+            if proto == PROTO_ICMP
+            else [ranges_of.port_range, ranges_of.low_port_range]
+        )
+        in_range = any(r.low <= alias <= r.high for r in wide)
     if not in_range and not all(_forwarded(engine, c.entry, alias) for c in sessions):
         return None, False
     if not alloc.take(alias):

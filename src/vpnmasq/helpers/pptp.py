@@ -531,9 +531,11 @@ class CallIdPool:
         return None
 
     def claim(self, remote: int, cid: int) -> bool:
-        """Take exactly ``cid`` for ``remote`` (a call restored from saved state)."""
+        """Take exactly ``cid`` for ``remote`` (a call restored from saved state). Any
+        Call ID but 0 is accepted, in range or not: a standby restores the calls its peer
+        numbered from the other half of call_id_range (``[sync] node``)."""
         used = self.used.setdefault(remote, set())
-        if cid in used or not self.low <= cid <= self.high:
+        if cid in used or not 1 <= cid <= 0xFFFF:
             return False
         used.add(cid)
         return True
