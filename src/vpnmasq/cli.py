@@ -23,6 +23,7 @@ from vpnmasq.config import (
     ConfigErrors,
     explain,
     load_config,
+    parse_value,
     read_config_text,
     validate,
 )
@@ -173,15 +174,19 @@ def run(config_path: str, handover: bool) -> None:
     "--offline",
     is_flag=True,
     envvar="VPNMASQ_OFFLINE",
-    help="Check only the file; do not look at this machine's firewall. [env: VPNMASQ_OFFLINE]",
+    help="Check only the file; do not look at this machine's interfaces and firewall. "
+    "[env: VPNMASQ_OFFLINE]",
 )
 def check_config(file: str | None, show_explain: bool, markdown: bool, offline: bool) -> None:
     """Check a configuration FILE without starting anything.
 
     Prints OK and any warnings (values that work but are risky, e.g. timeouts below the
     RFC 4787/5382/5508 minimums), or every error with its key and line number and exits 1.
-    Unless --offline, also checks that the FORWARD chain accepts vpnmasq's packet mark
-    (needs root to read the ruleset). FILE defaults to $VPNMASQ_CONFIG.
+    outside_interface and inside_networks are required. Unless --offline, also checks this
+    machine as `vpnmasq diagnose` does: that outside_interface exists and is up (run waits
+    for it otherwise), and that a FORWARD chain that drops by default accepts vpnmasq's
+    packet mark (reading the firewall needs root). FILE defaults to $VPNMASQ_CONFIG, then
+    /etc/vpnmasq/vpnmasq.toml.
     """
     if show_explain:
         click.echo(explain("markdown" if markdown else "text"), nl=False)
@@ -189,11 +194,11 @@ def check_config(file: str | None, show_explain: bool, markdown: bool, offline: 
             return
         click.echo()
     if file is None:
-        raise click.UsageError("missing FILE (or use --explain)")
+        file = DEFAULT_CONFIG
     config, file_warnings = _load(file)
     warnings = [f"{file}: {w}" for w in file_warnings]
     if not offline:
-        warnings += _firewall_warnings(config)
+        warnings += _host_warnings(config)
     for w in warnings:
         _warn(w)
     n = len(warnings)
@@ -201,28 +206,20 @@ def check_config(file: str | None, show_explain: bool, markdown: bool, offline: 
     click.echo(f"OK: {file}{suffix}")
 
 
-def _firewall_warnings(config: Config) -> list[str]:
-    """Warn when no FORWARD rule accepts the mark (skipped if rules/iptables are absent)."""
-    try:
-        rules = importlib.import_module("vpnmasq.datapath.rules")
-    except ImportError as e:
-        if _missing_module(e, "vpnmasq.datapath.rules", "vpnmasq.datapath"):
-            return []
-        raise
-    if os.geteuid() != 0:
-        return ["not running as root: skipped the check for the FORWARD mark rule"]
-    try:
-        present = rules.forward_mark_rule_present(config.mark)
-    except (OSError, RuntimeError) as e:
-        return [f"could not check the FORWARD chain for the mark rule: {e}"]
-    if present:
-        return []
-    hint_fn = getattr(rules, "forward_mark_hint", None)
-    hint = hint_fn(config.mark) if hint_fn else f"accept mark {config.mark:#x} in FORWARD"
-    return [
-        f"no FORWARD rule accepts packets with mark {config.mark:#x}; if the FORWARD chain "
-        f"drops by default, vpnmasq's untracked packets will be dropped. Add: {hint}"
-    ]
+def _host_warnings(config: Config) -> list[str]:
+    """diagnose's checks of the interface and the FORWARD chain; anything not OK warns."""
+    from vpnmasq import diagnose as dg
+
+    facts = dg.gather_host(config)
+    out = []
+    if facts.iptables is None and facts.nft is None:
+        why = "not running as root" if not facts.is_root else "iptables-save and nft failed"
+        out.append(f"{why}: skipped the check of the FORWARD chain for vpnmasq's mark")
+    for check in dg.CONFIG_CHECKS:
+        for fd in check(facts):
+            if fd.level >= dg.Level.WARN:
+                out.append(fd.message + (f". Fix: {fd.fix}" if fd.fix else ""))
+    return out
 
 
 # ------------------------------------------------------------------------------ status / flush
@@ -382,10 +379,10 @@ def replay(
     for w in warnings:
         _warn(f"{config_path}: {w}")
     if public_address is not None:
-        text = f'public_address = "{public_address}"\n'
         try:
-            load_config(text)
-            config = dataclasses.replace(config, public_address=public_address)
+            config = dataclasses.replace(
+                config, public_address=parse_value("public_address", public_address)
+            )
             validate(config)
         except ConfigError as e:
             raise click.BadParameter(str(e), param_hint="--public-address") from None

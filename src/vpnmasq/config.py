@@ -499,12 +499,14 @@ TOP_KEYS: tuple[KeySpec, ...] = (
         _Kind("interface name", _p_ifname),
         "Interface that faces the Internet. Masqueraded packets leave through it and "
         "inbound replies and forwards arrive on it.",
+        required=True,
     ),
     KeySpec(
         "inside_networks",
         _NETWORKS,
         "Private networks behind the gateway. A packet whose source is in one of them is "
         "outbound and gets masqueraded; forward targets must lie inside them.",
+        required=True,
     ),
     KeySpec(
         "mode",
@@ -832,6 +834,11 @@ _TABLES: dict[str, tuple[type[Any], str, tuple[KeySpec, ...]]] = {
     "sync": (Sync, "sync", SYNC_KEYS),
 }
 _TOP_BY_KEY = {s.key: s for s in TOP_KEYS}
+# What to write when a required top-level key is missing.
+_REQUIRED_HINT = {
+    "outside_interface": 'the interface that faces the Internet, e.g. outside_interface = "eth0"',
+    "inside_networks": 'the LANs to masquerade, e.g. inside_networks = ["192.168.1.0/24"]',
+}
 _TOP_NAMES: tuple[str, ...] = (*(s.key for s in TOP_KEYS), *_TABLES, "forward", "route")
 
 
@@ -1089,26 +1096,117 @@ class _Problems:
 
 
 def _toml_error(text: str, err: tomllib.TOMLDecodeError) -> ConfigError:
-    """tomllib says "... (at line 3, column 7)"; keep the words, move the line to the front.
+    """tomllib's words, with the line where the syntax breaks and the key being set there.
 
-    The key is the nearest ``key =`` or ``[table]`` at or above the error line.
+    tomllib reports where it gave up, which for an array left open is the first line after
+    it ("line 3, column 1" for an unclosed array on line 2). :func:`_syntax_break` moves such
+    errors back to the last line with content inside the open array.
     """
     msg = str(err)
     lines = text.splitlines()
-    m = re.search(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$", msg)
-    line: int | None = None
-    words = msg
-    if m:
-        words = msg[: m.start()]
-        line = int(m.group(1)) if m.group(1) else max(len(lines), 1)
-    key = None
-    if line is not None:
-        for text_line in reversed(lines[:line]):
-            km = re.match(r"\s*(?:\[{1,2}\s*([^\]]+?)\s*\]|([A-Za-z0-9_.\-\"']+)\s*=)", text_line)
-            if km:
-                key = (km.group(1) or km.group(2)).strip("\"'")
-                break
-    return ConfigError(f"not valid TOML: {words}", key=key, line=line)
+    m = re.search(r"\s*\((?:at line (\d+), column (\d+)|at end of document)\)\s*$", msg)
+    if not m:
+        return ConfigError(f"not valid TOML: {msg}")
+    words = msg[: m.start()]
+    if m.group(1):
+        line, col = int(m.group(1)), int(m.group(2))
+        offset = sum(len(x) + 1 for x in text.split("\n")[: line - 1]) + col - 1
+        gave_up = f"at line {line}"
+    else:
+        line, offset, gave_up = max(len(lines), 1), len(text), "at the end of the file"
+    brk = _syntax_break(text[:offset])
+    if brk.string_line is not None and brk.string_line != line:
+        return ConfigError(
+            f"not valid TOML: this string is not closed; tomllib: {words} {gave_up}",
+            key=brk.key,
+            line=brk.string_line,
+        )
+    if brk.open_line is not None and brk.blank_before:
+        where = (
+            "']' missing"
+            if brk.open_line == brk.last_line
+            else f"']' or ',' missing (the array starts on line {brk.open_line})"
+        )
+        return ConfigError(
+            f"not valid TOML: {where}; tomllib: {words} {gave_up}",
+            key=brk.key,
+            line=brk.last_line,
+        )
+    return ConfigError(f"not valid TOML: {words}", key=brk.key, line=line)
+
+
+@dataclass(slots=True)
+class _Break:
+    key: str | None = None  # the key whose value is open at the cut, if any
+    open_line: int | None = None  # line of the outermost '[' or '{' still open in a value
+    last_line: int = 1  # last line with content (not blank, not a comment)
+    blank_before: bool = True  # nothing but blanks/comments on the cut's own line
+    string_line: int | None = None  # where a string still open at the cut starts
+
+
+def _syntax_break(head: str) -> _Break:
+    """Scan TOML text up to the point where tomllib failed: which value is still open.
+
+    Only brackets inside values count (``[table]`` headers do not); strings and comments are
+    skipped. Good enough for syntax errors, which is all it is used for.
+    """
+    b = _Break()
+    depth: list[int] = []
+    in_value = False
+    line = 1
+    i = 0
+    n = len(head)
+    while i < n:
+        c = head[i]
+        if c == "\n":
+            line += 1
+            b.blank_before = True
+            if not depth:
+                in_value = False
+                b.key = None
+            i += 1
+            continue
+        if c in " \t\r":
+            i += 1
+            continue
+        if c == "#":
+            j = head.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        b.last_line, b.blank_before = line, False
+        if c in "\"'":
+            q = head[i : i + 3] if head.startswith(c * 3, i) else c
+            j = i + len(q)
+            while j < n and not head.startswith(q, j):
+                j += 2 if head[j] == "\\" and c == '"' else 1
+            if j >= n:
+                b.string_line = line
+            line += head.count("\n", i, min(j, n))
+            i = j + len(q)
+        elif not in_value:
+            if c == "[":  # a table header: skip it, no value is open after it
+                j = head.find("\n", i)
+                i = n if j < 0 else j
+                continue
+            j = head.find("=", i)
+            eol = head.find("\n", i)
+            if j < 0 or 0 <= eol < j:  # a key without '=' on its line: the error is here
+                i = n if eol < 0 else eol
+                continue
+            b.key = head[i:j].strip().strip("\"'") or None
+            in_value = True
+            i = j + 1
+        else:
+            if c in "[{":
+                if not depth:
+                    b.open_line = line
+                depth.append(line)
+            elif c in "]}" and depth:
+                depth.pop()
+                if not depth:
+                    b.open_line = None
+            i += 1
+    return b
 
 
 # ----------------------------------------------------------------------------- loading
@@ -1120,6 +1218,14 @@ def load_config(text: str) -> Config:
     """
     config, _ = _load(text)
     return config
+
+
+def parse_value(key: str, value: object) -> Any:
+    """One top-level key's value as the loader parses it (for command-line overrides)."""
+    try:
+        return _TOP_BY_KEY[key].kind.parse(value)
+    except _Bad as e:
+        raise ConfigError(str(e), key=key + e.sub) from None
 
 
 def load_config_file(path: str | os.PathLike[str]) -> Config:
@@ -1156,8 +1262,15 @@ def _load(text: str) -> tuple[Config, _Locator]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _toml_error(text, e) from None
+    if not data:
+        raise ConfigError(
+            "the file sets nothing: outside_interface and inside_networks are required"
+        )
     where = _Locator(text)
     errors = _Problems(where)
+    for spec in TOP_KEYS:
+        if spec.required and spec.key not in data:
+            errors.add(spec.key, f"required, and not set ({_REQUIRED_HINT[spec.key]})")
     kwargs: dict[str, object] = {}
     first_table_line = where.first_header
     for key, value in data.items():

@@ -83,6 +83,7 @@ class Facts:
     config: Config
     sysctl: dict[str, str] = field(default_factory=dict)  # "net.ipv4.ip_forward" -> "1"
     addresses: dict[str, list[str]] = field(default_factory=dict)  # ifname -> IPv4 addresses
+    down: set[str] = field(default_factory=set)  # interfaces that are not administratively up
     mtu: dict[str, int] = field(default_factory=dict)  # ifname -> MTU
     inside_ifaces: list[str] = field(default_factory=list)
     kernel: dict[str, bool | None] = field(default_factory=dict)  # nfqueue, conntrack
@@ -336,6 +337,34 @@ def check_competing_nat(f: Facts) -> list[Finding]:
     if not out:
         out.append(Finding(Level.OK, "own-nat", "no competing masquerade or PPTP helper rules"))
     return out
+
+
+def check_outside_interface(f: Facts) -> list[Finding]:
+    """The outside interface exists and is up (``run`` waits for it otherwise)."""
+    name = f.config.outside_interface
+    if not f.addresses:  # the interface list could not be read
+        return []
+    if name not in f.addresses:
+        return [
+            Finding(
+                Level.WARN,
+                "outside-interface",
+                f"outside_interface {name} does not exist on this machine: vpnmasq run "
+                "waits for it to appear before it masquerades anything",
+                "check the name (ip link), or ignore this if the link comes up later "
+                "(PPP, VLAN, a USB modem)",
+            )
+        ]
+    if name in f.down:
+        return [
+            Finding(
+                Level.WARN,
+                "outside-interface",
+                f"outside_interface {name} is down: vpnmasq run waits for it to come up",
+                f"ip link set {name} up",
+            )
+        ]
+    return [Finding(Level.OK, "outside-interface", f"outside_interface {name} is up")]
 
 
 def check_forward_policy(f: Facts) -> list[Finding]:
@@ -681,6 +710,7 @@ def check_host(f: Facts) -> list[Finding]:
 CHECKS: tuple[CheckFn, ...] = (
     check_daemon,
     check_forwarding,
+    check_outside_interface,
     check_rp_filter,
     check_kernel,
     check_competing_nat,
@@ -692,6 +722,11 @@ CHECKS: tuple[CheckFn, ...] = (
     check_counters,
     check_host,
 )
+
+
+#: What ``check-config`` asks of this machine (without --offline): the same checks, so the
+#: two commands never disagree.
+CONFIG_CHECKS: tuple[CheckFn, ...] = (check_outside_interface, check_forward_policy)
 
 
 def run_checks(facts: Facts, checks: Sequence[CheckFn] = CHECKS) -> list[Finding]:
@@ -730,6 +765,43 @@ SYSCTLS = (
 )
 
 
+def _run(argv: list[str]) -> str | None:
+    import subprocess
+
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def gather_host(config: Config) -> Facts:
+    """The interfaces and the firewall rules (what :data:`CONFIG_CHECKS` look at)."""
+    import os
+
+    facts = Facts(config=config, is_root=os.geteuid() == 0)
+    try:
+        links = json.loads(_run(["ip", "-j", "addr", "show"]) or "[]")
+    except ValueError:
+        links = []
+    for link in links:
+        name = str(link.get("ifname"))
+        facts.addresses[name] = [
+            str(a.get("local")) for a in link.get("addr_info", []) if a.get("family") == "inet"
+        ]
+        if "UP" not in link.get("flags", []):
+            facts.down.add(name)
+        if isinstance(link.get("mtu"), int):
+            facts.mtu[name] = int(link["mtu"])
+    from vpnmasq.trace import inside_interfaces
+
+    facts.inside_ifaces = inside_interfaces(config.inside_networks, links)
+    saves = [s for s in (_run(["iptables-save"]), _run(["iptables-legacy-save"])) if s is not None]
+    facts.iptables = "\n".join(saves) if saves else None
+    facts.nft = _run(["nft", "list", "ruleset"])
+    return facts
+
+
 def gather(
     config: Config,
     *,
@@ -738,15 +810,6 @@ def gather(
     query: Callable[[str, str], Mapping[str, Any]] | None = None,
 ) -> Facts:
     """Read the running system (no changes). Every source that fails leaves ``None``."""
-    import os
-    import subprocess
-
-    def run(argv: list[str]) -> str | None:
-        try:
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=15)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return r.stdout if r.returncode == 0 else None
 
     def read(path: str) -> str | None:
         try:
@@ -755,21 +818,8 @@ def gather(
         except OSError:
             return None
 
-    facts = Facts(config=config, host=host, is_root=os.geteuid() == 0)
-    try:
-        links = json.loads(run(["ip", "-j", "addr", "show"]) or "[]")
-    except ValueError:
-        links = []
-    for link in links:
-        name = str(link.get("ifname"))
-        facts.addresses[name] = [
-            str(a.get("local")) for a in link.get("addr_info", []) if a.get("family") == "inet"
-        ]
-        if isinstance(link.get("mtu"), int):
-            facts.mtu[name] = int(link["mtu"])
-    from vpnmasq.trace import inside_interfaces
-
-    facts.inside_ifaces = inside_interfaces(config.inside_networks, links)
+    facts = gather_host(config)
+    facts.host = host
     for key in SYSCTLS:
         v = read("/proc/sys/" + key.replace(".", "/"))
         if v is not None:
@@ -786,11 +836,8 @@ def gather(
     facts.kernel["conntrack"] = _present(
         "/proc/sys/net/netfilter/nf_conntrack_max", "CONFIG_NF_CONNTRACK", "nf_conntrack"
     )
-    saves = [s for s in (run(["iptables-save"]), run(["iptables-legacy-save"])) if s is not None]
-    facts.iptables = "\n".join(saves) if saves else None
-    facts.nft = run(["nft", "list", "ruleset"])
     try:
-        rj = json.loads(run(["ip", "-j", "route", "show"]) or "[]")
+        rj = json.loads(_run(["ip", "-j", "route", "show"]) or "[]")
     except ValueError:
         rj = []
     for r in rj:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.config_text import missing_lines, with_required
 from vpnmasq import config as cfgmod
 from vpnmasq.config import (
     ESP_KEYS,
@@ -43,13 +44,27 @@ protocol = "gre"
 to = "10.77.0.5"
 """
 
-BASE = 'inside_networks = ["10.77.0.0/24"]\n'
+BASE = 'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\n'
 
 
 def error_of(text: str) -> ConfigError:
+    """The error of a fragment completed with the required keys (lines as in ``text``)."""
     with pytest.raises(ConfigError) as exc:
-        load_config(text)
-    return exc.value
+        load_config(with_required(text))
+    err = exc.value
+    shift = missing_lines(text)
+    for e in err.errors if isinstance(err, ConfigErrors) else [err]:
+        if e.line is not None:
+            e.line -= shift
+            e.args = (re.sub(r"^line \d+", f"line {e.line}", str(e)),)
+    if isinstance(err, ConfigErrors):
+        err.line = err.errors[0].line
+        err.args = ("\n".join(str(e) for e in err.errors),)
+    return err
+
+
+def load(text: str) -> Config:
+    return load_config(with_required(text))
 
 
 # ------------------------------------------------------------------------------ good files
@@ -65,8 +80,8 @@ def test_brief_example_loads_exactly() -> None:
     assert validate(c, BRIEF_EXAMPLE) == []
 
 
-def test_empty_file_gives_defaults() -> None:
-    assert load_config("") == Config()
+def test_required_keys_alone_give_the_defaults() -> None:
+    assert load("") == Config()
     assert validate(Config()) == []
 
 
@@ -98,20 +113,20 @@ def test_sample_config_sets_the_defaults_it_claims() -> None:
 
 
 def test_port_range_forms_are_equivalent() -> None:
-    a = load_config('port_range = "62000-65000"\n')
-    b = load_config("port_range = [62000, 65000]\n")
+    a = load('port_range = "62000-65000"\n')
+    b = load("port_range = [62000, 65000]\n")
     assert a.port_range == b.port_range == PortRange(62000, 65000)
 
 
 def test_networks_are_normalized() -> None:
-    c = load_config('inside_networks = ["10.77.0.1/24", "192.168.5.9"]\n')
+    c = load('inside_networks = ["10.77.0.1/24", "192.168.5.9"]\n')
     assert c.inside_networks == ("10.77.0.0/24", "192.168.5.9/32")
 
 
 def test_tables_inline_and_dotted_forms() -> None:
-    a = load_config("timeouts = { udp = 400, icmp = 90 }\n")
-    b = load_config("timeouts.udp = 400\ntimeouts.icmp = 90\n")
-    c = load_config("[timeouts]\nudp = 400\nicmp = 90\n")
+    a = load("timeouts = { udp = 400, icmp = 90 }\n")
+    b = load("timeouts.udp = 400\ntimeouts.icmp = 90\n")
+    c = load("[timeouts]\nudp = 400\nicmp = 90\n")
     assert a.timeouts == b.timeouts == c.timeouts
     assert a.timeouts.udp == 400.0 and a.timeouts.tcp_established == 7440.0
 
@@ -123,21 +138,21 @@ def test_specific_forward_may_overlap_a_general_one() -> None:
         '[[forward]]\nprotocol = "tcp"\nport = 22\nto = "10.77.0.6"\n'
         '[[forward]]\nprotocol = "tcp"\nport = 22\nto = "10.77.0.7"\nremote = "203.0.113.0/24"\n'
     )
-    c = load_config(text)
+    c = load(text)
     assert len(c.forwards) == 3
     assert c.forwards[2].remote == "203.0.113.0/24"
 
 
 def test_userspace_mode_ignores_kernel_port_range_overlap() -> None:
     text = 'mode = "userspace"\nport_range = "40000-50000"\nkernel_port_range = "32768-60999"\n'
-    c = load_config(text)
+    c = load(text)
     assert validate(c, text) == [
         "line 3: kernel_port_range: only used in hybrid mode; ignored in userspace mode"
     ]
 
 
 def test_forward_to_port_and_remote_address() -> None:
-    c = load_config(
+    c = load(
         BASE + '[[forward]]\nprotocol = "udp"\nport = 500\nto_port = 500\nto = "10.77.0.5"\n'
         'remote = "203.0.113.7"\n'
     )
@@ -158,8 +173,8 @@ BAD = [
     (
         BASE + '[[forward]]\nprotocol = "tcp"\nport = 80\nto = "10.77.0.5"\nmode = "userspace"\n',
         "forward[1].mode",
-        6,
-        "'mode' is a top-level key: move it above line 2",
+        7,
+        "'mode' is a top-level key: move it above line 3",
     ),
     ('mode = "hybird"\n', "mode", 1, "(did you mean 'hybrid'?)"),
     ("udp = 60\n", "udp", 1, "'udp' belongs in the [timeouts] table: did you mean 'timeouts.udp'?"),
@@ -181,37 +196,37 @@ BAD = [
     (
         BASE + '[[forward]]\nprotocol = "tcp"\nport = 80\nto = "192.168.9.9"\n',
         "forward[1].to",
-        5,
+        6,
         "not inside any inside network",
     ),
     (
         BASE + '[[forward]]\nprotocol = "tcp"\nport = 80\nto = "10.77.0.255"\n',
         "forward[1].to",
-        5,
+        6,
         "broadcast address",
     ),
     (
         BASE + '[[forward]]\nprotocol = "gre"\nto = "10.77.0.5"\nport = 1723\n',
         "forward[1].port",
-        5,
+        6,
         "gre has no ports",
     ),
     (
         BASE + '[[forward]]\nprotocol = "esp"\nto = "10.77.0.5"\nto_port = 1\n',
         "forward[1].to_port",
-        5,
+        6,
         "esp has no ports",
     ),
     (
         BASE + '[[forward]]\nprotocol = "tcp"\nto = "10.77.0.5"\nto_port = 8080\n',
         "forward[1].to_port",
-        5,
+        6,
         "'to_port' needs 'port'",
     ),
     (
         BASE + '[[forward]]\nprotocol = "icmp"\nto = "10.77.0.5"\n',
         "forward[1].protocol",
-        3,
+        4,
         'not one of "tcp", "udp", "gre", "esp"',
     ),
     (
@@ -219,22 +234,22 @@ BAD = [
         + '[[forward]]\nprotocol = "tcp"\nport = 1\nto = "10.77.0.5"\n\n[[forward]]\nport = 2\n'
         'protocol = "tcp"\n',
         "forward[2].to",
-        7,
+        8,
         "'to' is required",
     ),
     (
         BASE + '[[forward]]\nprotocol = "tcp"\nport = 1723\nto = "10.77.0.5"\n'
         '[[forward]]\nprotocol = "tcp"\nport = 1723\nto = "10.77.0.6"\n',
         "forward[2]",
-        6,
-        "duplicate forward: tcp port 1723 is already forwarded by forward[1] at line 2",
+        7,
+        "duplicate forward: tcp port 1723 is already forwarded by forward[1] at line 3",
     ),
     (
         BASE + '[[forward]]\nprotocol = "gre"\nto = "10.77.0.5"\nremote = "203.0.113.0/24"\n'
         '[[forward]]\nprotocol = "gre"\nto = "10.77.0.6"\nremote = "203.0.113.128/25"\n',
         "forward[2]",
-        6,
-        "overlaps forward[1] at line 2",
+        7,
+        "overlaps forward[1] at line 3",
     ),
     ('[forward]\nprotocol = "tcp"\n', "forward", 1, "[[forward]]"),
     ("port_range = [40000, 50000]\n", "port_range", 1, "overlaps kernel_port_range 32768-60999"),
@@ -318,11 +333,11 @@ WARN = [
     ("[timeouts]\nesp_pending = 40\n", "timeouts.esp_pending"),
     (
         BASE + '[[forward]]\nprotocol = "udp"\nto = "10.77.0.5"\n',
-        "line 2: forward[1]: no port: every inbound udp packet",
+        "line 3: forward[1]: no port: every inbound udp packet",
     ),
     (
         BASE + '[[forward]]\nprotocol = "udp"\nport = 51820\nto = "10.77.0.5"\n',
-        "line 4: forward[1].port: port 51820 is inside kernel_port_range",
+        "line 5: forward[1].port: port 51820 is inside kernel_port_range",
     ),
     ("fail_open = true\n", "line 1: fail_open: true: while vpnmasq is down"),
     ('helpers = ["gre"]\n', "line 1: helpers: 'gre' without 'pptp'"),
@@ -331,7 +346,7 @@ WARN = [
         'inside_networks = ["10.0.0.0/8", "10.77.0.0/24"]\n',
         "inside_networks[1]: 10.0.0.0/8 overlaps",
     ),
-    (BASE + 'exempt_networks = ["198.51.100.0/28"]\n', "line 2: exempt_networks[1]"),
+    (BASE + 'exempt_networks = ["198.51.100.0/28"]\n', "line 3: exempt_networks[1]"),
     ('offload = true\nmode = "userspace"\n', "line 1: offload: only used in hybrid mode"),
     ("[limits]\nmax_entries = 10\nmax_entries_per_host = 20\n", "limits.max_entries_per_host"),
 ]
@@ -339,8 +354,8 @@ WARN = [
 
 @pytest.mark.parametrize(("text", "words"), WARN)
 def test_risky_values_load_with_a_warning(text: str, words: str) -> None:
-    c = load_config(text)
-    warnings = validate(c, text)
+    c = load(text)
+    warnings = validate(c, text)  # lines as in the fragment
     assert any(words in w for w in warnings), warnings
 
 

@@ -377,11 +377,12 @@ def test_run_with_a_bad_config_exits_2_with_key_and_line(tmp_path: Path) -> None
 def test_rule_spec_carries_both_alias_ranges_and_hybrid_overlap_is_a_config_error(
     tmp_path: Path,
 ) -> None:
+    from tests.config_text import with_required
     from vpnmasq.config import ConfigError, load_config
 
     spec = daemon.rule_spec(config(tmp_path), None)
     assert spec.alias_port_range == (61000, 65535) and spec.low_port_range == (600, 1023)
     assert spec.public_address is None  # follow the interface: "an address of wan0"
-    with pytest.raises(ConfigError, match="line 2: low_port_range: .* overlaps kernel_port_range"):
-        load_config('kernel_port_range = "1000-60999"\nlow_port_range = "600-1023"\n')
-    load_config('mode = "userspace"\nkernel_port_range = "1000-60999"\n')  # unused there
+    with pytest.raises(ConfigError, match="line 4: low_port_range: .* overlaps kernel_port_range"):
+        load_config(with_required('kernel_port_range = "1000-60999"\nlow_port_range = "600-1023"\n'))
+    load_config(with_required('mode = "userspace"\nkernel_port_range = "1000-60999"\n'))

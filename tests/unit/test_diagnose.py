@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.config_text import with_required
 from tests.packets import (
     EXT,
     IN,
@@ -319,7 +320,7 @@ def test_render_is_one_line_per_finding_with_the_fix_on_it() -> None:
 
 def test_gather_uses_the_control_socket_answer() -> None:
     payload = {"entries": [], "counters": {"dropped": 0}}
-    facts = dg.gather(load_config('outside_interface = "wan0"'), query=lambda p, c: payload)
+    facts = dg.gather(load_config(with_required("")), query=lambda p, c: payload)
     assert facts.daemon == payload
     assert "net.ipv4.ip_forward" in facts.sysctl
 

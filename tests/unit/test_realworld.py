@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.config_text import with_required
 from tests.packets import (
     EXT,
     EXT2,
@@ -64,7 +65,7 @@ def test_traffic_to_a_routed_network_is_never_masqueraded() -> None:
 
 def test_route_config_keys_and_errors() -> None:
     c = load_config(
-        'inside_networks = ["10.77.0.0/24"]\n[[route]]\nnetwork = "10.88.0.0/24"\n'
+        'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\n[[route]]\nnetwork = "10.88.0.0/24"\n'
         'via = "10.77.0.2"\nsend_redirects = false\n'
     )
     assert c.routes[0].network == "10.88.0.0/24" and c.routes[0].send_redirects is False
@@ -81,7 +82,7 @@ def test_route_config_keys_and_errors() -> None:
     ]
     for text, msg in bad:
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-            load_config('inside_networks = ["10.77.0.0/24"]\n' + text)
+            load_config(with_required('inside_networks = ["10.77.0.0/24"]\n' + text))
 
 
 def test_rules_leave_routed_networks_to_the_kernel_and_clamp_mss_in_hybrid_mode() -> None:
@@ -279,18 +280,19 @@ def test_upstream_nat_addresses_and_warning() -> None:
     assert upstream_nat_reason("100.64.0.1") == "carrier-grade NAT shared space (RFC 6598)"
     assert upstream_nat_reason("172.20.1.1") == "private (RFC 1918)"
     assert upstream_nat_reason("198.51.100.1") is None
-    c = load_config('inside_networks = ["10.77.0.0/24"]\npublic_address = "100.72.3.4"\n')
+    c = load_config(with_required('inside_networks = ["10.77.0.0/24"]\npublic_address = "100.72.3.4"\n'))
     (w,) = validate(c)
     assert w.startswith("public_address: 100.72.3.4 is carrier-grade NAT") and "NAT-T" in w
 
 
 def test_local_vpn_and_mss_clamp_values() -> None:
-    assert load_config("").local_vpn == "auto" and load_config("").mss_clamp == 0
-    assert load_config('local_vpn = "always"\nmss_clamp = 1452').mss_clamp == 1452
+    default = load_config(with_required(""))
+    assert default.local_vpn == "auto" and default.mss_clamp == 0
+    assert load_config(with_required('local_vpn = "always"\nmss_clamp = 1452')).mss_clamp == 1452
     with pytest.raises(ConfigError, match="mss_clamp: 100 is not 0"):
-        load_config("mss_clamp = 100")
+        load_config(with_required("mss_clamp = 100"))
     with pytest.raises(ConfigError, match="local_vpn"):
-        load_config('local_vpn = "sometimes"')
+        load_config(with_required('local_vpn = "sometimes"'))
 
 
 # ------------------------------------------------------------------------------ daemon hook
@@ -324,7 +326,7 @@ def test_on_address_change_hook_runs_with_new_and_old_address(
     monkeypatch.setattr(daemon.rules, "remove", lambda **kw: calls.append("remove"))
     monkeypatch.setattr(daemon.rules, "install", lambda spec, **kw: calls.append("install"))
     cfg = load_config(
-        f'inside_networks = ["10.77.0.0/24"]\non_address_change_hook = "{hook}"\n'
+        f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\non_address_change_hook = "{hook}"\n'
         'on_address_change = "rewrite"\n'
     )
     gw = daemon.Gateway(cfg)

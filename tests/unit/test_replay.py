@@ -19,6 +19,7 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.packet import Packet, Padding, Raw
 from scapy.utils import PcapNgWriter, RawPcapReader, wrpcap
 
+from tests.config_text import with_required
 from vpnmasq.config import Config, load_config
 from vpnmasq.replay import (
     LINKTYPE_RAW,
@@ -36,7 +37,7 @@ T0 = 1_700_000_000.0
 
 # Plain NAPT needs no helpers, so these tests do not depend on the VPN helpers' progress.
 PLAIN = load_config(
-    f'inside_networks = ["10.77.0.0/24"]\npublic_address = "{PUB}"\nmode = "userspace"\n'
+    f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\npublic_address = "{PUB}"\nmode = "userspace"\n'
     "helpers = []\n"
 )
 
@@ -296,7 +297,7 @@ def test_out_of_order_fragments_are_held_then_released(tmp_path: Path) -> None:
 def test_public_address_is_required(tmp_path: Path) -> None:
     wrpcap(str(tmp_path / "in.pcap"), same_ports_two_hosts())
     with pytest.raises(ReplayError, match="needs public_address"):
-        replay(load_config(""), tmp_path / "in.pcap", tmp_path / "out.pcap")
+        replay(load_config(with_required("")), tmp_path / "in.pcap", tmp_path / "out.pcap")
 
 
 def test_not_a_capture(tmp_path: Path) -> None:
@@ -332,8 +333,8 @@ def test_isakmp_from_two_hosts_keeps_source_port_500(tmp_path: Path) -> None:
     """HOWTO 2.10: ISAKMP keeps UDP source port 500 for every client; cookies tell them
     apart, so both inside hosts reach the same server from PUB:500."""
     cfg = load_config(
-        f'inside_networks = ["10.77.0.0/24"]\npublic_address = "{PUB}"\nmode = "userspace"\n'
-        'helpers = ["isakmp"]\n'
+        f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\npublic_address = "{PUB}"\n'
+        'mode = "userspace"\nhelpers = ["isakmp"]\n'
     )
 
     def ike(host: str, icookie: bytes) -> Packet:
