@@ -31,14 +31,7 @@ from vpnmasq.datapath import offload, routes, rules
 from vpnmasq.datapath.control import ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
-from vpnmasq.events import (
-    AddressChanged,
-    EntryCreated,
-    EntryExpired,
-    Event,
-    Notice,
-    PacketDropped,
-)
+from vpnmasq.eventlog import RateLimitedLog
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
 from vpnmasq.verdict import Action, Direction, DropReason, Verdict
@@ -62,62 +55,6 @@ HAIRPIN_SYSCTL_FILE = "hairpin-sysctl.json"
 #: and at least this often as a safety net
 ADDRESS_POLL_S = 10.0
 RTMGRP_IPV4_IFADDR = 0x10
-#: log at most this many lines per (kind, reason) per second; the rest are counted and
-#: summarised ("... 37 more suppressed")
-LOG_BURST = 5
-LOG_WINDOW_S = 1.0
-
-
-class RateLimitedLog:
-    """One line per event, at most LOG_BURST lines per key and second (journald-friendly)."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.log = logger
-        self.window: dict[str, tuple[float, int]] = {}
-        self.suppressed: dict[str, int] = {}
-
-    def emit(self, key: str, level: int, msg: str, now: float) -> None:
-        start, n = self.window.get(key, (now, 0))
-        if now - start >= LOG_WINDOW_S:
-            sup = self.suppressed.pop(key, 0)
-            if sup:
-                self.log.log(level, "%s: %d more like this suppressed", key, sup)
-            start, n = now, 0
-        if n < LOG_BURST:
-            self.log.log(level, "%s", msg)
-        else:
-            self.suppressed[key] = self.suppressed.get(key, 0) + 1
-        self.window[key] = (start, n + 1)
-
-    def event(self, ev: Event, now: float) -> None:
-        if isinstance(ev, PacketDropped):
-            self.emit(
-                "drop:" + ev.reason, logging.INFO, f"drop {ev.reason}: {ev.flow} ({ev.detail})", now
-            )
-        elif isinstance(ev, EntryCreated):
-            r = ev.row
-            extra = " ".join(f"{k}={v}" for k, v in r.detail.items())
-            self.emit(
-                "created",
-                logging.DEBUG,
-                f"new {r.proto} {r.inside} -> {r.remote} as {r.outside} {extra}".rstrip(),
-                now,
-            )
-        elif isinstance(ev, EntryExpired):
-            r = ev.row
-            self.emit(
-                "expired",
-                logging.DEBUG,
-                f"end {r.proto} {r.inside} -> {r.remote} ({ev.why}; {r.pkts_out} out, "
-                f"{r.pkts_in} in)",
-                now,
-            )
-        elif isinstance(ev, Notice):
-            self.emit("notice:" + ev.topic, logging.WARNING, f"{ev.topic}: {ev.message}", now)
-        elif isinstance(ev, AddressChanged):
-            self.log.warning(
-                "public address %s -> %s (%d entries dropped)", ev.old, ev.new, ev.entries_dropped
-            )
 
 
 def read_public_address(ifname: str, current: str | None = None) -> str | None:
@@ -698,6 +635,10 @@ class Gateway:
         if self.nfq is not None:
             with contextlib.suppress(OSError):
                 self.nfq.flush()
+        now = time.monotonic()
+        for ev in self.engine.drain_events():
+            self.rl.event(ev, now)
+        self.rl.close()  # the suppressed counts of the last windows
         if self.keep_rules:
             path = handover_path(cfg)
             if self.save_state(path):
@@ -897,6 +838,7 @@ class Gateway:
         events = self.engine.drain_events()
         for ev in events:
             self.rl.event(ev, now)
+        self.rl.flush_due(now)
         if self.offloader is not None:
             if not self.offload_ended and self.offloader.wants_sync(events):
                 self.offload_ended = True
@@ -958,6 +900,7 @@ class Gateway:
             self.engine.next_deadline(),
             self.next_save,
             self.next_sync if self.offloader is not None else None,
+            self.rl.next_deadline(),
         ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.packets import EXT, OUT, PRV1, accepted, build_esp, build_udp
+from tests.packets import EXT, IN, OUT, PRV1, accepted, build_esp, build_udp
 from vpnmasq import daemon, state
 from vpnmasq.config import Config
 from vpnmasq.datapath.nfqueue import NfQueueError
-from vpnmasq.events import PacketDropped
+from vpnmasq.eventlog import LOG_BURST
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 
 
@@ -338,17 +338,20 @@ def test_a_failed_background_save_is_logged(
 
 
 # ------------------------------------------------------------------------------ logging
-def test_log_lines_are_rate_limited_per_reason(logs: Records) -> None:
-    rl = daemon.RateLimitedLog(daemon.log)
-    for i in range(20):
-        rl.event(PacketDropped("no-mapping", f"n{i}", "udp"), 10.0 + i * 0.01)
-    rl.event(PacketDropped("filtered", "x", "tcp"), 10.3)
-    drops = [m for _, m in logs.lines if m.startswith("drop no-mapping")]
-    assert len(drops) == daemon.LOG_BURST
-    rl.event(PacketDropped("no-mapping", "later", "udp"), 11.5)
-    assert f"drop:no-mapping: {20 - daemon.LOG_BURST} more like this suppressed" in logs.text()
-    assert "drop filtered: tcp (x)" in logs.text()
-    assert "drop no-mapping: udp (later)" in logs.text()
+def test_stop_writes_what_the_rate_limited_log_still_holds(
+    tmp_path: Path, calls: list[str], logs: Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Drops handled just before a stop: their events are logged and the suppressed count of
+    the open window is written, so the log adds up to the counter."""
+    gw = daemon.Gateway(config(tmp_path))
+    for i in range(12):  # unsolicited: no mapping
+        gw.engine.handle(build_udp(EXT, gw.engine.public_ip, 4000 + i, 62000), IN, 1.0)  # type: ignore[arg-type]
+    assert gw.engine.counters["drop:no-mapping"] == 12
+    monkeypatch.setattr(daemon.time, "monotonic", lambda: 1.0)
+    gw.stop()
+    lines = [m for _, m in logs.lines if m.startswith("drop no-mapping")]
+    assert len(lines) == LOG_BURST
+    assert f"drop:no-mapping: {12 - LOG_BURST} more like this suppressed" in logs.text()
 
 
 def test_run_help_documents_signals_and_handover() -> None:
