@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,17 +32,19 @@ import pytest
 from test_daemon_harness import (
     H1,
     H2,
+    NEW_PUBLIC,
     PUBLIC,
     R1,
     Daemon,
     Sniffer,
+    iptables_save,
     sock,
     topo,
     wait_for,
     wan,
     workdir,
 )
-from tests.waiting import ANSWER_TIMEOUT
+from tests.waiting import ANSWER_TIMEOUT, wait_until
 
 from vpnmasq_lab.topology import Topology
 
@@ -116,8 +119,12 @@ class UdpPeer:
         self.s.bind(("0.0.0.0", 0))
         self.port = self.s.getsockname()[1]
         self.s.settimeout(ANSWER_TIMEOUT)
-        self.s.sendto(b"binding?", (R1, REFLECT_PORT))
-        data, _ = self.s.recvfrom(2048)
+        try:
+            self.s.sendto(b"binding?", (R1, REFLECT_PORT))
+            data, _ = self.s.recvfrom(2048)
+        except OSError:
+            self.s.close()
+            raise
         self.public = _endpoint(data)
 
     def send(self, to: Endpoint, data: bytes) -> None:
@@ -300,6 +307,46 @@ def test_userspace_filtering_treats_a_hairpinned_packet_like_one_from_outside(
         a.close()
         b.close()
         outsider.close()
+    assert d.stop() == 0
+
+
+def test_userspace_hairpin_rules_follow_an_address_change(
+    topo: Topology, reflector: Reflector, workdir: Path
+) -> None:
+    """Without ``public_address`` the hairpin rules name the outside interface's current
+    address; with no forward at all they still follow it, and the hosts' new mappings
+    hairpin through the new address."""
+    d = daemon(topo, workdir, "userspace", "endpoint-independent")
+    assert f"-d {PUBLIC}/32 ! -i wan0 -j VPNMASQ_HP" in iptables_save(topo)
+    ip = ["ip", "-n", topo.ns("gw"), "addr"]
+    subprocess.run([*ip, "add", f"{NEW_PUBLIC}/24", "dev", "wan0"], check=True)
+    subprocess.run([*ip, "del", f"{PUBLIC}/24", "dev", "wan0"], check=True)
+    wait_for(lambda: f"-d {NEW_PUBLIC}/32 ! -i wan0" in iptables_save(topo), "new rules")
+    assert f"-d {PUBLIC}/32 ! -i wan0" not in iptables_save(topo)
+
+    def new_mappings() -> tuple[UdpPeer, UdpPeer] | None:
+        # the engine follows the address in its own step (and flushes the table): ask the
+        # reflector until both hosts are seen from the new address
+        peers: list[UdpPeer] = []
+        try:
+            peers += [UdpPeer(topo, "h1"), UdpPeer(topo, "h2")]
+        except OSError:  # a request lost while the gateway changes over
+            pass
+        if len(peers) == 2 and peers[0].public[0] == peers[1].public[0] == NEW_PUBLIC:
+            return peers[0], peers[1]
+        for p in peers:
+            p.close()
+        return None
+
+    got = wait_until(new_mappings, what="mappings on the new address")
+    assert got is not None
+    a, b = got
+    try:
+        a.send(b.public, b"via-the-new-address")
+        assert b.recv() == (b"via-the-new-address", a.public), d.log()
+    finally:
+        a.close()
+        b.close()
     assert d.stop() == 0
 
 
