@@ -515,6 +515,21 @@ def ping(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEO
 
 
 
+def refused(s: socket.socket, probe: bytes | None = None) -> bool:
+    """Whether a connected UDP socket got ICMP port unreachable for its 4-tuple (the kernel
+    reports it only when the quoted datagram matches the socket exactly); ``probe`` is sent
+    first when given. False when nothing comes within the socket's timeout."""
+    try:
+        if probe is not None:
+            s.send(probe)
+        s.recv(2048)
+    except ConnectionRefusedError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
 def ike_echo(topo: Topology, role: str, dst: str = R1, timeout: float = ANSWER_TIMEOUT) -> bool:
     """An ISAKMP header from source port 500; True if the answer carries our cookie."""
     s = sock(topo, role, socket.AF_INET, socket.SOCK_DGRAM)

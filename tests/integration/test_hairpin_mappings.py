@@ -38,6 +38,7 @@ from test_daemon_harness import (
     Daemon,
     Sniffer,
     iptables_save,
+    refused,
     sock,
     topo,
     wait_for,
@@ -350,18 +351,6 @@ def test_userspace_hairpin_rules_follow_an_address_change(
     assert d.stop() == 0
 
 
-def _refused(s: socket.socket) -> bool:
-    """Whether a connected UDP socket got ICMP port unreachable for its 4-tuple (the kernel
-    reports it only when the quoted datagram matches the socket exactly)."""
-    try:
-        s.recv(2048)
-    except ConnectionRefusedError:
-        return True
-    except TimeoutError:
-        return False
-    return False
-
-
 def test_userspace_icmp_errors_inside_hairpinned_flows_reach_the_right_host(
     topo: Topology, reflector: Reflector, workdir: Path
 ) -> None:
@@ -380,7 +369,7 @@ def test_userspace_icmp_errors_inside_hairpinned_flows_reach_the_right_host(
             errors = counter(d, "hairpin")
             a.s.settimeout(ANSWER_TIMEOUT)
             a.s.send(b"to-a-closed-port")
-            assert _refused(a.s), f"{sender} got no port unreachable\n{d.log()}"
+            assert refused(a.s), f"{sender} got no port unreachable\n{d.log()}"
             assert counter(d, "hairpin") >= errors + 2  # the datagram, then the error
         finally:
             a.close()
@@ -403,7 +392,7 @@ def test_hybrid_mode_leaves_plain_mappings_to_the_kernel_which_does_not_hairpin_
         assert a.public[0] == b.public[0] == PUBLIC
         a.s.connect(b.public)
         a.s.send(b"a-to-b")
-        assert _refused(a.s)  # from the gateway's own stack
+        assert refused(a.s)  # from the gateway's own stack
         with pytest.raises(ConnectionRefusedError):
             ta.connect(tb.public)
         assert b.recv(QUIET) is None

@@ -40,6 +40,7 @@ from test_daemon_harness import (
     Sniffer,
     gre_v1,
     gw_run,
+    refused,
     sock,
     topo,
     workdir,
@@ -448,21 +449,10 @@ def test_port_unreachable_inside_a_hairpinned_flow_reaches_the_lan_client(
         # the socket: the next send or recv reports it; else resend, an error may be
         # rate-limited by srv's kernel)
         h.settimeout(1.0)
-        wait_until(lambda: _refused(h), WAIT_S, "ECONNREFUSED on h1's socket")
+        wait_until(lambda: refused(h, b"again"), WAIT_S, "ECONNREFUSED on h1's socket")
         # it was srv's error (the gateway would answer a datagram it kept with its own)
         assert any(p.proto == 1 and p.outgoing and p.dst == PUBLIC for p in srv_wire.seen)
         assert d.counters().get("hairpin", 0) >= 2  # h1's datagram and srv's error
-
-
-def _refused(s: socket.socket) -> bool:
-    try:
-        s.send(b"again")
-        s.recv(2048)
-    except ConnectionRefusedError:
-        return True
-    except TimeoutError:
-        return False
-    return False
 
 
 def _send_ignoring_refusal(s: socket.socket, data: bytes) -> None:
