@@ -223,6 +223,28 @@ def _host_warnings(config: Config) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ status / flush
+def _config_option(f: Any) -> Any:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        envvar="VPNMASQ_CONFIG",
+        help=f"Configuration file (default {DEFAULT_CONFIG} if it exists, else built-in "
+        "defaults). [env: VPNMASQ_CONFIG]",
+    )(f)
+
+
+def _config_or_default(path: str | None) -> Config:
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            _warn(f"{DEFAULT_CONFIG} not found: checking against the default configuration")
+            return Config()
+        path = DEFAULT_CONFIG
+    return _load(path)[0]
+
+
 def _socket_option(f: Any) -> Any:
     return click.option(
         "-s",
@@ -237,9 +259,13 @@ def _socket_option(f: Any) -> Any:
     )(f)
 
 
-def _socket_path(explicit: str | None) -> str:
+def _socket_path(explicit: str | None, config_path: str | None = None) -> str:
+    """The control socket: ``--socket``, else the config's (``-c``, $VPNMASQ_CONFIG or the
+    default file; an explicit ``-c`` that does not load is an error), else the default."""
     if explicit:
         return explicit
+    if config_path is not None:
+        return _load(config_path)[0].control_socket
     path = os.environ.get("VPNMASQ_CONFIG", DEFAULT_CONFIG)
     try:
         return load_config(read_config_text(path)).control_socket
@@ -247,12 +273,20 @@ def _socket_path(explicit: str | None) -> str:
         return DEFAULT_SOCKET
 
 
-def _query(path: str, cmd: str) -> dict[str, Any]:
+def _query(
+    path: str, cmd: str, params: dict[str, Any] | None = None, *, as_json: bool = False
+) -> dict[str, Any]:
+    """Ask the daemon; on failure exit 1 with the reason (as a JSON object on stdout when
+    the caller prints JSON, so a script reading stdout sees why)."""
+    import json as _json
+
     from vpnmasq.datapath.control import ControlError, query
 
     try:
-        return query(path, cmd)
+        return query(path, cmd, params=params)
     except ControlError as e:
+        if as_json:
+            click.echo(_json.dumps({"ok": False, "error": str(e)}))
         _fail(str(e))
 
 
@@ -293,37 +327,65 @@ def _check_host(ctx: click.Context, param: click.Parameter, value: str | None) -
     help="Only entries with this address or network on any side (inside, outside or "
     "remote). [env: VPNMASQ_HOST]",
 )
+@click.option(
+    "-l",
+    "--limit",
+    type=click.IntRange(1, 1_000_000),
+    default=None,
+    envvar="VPNMASQ_LIMIT",
+    help="Only the N most recently active entries (the daemon picks them). "
+    "[env: VPNMASQ_LIMIT]",
+)
+@_config_option
 @_socket_option
-def status(as_json: bool, proto: str | None, host: str | None, socket_path: str | None) -> None:
+def status(
+    as_json: bool,
+    proto: str | None,
+    host: str | None,
+    limit: int | None,
+    config_path: str | None,
+    socket_path: str | None,
+) -> None:
     """Show the running daemon's masquerade table, like conntrack -L.
 
     One line per mapping: protocol, inside endpoint, outside (public) endpoint, remote,
     state, time until it expires, packets and bytes out/in. VPN entries add their
     identifiers: ESP SPIs out/in and how they were associated, ISAKMP cookies, PPTP/GRE
     Call IDs on the inside and outside. Counters (drops by reason, ...) follow the table.
+    The daemon applies --proto, --host and --limit itself and builds the answer between
+    packet batches, so asking never stalls the traffic, whatever the table size.
     """
-    from vpnmasq.status import render_json, render_text, rows_from_wire
+    from vpnmasq.status import StatusQuery, render_json, render_text, rows_from_wire
 
-    resp = _query(_socket_path(socket_path), "status")
+    q = StatusQuery(proto.strip().lower() if proto else None, host, limit)
+    resp = _query(
+        _socket_path(socket_path, config_path), "status", q.to_request(), as_json=as_json
+    )
     try:
         rows = rows_from_wire(resp.get("entries", []))
     except ValueError as e:
         _fail(f"the daemon sent a malformed table: {e}")
     counters = resp.get("counters", {})
+    total = resp.get("total_entries")
     render = render_json if as_json else render_text
-    click.echo(render(rows, counters, proto=proto, host=host), nl=False)
+    click.echo(
+        render(rows, counters, proto=proto, host=host,
+               total=total if isinstance(total, int) else None),
+        nl=False,
+    )
 
 
 @cli.command(context_settings=CONTEXT, short_help="Drop all masquerade entries.")
+@_config_option
 @_socket_option
-def flush(socket_path: str | None) -> None:
+def flush(config_path: str | None, socket_path: str | None) -> None:
     """Drop every masquerade entry in the running daemon.
 
     Active connections and VPN sessions through the gateway break and must be re-established
     (forward rules stay). Use it after changing the public address by hand or to clear a
     wrong ESP association.
     """
-    resp = _query(_socket_path(socket_path), "flush")
+    resp = _query(_socket_path(socket_path, config_path), "flush")
     n = resp.get("flushed", 0)
     click.echo(f"flushed {n} entr{'y' if n == 1 else 'ies'}")
 
@@ -394,28 +456,6 @@ def replay(
 
 
 # ------------------------------------------------------------------------------ diagnose
-def _config_option(f: Any) -> Any:
-    return click.option(
-        "-c",
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
-        default=None,
-        envvar="VPNMASQ_CONFIG",
-        help=f"Configuration file (default {DEFAULT_CONFIG} if it exists, else built-in "
-        "defaults). [env: VPNMASQ_CONFIG]",
-    )(f)
-
-
-def _config_or_default(path: str | None) -> Config:
-    if path is None:
-        if not os.path.exists(DEFAULT_CONFIG):
-            _warn(f"{DEFAULT_CONFIG} not found: checking against the default configuration")
-            return Config()
-        path = DEFAULT_CONFIG
-    return _load(path)[0]
-
-
 @cli.command(context_settings=CONTEXT, short_help="Check this gateway; say what to fix.")
 @_config_option
 @click.option(

@@ -23,15 +23,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from vpnmasq import status
 from vpnmasq.config import Config
+from vpnmasq.conntrack.table import Entry
 from vpnmasq.datapath import offload, routes, rules
-from vpnmasq.datapath.control import ControlServer
+from vpnmasq.datapath.control import Answer, ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
 from vpnmasq.eventlog import RateLimitedLog
+from vpnmasq.events import Row
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
 from vpnmasq.verdict import Action, Direction, DropReason, Verdict
@@ -55,6 +59,9 @@ HAIRPIN_SYSCTL_FILE = "hairpin-sysctl.json"
 #: and at least this often as a safety net
 ADDRESS_POLL_S = 10.0
 RTMGRP_IPV4_IFADDR = 0x10
+#: a streamed control answer (status of a big table) runs this long at a time, between
+#: packet batches: the most it adds to a queued packet's wait (bench/engine.py status-cost)
+CONTROL_SLICE_S = 0.002
 
 
 def read_public_address(ifname: str, current: str | None = None) -> str | None:
@@ -675,16 +682,29 @@ class Gateway:
             log.info("rules removed; vpnmasq stopped")
 
     # ---------------------------------------------------------------- status / metrics
-    def _status(self) -> dict[str, Any]:
-        from vpnmasq import status
-
+    def _status(self, req: Mapping[str, Any]) -> Answer:
+        """The ``status`` answer, produced a slice at a time between packet batches
+        (:meth:`ControlServer.work`): the request copies the table's references (C speed),
+        the rows are built and encoded later, so a big table never stalls the queue."""
+        try:
+            q = status.StatusQuery.from_request(req)
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
         now = time.monotonic()
-        off = self.offloader
-        rows = self.engine.snapshot(now, offloaded=off.is_offloaded if off is not None else None)
-        payload: dict[str, Any] = status.status_payload(rows, self._counters())
-        if off is not None:
-            payload["offload"] = off.status()
-        return payload
+        eng, off = self.engine, self.offloader
+        offloaded = off.is_offloaded if off is not None else None
+
+        def row(e: Entry) -> Row:
+            r = eng.row(e, now)
+            return replace(r, offloaded=True) if offloaded is not None and offloaded(e) else r
+
+        def tail() -> dict[str, Any]:
+            out: dict[str, Any] = {"counters": self._counters()}
+            if off is not None:
+                out["offload"] = off.status()
+            return out
+
+        return status.answer_stream(list(eng.table.index.values()), q, row, tail)
 
     def _counters(self) -> dict[str, int]:
         for _ in range(3):
@@ -712,11 +732,7 @@ class Gateway:
         log.info("prometheus metrics on http://%s/metrics", listen)
 
     def _by_proto(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for e in list(self.engine.table):
-            k = e.kind
-            out[k] = out.get(k, 0) + 1
-        return out
+        return dict(self.engine.table.by_kind)  # kept by the table: O(kinds), any thread
 
     # ---------------------------------------------------------------- packets
     def _apply(self, pid: object, v: Verdict) -> None:
@@ -817,12 +833,16 @@ class Gateway:
                 self.last_addr_check = 0.0  # re-read now
             elif key.data == "control" and self.control is not None:
                 self.control.handle_ready()
-                if self.control.last_error is not None:
-                    log.warning("control request failed: %s", self.control.last_error)
-                    self.control.last_error = None
             elif key.data == "wakeup":  # a signal arrived (run(): signal.set_wakeup_fd)
                 with contextlib.suppress(OSError):
                     os.read(key.fd, 512)
+        ctl = self.control
+        if ctl is not None:
+            if ctl.runnable():  # a status answer in progress: one slice, then packets again
+                ctl.work(time.monotonic() + CONTROL_SLICE_S)
+            if ctl.last_error is not None:
+                log.warning("control request failed: %s", ctl.last_error)
+                ctl.last_error = None
         now = time.monotonic()
         dl = self.engine.next_deadline()
         if dl is not None and dl <= now:
@@ -894,6 +914,8 @@ class Gateway:
             log.error("updating the hairpin rules for %s failed: %s", self.public, exc)
 
     def timeout(self) -> float:
+        if self.control is not None and self.control.runnable():
+            return 0.0
         now = time.monotonic()
         t = ADDRESS_POLL_S
         for dl in (

@@ -10,16 +10,20 @@ Design notes, kernel facts and measurements: docs/internals/status.md.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.table import Table
 
+from vpnmasq.conntrack.table import Entry
 from vpnmasq.events import Row
+from vpnmasq.packet.ipv4 import PROTO_NAMES
 
 # kind -> ((detail key, column header), ...), in display order
 DETAIL_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -125,22 +129,24 @@ def parse_host(host: str) -> ipaddress.IPv4Network:
         raise ValueError(f"'{host}' is not an IPv4 address or network") from None
 
 
+def row_matches(row: Row, proto: str | None, net: ipaddress.IPv4Network | None) -> bool:
+    """``row`` is of protocol (or helper kind) ``proto`` and involves ``net`` on any side."""
+    if proto is not None and proto not in (row.proto.lower(), kind_of(row).lower()):
+        return False
+    if net is not None:
+        addrs = (_addr(row.inside), _addr(row.outside), _addr(row.remote))
+        if not any(a is not None and a in net for a in addrs):
+            return False
+    return True
+
+
 def filter_rows(
     rows: Iterable[Row], *, proto: str | None = None, host: str | None = None
 ) -> list[Row]:
     """Rows of protocol (or helper kind) ``proto`` that involve ``host`` on any side."""
     net = parse_host(host) if host else None
     want = proto.lower() if proto else None
-    out: list[Row] = []
-    for r in rows:
-        if want is not None and want not in (r.proto.lower(), kind_of(r).lower()):
-            continue
-        if net is not None:
-            addrs = (_addr(r.inside), _addr(r.outside), _addr(r.remote))
-            if not any(a is not None and a in net for a in addrs):
-                continue
-        out.append(r)
-    return sorted(out, key=_sort_key)
+    return sorted((r for r in rows if row_matches(r, want, net)), key=_sort_key)
 
 
 def _detail_text(row: Row, skip: Sequence[str] = ()) -> str:
@@ -196,8 +202,11 @@ def render_text(
     *,
     proto: str | None = None,
     host: str | None = None,
+    total: int | None = None,
 ) -> str:
-    """The masquerade table as aligned text columns, then the counters."""
+    """The masquerade table as aligned text columns, then the counters. ``total``: the
+    entries in the daemon's table when ``rows`` is already a selection (server-side filters,
+    ``--limit``)."""
     all_rows = list(rows)
     shown = filter_rows(all_rows, proto=proto, host=host)
     lines: list[str] = []
@@ -211,12 +220,9 @@ def render_text(
                 for cell, w, h in zip(line, widths, headers, strict=True)
             ]
             lines.append("  ".join(parts).rstrip())
-    filtered = proto is not None or host is not None
-    summary = (
-        f"{len(shown)} of {len(all_rows)} entries shown"
-        if filtered
-        else (f"{len(all_rows)} entries")
-    )
+    n_all = len(all_rows) if total is None else total
+    filtered = proto is not None or host is not None or len(shown) != n_all
+    summary = f"{len(shown)} of {n_all} entries shown" if filtered else f"{n_all} entries"
     if lines:
         lines.append("")
     lines.append(summary)
@@ -234,13 +240,14 @@ def render_json(
     *,
     proto: str | None = None,
     host: str | None = None,
+    total: int | None = None,
 ) -> str:
     """``{"entries": [...], "counters": {...}}``; ``expires_in`` is null for permanent entries."""
     all_rows = list(rows)
     shown = filter_rows(all_rows, proto=proto, host=host)
     doc = {
         "entries": rows_to_wire(shown),
-        "total_entries": len(all_rows),
+        "total_entries": len(all_rows) if total is None else total,
         "counters": dict(sorted(counters.items())),
     }
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
@@ -347,5 +354,160 @@ def rows_from_wire(data: object) -> list[Row]:
 
 
 def status_payload(rows: Iterable[Row], counters: Mapping[str, int]) -> dict[str, Any]:
-    """What the daemon's control socket returns for ``status``."""
+    """What the daemon's control socket returns for ``status`` (a small table at once)."""
     return {"entries": rows_to_wire(rows), "counters": dict(counters)}
+
+
+# ------------------------------------------------------------------------------ serving
+#: helper kinds whose rows are all of one IP protocol (lets the server skip the others
+#: without building their rows)
+KIND_IP_PROTO = {"isakmp": "udp", "natt": "udp", "pptp": "tcp"}
+_PROTO_NUMBERS = {name: num for num, name in PROTO_NAMES.items()}
+#: a slice of a status answer: at most this many rows built, or entries looked at
+ROWS_PER_SLICE = 32
+SCAN_PER_SLICE = 1024
+#: --limit caps what one answer carries
+MAX_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class StatusQuery:
+    """What a ``status`` request asks for: server-side filters and a row limit.
+
+    ``limit`` keeps the ``limit`` most recently active matching entries (latest packet
+    either way; newest first), so ``status --limit 20`` on a table of 100,000 sends 20 rows.
+    """
+
+    proto: str | None = None
+    host: str | None = None
+    limit: int | None = None
+
+    @classmethod
+    def from_request(cls, req: Mapping[str, Any]) -> StatusQuery:
+        """From the request object; ValueError with a message for the operator."""
+        proto, host, limit = req.get("proto"), req.get("host"), req.get("limit")
+        if proto is not None and (not isinstance(proto, str) or not proto.strip()):
+            raise ValueError("proto: expected a protocol or helper name")
+        if host is not None:
+            if not isinstance(host, str):
+                raise ValueError("host: expected an address or network")
+            parse_host(host)
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_LIMIT
+        ):
+            raise ValueError(f"limit: expected a whole number from 1 to {MAX_LIMIT}")
+        return cls(proto.strip().lower() if proto else None, host, limit)
+
+    def to_request(self) -> dict[str, Any]:
+        req: dict[str, Any] = {"cmd": "status"}
+        for k in ("proto", "host", "limit"):
+            v = getattr(self, k)
+            if v is not None:
+                req[k] = v
+        return req
+
+
+def _entry_filter(q: StatusQuery) -> Callable[[Entry], bool]:
+    """A cheap test on the entry's own fields, true for every entry whose row can match."""
+    num = _PROTO_NUMBERS.get(KIND_IP_PROTO.get(q.proto, q.proto)) if q.proto else None
+    if q.host is not None:
+        net = parse_host(q.host)
+        base, mask = int(net.network_address), int(net.netmask)
+    else:
+        base = mask = -1
+
+    def ok(e: Entry) -> bool:
+        if num is not None and e.proto != num:
+            return False
+        if mask >= 0:
+            return (
+                e.inside_ip & mask == base or e.remote_ip & mask == base or e.alias_ip & mask == base
+            )
+        return True
+
+    return ok
+
+
+def _activity(e: Entry) -> float:
+    a, b = e.last_out, e.last_in
+    if a is None:
+        return e.created if b is None else b
+    return a if b is None or a > b else b
+
+
+def answer_stream(
+    entries: Sequence[Entry],
+    query: StatusQuery,
+    row: Callable[[Entry], Row],
+    tail: Callable[[], Mapping[str, Any]],
+) -> Iterator[bytes]:
+    """The answer to ``status`` as pieces of one JSON line, a slice of work per piece.
+
+    ``entries`` is a copy of the table's references taken at the request (a C-speed list
+    copy; an entry appears once per index key, and one removed since is skipped); ``row``
+    renders one entry, ``tail`` gives the counters (and whatever else) at the end. The
+    caller (the control server) runs one ``next()`` at a time between packet batches, so a
+    big table never holds the packet loop for longer than a slice; each piece may be empty.
+    The line is ``{"ok":true,"entries":[...],"total_entries":N,"matched":M,<tail>}``.
+    """
+    want, net = query.proto, parse_host(query.host) if query.host else None
+    cheap = _entry_filter(query)
+    # an IP protocol name and a host are decided by the entry's fields alone; a helper
+    # kind (isakmp, natt, pptp) needs the row
+    exact = want is None or want in _PROTO_NUMBERS
+    limit = query.limit
+    seen: set[int] = set()
+    total = matched = scanned = 0
+    ranked: list[tuple[float, int, Entry]] = []  # min-heap of the most recent (limit)
+    batch: list[Row] = []
+    first = True
+
+    def encode(rows: list[Row]) -> bytes:
+        nonlocal first
+        text = json.dumps(rows_to_wire(rows), separators=(",", ":"), allow_nan=False)[1:-1]
+        out = text.encode() if first else b"," + text.encode()
+        first = False
+        return out
+
+    yield b'{"ok":true,"entries":['
+    for e in entries:
+        scanned += 1
+        if scanned >= SCAN_PER_SLICE:
+            scanned = 0
+            yield b""
+        k = id(e)
+        if k in seen or not e.live:
+            continue
+        seen.add(k)
+        total += 1
+        if not cheap(e):
+            continue
+        r = None if exact else row(e)
+        if r is not None and not row_matches(r, want, net):
+            continue
+        matched += 1
+        if limit is not None:
+            item = (_activity(e), k, e)
+            if len(ranked) < limit:
+                heapq.heappush(ranked, item)
+            elif item[0] > ranked[0][0]:
+                heapq.heapreplace(ranked, item)
+            continue
+        batch.append(r if r is not None else row(e))
+        if len(batch) >= ROWS_PER_SLICE:
+            yield encode(batch)
+            batch = []
+            scanned = 0
+    for _, _, e in sorted(ranked, key=lambda t: (-t[0], t[1])):
+        batch.append(row(e))
+        if len(batch) >= ROWS_PER_SLICE:
+            yield encode(batch)
+            batch = []
+    if batch:
+        yield encode(batch)
+    rest = json.dumps(
+        {"total_entries": total, "matched": matched, **tail()},
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+    yield b"]," + rest[1:].encode() + b"\n"

@@ -161,7 +161,7 @@ def daemon(tmp_path: Path) -> Iterator[str]:
 
     server = ControlServer(
         path,
-        status=lambda: status_payload(state["rows"], {"packets_out": 10}),
+        status=lambda _req: status_payload(state["rows"], {"packets_out": 10}),
         counters=lambda: {"packets_out": 10},
         flush=flush,
     )
@@ -203,6 +203,53 @@ def test_status_socket_from_config_file(daemon: str, tmp_path: Path) -> None:
     cfg.write_text(GOOD.split("[[forward]]")[0] + f'control_socket = "{daemon}"\n')
     r = invoke("status", env={"VPNMASQ_CONFIG": str(cfg)})
     assert r.exit_code == 0 and "2 entries" in r.output
+
+
+def test_status_takes_the_socket_from_dash_c(daemon: str, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'control_socket = "{daemon}"\n')
+    r = invoke("status", "-c", str(cfg))
+    assert r.exit_code == 0 and "2 entries" in r.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("mode = 7\n")
+    r = invoke("status", "-c", str(bad))
+    assert r.exit_code == 1 and "bad.toml" in r.output
+
+
+def test_status_sends_filters_and_limit_to_the_daemon(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl" / "control.sock")
+    seen: list[dict[str, Any]] = []
+
+    def status(req: Any) -> dict[str, Any]:
+        seen.append(dict(req))
+        return {**status_payload(ROWS[:1], {}), "total_entries": 9}
+
+    server = ControlServer(path, status=status, counters=dict, flush=lambda: 0)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            if select.select([server.fileno()], [], [], 0.02)[0]:
+                server.handle_ready()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        r = invoke("status", "-s", path, "-p", "UDP", "-H", "10.77.0.0/24", "--limit", "3")
+    finally:
+        stop.set()
+        t.join(5)
+        server.close()
+    assert r.exit_code == 0, r.output
+    assert seen == [{"cmd": "status", "proto": "udp", "host": "10.77.0.0/24", "limit": 3}]
+    assert "1 of 9 entries shown" in r.output
+
+
+def test_status_json_when_not_running_prints_a_json_error(tmp_path: Path) -> None:
+    r = invoke("status", "--json", "--socket", str(tmp_path / "none.sock"))
+    assert r.exit_code == 1
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and "not running" in doc["error"]
 
 
 def test_status_bad_host_is_a_usage_error(daemon: str) -> None:

@@ -8,6 +8,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ class Daemon:
         self.flushes = 0
         self.server = ControlServer(
             path,
-            status=lambda: status_payload(self.rows, {"packets_out": 7}),
+            status=lambda _req: status_payload(self.rows, {"packets_out": 7}),
             counters=lambda: {"packets_out": 7},
             flush=self.flush,
             **kw,
@@ -315,3 +316,124 @@ def test_no_answer_times_out(tmp_path: Path) -> None:
             query(path, "status", timeout=0.2)
     finally:
         mute.close()
+
+
+# ------------------------------------------------------------------------------ streamed answers
+def _pieces(n: int, log: list[int]) -> Iterator[bytes]:
+    """A streamed status answer of ``n`` rows, one row per piece; ``log`` records progress."""
+    yield b'{"ok":true,"entries":['
+    for i in range(n):
+        log.append(i)
+        yield (b"," if i else b"") + json.dumps({"i": i, "pad": "x" * 200}).encode()
+    yield b'],"total_entries":%d}\n' % n
+
+
+def test_streamed_answer_is_produced_only_by_work(sock_path: str) -> None:
+    """The server answers a streamed request only when the loop gives it time (work()),
+    a bounded piece at a time; requests behind it on the connection wait their turn."""
+    log: list[int] = []
+    server = ControlServer(
+        sock_path, status=lambda req: _pieces(int(req.get("limit", 3)), log),
+        counters=lambda: {"n": 1}, flush=lambda: 0,
+    )
+    try:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.settimeout(5)
+        c.connect(sock_path)
+        c.sendall(b'{"cmd":"status","limit":5}\n{"cmd":"counters"}\n')
+        wait_until(lambda: (server.handle_ready(), server.runnable())[1], what="job accepted")
+        assert log == []  # nothing produced while the loop handles packets
+        server.work(deadline=0.0)  # a deadline already passed: exactly one piece
+        assert log == []  # that piece was the opening of the line
+        while server.runnable():
+            server.work(deadline=0.0)
+        assert log == [0, 1, 2, 3, 4]
+        c.setblocking(False)
+        buf = b""
+
+        def both() -> bool:
+            nonlocal buf
+            server.handle_ready()
+            try:
+                buf += c.recv(65536)
+            except BlockingIOError:
+                pass
+            return buf.count(b"\n") >= 2
+
+        wait_until(both, what="both answers")
+        first, second = (json.loads(x) for x in buf.splitlines())
+        assert [e["i"] for e in first["entries"]] == [0, 1, 2, 3, 4]
+        assert second == {"ok": True, "counters": {"n": 1}}
+        c.close()
+    finally:
+        server.close()
+
+
+def test_slow_reader_pauses_only_its_own_answer(sock_path: str) -> None:
+    """A client that does not read: its answer stops at the high-water mark (runnable()
+    turns false, the loop does not spin on it) and the others are still served."""
+    log: list[int] = []
+    server = ControlServer(
+        sock_path, status=lambda req: _pieces(100_000, log), counters=lambda: {"n": 1},
+        flush=lambda: 0,
+    )
+    try:
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.connect(sock_path)
+        slow.sendall(b'{"cmd":"status"}\n')
+        wait_until(lambda: (server.handle_ready(), server.runnable())[1], what="job accepted")
+        for _ in range(100_000):
+            if not server.runnable():
+                break
+            server.work(deadline=0.0)
+        assert not server.runnable()
+        produced = len(log)
+        assert 0 < produced < 100_000
+        (client,) = server._clients.values()
+        assert len(client.outbuf) >= control.OUTPUT_HIGH_WATER
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        other.connect(sock_path)
+        other.sendall(b'{"cmd":"ping"}\n')
+        other.setblocking(False)
+
+        def answered() -> bytes | None:
+            server.handle_ready()
+            try:
+                return other.recv(65536) or None
+            except BlockingIOError:
+                return None
+
+        buf = wait_until(answered, what="ping answered")
+        assert json.loads(buf)["ok"] is True
+        assert len(log) == produced  # the paused answer did not move
+        other.close()
+        slow.close()
+    finally:
+        server.close()
+
+
+def test_client_reads_a_big_streamed_answer(sock_path: str) -> None:
+    """query() over a multi-megabyte answer produced between 'packet batches'."""
+    log: list[int] = []
+    server = ControlServer(
+        sock_path, status=lambda req: _pieces(20_000, log), counters=dict, flush=lambda: 0
+    )
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            timeout = 0.0 if server.runnable() else 0.02
+            if select.select([server.fileno()], [], [], timeout)[0]:
+                server.handle_ready()
+            if server.runnable():
+                server.work(time.monotonic() + 0.002)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        resp = query(sock_path, "status", params={"limit": 1})
+        assert resp["total_entries"] == 20_000 and len(resp["entries"]) == 20_000
+    finally:
+        stop.set()
+        t.join(5)
+        server.close()

@@ -1,11 +1,14 @@
 """The control socket: ``vpnmasq status`` / ``flush`` talk to the running daemon here.
 
 A UNIX stream socket (root only: mode 0600 in a 0700 directory) speaking newline-delimited
-JSON. Each request is one line, ``{"cmd": "status" | "counters" | "flush" | "ping"}``; each
+JSON. Each request is one line, ``{"cmd": "status" | "counters" | "flush" | "ping"}``
+(``status`` may add ``"proto"``, ``"host"`` and ``"limit"``: the daemon filters); each
 answer is one line, ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``. A client may
-send several requests on one connection.
+send several requests on one connection; they are answered in order.
 
-Design notes, kernel facts and measurements: docs/internals/datapath-control.md.
+Streamed answers: a callback may return the pieces of its answer line instead of the
+answer; :meth:`ControlServer.work` produces them between packet batches, within a time
+budget. Design notes: docs/internals/datapath-control.md.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 import selectors
 import socket
 import stat
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +32,11 @@ MAX_REQUEST = 64 * 1024  # a request is a short JSON object; anything longer is 
 MAX_CLIENTS = 16  # root-only socket, so a handful is plenty; more are refused
 READ_CHUNK = 64 * 1024
 CLIENT_TIMEOUT = 5.0
+#: a streamed answer pauses while this much of it waits to be read by the client
+OUTPUT_HIGH_WATER = 1 << 20
+
+#: what a command callback returns: the answer, or the pieces of its line (see work())
+Answer = Mapping[str, Any] | Iterator[bytes]
 
 
 class ControlError(RuntimeError):
@@ -40,6 +49,8 @@ class _Client:
     inbuf: bytearray = field(default_factory=bytearray)
     outbuf: bytearray = field(default_factory=bytearray)
     read_closed: bool = False
+    job: Iterator[bytes] | None = None  # an answer being produced a slice at a time
+    job_started: bool = False
 
 
 class ControlServer:
@@ -49,7 +60,7 @@ class ControlServer:
         self,
         path: str,
         *,
-        status: Callable[[], Mapping[str, Any]],
+        status: Callable[[Mapping[str, Any]], Answer],
         counters: Callable[[], Mapping[str, int]],
         flush: Callable[[], int],
         takeover: bool = False,
@@ -62,6 +73,7 @@ class ControlServer:
         self._counters = counters
         self._flush = flush
         self._clients: dict[int, _Client] = {}
+        self._rr = 0  # round robin over clients with a job
         self.last_error: Exception | None = None  # the daemon may log it
         self._sel = selectors.EpollSelector()
         self._listener = self._bind(path, takeover)
@@ -161,22 +173,84 @@ class ControlServer:
         if not data:
             c.read_closed = True
         c.inbuf += data
-        while b"\n" in c.inbuf:
+        self._serve(c)
+
+    def _serve(self, c: _Client) -> None:
+        """Answer the complete requests waiting in ``c.inbuf``, in order, up to the first
+        that is streamed (the rest wait until it is done)."""
+        while c.job is None and b"\n" in c.inbuf:
             line, _, rest = bytes(c.inbuf).partition(b"\n")
             c.inbuf = bytearray(rest)
             if line.strip():
-                c.outbuf += _encode(self.answer(line))
-        if len(c.inbuf) > MAX_REQUEST:
+                self._start(c, line)
+        if c.job is None and len(c.inbuf) > MAX_REQUEST:
             c.outbuf += _encode({"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"})
             c.inbuf.clear()
             c.read_closed = True
-        if c.read_closed and c.inbuf.strip():  # last request without a newline
-            c.outbuf += _encode(self.answer(bytes(c.inbuf)))
+        if c.job is None and c.read_closed and c.inbuf.strip():  # last one without a newline
+            line = bytes(c.inbuf)
             c.inbuf.clear()
+            self._start(c, line)
         if c.outbuf:
             self._write(c)  # usually fits the socket buffer: no extra poll round
         else:
             self._update(c)
+
+    def _start(self, c: _Client, line: bytes) -> None:
+        ans = self.answer(line)
+        if isinstance(ans, Mapping):
+            c.outbuf += _encode(ans)
+        else:
+            c.job, c.job_started = ans, False
+
+    # ---------------------------------------------------------------- streamed answers
+    def runnable(self) -> bool:
+        """Some streamed answer can make progress now (its client is keeping up)."""
+        return any(
+            c.job is not None and len(c.outbuf) < OUTPUT_HIGH_WATER for c in self._clients.values()
+        )
+
+    def work(self, deadline: float) -> None:
+        """Produce streamed answers, a piece at a time, until ``deadline`` (monotonic).
+        Clients take turns; one whose unsent output is over the high-water mark waits."""
+        clients = [c for c in self._clients.values() if c.job is not None]
+        if not clients:
+            return
+        self._rr = (self._rr + 1) % len(clients)
+        clients = clients[self._rr :] + clients[: self._rr]
+        while clients:
+            for c in list(clients):
+                if c.job is None or len(c.outbuf) >= OUTPUT_HIGH_WATER:
+                    clients.remove(c)
+                    continue
+                self._step(c)
+                if time.monotonic() >= deadline:
+                    clients = []
+                    break
+        for c in list(self._clients.values()):
+            if c.outbuf:
+                self._write(c)
+
+    def _step(self, c: _Client) -> None:
+        assert c.job is not None
+        try:
+            piece = next(c.job)
+        except StopIteration:
+            c.job = None
+            self._serve(c)  # requests that waited behind it
+            return
+        except Exception as e:  # a failing producer must not take the packet loop down
+            self.last_error = e
+            c.job = None
+            if not c.job_started:
+                c.outbuf += _encode({"ok": False, "error": f"failed inside the daemon: {e}"})
+            else:  # half a line is out: the client sees the connection close
+                c.inbuf.clear()
+                c.read_closed = True
+            self._update(c)
+            return
+        c.job_started = True
+        c.outbuf += piece
 
     def _write(self, c: _Client) -> None:
         try:
@@ -190,7 +264,7 @@ class ControlServer:
         self._update(c)
 
     def _update(self, c: _Client) -> None:
-        if c.read_closed and not c.outbuf:
+        if c.read_closed and not c.outbuf and c.job is None:
             self._drop(c)
             return
         mask = (0 if c.read_closed else selectors.EVENT_READ) | (
@@ -199,6 +273,7 @@ class ControlServer:
         self._sel.modify(c.sock, mask, c)
 
     def _drop(self, c: _Client) -> None:
+        c.job = None
         fd = c.sock.fileno()
         self._clients.pop(fd, None)
         with contextlib.suppress(KeyError, ValueError):
@@ -206,8 +281,9 @@ class ControlServer:
         c.sock.close()
 
     # ---------------------------------------------------------------- requests
-    def answer(self, line: bytes) -> dict[str, Any]:
-        """The response object for one request line (public for tests and the daemon)."""
+    def answer(self, line: bytes) -> Answer:
+        """The response for one request line: an object, or the pieces of a streamed
+        answer (see :meth:`work`). Public for tests and the daemon."""
         try:
             req = json.loads(line)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -222,7 +298,8 @@ class ControlServer:
             if cmd == "ping":
                 return {"ok": True, "pid": os.getpid(), "version": __version__}
             if cmd == "status":
-                return {"ok": True, **self._status()}
+                ans = self._status(req)
+                return {"ok": True, **ans} if isinstance(ans, Mapping) else ans
             if cmd == "counters":
                 return {"ok": True, "counters": dict(self._counters())}
             return {"ok": True, "flushed": int(self._flush())}
@@ -251,8 +328,15 @@ def _is_live(path: str) -> bool:
 
 
 # -------------------------------------------------------------------- client side
-def query(path: str, cmd: str, *, timeout: float = CLIENT_TIMEOUT) -> dict[str, Any]:
-    """Send one command to the daemon at ``path`` and return its answer (``ok`` true).
+def query(
+    path: str,
+    cmd: str,
+    *,
+    timeout: float = CLIENT_TIMEOUT,
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Send one command (with ``params``, e.g. status filters) to the daemon at ``path``
+    and return its answer (``ok`` true). ``timeout`` bounds each wait for the daemon.
 
     Raises ControlError with a message an operator can act on.
     """
@@ -281,16 +365,18 @@ def query(path: str, cmd: str, *, timeout: float = CLIENT_TIMEOUT) -> dict[str, 
         buf = bytearray()
         try:
             try:
-                s.sendall(_encode({"cmd": cmd}))
+                s.sendall(_encode({**(params or {}), "cmd": cmd}))
             except (BrokenPipeError, ConnectionResetError):
                 # The daemon may refuse us (too many connections) and close before we
                 # write; its one-line reason is still waiting in our receive buffer.
                 pass
-            while b"\n" not in buf:
+            while True:  # a big table comes in many chunks: look for the end in each
                 chunk = s.recv(READ_CHUNK)
                 if not chunk:
                     break
                 buf += chunk
+                if b"\n" in chunk:
+                    break
         except TimeoutError:
             raise ControlError(f"vpnmasq did not answer '{cmd}' within {timeout:g} s") from None
         except OSError as e:
