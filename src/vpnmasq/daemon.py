@@ -37,7 +37,7 @@ from vpnmasq.engine import Engine
 from vpnmasq.eventlog import RateLimitedLog
 from vpnmasq.events import Row
 from vpnmasq.packet.checksum import checksum
-from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
+from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip, ip_to_int
 from vpnmasq.verdict import Action, Direction, DropReason, Verdict
 
 log = logging.getLogger("vpnmasq")
@@ -728,11 +728,21 @@ class Gateway:
         from vpnmasq import metrics
 
         host, _, port = listen.rpartition(":")
-        self.metrics = metrics.serve(host or "127.0.0.1", int(port), self._counters, self._by_proto)
+        reg = metrics.registry_for(
+            self._counters,
+            self._entries_by_kind,
+            max_entries=self.config.limits.max_entries,
+            mode=self.config.mode,
+        )
+        self.metrics = metrics.serve(host or "127.0.0.1", int(port), reg)
         log.info("prometheus metrics on http://%s/metrics", listen)
 
-    def _by_proto(self) -> dict[str, int]:
-        return dict(self.engine.table.by_kind)  # kept by the table: O(kinds), any thread
+    def _entries_by_kind(self) -> dict[tuple[str, str], int]:
+        """Live entries by (protocol name, kind): kept by the table, O(kinds), any thread."""
+        return {
+            (PROTO_NAMES.get(p, str(p)), k): n
+            for (p, k), n in list(self.engine.table.by_proto_kind.items())
+        }
 
     # ---------------------------------------------------------------- packets
     def _apply(self, pid: object, v: Verdict) -> None:

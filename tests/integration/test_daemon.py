@@ -106,11 +106,14 @@ def test_plain_and_vpn_traffic_from_two_lan_hosts(
     assert plain_in_table == (mode == "userspace")  # hybrid: the kernel NATs plain traffic
 
     metrics = metrics_text(topo, METRICS_PORT)
-    assert re.search(r'^vpnmasq_entries\{kind="esp"\} 2\.0$', metrics, re.M), metrics
+    assert re.search(
+        r'^vpnmasq_table_entries\{kind="esp",protocol="esp"\} 2\.0$', metrics, re.M
+    ), metrics
     m = re.search(r'^vpnmasq_packets_total\{direction="in"\} (\d+)', metrics, re.M)
     assert m and int(m.group(1)) >= 4
-    assert "vpnmasq_queue_latency_seconds_total" in metrics
-    assert "vpnmasq_pending_esp_inits" in metrics
+    assert "vpnmasq_queue_busy_seconds_total" in metrics
+    assert re.search(r"^vpnmasq_table_max_entries \d", metrics, re.M)
+    assert re.search(r'^vpnmasq_esp_associations_total\{how="', metrics, re.M)
     assert d.stop() == 0
 
 

@@ -40,6 +40,7 @@ BINARIES = (
     "pptpd", "pptpctrl", "pptp",                  # PoPToP server, pptp-linux client
     "swanctl", "openssl",                         # strongSwan control, lab certificates
     "mount",                                      # the lab's private /run per namespace
+    "tmux", "promtool",                           # `vpnmasq top` as seen; metrics/alert checks
 )
 # Executables run by absolute path.
 PATHS = (CHARON,)

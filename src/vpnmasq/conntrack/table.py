@@ -464,9 +464,9 @@ class MasqTable:
         self._lru: dict[str, LruList] = {}
         self.per_host: dict[int, int] = {}
         self.count = 0
-        #: live entries by kind (metrics read it from another thread: never iterate the
-        #: lists there)
-        self.by_kind: dict[str, int] = {}
+        #: live entries by (IP protocol, kind) (metrics read it from another thread: never
+        #: walk the lists there)
+        self.by_proto_kind: dict[tuple[int, str], int] = {}
         self._ints: dict[int, int] = {}  # interned addresses (see _intern)
         self.on_remove = on_remove
         # deadline(): ``now + timeout`` per class as one float object shared while ``now``
@@ -502,7 +502,8 @@ class MasqTable:
         entry.expires_at = d
         self._list(entry.tclass).append(entry, d)
         self.count += 1
-        self.by_kind[entry.kind] = self.by_kind.get(entry.kind, 0) + 1
+        pk = (entry.proto, entry.kind)
+        self.by_proto_kind[pk] = self.by_proto_kind.get(pk, 0) + 1
         self.per_host[entry.inside_ip] = self.per_host.get(entry.inside_ip, 0) + 1
         self._intern(entry)
         entry.flags &= ~(F_FAST_OUT | F_FAST_IN)
@@ -592,7 +593,7 @@ class MasqTable:
         entry.live = False
         self._lru[entry.tclass].unlink(entry)
         self.count -= 1
-        self.by_kind[entry.kind] -= 1
+        self.by_proto_kind[(entry.proto, entry.kind)] -= 1
         n = self.per_host.get(entry.inside_ip, 1) - 1
         if n:
             self.per_host[entry.inside_ip] = n
