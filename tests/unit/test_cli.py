@@ -207,7 +207,10 @@ def test_status_socket_from_config_file(daemon: str, tmp_path: Path) -> None:
 
 def test_status_takes_the_socket_from_dash_c(daemon: str, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'control_socket = "{daemon}"\n')
+    cfg.write_text(
+        f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\n'
+        f'control_socket = "{daemon}"\n'
+    )
     r = invoke("status", "-c", str(cfg))
     assert r.exit_code == 0 and "2 entries" in r.output
     bad = tmp_path / "bad.toml"
