@@ -19,8 +19,9 @@ if [ -n "$missing" ]; then
     echo "setup: installing system packages:$missing"
     if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # several worktrees may set up at once: wait for apt's lock instead of failing
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+    $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends $missing >/dev/null
 fi
 # Debian enables these on install; the lab runs its own instances in namespaces (and only
 # prometheus's promtool is wanted: the metrics and alert-rule checks).
@@ -36,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ] || [ lab/pyproject.toml -nt "$STAMP" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/python -m pip install -q -e '.[dev]' -e ./lab 2>&1 | grep -v '^WARNING: Location' || true
+    .venv/bin/python -m pip install -q -e '.[dev,pcap]' -e ./lab 2>&1 | grep -v '^WARNING: Location' || true
     .venv/bin/python -c 'import vpnmasq, vpnmasq_lab, scapy, click, pyroute2' 
     touch "$STAMP"
 fi

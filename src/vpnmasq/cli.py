@@ -64,6 +64,13 @@ def _missing_module(err: ImportError, *names: str) -> bool:
     return err.name in names
 
 
+# scapy is an optional extra: only reading captures needs it, the gateway does not.
+NO_SCAPY = (
+    "reading capture files needs scapy, which is not installed: apt install python3-scapy "
+    "(Debian), or pip install 'vpnmasq[pcap]'"
+)
+
+
 EPILOG = """\b
 Examples:
   vpnmasq check-config /etc/vpnmasq/vpnmasq.toml
@@ -434,8 +441,13 @@ def replay(
 
     from rich.console import Console
 
-    from vpnmasq.replay import ReplayError, print_summary
-    from vpnmasq.replay import replay as do_replay
+    try:
+        from vpnmasq.replay import ReplayError, print_summary
+        from vpnmasq.replay import replay as do_replay
+    except ImportError as e:
+        if _missing_module(e, "scapy"):
+            _fail(NO_SCAPY)
+        raise
 
     config, warnings = _load(config_path)
     for w in warnings:
@@ -550,7 +562,12 @@ def trace(
     from vpnmasq import trace as tr
 
     if read_path is not None:
-        tr.decode_file(read_path, click.echo)
+        try:
+            tr.decode_file(read_path, click.echo)
+        except ImportError as e:
+            if _missing_module(e, "scapy"):
+                _fail(NO_SCAPY)
+            raise
         return
     try:
         match = tr.proto_matcher(protos)
