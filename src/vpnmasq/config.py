@@ -641,8 +641,10 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "offload",
         _BOOL,
-        "Hybrid mode: once an ESP or GRE flow is fully associated, install a stateless "
-        "nftables rewrite for it so its packets stop going through userspace.",
+        "Once an ESP or GRE flow is fully associated (and, in userspace mode, once a TCP, "
+        "UDP or ICMP echo session is established each way), install a stateless nftables "
+        "rewrite for it so its packets stop going through userspace. The engine still "
+        "decides every new session, TCP SYN/FIN/RST and ICMP error, and keeps the timeouts.",
     ),
     KeySpec(
         "on_address_change_hook",
@@ -1611,8 +1613,6 @@ def _warnings(config: Config, warn: _Problems) -> None:
             )
     if config.mode == "userspace" and warn.where.has("kernel_port_range"):
         warn.add("kernel_port_range", "only used in hybrid mode; ignored in userspace mode")
-    if config.offload and config.mode != "hybrid":
-        warn.add("offload", "only used in hybrid mode; ignored in userspace mode")
     if "gre" in config.helpers and "pptp" not in config.helpers:
         warn.add(
             "helpers",

@@ -47,6 +47,8 @@ log = logging.getLogger("vpnmasq")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 #: with state_file set, the table is saved this often while running (and at stop)
 STATE_SAVE_INTERVAL_S = 30.0
+#: ``status`` reads the offload maps' counters first unless the last read is this recent
+STATUS_FRESH_S = 0.5
 #: ``run --handover`` waits this long for the predecessor to release the queue
 HANDOVER_WAIT_S = 10.0
 HANDOVER_FILE = "handover.json"
@@ -373,9 +375,11 @@ class Gateway:
         self.metrics: Any = None
         self.addr_mon: socket.socket | None = None
         self.routes_applied: routes.Applied | None = None
-        # kernel fast path for established ESP/GRE (config offload, hybrid mode)
+        # kernel fast path for established flows (config offload): ESP/GRE, and in
+        # userspace mode plain TCP/UDP/ICMP echo sessions too
         self.offloader: Any = None
         self.next_sync = 0.0
+        self.last_sync = 0.0
         self.offload_ended = False
         self.exit_code = EXIT_OK
         self.next_save: float | None = None  # monotonic time of the next periodic save
@@ -463,7 +467,7 @@ class Gateway:
             self._start_metrics(cfg.metrics_listen)
         if not rules.forward_mark_rule_present(cfg.mark):
             log.info("hint: %s", rules.forward_mark_hint(cfg.mark))
-        if cfg.offload and cfg.mode == "hybrid":
+        if cfg.offload:
             self._start_offload()
         elif not self.handover:
             self._remove_stale_offload()
@@ -482,27 +486,49 @@ class Gateway:
 
     def _start_offload(self) -> None:
         """Established ESP SPI pairs and PPTP calls go into nftables maps keyed on the remote
-        address plus SPI/Call ID, so the kernel rewrites them (see datapath/offload.py)."""
+        address plus SPI/Call ID, and in userspace mode established NAPT sessions on their
+        addresses and ports, so the kernel rewrites them (see datapath/offload.py)."""
         if self.public is None:
             log.warning("offload: no public address yet; offload stays off until restart")
             return
+        cfg = self.config
+        napt = cfg.mode == "userspace"
         try:
             self.offloader = offload.Offloader(
-                self.public, self.config.outside_interface, self.config.mark
+                self.public,
+                cfg.outside_interface,
+                cfg.mark,
+                filtering=cfg.filtering if napt else None,
             )
             self.offloader.install()
-            log.info("offload: table ip vpnmasq_offload installed")
+            if napt:
+                self.offloader.attach(self.engine.table)
+            log.info(
+                "offload: table ip vpnmasq_offload installed (%s)",
+                f"ESP, GRE, TCP, UDP, ICMP echo; {cfg.filtering} filtering" if napt else "ESP, GRE",
+            )
         except Exception as exc:  # the slow path still works without it
             log.warning("offload unavailable: %s", exc)
             self.offloader = None
 
     def _offload_sync(self, now: float) -> None:
-        if self.offloader is None or (now < self.next_sync and not self.offload_ended):
+        if self.offloader is None:
+            return
+        try:  # ended sessions leave the maps before the next packet is handled
+            quick = self.offloader.quick(now)
+        except Exception as exc:
+            log.warning("offload update failed: %s", exc)
+            quick = None
+        if quick is not None and quick.removed:
+            log.debug("offload: +%d -%d elements", quick.added, quick.removed)
+        if now < self.next_sync and not self.offload_ended:
             return
         self.offload_ended = False
-        self.next_sync = now + offload.SYNC_INTERVAL_S
+        self.next_sync = now + self.offloader.interval
         try:
             rep = self.offloader.sync(self.engine, now)
+            self.last_sync = now
+            self.next_sync = now + self.offloader.interval  # adapted to the read's cost
         except Exception as exc:
             log.warning("offload sync failed: %s", exc)
             return
@@ -692,6 +718,9 @@ class Gateway:
             return {"ok": False, "error": str(exc)}
         now = time.monotonic()
         eng, off = self.engine, self.offloader
+        if off is not None and now - self.last_sync >= STATUS_FRESH_S:
+            self.next_sync = 0.0  # credit what the kernel forwarded, as of now
+            self._offload_sync(now)
         offloaded = off.is_offloaded if off is not None else None
 
         def row(e: Entry) -> Row:
@@ -933,6 +962,7 @@ class Gateway:
             self.next_save,
             self.next_sync if self.offloader is not None else None,
             self.rl.next_deadline(),
+            self.offloader.next_add() if self.offloader is not None else None,
         ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))

@@ -347,7 +347,6 @@ WARN = [
         "inside_networks[1]: 10.0.0.0/8 overlaps",
     ),
     (BASE + 'exempt_networks = ["198.51.100.0/28"]\n', "line 3: exempt_networks[1]"),
-    ('offload = true\nmode = "userspace"\n', "line 1: offload: only used in hybrid mode"),
     ("[limits]\nmax_entries = 10\nmax_entries_per_host = 20\n", "limits.max_entries_per_host"),
 ]
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
-from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, make_engine
+from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, ip_of, make_engine
 from tests.pptp_wire import ControlLink
 from vpnmasq.config import EspPolicy
 from vpnmasq.datapath.offload import (
+    CREDIT_MARGIN_S,
     OFFLOAD_TABLE,
     Element,
     Offloader,
@@ -20,7 +21,7 @@ from vpnmasq.datapath.offload import (
 from vpnmasq.engine import Engine
 from vpnmasq.events import EntryExpired
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
-from vpnmasq.packet.l4 import build_esp
+from vpnmasq.packet.l4 import TCP_ACK, TCP_FIN, TCP_SYN, build_esp, build_icmp, build_tcp, build_udp
 
 
 def esp(eng: Engine, host: int, out_spi: int, in_spi: int | None, now: float = 0.0) -> None:
@@ -178,7 +179,8 @@ def test_sync_credits_traffic_and_follows_the_table_through_a_fake_nft() -> None
     kernel[Element("esp_in", (EXT, 0x2001), PRV1)] = (10, 1000)
     rep = off.sync(eng, 50.0)
     assert rep.credited == 1 and e.pkts_in == pk_in + 10 and e.last_in == 50.0
-    assert e.expires_at == 50.0 + eng.timeouts["esp"]
+    # the class timeout from the read, plus the margin for traffic not read yet
+    assert e.expires_at == 50.0 + eng.timeouts["esp"] + CREDIT_MARGIN_S
     eng.flush()
     rep = off.sync(eng, 51.0)
     assert rep.removed == 2 and kernel == {}
@@ -255,3 +257,194 @@ def test_outbound_elements_get_an_uncounted_prerouting_copy_that_follows_them() 
     eng.flush()
     rep = off.sync(eng, 3.0)
     assert rep.removed == 2 and kernel == set()
+
+
+# ------------------------------------------------------------------ userspace mode: NAPT
+def udp_session(eng: Engine, host: int = PRV1, sport: int = 40000, remote: int = EXT,
+                rport: int = 7777, now: float = 0.0, reply: bool = True) -> int:
+    """A UDP session through the engine (one datagram out, one back); its alias port."""
+    v = eng.handle(build_udp(host, remote, sport, rport, b"x"), OUT, now)
+    assert v.accepted
+    alias = ip_of(v).u16(0)
+    if reply:
+        assert eng.handle(build_udp(remote, MASQ, rport, alias, b"y"), IN, now).accepted
+    return alias
+
+
+def tcp_established(eng: Engine, now: float = 0.0) -> int:
+    syn = eng.handle(build_tcp(PRV1, EXT, 40001, 80, flags=TCP_SYN), OUT, now)
+    alias = ip_of(syn).u16(0)
+    eng.handle(build_tcp(EXT, MASQ, 80, alias, flags=TCP_SYN | TCP_ACK), IN, now)
+    eng.handle(build_tcp(PRV1, EXT, 40001, 80), OUT, now)  # the handshake's ACK
+    eng.handle(build_tcp(EXT, MASQ, 80, alias, b"data"), IN, now)
+    return alias
+
+
+def napt(eng: Engine, filtering: str, now: float = 0.0) -> set[Element]:
+    return set(desired_elements(eng.table, now, filtering))
+
+
+def test_a_udp_session_is_offloaded_each_way_once_the_engine_translated_that_way() -> None:
+    eng = make_engine()
+    alias = udp_session(eng, reply=False)
+    assert napt(eng, "address-port-dependent") == {
+        Element("napt_out", (17, PRV1, 40000, EXT, 7777), alias)
+    }
+    udp_session(eng)
+    key = (17, alias, EXT, 7777)
+    assert napt(eng, "address-port-dependent") == {
+        Element("napt_out", (17, PRV1, 40000, EXT, 7777), alias),
+        Element("napt_in_addr", key, PRV1),
+        Element("napt_in_port", key, 40000),
+    }
+    assert desired_elements(eng.table, 0.0) == {}  # hybrid mode: no NAPT elements
+
+
+def test_the_inbound_key_is_what_the_filtering_needs() -> None:
+    for filtering, key in (
+        ("address-port-dependent", lambda a: (17, a, EXT, 7777)),
+        ("address-dependent", lambda a: (17, a, EXT)),
+        ("endpoint-independent", lambda a: (17, a)),
+    ):
+        eng = make_engine(filtering=filtering)
+        alias = udp_session(eng)
+        got = {el for el in napt(eng, filtering) if el.set == "napt_in_addr"}
+        assert got == {Element("napt_in_addr", key(alias), PRV1)}, filtering
+
+
+def test_sessions_of_one_mapping_share_its_inbound_element_without_the_remote() -> None:
+    eng = make_engine(filtering="endpoint-independent")
+    alias = udp_session(eng, remote=EXT)
+    assert udp_session(eng, remote=EXT2) == alias  # endpoint-independent mapping
+    d = desired_elements(eng.table, 0.0, "endpoint-independent")
+    assert len(d[Element("napt_in_addr", (17, alias), PRV1)]) == 2
+    assert len([el for el in d if el.set == "napt_out"]) == 2
+
+
+def test_tcp_is_offloaded_only_while_established_and_without_payload_helpers() -> None:
+    eng = make_engine()
+    alias = tcp_established(eng)
+    assert {el.set for el in napt(eng, "address-port-dependent")} == {
+        "napt_out", "napt_in_addr", "napt_in_port"
+    }
+    eng.handle(build_tcp(PRV1, EXT, 40001, 80, flags=TCP_FIN | TCP_ACK), OUT, 1.0)
+    assert napt(eng, "address-port-dependent", 1.0) == set()  # closing: the engine's again
+    # a PPTP control connection carries a payload helper: never offloaded
+    ControlLink(eng, PRV2, 40000, EXT).open(0.0).start_session(0.0)
+    assert not {el for el in napt(eng, "address-port-dependent") if PRV2 in el.key}
+    assert alias
+
+
+def test_icmp_echo_is_offloaded_per_remote() -> None:
+    eng = make_engine()
+    v = eng.handle(build_icmp(PRV1, EXT, 8, rest=(0x4242 << 16) | 1), OUT, 0.0)
+    alias = ip_of(v).u16(4)
+    assert napt(eng, "address-port-dependent") == {Element("icmp_out", (PRV1, 0x4242, EXT), alias)}
+    eng.handle(build_icmp(EXT, MASQ, 0, rest=(alias << 16) | 1), IN, 0.0)
+    assert napt(eng, "address-port-dependent") >= {
+        Element("icmp_in_addr", (EXT, alias), PRV1),
+        Element("icmp_in_id", (EXT, alias), 0x4242),
+    }
+
+
+def test_the_userspace_table_rewrites_ports_and_leaves_syn_fin_rst_to_the_engine() -> None:
+    text = table_definition("198.51.100.1", "wan0", 0x564D, "address-dependent")
+    assert "map napt_in_addr {\n\t\ttype inet_proto . inet_service . ipv4_addr : ipv4_addr" in text
+    kin = "ip protocol . th dport . ip saddr"
+    assert (
+        f'add rule ip vpnmasq_offload pre iifname "wan0" ip daddr 198.51.100.1 ip protocol tcp'
+        f" tcp flags & (fin | syn | rst) == 0 ip daddr set {kin} map @napt_in_addr"
+        f" tcp dport set {kin} map @napt_in_port notrack meta mark set 0x564d return"
+    ) in text
+    assert (
+        'add rule ip vpnmasq_offload post oifname "wan0" ip protocol udp udp checksum != 0 udp sport set'
+        " ip protocol . ip saddr . th sport . ip daddr . th dport map @napt_out"
+        " ip saddr set 198.51.100.1 return"
+    ) in text
+    assert "napt" not in table_definition("198.51.100.1", "wan0", 0x564D)  # hybrid mode
+    el = Element("napt_in_addr", (17, 61001, EXT), PRV1)
+    assert el.nft() == "17 . 61001 . 203.0.113.20 : 10.77.0.11"
+
+
+def test_sessions_are_added_as_they_become_eligible_and_removed_when_they_end() -> None:
+    """The quick path: the table tells the offloader about new and ended entries; new
+    elements are batched, an ended session's elements go in the same loop step (before
+    its alias port can be handed to another host)."""
+    eng = make_engine()
+    kernel: set[Element] = set()
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel),
+                    filtering="address-port-dependent")
+    off.attach(eng.table)
+    alias = udp_session(eng, now=0.0)
+    rep = off.quick(0.0)
+    assert rep is not None and rep.added == 3
+    assert Element("napt_out_pre", (17, PRV1, 40000, EXT, 7777)) in kernel and len(kernel) == 4
+    e = next(e for e in eng.table if e.kind == "napt")
+    assert off.is_offloaded(e)
+    assert off.quick(0.01) is None  # nothing new
+    # the engine ends the session: gone from the maps at the next step
+    eng.handle_timer(1000.0)
+    assert not e.live
+    rep = off.quick(1000.0)
+    assert rep is not None and rep.removed == 3 and kernel == set()
+    assert not off.is_offloaded(e)
+    # the periodic sync agrees (nothing to add back)
+    assert off.sync(eng, 1000.0).added == 0 and alias
+
+
+def test_a_shared_inbound_element_stays_while_one_of_its_sessions_lives() -> None:
+    eng = make_engine(filtering="endpoint-independent")
+    kernel: set[Element] = set()
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel),
+                    filtering="endpoint-independent")
+    off.attach(eng.table)
+    alias = udp_session(eng, remote=EXT, now=0.0)
+    off.quick(0.0)
+    udp_session(eng, remote=EXT2, now=100.0)
+    off.quick(100.0)
+    shared = Element("napt_in_addr", (17, alias), PRV1)
+    assert shared in kernel
+    eng.handle_timer(0.0 + eng.timeouts["udp"] + 1)  # the first session ends
+    off.quick(302.0)
+    assert shared in kernel  # the second still uses it
+    assert Element("napt_out", (17, PRV1, 40000, EXT, 7777), alias) not in kernel
+
+
+def test_credited_traffic_keeps_a_session_past_its_timeout() -> None:
+    eng = make_engine()
+    counters: dict[Element, tuple[int, int]] = {}
+    state: set[Element] = set()
+    fake = _fake_kernel(state)
+
+    def run(argv: list[str], stdin: str | None) -> str:
+        out = fake(argv, stdin)
+        if argv[:2] == ["nft", "-j"]:
+            data = json.loads(out)
+            for obj in data["nftables"]:
+                body = obj.get("map") or obj.get("set")
+                for item in body["elem"]:
+                    it = item[0] if isinstance(item, list) else item
+                    key = tuple(it["elem"]["val"]["concat"])
+                    el = next(x for x in state if x.set == body["name"] and x.key == key)
+                    c = counters.get(el, (0, 0))
+                    it["elem"]["counter"] = {"packets": c[0], "bytes": c[1]}
+            out = json.dumps(data)
+        return out
+
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=run, filtering="address-port-dependent")
+    off.attach(eng.table)
+    udp_session(eng, now=0.0)
+    off.quick(0.0)
+    off.sync(eng, 1.0)
+    e = next(e for e in eng.table if e.kind == "napt")
+    out_el = next(el for el in state if el.set == "napt_out")
+    for t in range(2, 600, 2):  # the kernel forwards a datagram every 2 s
+        counters[out_el] = (t, 100 * t)
+        off.sync(eng, float(t))
+        eng.handle_timer(float(t))
+    assert e.live and e.pkts_out > 250 and e.last_out == 598.0
+    status = off.status()
+    (flow,) = status["flows"]
+    assert flow["kernel_pkts_out"] == 598 and flow["kernel_bytes_out"] == 59800
+    row = eng.row(e, 600.0)
+    assert row.last_seen_out == 2.0 and row.pkts_out == e.pkts_out

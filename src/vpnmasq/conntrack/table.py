@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from operator import attrgetter
-from typing import Any
+from typing import Any, Protocol
 
 from vpnmasq.events import Row
 from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip
@@ -441,6 +441,14 @@ class LruList:
             return head
 
 
+class TableObserver(Protocol):
+    """What :attr:`MasqTable.observer` is told (the kernel offload keeps its maps in step)."""
+
+    def added(self, entry: Entry) -> None: ...
+
+    def removed(self, entry: Entry) -> None: ...
+
+
 class TableFull(Exception):
     """Raised internally; the engine turns it into a counted TABLE_FULL drop."""
 
@@ -469,6 +477,9 @@ class MasqTable:
         self.by_proto_kind: dict[tuple[int, str], int] = {}
         self._ints: dict[int, int] = {}  # interned addresses (see _intern)
         self.on_remove = on_remove
+        #: told of every entry added and removed, after the table's own bookkeeping (the
+        #: datapath's kernel offload follows the table through it); None: nobody listens
+        self.observer: TableObserver | None = None
         # deadline(): ``now + timeout`` per class as one float object shared while ``now``
         # stays the same (a batch): no float allocated per packet, and no cold one freed
         self._exp_now: float | None = None
@@ -507,6 +518,11 @@ class MasqTable:
         self.per_host[entry.inside_ip] = self.per_host.get(entry.inside_ip, 0) + 1
         self._intern(entry)
         entry.flags &= ~(F_FAST_OUT | F_FAST_IN)
+        self._file(entry, keys)
+        if self.observer is not None:
+            self.observer.added(entry)
+
+    def _file(self, entry: Entry, keys: tuple[Hashable, ...]) -> None:
         index = self.index
         if keys and not entry._keys:
             std = standard_keys(entry)
@@ -607,6 +623,8 @@ class MasqTable:
             b._remove(entry)
         if self.on_remove is not None:
             self.on_remove(entry, why)
+        if self.observer is not None:
+            self.observer.removed(entry)
 
     # --- expiry ---------------------------------------------------------------------
     def expire(self, now: float) -> int:

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpnmasq.conntrack.table import Entry
+from vpnmasq.conntrack.table import F_FAST_IN, F_FAST_OUT, PERMANENT, Entry
 from vpnmasq.helpers.esp import EspState
 from vpnmasq.helpers.pptp import Call, CallState
-from vpnmasq.packet.ipv4 import int_to_ip, ip_to_int
+from vpnmasq.packet.ipv4 import PROTO_NAMES, PROTO_TCP, PROTO_UDP, int_to_ip, ip_to_int
 
 __all__ = [
     "OFFLOAD_TABLE",
@@ -59,7 +61,26 @@ _SETS: dict[str, tuple[bool, bool]] = {
     "gre_out": (False, True),
     "esp_out_pre": (False, False),
     "gre_out_pre": (False, False),
+    # userspace mode: plain NAPT sessions (TCP/UDP) and ICMP echo
+    "napt_out": (True, True),
+    "napt_out_pre": (False, False),
+    "napt_in_addr": (True, True),
+    "napt_in_port": (True, False),
+    "icmp_out": (True, True),
+    "icmp_out_pre": (False, False),
+    "icmp_in_addr": (True, True),
+    "icmp_in_id": (True, False),
 }
+_NAPT_OUT = "type inet_proto . ipv4_addr . inet_service . ipv4_addr . inet_service"
+#: inbound NAPT key per filtering behaviour (RFC 4787 section 5): what a packet from the
+#: remote must match to be let in; the key is ``ip protocol . th dport`` (the alias port)
+#: followed by these fields of the remote
+NAPT_IN_KEYS: dict[str, tuple[str, ...]] = {
+    "address-port-dependent": ("ip saddr", "th sport"),
+    "address-dependent": ("ip saddr",),
+    "endpoint-independent": (),
+}
+_NFT_TYPE = {"ip saddr": "ipv4_addr", "th sport": "inet_service"}
 _DECL = {
     "esp_in": "typeof ip saddr . esp spi : ip daddr",
     "esp_out": "typeof ip saddr . ip daddr . esp spi",
@@ -68,11 +89,74 @@ _DECL = {
     "gre_out": "typeof ip saddr . ip daddr . @th,48,16",
     "esp_out_pre": "typeof ip saddr . ip daddr . esp spi",
     "gre_out_pre": "typeof ip saddr . ip daddr . @th,48,16",
+    "napt_out": _NAPT_OUT + " : inet_service",
+    "napt_out_pre": _NAPT_OUT,
+    # napt_in_addr, napt_in_port: by filtering, see _napt_in_decl
+    "icmp_out": "typeof ip saddr . icmp id . ip daddr : icmp id",
+    "icmp_out_pre": "typeof ip saddr . icmp id . ip daddr",
+    "icmp_in_addr": "typeof ip saddr . icmp id : ip daddr",
+    "icmp_in_id": "typeof ip saddr . icmp id : icmp id",
 }
+#: the sets of each feature: ESP/GRE (both modes), NAPT and ICMP echo (userspace mode)
+_VPN_SETS = ("esp_in", "esp_out", "gre_in_addr", "gre_in_call", "gre_out", "esp_out_pre", "gre_out_pre")
+_NAPT_SETS = tuple(n for n in _SETS if n not in _VPN_SETS)
 #: outbound set -> its uncounted copy looked up in prerouting (derived by sync, see above)
-_PRE_COPY = {"esp_out": "esp_out_pre", "gre_out": "gre_out_pre"}
+_PRE_COPY = {
+    "esp_out": "esp_out_pre",
+    "gre_out": "gre_out_pre",
+    "napt_out": "napt_out_pre",
+    "icmp_out": "icmp_out_pre",
+}
 #: which way the traffic counted by an element goes (for crediting the engine entry)
-_DIRECTION = {"esp_in": "in", "esp_out": "out", "gre_in_addr": "in", "gre_out": "out"}
+_DIRECTION = {
+    "esp_in": "in",
+    "esp_out": "out",
+    "gre_in_addr": "in",
+    "gre_out": "out",
+    "napt_out": "out",
+    "napt_in_addr": "in",
+    "icmp_out": "out",
+    "icmp_in_addr": "in",
+}
+#: key positions holding an IPv4 address, per set (the rest are numbers)
+_ADDR_AT: dict[str, frozenset[int]] = {
+    "esp_in": frozenset({0}),
+    "gre_in_addr": frozenset({0}),
+    "gre_in_call": frozenset({0}),
+    "esp_out": frozenset({0, 1}),
+    "gre_out": frozenset({0, 1}),
+    "esp_out_pre": frozenset({0, 1}),
+    "gre_out_pre": frozenset({0, 1}),
+    "napt_out": frozenset({1, 3}),
+    "napt_out_pre": frozenset({1, 3}),
+    "napt_in_addr": frozenset({2}),
+    "napt_in_port": frozenset({2}),
+    "icmp_out": frozenset({0, 2}),
+    "icmp_out_pre": frozenset({0, 2}),
+    "icmp_in_addr": frozenset({0}),
+    "icmp_in_id": frozenset({0}),
+}
+#: maps whose value is an address
+_VALUE_ADDR = frozenset({"esp_in", "gre_in_addr", "napt_in_addr", "icmp_in_addr"})
+#: NAPT keys start with the protocol; nft lists it by name
+_PROTO_NAMES = {"tcp": 6, "udp": 17}
+#: a credited entry's deadline gets this much on top of its class timeout: traffic the
+#: kernel forwarded since the last read is credited up to one (adaptive) sync interval
+#: late, and a mapping must never expire earlier than its timeout after its last packet
+CREDIT_MARGIN_S = 10.0
+#: the longest the daemon waits between two reads of the counters (see SYNC_INTERVAL_S)
+MAX_SYNC_INTERVAL_S = CREDIT_MARGIN_S / 2
+#: how soon newly eligible NAPT sessions are added (batched: one nft run per interval)
+ADD_INTERVAL_S = 0.05
+#: sessions watched for eligibility at most this long after their creation (later ones are
+#: found by the periodic sync), and at most this many at once
+PENDING_MAX_S = 10.0
+PENDING_MAX = 65536
+
+
+def _napt_in_decl(filtering: str, value: str) -> str:
+    key = ["inet_proto", "inet_service"] + [_NFT_TYPE[f] for f in NAPT_IN_KEYS[filtering]]
+    return "type " + " . ".join(key) + " : " + value
 
 
 class OffloadError(RuntimeError):
@@ -89,19 +173,13 @@ class Element:
     value: int | None = None
 
     def nft(self) -> str:
-        parts = [int_to_ip(k) if _is_addr(self.set, i) else str(k) for i, k in enumerate(self.key)]
+        addrs = _ADDR_AT[self.set]
+        parts = [int_to_ip(k) if i in addrs else str(k) for i, k in enumerate(self.key)]
         text = " . ".join(parts)
         if self.value is not None:
-            v = int_to_ip(self.value) if self.set in ("esp_in", "gre_in_addr") else str(self.value)
+            v = int_to_ip(self.value) if self.set in _VALUE_ADDR else str(self.value)
             text += f" : {v}"
         return text
-
-
-def _is_addr(set_name: str, i: int) -> bool:
-    """Key position ``i`` of ``set_name`` holds an IPv4 address."""
-    if set_name in ("esp_out", "gre_out", "esp_out_pre", "gre_out_pre"):
-        return i < 2
-    return i == 0
 
 
 # ------------------------------------------------------------------ pure: what to offload
@@ -131,58 +209,125 @@ def _gre_elements(e: Entry) -> list[Element] | None:
     ]
 
 
+def _napt_elements(e: Entry, filtering: str) -> list[Element]:
+    """What a plain NAPT session (or a forward's session) may have offloaded now: each
+    direction once the engine translated a packet of it and found it eligible for its own
+    fast path (``F_FAST_OUT``/``F_FAST_IN``: no payload helper; TCP only while established,
+    and the rules leave SYN, FIN and RST to the engine anyway). Inbound keys follow the
+    filtering; a forward's sessions are let in per session only (a forward may be limited to
+    some remotes, and its binding is shared by everyone who reaches it)."""
+    if e.alg is not None or e.proto not in (PROTO_TCP, PROTO_UDP):
+        return []
+    if e.proto == PROTO_TCP and e.tclass != "tcp_established":
+        return []
+    out: list[Element] = []
+    f = e.flags
+    if f & F_FAST_OUT:
+        okey = (e.proto, e.inside_ip, e.inside_port, e.remote_ip, e.remote_port)
+        out.append(Element("napt_out", okey, e.alias_port))
+    if f & F_FAST_IN and (e.kind == "napt" or filtering == "address-port-dependent"):
+        remote = (e.remote_ip, e.remote_port)[: len(NAPT_IN_KEYS[filtering])]
+        key = (e.proto, e.alias_port, *remote)
+        out.append(Element("napt_in_addr", key, e.inside_ip))
+        out.append(Element("napt_in_port", key, e.inside_port))
+    return out
+
+
+def _icmp_elements(e: Entry) -> list[Element]:
+    """ICMP echo: the query way once a request went out, the reply way once a reply came
+    back through the engine (replies are filtered per remote, as the engine does)."""
+    out = [Element("icmp_out", (e.inside_ip, e.inside_port, e.remote_ip), e.alias_port)]
+    if e.pkts_in:
+        key = (e.remote_ip, e.alias_port)
+        out.append(Element("icmp_in_addr", key, e.inside_ip))
+        out.append(Element("icmp_in_id", key, e.inside_port))
+    return out
+
+
+def entry_elements(e: Entry, filtering: str | None) -> list[Element]:
+    """The elements entry ``e`` calls for now (none if it is not eligible); NAPT and ICMP
+    only when ``filtering`` is given (userspace mode)."""
+    kind = e.kind
+    if kind == "esp":
+        return _esp_elements(e) or []
+    if kind == "gre":
+        return _gre_elements(e) or []
+    if filtering is None:
+        return []
+    if kind == "napt" or kind == "fwd":
+        return _napt_elements(e, filtering)
+    if kind == "icmp":
+        return _icmp_elements(e)
+    return []
+
+
+#: sets whose elements several entries may share (the same binding's sessions, when the
+#: filtering does not tell remotes apart)
+_SHAREABLE = frozenset({"napt_in_addr", "napt_in_port"})
+
+
 def pre_copy(el: Element) -> Element:
     """The uncounted copy of an outbound element that prerouting looks up (see the module
     docstring: offloaded outbound packets are untracked there)."""
-    return Element(_PRE_COPY[el.set], el.key, el.value)
+    return Element(_PRE_COPY[el.set], el.key)
 
 
-def desired_elements(entries: Iterable[Entry], now: float) -> dict[Element, Entry]:
-    """Every map element the live, eligible ESP and GRE entries call for, with its entry.
+def desired_elements(
+    entries: Iterable[Entry], now: float, filtering: str | None = None
+) -> dict[Element, list[Entry]]:
+    """Every map element the live, eligible entries call for, with the entries that want it
+    (the first one owns it; several only in :data:`_SHAREABLE` sets).
 
-    When two entries want the same key (two LAN hosts that picked the same inbound SPI with
-    one remote, 1 in 2**32), neither is offloaded: the engine keeps deciding those packets.
+    When two entries want the same key otherwise (two LAN hosts that picked the same inbound
+    SPI with one remote, 1 in 2**32), neither is offloaded: the engine keeps deciding those
+    packets.
     """
-    out: dict[Element, Entry] = {}
+    out: dict[Element, list[Entry]] = {}
     keys: dict[tuple[str, tuple[int, ...]], Element | None] = {}
     for e in entries:
         if not e.live or e.expires_at <= now:
             continue
-        if e.kind == "esp":
-            els = _esp_elements(e)
-        elif e.kind == "gre":
-            els = _gre_elements(e)
-        else:
-            continue
-        if not els:
-            continue
-        for el in els:
+        for el in entry_elements(e, filtering):
             k = (el.set, el.key)
             if k in keys:
                 other = keys[k]
+                if other == el and el.set in _SHAREABLE:
+                    out[el].append(e)
+                    continue
                 if other is not None:
                     out.pop(other, None)
                 keys[k] = None
                 continue
             keys[k] = el
-            out[el] = e
+            out[el] = [e]
     return out
 
 
 # ------------------------------------------------------------------ pure: nft text
-def table_definition(public: str, outside_if: str, mark: int) -> str:
+def table_definition(
+    public: str, outside_if: str, mark: int, filtering: str | None = None
+) -> str:
     """``nft -f`` input creating the table, its maps and sets (kept if they exist, with
     their elements) and its two chains (flushed and refilled: the public address is in
-    them)."""
+    them). With ``filtering`` (userspace mode) also the NAPT and ICMP echo maps and rules,
+    their inbound keys shaped by the filtering (:data:`NAPT_IN_KEYS`)."""
     pub = int_to_ip(ip_to_int(public))  # validates
     if not outside_if or '"' in outside_if or len(outside_if) > 15:
         raise ValueError(f"invalid interface name: {outside_if!r}")
+    if filtering is not None and filtering not in NAPT_IN_KEYS:
+        raise ValueError(f"invalid filtering: {filtering!r}")
     t = OFFLOAD_TABLE
+    decl = dict(_DECL)
+    names = list(_VPN_SETS)
+    if filtering is not None:
+        decl["napt_in_addr"] = _napt_in_decl(filtering, "ipv4_addr")
+        decl["napt_in_port"] = _napt_in_decl(filtering, "inet_service")
+        names += _NAPT_SETS
     lines = [f"table ip {t} {{"]
-    for name, (_v, counted) in _SETS.items():
-        kind = "map" if _SETS[name][0] else "set"
-        lines.append(f"\t{kind} {name} {{")
-        lines.append(f"\t\t{_DECL[name]}")
+    for name in names:
+        has_value, counted = _SETS[name]
+        lines.append(f"\t{'map' if has_value else 'set'} {name} {{")
+        lines.append(f"\t\t{decl[name]}")
         if counted:
             lines.append("\t\tcounter")
         lines.append("\t}")
@@ -200,22 +345,53 @@ def table_definition(public: str, outside_if: str, mark: int) -> str:
     gre = f"ip protocol gre @th,0,32 & {GRE_V1_MASK:#x} == {GRE_V1_VALUE:#x}"
     into = f'iifname "{outside_if}" ip daddr {pub}'
     out = f'oifname "{outside_if}"'
+    not_in = f'iifname != "{outside_if}"'
     m = f"meta mark set {mark:#x}"
-    lines += [
-        f"add rule ip {t} pre {into} ip protocol esp"
-        f" ip daddr set ip saddr . esp spi map @esp_in notrack {m} return",
-        f"add rule ip {t} pre {into} {gre}"
-        " ip daddr set ip saddr . @th,48,16 map @gre_in_addr"
+    pre: list[str] = []
+    post: list[str] = []
+    if filtering is not None:  # most traffic: first
+        kin = " . ".join(("ip protocol", "th dport", *NAPT_IN_KEYS[filtering]))
+        kout = "ip protocol . ip saddr . th sport . ip daddr . th dport"
+        tcp = "ip protocol tcp tcp flags & (fin | syn | rst) == 0"  # SYN/FIN/RST: the engine's
+        # a datagram without checksum (0, RFC 768) keeps none: nftables would write one
+        # computed from 0, which the receiver drops (measured), so the engine takes those
+        udp = "ip protocol udp udp checksum != 0"
+        pre += [
+            f"{into} {tcp} ip daddr set {kin} map @napt_in_addr"
+            f" tcp dport set {kin} map @napt_in_port notrack {m} return",
+            f"{into} {udp} ip daddr set {kin} map @napt_in_addr"
+            f" udp dport set {kin} map @napt_in_port notrack {m} return",
+            f"{not_in} ip protocol {{ tcp, udp }} {kout} @napt_out_pre notrack return",
+        ]
+        post += [
+            f"{out} {tcp} tcp sport set {kout} map @napt_out ip saddr set {pub} return",
+            f"{out} {udp} udp sport set {kout} map @napt_out ip saddr set {pub} return",
+        ]
+    pre += [
+        f"{into} ip protocol esp ip daddr set ip saddr . esp spi map @esp_in notrack {m} return",
+        f"{into} {gre} ip daddr set ip saddr . @th,48,16 map @gre_in_addr"
         f" @th,48,16 set ip saddr . @th,48,16 map @gre_in_call notrack {m} return",
-        f'add rule ip {t} pre iifname != "{outside_if}" ip protocol esp'
-        " ip saddr . ip daddr . esp spi @esp_out_pre notrack return",
-        f'add rule ip {t} pre iifname != "{outside_if}" {gre}'
-        " ip saddr . ip daddr . @th,48,16 @gre_out_pre notrack return",
-        f"add rule ip {t} post {out} ip protocol esp"
-        f" ip saddr . ip daddr . esp spi @esp_out ip saddr set {pub} return",
-        f"add rule ip {t} post {out} {gre}"
-        f" ip saddr . ip daddr . @th,48,16 @gre_out ip saddr set {pub}",
+        f"{not_in} ip protocol esp ip saddr . ip daddr . esp spi @esp_out_pre notrack return",
+        f"{not_in} {gre} ip saddr . ip daddr . @th,48,16 @gre_out_pre notrack return",
     ]
+    post += [
+        f"{out} ip protocol esp ip saddr . ip daddr . esp spi @esp_out ip saddr set {pub} return",
+        f"{out} {gre} ip saddr . ip daddr . @th,48,16 @gre_out ip saddr set {pub}"
+        + (" return" if filtering is not None else ""),
+    ]
+    if filtering is not None:
+        echo_key = "ip saddr . icmp id"
+        pre += [
+            f"{into} icmp type echo-reply ip daddr set {echo_key} map @icmp_in_addr"
+            f" icmp id set {echo_key} map @icmp_in_id notrack {m} return",
+            f"{not_in} icmp type echo-request {echo_key} . ip daddr @icmp_out_pre notrack return",
+        ]
+        post.append(
+            f"{out} icmp type echo-request icmp id set {echo_key} . ip daddr map @icmp_out"
+            f" ip saddr set {pub}"
+        )
+    lines += [f"add rule ip {t} pre {r}" for r in pre]
+    lines += [f"add rule ip {t} post {r}" for r in post]
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +444,8 @@ def _as_int(v: object) -> int:
     if isinstance(v, int):
         return v
     if isinstance(v, str):
+        if v in _PROTO_NAMES:
+            return _PROTO_NAMES[v]
         return ip_to_int(v) if "." in v else int(v, 0)
     raise ValueError(f"unexpected element part {v!r}")
 
@@ -301,41 +479,166 @@ class SyncReport:
 @dataclass
 class Offloader:
     """Keeps ``ip vpnmasq_offload`` in step with an engine. Not thread-safe; the daemon's loop
-    owns it: :meth:`install` at start, :meth:`sync` every :data:`SYNC_INTERVAL_S` (and when
-    ESP/GRE entries end), :meth:`remove` at stop (unless handing over)."""
+    owns it: :meth:`install` at start, :meth:`attach` to the engine's table, :meth:`quick`
+    after every loop step, :meth:`sync` every :attr:`interval` seconds (and when ESP/GRE
+    entries end), :meth:`remove` at stop (unless handing over).
+
+    ``filtering`` (userspace mode: the engine's ``Config.filtering``) turns on the NAPT and
+    ICMP echo maps. Their sessions come and go much faster than VPN associations, so they
+    do not wait for the periodic sync: the table tells the offloader (:meth:`added`,
+    :meth:`removed`, as its :class:`~vpnmasq.conntrack.table.TableObserver`), and
+    :meth:`quick` adds the elements of sessions that became eligible (batched, every
+    :data:`ADD_INTERVAL_S`) and deletes those of ended sessions at once (before the engine
+    can give their alias port to another host)."""
 
     public: str
     outside_if: str
     mark: int
     netns: str | None = None
     runner: Runner | None = None
+    filtering: str | None = None
     #: last counters seen per element (baseline for crediting)
     seen: dict[Element, tuple[int, int]] = field(default_factory=dict)
-    offloaded: dict[Element, Entry] = field(default_factory=dict)
+    #: offloaded element -> the entries it serves (the first owns it)
+    offloaded: dict[Element, list[Entry]] = field(default_factory=dict)
     errors: int = 0
     last_error: str | None = None
     syncs: int = 0
+    #: seconds between two reads of the counters (adapts to what a read costs)
+    interval: float = SYNC_INTERVAL_S
+    last_read_s: float = 0.0  # CPU time of the last read (nft and parsing)
 
     def __post_init__(self) -> None:
         self._run: Runner = self.runner or _default_runner(self.netns)
         self._offloaded_ids: set[int] = set()
+        self._of_entry: dict[int, list[Element]] = {}
+        self._pending: deque[Entry] = deque()
+        self._ended: list[Entry] = []
+        self._next_add = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
     def install(self) -> None:
         """Create the table (or refresh its chains, keeping elements: the first sync then
-        reconciles them with the engine's table)."""
-        self._run(["nft", "-f", "-"], table_definition(self.public, self.outside_if, self.mark))
+        reconciles them with the engine's table). A table of another shape (the filtering
+        changed since the last run) is replaced; the first sync then fills it again."""
+        text = table_definition(self.public, self.outside_if, self.mark, self.filtering)
+        try:
+            self._run(["nft", "-f", "-"], text)
+        except OffloadError:
+            self._run(["nft", "-f", "-"], table_removal() + text)
 
     def remove(self) -> None:
         self._run(["nft", "-f", "-"], table_removal())
+        self.forget()
+
+    def forget(self) -> None:
+        """The table was re-created empty: the next sync adds every element again, with
+        fresh counter baselines."""
         self.seen.clear()
         self.offloaded.clear()
         self._offloaded_ids = set()
+        self._of_entry = {}
 
     def set_public(self, public: str) -> None:
         """The public address changed: chains are rebuilt (elements stay; sync corrects)."""
         self.public = public
         self.install()
+
+    def attach(self, table: Any) -> None:
+        """Follow ``table`` (a MasqTable) entry by entry (NAPT offload needs it)."""
+        table.observer = self
+
+    # --- TableObserver -------------------------------------------------------------------
+    def added(self, entry: Entry) -> None:
+        if self.filtering is not None and entry.kind in _WATCHED and len(self._pending) < PENDING_MAX:
+            self._pending.append(entry)
+
+    def removed(self, entry: Entry) -> None:
+        if id(entry) in self._offloaded_ids:
+            self._ended.append(entry)
+
+    # --- between syncs -------------------------------------------------------------------
+    def next_add(self) -> float | None:
+        """When :meth:`quick` has sessions to look at next (None: none watched)."""
+        return self._next_add if self._pending else None
+
+    def quick(self, now: float) -> SyncReport | None:
+        """Delete the elements of entries that ended; every :data:`ADD_INTERVAL_S`, add
+        those of watched sessions that became eligible. None when nothing was to be done."""
+        delete = self._drop_ended() if self._ended else []
+        add: list[Element] = []
+        if self._pending and now >= self._next_add:
+            self._next_add = now + ADD_INTERVAL_S
+            add = self._newly_eligible(now)
+        if not delete and not add:
+            return None
+        rep = SyncReport(removed=sum(1 for el in delete if el.set not in _PRE_ONLY))
+        copies = [pre_copy(el) for el in add if el.set in _PRE_COPY]
+        try:
+            self._run(["nft", "-f", "-"], element_commands([*add, *copies], delete))
+        except OffloadError as exc:
+            self._failed(exc)
+            for el in add:  # not in the kernel: the next sync adds them
+                self._unlink(el)
+            return rep
+        rep.added = len(add)
+        rep.offloaded = len(self.offloaded)
+        return rep
+
+    def _drop_ended(self) -> list[Element]:
+        """Unlink ended entries from their elements: those no other entry shares go."""
+        delete: list[Element] = []
+        for e in self._ended:
+            for el in self._of_entry.pop(id(e), ()):
+                users = self.offloaded.get(el)
+                if users is None:
+                    continue
+                users[:] = [u for u in users if u is not e]
+                if not users:
+                    del self.offloaded[el]
+                    self.seen.pop(el, None)
+                    delete.append(el)
+                    if el.set in _PRE_COPY:
+                        delete.append(pre_copy(el))
+            self._offloaded_ids.discard(id(e))
+        self._ended = []
+        return delete
+
+    def _newly_eligible(self, now: float) -> list[Element]:
+        add: list[Element] = []
+        keep: deque[Entry] = deque()
+        filtering = self.filtering
+        for e in self._pending:
+            if not e.live or e.expires_at <= now:
+                continue
+            els = entry_elements(e, filtering)
+            complete = len(els) >= 3  # both ways offloaded
+            for el in els:
+                users = self.offloaded.get(el)
+                if users is None:
+                    self.offloaded[el] = [e]
+                    self.seen[el] = (0, 0)
+                    add.append(el)
+                elif any(u is e for u in users):
+                    continue
+                else:  # shared (same binding, filtering without the remote)
+                    users.append(e)
+                self._link(e, el)
+            if not complete and now - e.created < PENDING_MAX_S:
+                keep.append(e)
+        self._pending = keep
+        return add
+
+    def _link(self, e: Entry, el: Element) -> None:
+        self._of_entry.setdefault(id(e), []).append(el)
+        self._offloaded_ids.add(id(e))
+
+    def _unlink(self, el: Element) -> None:
+        for e in self.offloaded.pop(el, ()):
+            els = self._of_entry.get(id(e))
+            if els is not None:
+                els[:] = [x for x in els if x != el]
+        self.seen.pop(el, None)
 
     # --- the sync ----------------------------------------------------------------------
     def read(self) -> dict[Element, tuple[int, int]]:
@@ -344,21 +647,26 @@ class Offloader:
     def sync(self, engine: Any, now: float) -> SyncReport:
         """Credit kernel-forwarded traffic to entries, then make the maps match the table."""
         rep = SyncReport()
+        t0 = time.process_time()
         try:
             actual = self.read()
         except (OffloadError, ValueError) as exc:
             self._failed(exc)
             return rep
         self.syncs += 1
-        desired = desired_elements(_candidates(engine.table), now)
-        # 1. activity: what the kernel forwarded since the last look refreshes the entry
+        self._ended = []  # the table below is the truth
+        desired = desired_elements(_candidates(engine.table, self.filtering), now, self.filtering)
+        # 1. activity: what the kernel forwarded since the last look refreshes the entries
         credited: set[int] = set()
         for el, (pk, by) in actual.items():
             base = self.seen.get(el)
-            e = desired.get(el)
-            if base is not None and e is not None and pk > base[0]:
-                _credit(engine, e, _DIRECTION.get(el.set, ""), pk - base[0], by - base[1], now)
-                credited.add(id(e))
+            users = desired.get(el)
+            if base is not None and users and pk > base[0]:
+                d = _DIRECTION.get(el.set, "")
+                _credit(engine, users[0], d, pk - base[0], by - base[1], now)
+                for other in users[1:]:  # a shared inbound element: each session lives on
+                    _credit(engine, other, d, 0, 0, now)
+                credited.update(id(u) for u in users)
         rep.credited = len(credited)
         # 2. the maps follow the table (and the prerouting copies follow the outbound sets)
         copies = {pre_copy(el) for el in desired if el.set in _PRE_COPY}
@@ -371,11 +679,18 @@ class Offloader:
             except OffloadError as exc:
                 self._failed(exc)
                 new = []  # retried next sync; counters below stay consistent
-        stale = [el for el in stale if el.set not in _PRE_COPY.values()]  # report originals
+        stale = [el for el in stale if el.set not in _PRE_ONLY]  # report originals
         self.seen = {el: actual.get(el, (0, 0)) for el in desired if el in actual or el in new}
         self.offloaded = {el: desired[el] for el in self.seen}
-        self._offloaded_ids = {id(e) for e in self.offloaded.values()}
+        self._of_entry = {}
+        self._offloaded_ids = set()
+        for el, users in self.offloaded.items():
+            for u in users:
+                self._link(u, el)
         rep.added, rep.removed, rep.offloaded = len(new), len(stale), len(self.offloaded)
+        # a read of many elements costs: read less often (never less than the margin allows)
+        self.last_read_s = time.process_time() - t0
+        self.interval = min(MAX_SYNC_INTERVAL_S, max(SYNC_INTERVAL_S, 20 * self.last_read_s))
         return rep
 
     def _failed(self, exc: Exception) -> None:
@@ -394,15 +709,18 @@ class Offloader:
     # --- status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         flows: dict[int, dict[str, Any]] = {}
-        for el, e in self.offloaded.items():
+        for el, users in self.offloaded.items():
+            e = users[0]
             f = flows.setdefault(
                 id(e),
                 {
-                    "proto": e.kind,
+                    "proto": PROTO_NAMES.get(e.proto, e.kind) if e.kind not in ("esp", "gre") else e.kind,
                     "inside": int_to_ip(e.inside_ip),
                     "remote": int_to_ip(e.remote_ip),
                     "kernel_pkts_out": 0,
                     "kernel_pkts_in": 0,
+                    "kernel_bytes_out": 0,
+                    "kernel_bytes_in": 0,
                 },
             )
             if el.set == "esp_in":
@@ -414,14 +732,24 @@ class Offloader:
                 f["call_id_inside"] = el.value
             elif el.set == "gre_out":
                 f["peer_call_id"] = el.key[2]
+            elif el.set in ("napt_out", "icmp_out"):
+                f["inside"] = f"{int_to_ip(e.inside_ip)}:{e.inside_port}"
+                f["outside"] = f"{self.public}:{e.alias_port}"
+                if el.set == "napt_out":
+                    f["remote"] = f"{int_to_ip(e.remote_ip)}:{e.remote_port}"
+            elif el.set == "napt_in_addr" and len(users) > 1:
+                f["shared_in"] = len(users)  # the mapping lets in more remotes than this one
             d = _DIRECTION.get(el.set)
             if d is not None:
-                f[f"kernel_pkts_{d}"] += self.seen.get(el, (0, 0))[0]
+                pk, by = self.seen.get(el, (0, 0))
+                f[f"kernel_pkts_{d}"] += pk
+                f[f"kernel_bytes_{d}"] += by
         return {
             "enabled": True,
             "flows": sorted(flows.values(), key=lambda f: (f["proto"], f["inside"], f["remote"])),
             "elements": len(self.offloaded),
             "syncs": self.syncs,
+            "interval_s": round(self.interval, 2),
             "errors": self.errors,
             "last_error": self.last_error,
         }
@@ -432,15 +760,28 @@ class Offloader:
         return id(entry) in self._offloaded_ids
 
 
-def _candidates(table: Any) -> Iterator[Entry]:
-    """ESP and GRE entries of the table (its ``esp`` and ``gre`` timeout classes hold the
-    associated ones), without walking the whole table."""
-    for tclass in ("esp", "gre"):
+#: entry kinds the NAPT offload watches from their creation
+_WATCHED = frozenset({"napt", "fwd", "icmp"})
+#: the uncounted prerouting copies (never reported as offloaded flows)
+_PRE_ONLY = frozenset(_PRE_COPY.values())
+#: timeout classes holding entries that may be offloaded
+_VPN_CLASSES = ("esp", "gre")
+_NAPT_CLASSES = ("udp", "tcp_established", "icmp")
+
+
+def _candidates(table: Any, filtering: str | None = None) -> Iterator[Entry]:
+    """The entries of the table that may be offloaded (their timeout classes), without
+    walking the whole table."""
+    classes = _VPN_CLASSES if filtering is None else _VPN_CLASSES + _NAPT_CLASSES
+    for tclass in classes:
         yield from table.entries_of(tclass)
 
 
 def _credit(engine: Any, e: Entry, direction: str, pkts: int, nbytes: int, now: float) -> None:
-    engine.table.touch(e, now)
+    table = engine.table
+    table.touch(e, now)
+    if e.tclass != PERMANENT:  # see CREDIT_MARGIN_S
+        e.expires_at = e.expires_at + CREDIT_MARGIN_S
     if direction == "in":
         e.pkts_in += pkts
         e.bytes_in += max(0, nbytes)
