@@ -718,8 +718,8 @@ class Gateway:
             return {"ok": False, "error": str(exc)}
         now = time.monotonic()
         eng, off = self.engine, self.offloader
-        if off is not None and now - self.last_sync >= STATUS_FRESH_S:
-            self.next_sync = 0.0  # credit what the kernel forwarded, as of now
+        if off is not None and now - self.last_sync >= STATUS_FRESH_S and off.last_read_s < 0.05:
+            self.next_sync = 0.0  # credit what the kernel forwarded, as of now (if cheap)
             self._offload_sync(now)
         offloaded = off.is_offloaded if off is not None else None
 
