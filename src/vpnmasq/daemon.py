@@ -7,6 +7,7 @@ The loop is the only place that reads the clock: ``now = time.monotonic()`` once
 SIGTERM/SIGINT stop (rules removed, table saved to ``state_file``); SIGHUP hands over
 (table saved, rules and queue left in place for ``vpnmasq run --handover``).
 
+A firewall reload that takes the rules away is repaired from the loop (datapath/rulewatch.py).
 Life cycle, signals and hand-over: docs/internals/daemon.md.
 """
 
@@ -30,7 +31,7 @@ from typing import Any
 from vpnmasq import status
 from vpnmasq.config import Config
 from vpnmasq.conntrack.table import Entry
-from vpnmasq.datapath import offload, routes, rules
+from vpnmasq.datapath import gapflows, offload, routes, rules, rulewatch
 from vpnmasq.datapath.control import Answer, ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.engine import Engine
@@ -388,6 +389,11 @@ class Gateway:
         self.hairpin_sysctls = HairpinSysctls(
             os.path.join(os.path.dirname(config.control_socket) or ".", HAIRPIN_SYSCTL_FILE)
         )
+        self.spec: rules.RuleSpec | None = None  # the rules installed now
+        self.rulewatch: rulewatch.RuleWatch | None = None
+        self.rule_baseline: dict[str, str] = {}  # rulewatch.fingerprint after our last change
+        self.rules_restored = 0
+        self.rules_restore_failed = 0
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -414,6 +420,7 @@ class Gateway:
             rules.replace(spec)  # atomic: the predecessor's rules never go away first
         else:
             rules.install(spec)  # removes what a crashed run left, then installs
+        self.spec = spec
         self.hairpin_sysctls.apply()
         log.info(
             "rules %s: mode=%s outside=%s inside=%s public=%s queue=%d",
@@ -471,6 +478,84 @@ class Gateway:
             self._start_offload()
         elif not self.handover:
             self._remove_stale_offload()
+        self._watch_rules()
+
+    # ---------------------------------------------------------------- the admin's firewall
+    def _watch_rules(self) -> None:
+        """Start noticing when a firewall reload takes our rules away (datapath/rulewatch.py)."""
+        self.rulewatch = rulewatch.RuleWatch(
+            (rules.NFT_TABLE, offload.OFFLOAD_TABLE, *rules.CHAINS),
+            time.monotonic(),
+            poll_every_interval=rules.iptables_is_legacy(),
+        )
+        if self.rulewatch.sock is not None:
+            self.sel.register(self.rulewatch.fileno(), selectors.EVENT_READ, "rulewatch")
+        else:
+            log.warning("no nftables notifications; checking vpnmasq's rules every %.1f s",
+                        rulewatch.CANARY_INTERVAL_S)
+        self._rebaseline()
+
+    def _fingerprint(self) -> dict[str, str]:
+        tables = [rules.NFT_TABLE]
+        if self.offloader is not None:
+            tables.append(offload.OFFLOAD_TABLE)
+        nft, save = rulewatch.snapshot(tables, iptables_tables=tuple(rules.CHAINS))
+        return rulewatch.fingerprint(nft, save, rules.CHAIN_PREFIX)
+
+    def _rebaseline(self) -> None:
+        """Our own change of the rules is the new reference."""
+        if self.rulewatch is not None:
+            self.rule_baseline = self._fingerprint()
+            self.rulewatch.checked()
+
+    def _check_rules(self, now: float) -> None:
+        """Compare what is installed with what we installed; put back what is missing."""
+        assert self.rulewatch is not None
+        what = rulewatch.differences(self.rule_baseline, self._fingerprint())
+        if what:
+            self._restore_rules(what, now)
+        else:
+            self.rulewatch.checked()
+
+    def _restore_rules(self, what: list[str], now: float) -> None:
+        """Re-install the rules (and the offload table, refilled from the table we hold) in
+        one transaction per table, the way a handover takes rules over: the table, and with
+        it every session, carries on."""
+        assert self.rulewatch is not None and self.spec is not None
+        t0 = time.monotonic()
+        try:
+            rules.replace(self.spec)
+            if self.offloader is not None:
+                self.offloader.install()
+                self.offloader.forget()
+                self.next_sync = 0.0  # refill the maps in this iteration
+        except (rules.RuleError, offload.OffloadError) as exc:
+            self.rules_restore_failed += 1
+            log.error("re-installing vpnmasq's rules failed (retrying): %s", exc)
+            self.rulewatch.schedule(now + rulewatch.CANARY_INTERVAL_S)
+            return
+        cfg = self.config
+        unnatted = 0
+        if cfg.mode == "hybrid":  # flows that started in the gap would leak on (gapflows.py)
+            try:
+                unnatted = gapflows.drop_unnatted(
+                    cfg.inside_networks,
+                    exempt_networks=cfg.exempt_networks,
+                    routed_networks=[r.network for r in cfg.routes],
+                )
+            except Exception as exc:  # never let the cleanup stop the datapath
+                log.error("deleting un-NATed conntrack entries failed: %s", exc)
+        took = time.monotonic() - t0
+        self.rules_restored += 1
+        self._rebaseline()
+        log.warning(
+            "firewall change took vpnmasq's rules away (%s): re-installed in %.0f ms, "
+            "%d entries kept, %d un-NATed conntrack entries from the gap deleted",
+            "; ".join(what),
+            took * 1e3,
+            len(self.engine.table),
+            unnatted,
+        )
 
     @staticmethod
     def _remove_stale_offload() -> None:
@@ -689,6 +774,9 @@ class Gateway:
         if self.addr_mon is not None:
             self.addr_mon.close()
             self.addr_mon = None
+        if self.rulewatch is not None:
+            self.rulewatch.close()
+            self.rulewatch = None
         if self.routes_applied is not None and not self.keep_rules:
             with contextlib.suppress(Exception):
                 routes.undo(self.routes_applied)
@@ -749,6 +837,8 @@ class Gateway:
             for k, v in self.nfq.counters.as_dict().items():
                 c["nfq_" + k] = v
         c["queue_batches"] = self.queue_batches
+        c["rules_restored"] = self.rules_restored
+        c["rules_restore_failed"] = self.rules_restore_failed
         c.update(kernel_queue_counters(self.config.queue_num))
         c["queue_latency_us_total"] = int(self.queue_latency_sum * 1e6)
         return c
@@ -872,6 +962,8 @@ class Gateway:
                 self.last_addr_check = 0.0  # re-read now
             elif key.data == "control" and self.control is not None:
                 self.control.handle_ready()
+            elif key.data == "rulewatch" and self.rulewatch is not None:
+                self.rulewatch.on_readable(time.monotonic())
             elif key.data == "wakeup":  # a signal arrived (run(): signal.set_wakeup_fd)
                 with contextlib.suppress(OSError):
                     os.read(key.fd, 512)
@@ -894,6 +986,8 @@ class Gateway:
             if not self.config.public_address:
                 self._follow_address(now)
             self._refresh_local_consumers()  # a local charon/pptpd may have started
+        if self.rulewatch is not None and self.rulewatch.due(now):
+            self._check_rules(now)
         events = self.engine.drain_events()
         for ev in events:
             self.rl.event(ev, now)
@@ -932,6 +1026,7 @@ class Gateway:
         if self.offloader is not None and new:
             with contextlib.suppress(Exception):
                 self.offloader.set_public(new)
+            self._rebaseline()
         self._follow_hairpin_address()
         hook = self.config.on_address_change_hook
         if hook and new:
@@ -945,12 +1040,14 @@ class Gateway:
         cfg = self.config
         if cfg.public_address or not rules.hairpins(cfg.mode, hairpin_forwards(cfg)):
             return
+        spec = rule_spec(cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard)
         try:
-            rules.replace(
-                rule_spec(cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard)
-            )
+            rules.replace(spec)
         except rules.RuleError as exc:
             log.error("updating the hairpin rules for %s failed: %s", self.public, exc)
+            return
+        self.spec = spec
+        self._rebaseline()
 
     def timeout(self) -> float:
         if self.control is not None and self.control.runnable():
@@ -963,6 +1060,7 @@ class Gateway:
             self.next_sync if self.offloader is not None else None,
             self.rl.next_deadline(),
             self.offloader.next_add() if self.offloader is not None else None,
+            self.rulewatch.deadline() if self.rulewatch is not None else None,
         ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))

@@ -58,6 +58,7 @@ IPPROTO_ESP, IPPROTO_GRE = 50, 47
 PPTP_MAGIC = 0x1A2B3C4D
 MARK = 0x564D
 ECHO_PORT = 7
+SO_TIMESTAMPNS = 35  # asm-generic/socket.h (not in the socket module)
 #: ESP SPIs: LAN host -> remote (the remote answers on the paired one)
 SPI_PAIRS = {0x1001: 0x2001, 0x1002: 0x2002, 0x1003: 0x2003}
 
@@ -216,6 +217,8 @@ class Seen:
     outgoing: bool
     sport: int = 0
     dport: int = 0
+    #: when it crossed the interface (the kernel's receive timestamp, time.time() clock)
+    t: float = 0.0
 
 
 class Sniffer:
@@ -230,6 +233,7 @@ class Sniffer:
         self.s = sock(topo, role, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self.s.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)  # SO_RCVBUFFORCE: lose no frame
         self.s.bind((ifname, 0))
+        self.s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.s.settimeout(0.05)
         self._seen: list[Seen] = []
         self._idle = 0  # reads that found the socket empty
@@ -240,7 +244,7 @@ class Sniffer:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                frame, addr = self.s.recvfrom(65535)
+                frame, anc, _flags, addr = self.s.recvmsg(65535, 64)
             except TimeoutError:
                 self._idle += 1
                 continue
@@ -248,6 +252,11 @@ class Sniffer:
                 return
             if len(frame) < 34 or frame[12:14] != b"\x08\x00":
                 continue
+            stamp = time.time()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("=qq", data[:16])
+                    stamp = sec + nsec / 1e9
             ip = frame[14:]
             ihl = (ip[0] & 0x0F) * 4
             proto = ip[9]
@@ -262,6 +271,7 @@ class Sniffer:
                     addr[2] == socket.PACKET_OUTGOING,
                     sport,
                     dport,
+                    stamp,
                 )
             )
 

@@ -46,6 +46,7 @@ __all__ = [
     "hairpins",
     "install",
     "installed",
+    "iptables_is_legacy",
     "interfaces_towards",
     "ipv4_conf_get",
     "ipv4_conf_set",
@@ -902,6 +903,14 @@ def remove(*, netns: str | None = None, iptables: str = "iptables") -> None:
     _remove_iptables(iptables, netns)
     if _nft_has_table(_nft_list(netns)):
         _run(["nft", "-f", "-"], netns, nft_removal())
+
+
+def iptables_is_legacy(iptables: str = "iptables") -> bool:
+    """Whether ``iptables`` is iptables-legacy (which sends no nftables notifications)."""
+    try:
+        return "legacy" in _run([iptables, "-V"], None)
+    except RuleError:
+        return False
 
 
 def installed(*, netns: str | None = None, iptables: str = "iptables") -> bool:
