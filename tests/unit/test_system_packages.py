@@ -41,6 +41,7 @@ BINARIES = (
     "swanctl", "openssl",                         # strongSwan control, lab certificates
     "mount",                                      # the lab's private /run per namespace
     "tmux", "promtool",                           # `vpnmasq top` as seen; metrics/alert checks
+    "turnserver", "turnutils_natdiscovery",       # RFC 5780 NAT behaviour discovery (coturn)
 )
 # Executables run by absolute path.
 PATHS = (CHARON,)

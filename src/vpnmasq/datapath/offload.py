@@ -660,7 +660,9 @@ class Offloader:
         credited: set[int] = set()
         for el, (pk, by) in actual.items():
             base = self.seen.get(el)
-            users = desired.get(el)
+            # the entries it served until now (a TCP session that just saw its FIN is no
+            # longer desired, but what the kernel forwarded for it before is still its own)
+            users = [u for u in self.offloaded.get(el, ()) if u.live] or desired.get(el)
             if base is not None and users and pk > base[0]:
                 d = _DIRECTION.get(el.set, "")
                 _credit(engine, users[0], d, pk - base[0], by - base[1], now)
