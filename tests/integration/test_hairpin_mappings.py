@@ -190,9 +190,9 @@ class TcpPeer:
         self.to_reflector.close()
 
 
-def daemon(topo: Topology, workdir: Path, mode: str, filtering: str) -> Daemon:
+def daemon(topo: Topology, workdir: Path, mode: str, filtering: str, extra: str = "") -> Daemon:
     d = Daemon(topo, mode, workdir)
-    d.write_config(f'filtering = "{filtering}"\n')
+    d.write_config(f'filtering = "{filtering}"\n{extra}')
     return d.start()
 
 
@@ -258,6 +258,35 @@ def test_userspace_tcp_peers_reach_each_other_through_their_public_mappings(
             c.close()
             conn.close()
         assert counter(d, "hairpin") >= 4
+    finally:
+        a.close()
+        b.close()
+    assert hairpinned_away(wan) == []
+    assert d.stop() == 0
+
+
+def test_userspace_hairpinned_sessions_stay_with_the_engine_when_offload_is_on(
+    topo: Topology, reflector: Reflector, wan: Sniffer, workdir: Path
+) -> None:
+    """``offload = true``: sessions through wan0 go to the kernel's maps, the hairpinned legs
+    (which never cross wan0) stay with the engine, which translates every packet of them."""
+    d = daemon(topo, workdir, "userspace", "endpoint-independent", "offload = true\n")
+    a, b = UdpPeer(topo, "h1"), UdpPeer(topo, "h2")
+    try:
+        for i in range(10):
+            a.send(b.public, b"a%d" % i)
+            assert b.recv() == (b"a%d" % i, a.public)
+            b.send(a.public, b"b%d" % i)
+            assert a.recv() == (b"b%d" % i, b.public)
+        # a full sync of the maps that began after every leg was eligible
+        syncs = d.status()["offload"]["syncs"]
+        wait_for(lambda: d.status()["offload"]["syncs"] >= syncs + 2, "two more offload syncs")
+        rows = d.entries("udp")
+        to_reflector = [r for r in rows if r["remote"] == f"{R1}:{REFLECT_PORT}"]
+        assert len(to_reflector) == 2 and all(r["offloaded"] for r in to_reflector), rows
+        legs = [r for r in rows if r["remote"].startswith(f"{PUBLIC}:")]
+        assert len(legs) == 2 and not any(r["offloaded"] for r in legs), legs
+        assert counter(d, "hairpin") >= 20
     finally:
         a.close()
         b.close()

@@ -23,6 +23,7 @@ from tests.packets import (
     dropped,
     make_engine,
 )
+from vpnmasq.datapath.offload import entry_elements
 from vpnmasq.engine import Engine
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import IPv4
@@ -155,3 +156,21 @@ def test_icmp_errors_inside_a_hairpinned_flow_reach_the_other_host_quoting_its_d
     # an error quoting a flow nobody has is dropped, never delivered with a wrong address
     stray = IPv4(build_udp(MASQ, PRV2, a, 6999, b"?"))
     dropped(eng.handle(_error_about(stray, PRV2), OUT, 3.0), DropReason.ICMP_NO_MAPPING)
+
+
+@pytest.mark.parametrize("filtering", ["endpoint-independent", "address-port-dependent"])
+def test_hairpinned_legs_are_never_offloaded(filtering: str):
+    """The offload maps rewrite what crosses the outside interface; a hairpinned leg never
+    does, so the engine keeps it (the status would otherwise call it offloaded)."""
+    eng = make_engine(filtering=filtering)
+    a, b = mapping(eng, PRV1, 5000), mapping(eng, PRV2, 6000)
+    accepted(eng.handle(build_udp(EXT, MASQ, 3478, a, b"r"), IN, 0.5))  # reflector answers
+    hairpin_udp(eng, PRV2, 6000, a, 0.8)  # the punch (filtered under address-port-dependent)
+    for now in (1.0, 2.0):  # both ways, twice: every leg fast-path eligible
+        accepted(hairpin_udp(eng, PRV1, 5000, b, now))
+        accepted(hairpin_udp(eng, PRV2, 6000, a, now))
+    legs = [e for e in eng.table if e.remote_ip == MASQ]
+    assert len(legs) == 2 and all(e.flags for e in legs)
+    assert [entry_elements(e, filtering) for e in legs] == [[], []]
+    to_ext = next(e for e in eng.table if e.inside_ip == PRV1 and e.remote_ip == EXT)
+    assert entry_elements(to_ext, filtering)  # the session through wan0 is offloaded

@@ -215,8 +215,10 @@ def _napt_elements(e: Entry, filtering: str) -> list[Element]:
     fast path (``F_FAST_OUT``/``F_FAST_IN``: no payload helper; TCP only while established,
     and the rules leave SYN, FIN and RST to the engine anyway). Inbound keys follow the
     filtering; a forward's sessions are let in per session only (a forward may be limited to
-    some remotes, and its binding is shared by everyone who reaches it)."""
-    if e.alg is not None or e.proto not in (PROTO_TCP, PROTO_UDP):
+    some remotes, and its binding is shared by everyone who reaches it). A hairpinned leg
+    (the remote is the public address itself: a LAN host reaching another through it) never
+    crosses the outside interface the maps work on, so the engine keeps every packet of it."""
+    if e.alg is not None or e.proto not in (PROTO_TCP, PROTO_UDP) or e.remote_ip == e.alias_ip:
         return []
     if e.proto == PROTO_TCP and e.tclass != "tcp_established":
         return []
