@@ -28,6 +28,7 @@ from vpnmasq.conntrack.table import (
     PERMANENT,
     Binding,
     Entry,
+    EntryAlg,
     MasqTable,
     TableFull,
 )
@@ -41,7 +42,8 @@ from vpnmasq.events import (
     Row,
 )
 from vpnmasq.helpers import default_registry
-from vpnmasq.helpers.base import HelperSpec
+from vpnmasq.helpers.base import Helper, ProtoHelper, TcpAlgFactory, UdpPortHelper
+from vpnmasq.helpers.registry import HelperRegistry
 from vpnmasq.packet.checksum import checksum, update16
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import (
@@ -170,7 +172,7 @@ class Engine:
         public_ip: int | None = None,
         *,
         rng_seed: int | None = None,
-        registry: Any = None,
+        registry: HelperRegistry | None = None,
     ) -> None:
         self.config = config
         if public_ip is None and config.public_address:
@@ -247,30 +249,28 @@ class Engine:
 
         # helpers, explicitly selected by name
         reg = registry if registry is not None else default_registry()
-        self.proto_helpers: dict[int, Any] = {}
-        self.udp_helpers: dict[int, Any] = {}
-        self.tcp_algs: dict[int, Any] = {}
-        self.kind_helpers: dict[str, Any] = {}
-        self.helper_by_name: dict[str, Any] = {}
-        specs: list[HelperSpec] = reg.select(config.helpers)
-        for spec in specs:
-            inst = spec.factory(self)
+        self.proto_helpers: dict[int, ProtoHelper] = {}
+        self.udp_helpers: dict[int, UdpPortHelper] = {}
+        self.tcp_algs: dict[int, TcpAlgFactory] = {}
+        self.kind_helpers: dict[str, Helper] = {}
+        self.helper_by_name: dict[str, Helper] = {}
+        for spec, inst in reg.build(config.helpers, self):
             self.helper_by_name[spec.name] = inst
             # a helper may declare timeout classes of its own (e.g. "esp_wait"); config wins
-            for tclass, secs in getattr(inst, "timeout_classes", {}).items():
+            for tclass, secs in inst.timeout_classes.items():
                 self.timeouts.setdefault(tclass, secs)
                 self.table.timeouts.setdefault(tclass, secs)
-            if spec.kind == "proto":
+            if isinstance(inst, ProtoHelper):
                 self.proto_helpers[spec.proto] = inst
-            elif spec.kind == "udp-port":
+            elif isinstance(inst, UdpPortHelper):
                 assert spec.port is not None
                 self.udp_helpers[spec.port] = inst
                 if spec.port == ISAKMP_PORT:
                     self.ports[PROTO_UDP].reserve(ISAKMP_PORT)
-            else:
+            elif isinstance(inst, TcpAlgFactory):
                 assert spec.port is not None
                 self.tcp_algs[spec.port] = inst
-            for kind in getattr(inst, "kinds", (spec.name,)):
+            for kind in inst.kinds:
                 self.kind_helpers[kind] = inst
 
         # [[route]] networks are routed, never masqueraded; MSS clamping; inbound
@@ -338,8 +338,8 @@ class Engine:
     def _sync_local(self) -> None:
         self._local_any = any(self.delivers_locally(k) for k in LOCAL_VPN_KINDS)
         ike = self.helper_by_name.get("isakmp")
-        if ike is not None and hasattr(ike, "deliver_unknown_locally"):
-            ike.deliver_unknown_locally = self.delivers_locally("ike")
+        if ike is not None:
+            ike.set_local_delivery(self.delivers_locally("ike"))
 
     def _local_vpn_kind(self, ip: IPv4) -> str | None:
         """The local-VPN kind of an inbound packet to the public address, if it is enabled."""
@@ -388,9 +388,12 @@ class Engine:
         if charged:
             tokens, at = self._buckets[entry.inside_ip]
             self._buckets[entry.inside_ip] = (tokens - 1.0, at)
+        self.created(entry, now)
+        return None
+
+    def created(self, entry: Entry, now: float) -> None:
         self.count("created:" + entry.kind)
         self.events.append(EntryCreated(self.row(entry, now)))
-        return None
 
     def _bucket_has_token(self, host: int, now: float) -> bool:
         """Refill ``host``'s token bucket up to ``now``; True if a token is available."""
@@ -465,9 +468,7 @@ class Engine:
         """Expire idle entries and stale fragment state; return verdicts for held packets."""
         self.table.expire(now)
         for h in self.helper_by_name.values():
-            tick = getattr(h, "handle_timer", None)
-            if tick is not None:
-                tick(now)
+            h.handle_timer(now)
         return self._expire_frags(now)
 
     def next_deadline(self) -> float | None:
@@ -477,9 +478,7 @@ class Engine:
         if self._held_order:
             cands.append(next(iter(self._held_order.values())))
         for h in self.helper_by_name.values():
-            nd = getattr(h, "next_deadline", None)
-            if nd is not None:
-                cands.append(nd())
+            cands.append(h.next_deadline())
         vals = [c for c in cands if c is not None]
         return min(vals) if vals else None
 
@@ -716,7 +715,7 @@ class Engine:
                 return self.drop(DropReason.MALFORMED, "tcp: bad data offset", ip)
             ov = e.alg.outbound(ip, e, off + doff, now)
             if ov is not None:
-                return ov  # type: ignore[no-any-return]
+                return ov
         return accept(buf)
 
     def _tcp_in(self, ip: IPv4, now: float) -> Verdict:
@@ -764,7 +763,7 @@ class Engine:
                 return self.drop(DropReason.MALFORMED, "tcp: bad data offset", ip)
             iv = e.alg.inbound(ip, e, off + doff, now)
             if iv is not None:
-                return iv  # type: ignore[no-any-return]
+                return iv
         return accept(buf)
 
     def clamp_mss(self, ip: IPv4, off: int) -> bool:
@@ -870,7 +869,7 @@ class Engine:
         if e.alg is not None:
             ov = e.alg.outbound(ip, e, off + UDP_MIN, now)
             if ov is not None:
-                return ov  # type: ignore[no-any-return]
+                return ov
         return accept(buf)
 
     def _udp_in(self, ip: IPv4, now: float) -> Verdict:
@@ -901,7 +900,7 @@ class Engine:
         if e.alg is not None:
             iv = e.alg.inbound(ip, e, off + UDP_MIN, now)
             if iv is not None:
-                return iv  # type: ignore[no-any-return]
+                return iv
         return accept(buf)
 
     def _new_session(
@@ -946,13 +945,13 @@ class Engine:
 
     def _udp_watch(
         self, e: Entry, inside_port: int, remote_port: int, now: float, *, server_inside: bool
-    ) -> Any:
-        """A udp-port helper with ``attach`` watches plain NAPT sessions on its port (NAT-T on
-        4500 labels IKE, ESP-in-UDP and keepalives); ``entry.alg`` then sees every packet."""
+    ) -> EntryAlg | None:
+        """A udp-port helper may watch plain NAPT sessions on its port (NAT-T on 4500 labels
+        IKE, ESP-in-UDP and keepalives); ``entry.alg`` then sees every packet."""
         for port in (inside_port, remote_port):
-            attach = getattr(self.udp_helpers.get(port), "attach", None)
-            if attach is not None:
-                return attach(e, now, server_inside=server_inside)
+            h = self.udp_helpers.get(port)
+            if h is not None:
+                return h.attach(e, now, server_inside=server_inside)
         return None
 
     def _inbound_new(
@@ -1155,9 +1154,9 @@ class Engine:
             dport = (ib[l4 + 2] << 8) | ib[l4 + 3]
             e = self.table.get(("i", p, sport, inner.dst, dport), now)
             if e is None and p == PROTO_UDP:
-                h = self.udp_helpers.get(sport)
-                if h is not None:
-                    e = h.icmp_embedded_inbound(inner, now)
+                uh = self.udp_helpers.get(sport)
+                if uh is not None:
+                    e = uh.icmp_embedded_inbound(inner, now)
         elif p == PROTO_ICMP:
             ident = (ib[l4 + 4] << 8) | ib[l4 + 5]
             if ib[l4] in ICMP_QUERIES:
@@ -1181,9 +1180,9 @@ class Engine:
             inner.set_l4_u16(0, e.inside_port, csum_off if l4 + csum_off + 2 <= len(ib) else None)
         elif p == PROTO_ICMP and e.inside_port != e.alias_port:
             inner.set_l4_u16(4, e.inside_port, ICMP_CSUM)
-        fix = getattr(self.kind_helpers.get(e.kind), "icmp_embedded_fix", None)
-        if fix is not None:
-            fix(inner, e)
+        kh = self.kind_helpers.get(e.kind)
+        if kh is not None:
+            kh.icmp_embedded_inbound_fix(inner, e)
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
         e.last_in = now
@@ -1216,17 +1215,17 @@ class Engine:
             dport = (ib[l4 + 2] << 8) | ib[l4 + 3]
             e = self.table.get(("o", p, inner.dst, dport, inner.src, sport), now)
             if e is None and p == PROTO_UDP:  # e.g. ISAKMP, found by its cookies
-                find = getattr(self.udp_helpers.get(dport), "icmp_embedded_outbound", None)
-                if find is not None:
-                    e = find(inner, now)
+                uh = self.udp_helpers.get(dport)
+                if uh is not None:
+                    e = uh.icmp_embedded_outbound(inner, now)
         elif to_host and p == PROTO_ICMP:
             ident = (ib[l4 + 4] << 8) | ib[l4 + 5]
             e = self.table.get(("o", PROTO_ICMP, inner.dst, ident, inner.src, 0), now)
         else:
             e = self.table.get(("go", p, inner.dst, inner.src), now)
-            find = getattr(self.proto_helpers.get(p), "icmp_embedded_outbound", None)
-            if e is None and to_host and find is not None:  # ESP by SPI, GRE by Call ID
-                e = find(inner, now)
+            ph = self.proto_helpers.get(p)
+            if e is None and to_host and ph is not None:  # ESP by SPI, GRE by Call ID
+                e = ph.icmp_embedded_outbound(inner, now)
         if e is None or self.public_ip is None:
             return self.drop(
                 DropReason.ICMP_NO_MAPPING, f"icmp error from inside about {describe(inner)}", ip
@@ -1237,9 +1236,9 @@ class Engine:
             inner.set_l4_u16(2, e.alias_port, csum_off if l4 + csum_off + 2 <= len(ib) else None)
         elif p == PROTO_ICMP and e.inside_port != e.alias_port:
             inner.set_l4_u16(4, e.alias_port, ICMP_CSUM)
-        fix = getattr(self.kind_helpers.get(e.kind), "icmp_embedded_outbound_fix", None)
-        if fix is not None:  # e.g. a PPTP call's Call ID
-            fix(inner, e)
+        kh = self.kind_helpers.get(e.kind)
+        if kh is not None:  # e.g. a PPTP call's Call ID
+            kh.icmp_embedded_outbound_fix(inner, e)
         ip.set_src(self.public_ip)
         e.pkts_out += 1
         e.last_out = now
@@ -1336,7 +1335,7 @@ class Engine:
         not: its inbound leg would be associated with the sender itself (use NAT-T, which
         hairpins as UDP)."""
         p = ip.proto
-        h: Any = None
+        h: ProtoHelper | None = None
         if p == PROTO_TCP:
             v = self._tcp_out(ip, now)
         elif p == PROTO_UDP:
@@ -1346,8 +1345,7 @@ class Engine:
             if ip.buf[off] in ICMP_ERRORS:  # about a hairpinned packet
                 return self._icmp_error_hairpin(ip, off, now)
             return ACCEPT_LOCAL  # pinging our own public address: the gateway answers
-        elif p == PROTO_GRE and self.proto_helpers.get(p) is not None:
-            h = self.proto_helpers[p]
+        elif p == PROTO_GRE and (h := self.proto_helpers.get(p)) is not None:
             v = h.outbound(ip, now)
         else:
             return self.drop(DropReason.FILTERED, f"no hairpin for protocol {p}", ip)

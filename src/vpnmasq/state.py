@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from vpnmasq.conntrack.record import Record
 from vpnmasq.conntrack.table import PERMANENT, Binding, Entry, standard_keys
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_ICMP, int_to_ip, ip_to_int
@@ -158,27 +159,21 @@ def _export_entry(
     ext: Any = None
     helper = engine.kind_helpers.get(e.kind)
     if helper is not None:
-        fn = getattr(helper, "export_entry", None)
-        if fn is None:
-            return None, "unsupported"
-        ext = fn(e, ago, ref)
+        ext = helper.export_entry(e, ago, ref)
         if ext is None:
             return None, "not-saved"  # e.g. a pending ESP init
     elif e.ext is not None or e.kind not in ENGINE_KINDS:
         return None, "unsupported"
     alg: Any = None
     if e.alg is not None:
-        afn = getattr(e.alg, "export_state", None)
-        if afn is not None:
-            alg = afn(ago, ref)
+        alg = e.alg.export_state(ago, ref)
     own = tuple(e.keys)
     keys: list[list[int | str] | None] | None = None  # None: the standard keys of its kind
     if not own or own != standard_keys(e):
         keys = [_plain_key(k) for k in own]
         if not keys or any(k is None for k in keys):
             return None, "unsupported"
-    last_out = getattr(e, "last_out", None)
-    last_in = getattr(e, "last_in", None)
+    last_out, last_in = e.last_out, e.last_in
     rec: dict[str, Any] = {
         "proto": e.proto,
         "kind": e.kind,
@@ -360,12 +355,11 @@ def import_state(
         alg = rec.get("alg")
         if isinstance(alg, Mapping):
             factory = engine.helper_by_name.get(str(alg.get("helper")))
-            restore = getattr(factory, "restore_alg", None)
-            e.alg = restore(e, alg, at) if restore is not None else None
+            e.alg = factory.restore_alg(e, Record(alg), at) if factory is not None else None
         helper = engine.kind_helpers.get(e.kind)
         if helper is not None:
             ext = rec.get("ext")
-            if not isinstance(ext, Mapping) or not helper.import_entry(e, ext, at, ref):
+            if not isinstance(ext, Mapping) or not helper.import_entry(e, Record(ext), at, ref):
                 rep.drop("helper-refused")
                 continue
         rid = rec.get("id")
@@ -430,8 +424,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
         if rec.get("ext") is not None:
             return "malformed"
     else:
-        helper = engine.kind_helpers.get(kind)
-        if helper is None or getattr(helper, "import_entry", None) is None:
+        if kind not in engine.kind_helpers:
             return "helper-disabled"
     inside = _ip(rec["inside"])
     if not engine.is_inside(inside):
@@ -464,7 +457,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
     e.pkts_out, e.pkts_in = (_int(x) for x in rec["pkts"])
     e.bytes_out, e.bytes_in = (_int(x) for x in rec["bytes"])
     last = rec.get("last")
-    if isinstance(last, list) and len(last) == 2 and hasattr(e, "last_out"):
+    if isinstance(last, list) and len(last) == 2:
         lo, li = last
         e.last_out = None if lo is None else now - _num(lo) - elapsed
         e.last_in = None if li is None else now - _num(li) - elapsed

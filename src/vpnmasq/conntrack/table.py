@@ -19,10 +19,15 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from operator import attrgetter
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from vpnmasq.conntrack.record import Saved
 from vpnmasq.events import Row
 from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vpnmasq.packet.ipv4 import IPv4
+    from vpnmasq.verdict import Verdict
 
 PERMANENT = "permanent"
 #: interned addresses kept at most (a dict entry costs ~50 bytes; each sharing saves 32)
@@ -163,6 +168,39 @@ class Binding:
             self._many = self._remotes = None
 
 
+class EntryExt:
+    """Base of the helper state an entry of a helper's kind carries (``Entry.ext``): an ESP
+    association, an IKE session, a PPTP call. Each helper reads its own with a typed getter."""
+
+    __slots__ = ()
+
+
+class EntryAlg:
+    """A payload helper attached to one session (``Entry.alg``): sees every packet after the
+    addresses are translated. None from ``outbound``/``inbound`` accepts the (possibly
+    rewritten) packet; a Verdict overrides it."""
+
+    __slots__ = ()
+
+    def outbound(self, ip: IPv4, entry: Entry, payload_off: int, now: float) -> Verdict | None:
+        return None
+
+    def inbound(self, ip: IPv4, entry: Entry, payload_off: int, now: float) -> Verdict | None:
+        return None
+
+    def detail(self, entry: Entry, now: float) -> dict[str, str]:
+        return {}
+
+    def on_remove(self, entry: Entry, why: str) -> None:
+        return None
+
+    def export_state(
+        self, ago: Callable[[float], float], ref: Callable[[object], int | None]
+    ) -> Saved | None:
+        """Its state for the state file (with ``"helper"``: the spec that restores it)."""
+        return None
+
+
 #: Entry's constructor fields in signature order (its repr lists them in this order)
 ENTRY_FIELDS = (
     "proto", "kind", "tclass", "inside_ip", "inside_port", "remote_ip", "remote_port",
@@ -210,8 +248,8 @@ class Entry:
     # index keys; None: the standard keys of its kind, recomputed from the fields (saves a
     # container per mapping; see standard_keys). Read them as ``entry.keys``.
     _keys: tuple[Hashable, ...] | None
-    ext: Any  # helper state
-    alg: Any  # payload helper attached (e.g. PPTP control parser)
+    ext: EntryExt | None  # helper state of its kind
+    alg: EntryAlg | None  # payload helper attached (e.g. PPTP control parser)
     pkts_out: int
     pkts_in: int
     bytes_out: int
@@ -242,8 +280,8 @@ class Entry:
         state_name: str = "",
         binding: Binding | None = None,
         _keys: tuple[Hashable, ...] | None = (),
-        ext: Any = None,
-        alg: Any = None,
+        ext: EntryExt | None = None,
+        alg: EntryAlg | None = None,
         pkts_out: int = 0,
         pkts_in: int = 0,
         bytes_out: int = 0,

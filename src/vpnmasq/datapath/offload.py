@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vpnmasq.conntrack.table import F_FAST_IN, F_FAST_OUT, PERMANENT, Entry
-from vpnmasq.helpers.esp import EspState
+from vpnmasq.helpers.esp import Assoc, EspState
 from vpnmasq.helpers.pptp import Call, CallState
 from vpnmasq.packet.ipv4 import PROTO_NAMES, PROTO_TCP, PROTO_UDP, int_to_ip, ip_to_int
 
@@ -186,8 +186,9 @@ class Element:
 def _esp_elements(e: Entry) -> list[Element] | None:
     a = e.ext
     if (
-        getattr(a, "state", None) is not EspState.ESTABLISHED
-        or getattr(a, "tentative", True)
+        not isinstance(a, Assoc)
+        or a.state is not EspState.ESTABLISHED
+        or a.tentative
         or a.out_spi is None
         or a.in_spi is None
     ):
@@ -795,5 +796,5 @@ def _credit(engine: Any, e: Entry, direction: str, pkts: int, nbytes: int, now: 
         e.bytes_out += max(0, nbytes)
         e.last_out = now
     a = e.ext
-    if hasattr(a, "last_seen"):
+    if isinstance(a, Assoc):
         a.last_seen = now

@@ -18,15 +18,19 @@ from __future__ import annotations
 import enum
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-from vpnmasq.conntrack.table import Entry
-from vpnmasq.helpers.base import HelperSpec
+from vpnmasq.conntrack.record import Record, Saved
+from vpnmasq.conntrack.table import Entry, EntryExt
+from vpnmasq.helpers.base import Ago, At, EngineView, HelperSpec, ProtoHelper, Ref, Resolve
 from vpnmasq.packet.ipv4 import PROTO_ESP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import ESP_MIN
 from vpnmasq.verdict import DropReason, Verdict, accept
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vpnmasq.helpers.isakmp import IsakmpHelper
 
 #: how long after its last message a child-SA exchange still claims the remote's next new SPI
 SIGNAL_WINDOW = 30.0
@@ -96,7 +100,7 @@ class Claim:
 
 
 @dataclass(slots=True, eq=False)
-class Assoc:
+class Assoc(EntryExt):
     """Helper state of one ESP entry (``entry.ext``): an outbound/inbound SPI pair."""
 
     state: EspState
@@ -112,13 +116,22 @@ class Assoc:
     yields: int = 0
 
 
-class EspHelper:
+def assoc(e: Entry) -> Assoc:
+    """The association an ESP entry carries."""
+    a = e.ext
+    assert isinstance(a, Assoc), "an esp entry without its association"
+    return a
+
+
+class EspHelper(ProtoHelper):
     """IP protocol 50. See the module docstring for the algorithm."""
 
     kinds: tuple[str, ...] = ("esp",)
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineView) -> None:
+        super().__init__(engine)
+        #: the IKE helper (wired by the registry): its sessions make a host plausible
+        self.ike: IsakmpHelper | None = None
         t = engine.config.timeouts
         self.timeout_classes: dict[str, float] = {"esp_wait": t.esp_wait_max}
         self.pending_turn: float = t.esp_pending
@@ -142,7 +155,7 @@ class EspHelper:
             return self._spi_zero(ip, f"LAN host {int_to_ip(host)}")
         eng = self.engine
         e: Entry | None = eng.table.get(("esp-o", host, remote, spi), now)
-        if e is None or e.ext.state is not EspState.ESTABLISHED:
+        if e is None or assoc(e).state is not EspState.ESTABLISHED:
             # only initial packets need the FIFO brought up to date (established ones are the
             # per-packet fast path: one lookup)
             self._advance(remote, now)
@@ -153,7 +166,7 @@ class EspHelper:
             if isinstance(r, Verdict):
                 return r
             e = r
-        a: Assoc = e.ext
+        a = assoc(e)
         if a.state is EspState.WAITING:
             return self._waiting(ip, e)
         if a.state is EspState.PENDING:
@@ -163,7 +176,9 @@ class EspHelper:
         else:
             eng.table.touch(e, now)
             a.last_seen = now
-        ip.set_src(eng.public_ip)
+        pub = eng.public_ip
+        assert pub is not None  # the engine drops outbound packets before it has one
+        ip.set_src(pub)
         e.pkts_out += 1
         e.last_out = now
         e.bytes_out += ip.total_len
@@ -178,7 +193,7 @@ class EspHelper:
             return self._spi_zero(ip, f"remote {int_to_ip(remote)}")
         eng = self.engine
         e: Entry | None = eng.table.get(("esp-i", remote, spi), now)
-        if e is not None and e.ext.tentative and not self._guess_holds(e, now):
+        if e is not None and assoc(e).tentative and not self._guess_holds(e, now):
             eng.count("esp:guess_withdrawn")
             eng.notice(
                 "esp-guess",
@@ -196,7 +211,7 @@ class EspHelper:
             e = r
         else:
             eng.table.touch(e, now)
-        e.ext.last_seen = now
+        assoc(e).last_seen = now
         ip.set_dst(e.inside_ip)
         e.pkts_in += 1
         e.last_in = now
@@ -209,7 +224,7 @@ class EspHelper:
         ib = inner.buf
         spi = int.from_bytes(ib[inner.ihl : inner.ihl + 4], "big")
         e: Entry | None = self.engine.table.get(("esp-x", inner.dst, spi), now)
-        if e is None or e.ext.state is EspState.WAITING:
+        if e is None or assoc(e).state is EspState.WAITING:
             return None  # a waiter's packets never left
         return e
 
@@ -248,7 +263,7 @@ class EspHelper:
         """LAN hosts with an inbound-placed association with ``remote`` -> last packet time."""
         out: dict[int, float] = {}
         for e in self.by_remote.get(remote, {}):
-            a: Assoc = e.ext
+            a = assoc(e)
             if e.live and e.expires_at > now and a.in_spi is not None and not a.tentative:
                 if a.last_seen > out.get(e.inside_ip, -INF):
                     out[e.inside_ip] = a.last_seen
@@ -289,7 +304,7 @@ class EspHelper:
             del self.done[xid]
 
     def detail(self, entry: Entry, now: float) -> dict[str, str]:
-        a: Assoc = entry.ext
+        a = assoc(entry)
         d = {
             "spi_out": f"0x{a.out_spi:08x}" if a.out_spi is not None else "-",
             "spi_in": f"0x{a.in_spi:08x}" if a.in_spi is not None else "-",
@@ -311,7 +326,7 @@ class EspHelper:
         return d
 
     def on_remove(self, entry: Entry, why: str) -> None:
-        a: Assoc = entry.ext
+        a = assoc(entry)
         d = self.by_remote.get(entry.remote_ip)
         if d is not None:
             d.pop(entry, None)
@@ -332,12 +347,10 @@ class EspHelper:
             a.claim = a.expect = None
 
     # ------------------------------------------------------------------ persistence
-    def export_entry(
-        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
-    ) -> dict[str, Any] | None:
+    def export_entry(self, entry: Entry, ago: Ago, ref: Ref) -> Saved | None:
         """State of an association for ``vpnmasq.state``; None for a pending init (WAITING or
         PENDING: its claim on the remote's next SPI is not carried over a restart)."""
-        a: Assoc = entry.ext
+        a = assoc(entry)
         if a.state not in (EspState.ESTABLISHED, EspState.INBOUND_ONLY):
             return None
         return {
@@ -352,37 +365,31 @@ class EspHelper:
             "yields": a.yields,
         }
 
-    def import_entry(
-        self,
-        entry: Entry,
-        data: Mapping[str, Any],
-        at: Callable[[float], float],
-        ref: Callable[[int], Entry | None],
-    ) -> bool:
+    def import_entry(self, entry: Entry, data: Record, at: At, resolve: Resolve) -> bool:
         """Re-attach a saved association to ``entry`` (its keys are restored by the caller).
         False if the data is not an association this version can carry on."""
         try:
-            state = EspState(data["state"])
-            out_spi, in_spi = data["out_spi"], data["in_spi"]
+            state = EspState(data.as_str("state"))
+            out_spi, in_spi = data.opt_int("out_spi"), data.opt_int("in_spi")
             if state is EspState.ESTABLISHED:
-                ok = isinstance(out_spi, int) and isinstance(in_spi, int)
+                ok = out_spi is not None and in_spi is not None
             elif state is EspState.INBOUND_ONLY:
-                ok = out_spi is None and isinstance(in_spi, int)
+                ok = out_spi is None and in_spi is not None
             else:
                 ok = False
             if not ok:
                 return False
-            assoc_at = data["associated_at"]
+            assoc_at = data.opt_num("associated_at")
             a = Assoc(
                 state,
                 out_spi,
                 in_spi,
-                at(float(data["created"])),
-                how=How(data["how"]),
-                tentative=bool(data["tentative"]),
-                associated_at=None if assoc_at is None else at(float(assoc_at)),
-                last_seen=at(float(data["last_seen"])),
-                yields=int(data["yields"]),
+                at(data.as_num("created")),
+                how=How(data.as_str("how")),
+                tentative=data.as_bool("tentative"),
+                associated_at=None if assoc_at is None else at(assoc_at),
+                last_seen=at(data.as_num("last_seen")),
+                yields=data.as_int("yields"),
             )
         except (KeyError, TypeError, ValueError):
             return False
@@ -404,7 +411,7 @@ class EspHelper:
             e = lst.pop(0)
             if not lst:
                 del self.inbound_only[(host, remote)]
-            a: Assoc = e.ext
+            a = assoc(e)
             self._set_state(e, "outbound")
             a.out_spi = spi
             if a.tentative:
@@ -470,7 +477,7 @@ class EspHelper:
         return e
 
     def _waiting(self, ip: IPv4, e: Entry) -> Verdict:
-        a: Assoc = e.ext
+        a = assoc(e)
         q = self.queues.get(e.remote_ip)
         assert q is not None and a.claim is not None
         head = q[0]
@@ -506,7 +513,7 @@ class EspHelper:
                 self._mark_done(x.xid, now)
             e = x.entry
             if e is not None:
-                a: Assoc = e.ext
+                a = assoc(e)
                 self._set_state(e, "reply")
                 a.in_spi = spi
                 a.how = how
@@ -569,10 +576,8 @@ class EspHelper:
 
     def _plausible(self, remote: int, now: float) -> set[int]:
         hosts = set(self.holders(remote, now))
-        ike = self.engine.helper_by_name.get("isakmp")
-        ike_holders = getattr(ike, "holders", None)
-        if ike_holders is not None:
-            hosts.update(ike_holders(remote, now))
+        if self.ike is not None:
+            hosts.update(self.ike.holders(remote, now))
         hosts.update(c.host for c in self.queues.get(remote, ()))
         return hosts
 
@@ -602,7 +607,7 @@ class EspHelper:
         c.sent_at = None
         for x in c.expects:
             e = x.entry
-            if e is not None and e.ext.state is EspState.WAITING:
+            if e is not None and assoc(e).state is EspState.WAITING:
                 self._set_state(e, "turn")
                 # a waiter's age limit (esp_wait_max) restarts when it gets the turn, unless
                 # it ran out already (then expiry removes it and the turn moves on)
@@ -614,9 +619,9 @@ class EspHelper:
         c.yields += 1
         for x in c.expects:
             e = x.entry
-            if e is not None and e.ext.state is EspState.PENDING:
+            if e is not None and assoc(e).state is EspState.PENDING:
                 self._set_state(e, "yield")
-                e.ext.yields += 1
+                assoc(e).yields += 1
 
     def _advance(self, remote: int, now: float) -> None:
         """Bring ``remote``'s FIFO up to ``now``: drop stale claims, pass expired turns on."""
@@ -695,7 +700,7 @@ class EspHelper:
             self._now = now
 
     def _set_state(self, e: Entry, event: str) -> None:
-        a: Assoc = e.ext
+        a = assoc(e)
         a.state = transition(a.state, event)
         e.state_name = a.state.name
 

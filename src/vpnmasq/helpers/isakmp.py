@@ -14,16 +14,20 @@ Design notes: docs/internals/helpers-isakmp.md.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from vpnmasq.conntrack.table import Entry
-from vpnmasq.helpers.base import HelperSpec
+from vpnmasq.conntrack.record import Record, Saved
+from vpnmasq.conntrack.table import Entry, EntryAlg, EntryExt
+from vpnmasq.helpers.base import Ago, At, EngineView, HelperSpec, Ref, Resolve, UdpPortHelper
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import PROTO_UDP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, UDP_MIN
 from vpnmasq.verdict import ACCEPT_LOCAL, DropReason, Verdict, accept
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vpnmasq.helpers.esp import EspHelper
 
 #: RFC 2408 3.1 / RFC 7296 3.1: the fixed header is 28 octets
 HEADER_LEN = 28
@@ -156,7 +160,7 @@ def build_header(
 
 
 @dataclass(slots=True, eq=False)
-class IkeSession:
+class IkeSession(EntryExt):
     """Helper state of one ISAKMP entry (``entry.ext``)."""
 
     icookie: int
@@ -169,23 +173,34 @@ class IkeSession:
     child_exchanges: int = 0
 
 
-class IsakmpHelper:
+def ike_session(e: Entry) -> IkeSession:
+    """The IKE SA an isakmp entry carries."""
+    s = e.ext
+    assert isinstance(s, IkeSession), "an isakmp entry without its session"
+    return s
+
+
+class IsakmpHelper(UdpPortHelper):
     """UDP 500: keep port 500 for every LAN host and route by cookies. See the module doc."""
 
     kinds: tuple[str, ...] = ("isakmp",)
-    timeout_classes: dict[str, float]
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineView) -> None:
+        super().__init__(engine)
+        #: the ESP helper (wired by the registry): told of child-SA exchanges
+        self.esp: EspHelper | None = None
         self.timeout_classes = {
             "isakmp_outstanding": min(OUTSTANDING_TIMEOUT, engine.config.timeouts.isakmp)
         }
         #: The gateway's own IKE daemon: deliver inbound ISAKMP that matches
         #: nothing to the gateway itself (ACCEPT_LOCAL) instead of dropping ISAKMP_UNKNOWN.
         #: Kept in step with ``config.local_vpn`` by ``Engine.set_local_consumers``.
-        self.deliver_unknown_locally: bool = getattr(engine.config, "local_vpn", "") == "always"
+        self.deliver_unknown_locally: bool = engine.config.local_vpn == "always"
         self.by_icookie: dict[tuple[int, int], list[Entry]] = {}
         self.by_remote: dict[int, dict[Entry, None]] = {}
+
+    def set_local_delivery(self, on: bool) -> None:
+        self.deliver_unknown_locally = on
 
     # ------------------------------------------------------------------ packet paths
     def outbound(self, ip: IPv4, sport: int, dport: int, now: float) -> Verdict | None:
@@ -208,18 +223,20 @@ class IsakmpHelper:
             if isinstance(r, Verdict):
                 return r
             e = r
-        elif rc and rc != e.ext.rcookie:
+        elif rc and rc != ike_session(e).rcookie:
             owner = eng.table.get(("ike-ir", remote, ic, rc), now)
             if owner is not None and owner is not e:
                 return self._collision(ip, hdr, host, owner)
             self._learn(e, rc, now)
-        elif e.tclass == "isakmp_outstanding" and e.ext.rcookie:
+        elif e.tclass == "isakmp_outstanding" and ike_session(e).rcookie:
             # the LAN host answers an exchange the remote started: now it lives for hours
             eng.table.set_class(e, "isakmp", now)
         else:
             eng.table.touch(e, now)
         self._seen(e, hdr, OUT, now)
-        ip.set_src(eng.public_ip)
+        pub = eng.public_ip
+        assert pub is not None  # the engine drops outbound packets before it has one
+        ip.set_src(pub)
         e.pkts_out += 1
         e.last_out = now
         e.bytes_out += ip.total_len
@@ -241,7 +258,7 @@ class IsakmpHelper:
             e = eng.table.get(("ike-ir", remote, ic, rc), now)
         if e is None:
             known = self._live(remote, ic, now)
-            outstanding = [x for x in known if x.ext.rcookie == 0]
+            outstanding = [x for x in known if ike_session(x).rcookie == 0]
             if outstanding:
                 e = outstanding[0]
             elif known:
@@ -249,8 +266,8 @@ class IsakmpHelper:
                 if len(hosts) > 1:
                     return self._collision(ip, hdr, None, known[0])
                 # the same host's IKE SA, answered with a responder cookie we have not seen
-                e = max(known, key=lambda x: x.ext.last_seen)
-            if e is not None and rc and rc != e.ext.rcookie:
+                e = max(known, key=lambda x: ike_session(x).last_seen)
+            if e is not None and rc and rc != ike_session(e).rcookie:
                 self._learn(e, rc, now, from_lan=False)
             elif e is not None:
                 eng.table.touch(e, now)
@@ -284,11 +301,11 @@ class IsakmpHelper:
                     return e
             known = self._live(remote, ic, now)
             if len({x.inside_ip for x in known}) == 1:
-                return max(known, key=lambda x: x.ext.last_seen)
+                return max(known, key=lambda x: ike_session(x).last_seen)
             return None
         entries = [x for x in self.by_remote.get(remote, {}) if x.live and x.expires_at > now]
         if len({x.inside_ip for x in entries}) == 1:
-            return max(entries, key=lambda x: x.ext.last_seen)
+            return max(entries, key=lambda x: ike_session(x).last_seen)
         return None
 
     def icmp_embedded_outbound(self, inner: IPv4, now: float) -> Entry | None:
@@ -309,14 +326,14 @@ class IsakmpHelper:
         """LAN hosts holding an IKE session with ``remote`` -> time of their last message."""
         out: dict[int, float] = {}
         for e in self.by_remote.get(remote, {}):
-            if e.live and e.expires_at > now and e.ext.rcookie:
-                t = e.ext.last_seen
+            if e.live and e.expires_at > now and ike_session(e).rcookie:
+                t = ike_session(e).last_seen
                 if t > out.get(e.inside_ip, float("-inf")):
                     out[e.inside_ip] = t
         return out
 
     def detail(self, entry: Entry, now: float) -> dict[str, str]:
-        s: IkeSession = entry.ext
+        s = ike_session(entry)
         return {
             "version": f"IKEv{s.version}",
             "icookie": f"{s.icookie:016x}",
@@ -328,7 +345,7 @@ class IsakmpHelper:
         }
 
     def on_remove(self, entry: Entry, why: str) -> None:
-        s: IkeSession = entry.ext
+        s = ike_session(entry)
         k = (entry.remote_ip, s.icookie)
         lst = self.by_icookie.get(k)
         if lst is not None:
@@ -343,11 +360,9 @@ class IsakmpHelper:
                 del self.by_remote[entry.remote_ip]
 
     # ------------------------------------------------------------------ persistence
-    def export_entry(
-        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
-    ) -> dict[str, Any] | None:
+    def export_entry(self, entry: Entry, ago: Ago, ref: Ref) -> Saved | None:
         """State of an IKE session for ``vpnmasq.state`` (its keys are saved by the caller)."""
-        s: IkeSession = entry.ext
+        s = ike_session(entry)
         return {
             "icookie": s.icookie,
             "rcookie": s.rcookie,
@@ -359,29 +374,20 @@ class IsakmpHelper:
             "child_exchanges": s.child_exchanges,
         }
 
-    def import_entry(
-        self,
-        entry: Entry,
-        data: Mapping[str, Any],
-        at: Callable[[float], float],
-        ref: Callable[[int], Entry | None],
-    ) -> bool:
+    def import_entry(self, entry: Entry, data: Record, at: At, resolve: Resolve) -> bool:
         """Re-attach a saved IKE session to ``entry`` and index it by cookie and remote."""
         try:
-            ic, rc = data["icookie"], data["rcookie"]
-            if not (isinstance(ic, int) and isinstance(rc, int) and 0 < ic < 1 << 64):
-                return False
-            if not 0 <= rc < 1 << 64:
-                return False
+            ic = data.as_int("icookie", 1, (1 << 64) - 1)
+            rc = data.as_int("rcookie", 0, (1 << 64) - 1)
             s = IkeSession(
                 ic,
                 rc,
-                int(data["version"]),
-                str(data["initiator"]),
-                str(data["via"]),
-                str(data["exchange"]),
-                at(float(data["last_seen"])),
-                int(data["child_exchanges"]),
+                data.as_int("version"),
+                data.as_str("initiator"),
+                data.as_str("via"),
+                data.as_str("exchange"),
+                at(data.as_num("last_seen")),
+                data.as_int("child_exchanges"),
             )
         except (KeyError, TypeError, ValueError):
             return False
@@ -443,7 +449,7 @@ class IsakmpHelper:
             if e is not None:
                 return e
         for x in self._live(remote, ic, now):
-            if x.ext.rcookie == 0:
+            if ike_session(x).rcookie == 0:
                 return x
         return None
 
@@ -483,7 +489,7 @@ class IsakmpHelper:
         """The responder cookie of ``e`` is now known (or changed): route by both cookies.
         An exchange the remote started stays short-lived until the LAN host has sent on it."""
         eng = self.engine
-        s: IkeSession = e.ext
+        s = ike_session(e)
         old = ("ike-ir", e.remote_ip, s.icookie, s.rcookie)
         if s.rcookie:
             eng.table.remove_key(e, old)
@@ -496,16 +502,16 @@ class IsakmpHelper:
             eng.table.touch(e, now)
 
     def _seen(self, e: Entry, hdr: IsakmpHeader, direction: str, now: float) -> None:
-        s: IkeSession = e.ext
+        s = ike_session(e)
         s.last_seen = now
         s.exchange = hdr.exchange_name
         s.version = hdr.major
         if hdr.creates_child_sa:
             s.child_exchanges += 1
-            esp = self.engine.helper_by_name.get("esp")
-            signal = getattr(esp, "child_exchange", None)
-            if signal is not None:
-                signal(e.inside_ip, e.remote_ip, hdr.exchange_id(direction == OUT), now)
+            if self.esp is not None:
+                self.esp.child_exchange(
+                    e.inside_ip, e.remote_ip, hdr.exchange_id(direction == OUT), now
+                )
 
     def _remote_initiated(
         self, ip: IPv4, hdr: IsakmpHeader, sport: int, dport: int, now: float
@@ -523,10 +529,8 @@ class IsakmpHelper:
             eng.count("local_vpn:ike")
             return ACCEPT_LOCAL
         cands = self.holders(remote, now)
-        esp = eng.helper_by_name.get("esp")
-        esp_holders = getattr(esp, "holders", None)
-        if esp_holders is not None:
-            for h, t in esp_holders(remote, now).items():
+        if self.esp is not None:
+            for h, t in self.esp.holders(remote, now).items():
                 if t > cands.get(h, float("-inf")):
                     cands[h] = t
         what = f"{hdr.version} {hdr.exchange_name} from {int_to_ip(remote)} (new cookie {hdr.icookie:016x})"
@@ -611,7 +615,7 @@ class NattWatch:
         self.spi_in: int | None = None
         self.exchange = ""
 
-    def _see(self, ip: IPv4, entry: Entry, off: int, d: int, engine: Any) -> None:
+    def _see(self, ip: IPv4, entry: Entry, off: int, d: int, engine: EngineView) -> None:
         p = ip.buf[off : ip.total_len]
         if p == NATT_KEEPALIVE:
             self.keepalive[d] += 1
@@ -642,13 +646,12 @@ class NattWatch:
         entry.state_name = label if label != "NATT" else "NATT_KEEPALIVE"
 
 
-class NattHelper:
+class NattHelper(UdpPortHelper):
     """UDP 4500: NAPT does the translating (returns None); sessions get a :class:`NattWatch`."""
 
-    kinds: tuple[str, ...] = ()
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineView) -> None:
+        super().__init__(engine)
 
     def outbound(self, ip: IPv4, sport: int, dport: int, now: float) -> Verdict | None:
         return None
@@ -662,20 +665,18 @@ class NattHelper:
     def attach(self, entry: Entry, now: float, *, server_inside: bool) -> _NattAlg:
         return _NattAlg(self.engine)
 
-    def restore_alg(
-        self, entry: Entry, data: Mapping[str, Any], at: Callable[[float], float]
-    ) -> _NattAlg | None:
+    def restore_alg(self, entry: Entry, data: Record, at: At) -> _NattAlg | None:
         """A session's watch from ``vpnmasq.state`` (counts only; a bad record starts fresh)."""
         alg = _NattAlg(self.engine)
         w = alg.watch
         try:
-            for name in ("keepalive", "ike", "esp", "other"):
-                out_n, in_n = data[name]
-                setattr(w, name, [int(out_n), int(in_n)])
-            for name in ("spi_out", "spi_in"):
-                v = data[name]
-                setattr(w, name, None if v is None else int(v))
-            w.exchange = str(data["exchange"])
+            w.keepalive = list(data.as_pair("keepalive"))
+            w.ike = list(data.as_pair("ike"))
+            w.esp = list(data.as_pair("esp"))
+            w.other = list(data.as_pair("other"))
+            w.spi_out = data.opt_int("spi_out")
+            w.spi_in = data.opt_int("spi_in")
+            w.exchange = data.as_str("exchange")
         except (KeyError, TypeError, ValueError):
             return _NattAlg(self.engine)
         return alg
@@ -687,12 +688,12 @@ class NattHelper:
         return None
 
 
-class _NattAlg:
+class _NattAlg(EntryAlg):
     """The per-session object the engine calls as ``entry.alg`` (never changes a packet)."""
 
     __slots__ = ("engine", "watch")
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: EngineView) -> None:
         self.engine = engine
         self.watch = NattWatch()
 
@@ -726,9 +727,7 @@ class _NattAlg:
     def on_remove(self, entry: Entry, why: str) -> None:
         return None
 
-    def export_state(
-        self, ago: Callable[[float], float], ref: Callable[[object], int | None]
-    ) -> dict[str, Any]:
+    def export_state(self, ago: Ago, ref: Ref) -> Saved:
         w = self.watch
         return {
             "helper": "natt",

@@ -19,13 +19,21 @@ import enum
 import random
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from vpnmasq.conntrack.table import Entry, TableFull
-from vpnmasq.events import EntryCreated
-from vpnmasq.helpers.base import HelperSpec
+from vpnmasq.conntrack.record import Record, Saved, as_int, as_pair, as_rec
+from vpnmasq.conntrack.table import Entry, EntryAlg, EntryExt, TableFull
+from vpnmasq.helpers.base import (
+    Ago,
+    At,
+    EngineView,
+    HelperSpec,
+    ProtoHelper,
+    Ref,
+    Resolve,
+    TcpAlgFactory,
+)
 from vpnmasq.packet.checksum import update16
 from vpnmasq.packet.ipv4 import PROTO_GRE, PROTO_TCP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import (
@@ -329,7 +337,7 @@ class StreamReader:
             self.next_seq = (seq + n) & _SEQ_MASK
         return True
 
-    def export_state(self) -> dict[str, Any]:
+    def export_state(self) -> Saved:
         """Everything needed to carry on parsing after a restart (``vpnmasq.state``)."""
         return {
             "next_seq": self.next_seq,
@@ -346,23 +354,24 @@ class StreamReader:
             "messages": self.messages,
         }
 
-    def import_state(self, data: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`export_state`; raises KeyError/TypeError/ValueError on bad data."""
-        nxt = data["next_seq"]
-        self.next_seq = None if nxt is None else int(nxt) & _SEQ_MASK
-        self.msg_seq = int(data["msg_seq"]) & _SEQ_MASK
-        self.head = bytearray.fromhex(data["head"])[:HEAD_KEEP]
-        self.pos = int(data["pos"])
-        self.want = int(data["want"])
-        self.length = int(data["length"])
-        mtype = data["mtype"]
-        self.spec = None if mtype is None else MESSAGES[int(mtype)]
-        self.mtype = 0 if mtype is None else int(mtype)
-        self.ready = bool(data["ready"])
-        self.desync = str(data["desync"])
-        self.passive = bool(data["passive"])
-        self.log = OrderedDict((int(sq) & _SEQ_MASK, int(b) & 0xFF) for sq, b in data["log"])
-        self.messages = int(data["messages"])
+    def import_state(self, data: Record) -> None:
+        """Inverse of :meth:`export_state`; raises KeyError/ValueError on bad data."""
+        nxt = data.opt_int("next_seq")
+        self.next_seq = None if nxt is None else nxt & _SEQ_MASK
+        self.msg_seq = data.as_int("msg_seq") & _SEQ_MASK
+        self.head = bytearray.fromhex(data.as_str("head"))[:HEAD_KEEP]
+        self.pos = data.as_int("pos")
+        self.want = data.as_int("want")
+        self.length = data.as_int("length")
+        mtype = data.opt_int("mtype")
+        self.spec = None if mtype is None else MESSAGES[mtype]
+        self.mtype = 0 if mtype is None else mtype
+        self.ready = data.as_bool("ready")
+        self.desync = data.as_str("desync")
+        self.passive = data.as_bool("passive")
+        pairs = (as_pair(x) for x in data.as_list("log"))
+        self.log = OrderedDict((sq & _SEQ_MASK, b & 0xFF) for sq, b in pairs)
+        self.messages = data.as_int("messages")
 
     def lose_framing(self, sink: ReaderSink, reason: str) -> None:
         if not self.desync:
@@ -548,8 +557,16 @@ class CallIdPool:
                 del self.used[remote]
 
 
+def _lan_role(v: str) -> Literal["pns", "pac"]:
+    if v == "pns":
+        return "pns"
+    if v == "pac":
+        return "pac"
+    raise ValueError(f"bad lan_role {v!r}")
+
+
 @dataclass(slots=True, eq=False)
-class Call:
+class Call(EntryExt):
     """One PPTP call through the gateway, from the LAN host's point of view."""
 
     control: PptpControl
@@ -572,6 +589,19 @@ class Call:
         return self.peer_id if self.lan_role == "pns" else self.inside_id
 
 
+@dataclass(frozen=True, slots=True)
+class GreAddr(EntryExt):
+    """Helper state of an address-only GRE entry (kind ``gre-addr``): why it is one."""
+
+    mode: str  # "v0" | "untracked" (pptp helper off) | "forward"
+
+
+def addr_mode(e: Entry) -> str:
+    """The mode of an address-only GRE entry; "" for any other entry."""
+    a = e.ext
+    return a.mode if isinstance(a, GreAddr) else ""
+
+
 @dataclass(slots=True)
 class _Msg:
     """What the control connection learned so far about the message being parsed."""
@@ -581,11 +611,11 @@ class _Msg:
     opened: bool = False
 
 
-class PptpControl:
+class PptpControl(EntryAlg):
     """The ALG of one PPTP control connection (a TCP 1723 entry's ``alg``)."""
 
     def __init__(
-        self, engine: Any, store: GreHelper | None, entry: Entry, now: float, server_inside: bool
+        self, engine: EngineView, store: GreHelper | None, entry: Entry, now: float, server_inside: bool
     ) -> None:
         self.engine = engine
         self.store = store
@@ -636,13 +666,11 @@ class PptpControl:
         self._close(f"control-{why}")
 
     # --- persistence ------------------------------------------------------------------
-    def export_state(
-        self, ago: Callable[[float], float], ref: Callable[[object], int | None]
-    ) -> dict[str, Any]:
+    def export_state(self, ago: Ago, ref: Ref) -> Saved:
         """The connection's parser state and its calls, for ``vpnmasq.state``. A GRE entry
         refers back to its call by (this control's entry, inside Call ID)."""
 
-        def msg(m: _Msg) -> dict[str, Any]:
+        def msg(m: _Msg) -> Saved:
             return {
                 "call": None if m.call is None else m.call.inside_id,
                 "remote_id": m.remote_id,
@@ -671,48 +699,42 @@ class PptpControl:
             "counts": dict(self.counts),
         }
 
-    def import_state(self, data: Mapping[str, Any], at: Callable[[float], float]) -> None:
+    def import_state(self, data: Record, at: At) -> None:
         """Inverse of :meth:`export_state` (before any packet). Calls whose outside ID is taken
-        are left out (counted). Raises KeyError/TypeError/ValueError on bad data."""
-        role = data["lan_role"]
-        if role not in ("pns", "pac"):
-            raise ValueError(f"bad lan_role {role!r}")
-        self.lan_role = role
-        self.session = SessionState(data["session"])
-        self.closed = bool(data["closed"])
-        self.lan.import_state(data["lan"])
-        self.wan.import_state(data["wan"])
-        self.counts = {str(k): int(v) for k, v in data["counts"].items()}
+        are left out (counted). Raises KeyError/ValueError on bad data."""
+        self.lan_role = _lan_role(data.as_str("lan_role"))
+        self.session = SessionState(data.as_str("session"))
+        self.closed = data.as_bool("closed")
+        self.lan.import_state(data.as_rec("lan"))
+        self.wan.import_state(data.as_rec("wan"))
+        self.counts = {k: as_int(v) for k, v in data.as_rec("counts").items()}
         store = self.store
         if store is not None:
-            for cd in data["calls"]:
-                c_role = cd["lan_role"]
-                if c_role not in ("pns", "pac"):
-                    raise ValueError(f"bad lan_role {c_role!r}")
-                state = CallState(cd["state"])
-                inside_id, outside_id = int(cd["inside_id"]), int(cd["outside_id"])
+            for cdo in data.as_list("calls"):
+                cd = as_rec(cdo)
+                c_role = _lan_role(cd.as_str("lan_role"))
+                state = CallState(cd.as_str("state"))
+                inside_id, outside_id = cd.as_int("inside_id"), cd.as_int("outside_id")
                 if state is CallState.ENDED or inside_id in self.by_inside:
                     continue
                 if not store.pool.claim(self.remote_ip, outside_id):
                     self._count("pptp_restore_call_id_taken")
                     continue
-                peer = cd["peer_id"]
                 call = Call(
                     self, c_role, self.inside_ip, self.remote_ip, inside_id, outside_id, state,
-                    at(float(cd["created"])), None if peer is None else int(peer),
+                    at(cd.as_num("created")), cd.opt_int("peer_id"),
                 )
                 self.by_inside[inside_id] = call
                 self.by_outside[outside_id] = call
                 if call.peer_id is not None:
                     self.by_peer[call.peer_id] = call
         for key, from_lan in (("lan", True), ("wan", False)):
-            md = data["msg"][key]
-            cid = md["call"]
-            rid = md["remote_id"]
+            md = data.as_rec("msg").as_rec(key)
+            cid = md.opt_int("call")
             self._msg[from_lan] = _Msg(
-                None if cid is None else self.by_inside.get(int(cid)),
-                None if rid is None else int(rid),
-                bool(md["opened"]),
+                None if cid is None else self.by_inside.get(cid),
+                md.opt_int("remote_id"),
+                md.as_bool("opened"),
             )
 
     # --- per segment ------------------------------------------------------------------
@@ -740,7 +762,7 @@ class PptpControl:
                 rd.lose_framing(self, "control segment split by IP fragmentation")
             data = bytes(buf[payload_off : payload_off + n])
             if not rd.segment(data_seq, data, self):
-                return self.engine.drop(  # type: ignore[no-any-return]
+                return self.engine.drop(
                     DropReason.PPTP_OUT_OF_ORDER,
                     f"pptp control segment beyond a gap (seq {data_seq}, expected "
                     f"{rd.next_seq}); its sender will retransmit in order",
@@ -964,7 +986,7 @@ def _key_out(inside_ip: int, remote: int, peer_id: int) -> tuple[str, int, int, 
     return ("pptp-o", inside_ip, remote, peer_id)
 
 
-class GreHelper:
+class GreHelper(ProtoHelper):
     """IP protocol 47: enhanced GRE v1 (PPTP data) by Call ID, other GRE by address pair.
 
     Also the store of PPTP calls: control connections open and end calls here, so the
@@ -985,17 +1007,15 @@ class GreHelper:
 
     kinds: tuple[str, ...] = ("gre", GRE_ADDR_KIND)
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineView) -> None:
+        super().__init__(engine)
+        #: the pptp helper is enabled too (wired by the registry): GRE v1 is tracked by Call ID
+        self.pptp_enabled = False
         r = engine.config.call_id_range
         self.pool = CallIdPool(r.low, r.high, engine.rng)
         #: (remote, remote's Call ID) -> call entries, for ICMP errors about our outbound GRE
         self.by_peer: dict[tuple[int, int], list[Entry]] = {}
         self._noticed: set[str] = set()
-
-    @property
-    def pptp_enabled(self) -> bool:
-        return "pptp" in self.engine.helper_by_name
 
     # --- the call store -----------------------------------------------------------------
     def open_call(
@@ -1041,8 +1061,7 @@ class GreHelper:
             )
         else:
             call.entry = e
-            eng.count("created:gre")
-            eng.events.append(EntryCreated(eng.row(e, now)))
+            eng.created(e, now)
         eng.count("pptp_calls")
         return call
 
@@ -1108,7 +1127,7 @@ class GreHelper:
                 fwd = self._untracked_forward(ip.dst)
                 if fwd is not None and ip_to_int(fwd.to) == ip.src:
                     return self._addr_out(ip, now, "forward")
-            elif a.ext == "forward":
+            elif addr_mode(a) == "forward":
                 return self._addr_out(ip, now, "forward")
             return self._unknown_call(ip, cid, "outbound")
         return self._addr_out(ip, now, "v0" if ver == 0 else "untracked")
@@ -1132,7 +1151,7 @@ class GreHelper:
                     return self._call_in(ip, e, call, now)
                 return self._unknown_call(ip, cid, "inbound (call not connected yet)")
             a = table.get(("gi", PROTO_GRE, ip.src), now)
-            if a is not None and a.ext == "forward":
+            if a is not None and addr_mode(a) == "forward":
                 return self._addr_deliver(ip, a, now)
             if a is None:
                 fwd = self._untracked_forward(ip.src)
@@ -1172,7 +1191,7 @@ class GreHelper:
                 self.engine.count("gre_icmp_ambiguous")
                 return None
             a = table.get(("gi", PROTO_GRE, inner.dst), now)
-            return a if a is not None and a.ext == "forward" else None
+            return a if a is not None and addr_mode(a) == "forward" else None
         if ver > 1:
             return None
         e: Entry | None = table.get(("gi", PROTO_GRE, inner.dst), now)
@@ -1219,7 +1238,7 @@ class GreHelper:
                 "pkts_out": str(entry.pkts_out),
                 "pkts_in": str(entry.pkts_in),
             }
-        return {"mode": "address-only", "gre": str(c)}
+        return {"mode": "address-only", "gre": addr_mode(entry)}
 
     def on_remove(self, entry: Entry, why: str) -> None:
         c = entry.ext
@@ -1227,9 +1246,7 @@ class GreHelper:
             self._forget(c)
 
     # --- persistence ------------------------------------------------------------------
-    def export_entry(
-        self, entry: Entry, ago: Callable[[float], float], ref: Callable[[object], int | None]
-    ) -> dict[str, Any] | None:
+    def export_entry(self, entry: Entry, ago: Ago, ref: Ref) -> Saved | None:
         """A call's GRE entry refers to its control connection's entry (saved before it);
         an address-only entry saves its mode. None: not savable (control not saved)."""
         c = entry.ext
@@ -1238,24 +1255,18 @@ class GreHelper:
             if control is None or not c.live:
                 return None
             return {"call": {"control": control, "inside_id": c.inside_id}}
-        return {"mode": str(c)}
+        return {"mode": addr_mode(entry)}
 
-    def import_entry(
-        self,
-        entry: Entry,
-        data: Mapping[str, Any],
-        at: Callable[[float], float],
-        ref: Callable[[int], Entry | None],
-    ) -> bool:
+    def import_entry(self, entry: Entry, data: Record, at: At, resolve: Resolve) -> bool:
         """Link a restored GRE entry to its call (restored with the control connection)."""
         try:
             if "mode" in data:
-                entry.ext = str(data["mode"])
+                entry.ext = GreAddr(data.as_str("mode"))
                 return entry.kind == GRE_ADDR_KIND
-            cd = data["call"]
-            owner = ref(int(cd["control"]))
-            inside_id = int(cd["inside_id"])
-        except (KeyError, TypeError, ValueError):
+            cd = data.as_rec("call")
+            owner = resolve(cd.as_int("control"))
+            inside_id = cd.as_int("inside_id")
+        except (KeyError, ValueError):
             return False
         control = None if owner is None else owner.alg
         if entry.kind != "gre" or not isinstance(control, PptpControl):
@@ -1273,7 +1284,9 @@ class GreHelper:
     # --- paths ------------------------------------------------------------------------
     def _call_out(self, ip: IPv4, e: Entry, now: float) -> Verdict:
         self.engine.table.touch(e, now)
-        ip.set_src(self.engine.public_ip)
+        pub = self.engine.public_ip
+        assert pub is not None  # the engine drops outbound packets before it has one
+        ip.set_src(pub)
         e.pkts_out += 1
         e.last_out = now
         e.bytes_out += ip.total_len
@@ -1305,7 +1318,7 @@ class GreHelper:
                 PROTO_GRE, GRE_ADDR_KIND, "gre" if mode == "forward" else "generic",
                 ip.src, 0, ip.dst, 0, eng.public_ip or 0, 0, now,
             )
-            e.ext = mode
+            e.ext = GreAddr(mode)
             v: Verdict | None = eng.add_entry(
                 e, now, (("go", PROTO_GRE, ip.src, ip.dst), ("gi", PROTO_GRE, ip.dst))
             )
@@ -1313,7 +1326,9 @@ class GreHelper:
                 return v
         else:
             table.touch(e, now)
-        ip.set_src(eng.public_ip)
+        pub = eng.public_ip
+        assert pub is not None  # the engine drops outbound packets before it has one
+        ip.set_src(pub)
         e.pkts_out += 1
         e.last_out = now
         e.bytes_out += ip.total_len
@@ -1323,7 +1338,7 @@ class GreHelper:
         eng = self.engine
         to = ip_to_int(fwd.to)
         e = Entry(PROTO_GRE, GRE_ADDR_KIND, "gre", to, 0, ip.src, 0, eng.public_ip or 0, 0, now)
-        e.ext = "forward"
+        e.ext = GreAddr("forward")
         v: Verdict | None = eng.add_entry(
             e, now, (("go", PROTO_GRE, to, ip.src), ("gi", PROTO_GRE, ip.src))
         )
@@ -1375,19 +1390,19 @@ class GreHelper:
 
 
 # ---------------------------------------------------------------------------- specs
-class PptpAlgFactory:
+class PptpAlgFactory(TcpAlgFactory):
     """``factory(engine)`` of the pptp spec: ``attach`` gives each TCP 1723 session its ALG."""
 
-    kinds: tuple[str, ...] = ()
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: EngineView) -> None:
+        super().__init__(engine)
+        #: the GRE helper, the call store (wired by the registry)
+        self.gre: GreHelper | None = None
         self._warned = False
 
     def attach(self, entry: Entry, now: float, server_inside: bool = False) -> PptpControl:
-        store = self.engine.helper_by_name.get("gre")
-        if not isinstance(store, GreHelper):
-            store = None
+        store = self.gre
+        if store is None:
             if not self._warned:
                 self._warned = True
                 self.engine.notice(
@@ -1397,9 +1412,7 @@ class PptpAlgFactory:
                 )
         return PptpControl(self.engine, store, entry, now, server_inside)
 
-    def restore_alg(
-        self, entry: Entry, data: Mapping[str, Any], at: Callable[[float], float]
-    ) -> PptpControl | None:
+    def restore_alg(self, entry: Entry, data: Record, at: At) -> PptpControl | None:
         """A control connection's ALG from ``vpnmasq.state``; None if the record is bad."""
         ctrl = self.attach(entry, at(0.0), server_inside=data.get("lan_role") == "pac")
         try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from vpnmasq.helpers.base import HelperSpec
+from vpnmasq.helpers.base import EngineView, HelperSpec, ProtoHelper
 from vpnmasq.packet.ipv4 import PROTO_AH, PROTO_FWZ, IPv4, int_to_ip
 from vpnmasq.verdict import DropReason, Verdict
 
@@ -34,11 +34,9 @@ FWZ_WHY = (
 )
 
 
-class Unmasqueradable:
-    kinds: tuple[str, ...] = ()
-
-    def __init__(self, engine: Any, proto: int, reason: DropReason, why: str) -> None:
-        self.engine = engine
+class Unmasqueradable(ProtoHelper):
+    def __init__(self, engine: EngineView, proto: int, reason: DropReason, why: str) -> None:
+        super().__init__(engine)
         self.proto = proto
         self.reason = reason
         self.why = why
