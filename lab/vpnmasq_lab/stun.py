@@ -4,6 +4,7 @@ listens on two addresses and two ports) and ``turnutils_natdiscovery`` on a LAN 
 
     srv = StunServer(topo, "r1", alt_ip="198.51.100.21").start()
     nat_behaviour(topo, "h1", srv.ip)   # {"mapping": "endpoint-independent", "filtering": ...}
+    nat_hairpinning(topo, "h1", srv.ip)  # (True, output) if the NAT hairpinned the probe
 """
 
 from __future__ import annotations
@@ -70,3 +71,17 @@ def nat_behaviour(topo: Any, host: str, server: str, timeout: float = 60.0) -> d
     found = parse_natdiscovery(str(r.stdout))
     found["output"] = str(r.stdout)
     return found
+
+
+def nat_hairpinning(topo: Any, host: str, server: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """Run the hairpinning discovery (``-H``) from ``host``: natdiscovery learns its mapping
+    from the server, then sends a binding request to that public address and port from
+    another local port. True if the request came back to the first socket through the NAT;
+    also natdiscovery's output."""
+    r = topo.exec(host, ["turnutils_natdiscovery", "-H", server], check=False, timeout=timeout)
+    out = str(r.stdout)
+    return _HAIRPINNED in out, out
+
+
+#: what natdiscovery prints when its hairpinning probe arrived
+_HAIRPINNED = "Received a request (maybe a successful hairpinning)"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vpnmasq_lab.stun import StunServer, nat_behaviour
+from vpnmasq_lab.stun import StunServer, nat_behaviour, nat_hairpinning
 from vpnmasq_lab.topology import Topology
 
 ALT_IP = "198.51.100.121"  # a second address of r1 (RFC 5780's CHANGE-REQUEST needs two)
@@ -36,4 +36,38 @@ def test_userspace_mode_is_an_rfc_4787_nat_as_configured(
             assert offloaded == [] and "offload" not in gw.status()
     finally:
         gw.stop()
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "filtering", "hairpins"),
+    [
+        ("userspace", "endpoint-independent", True),
+        # the probe comes from another mapping, to which the first never sent: filtered, as
+        # the same probe from outside would be (the configured filtering applies)
+        ("userspace", "address-port-dependent", False),
+        ("hybrid", "endpoint-independent", False),  # plain UDP is the kernel's: no hairpin
+        ("kernel-nat", "", False),  # the kernel's own NAT, for comparison
+    ],
+)
+def test_natdiscovery_reports_hairpinning_as_the_readme_says(
+    vtopo: Topology, require: Any, mode: str, filtering: str, hairpins: bool
+) -> None:
+    require("turnserver", "turnutils_natdiscovery")
+    topo = vtopo
+    srv = StunServer(topo, "r1", ALT_IP).start()
+    gw = None
+    if mode == "kernel-nat":
+        topo.gateway_kernel_nat()
+    else:
+        gw = topo.gateway_vpnmasq(mode, config_overrides={"filtering": filtering})
+    try:
+        found, output = nat_hairpinning(topo, "h1", srv.ip)
+        print(f"{mode} {filtering}: natdiscovery -H says hairpinning={found}")
+        assert found is hairpins, output
+        if gw is not None and mode == "userspace":
+            assert gw.counters().get("hairpin", 0) >= 1, gw.status_text()
+    finally:
+        if gw is not None:
+            gw.stop()
         srv.stop()
