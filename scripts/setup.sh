@@ -10,7 +10,7 @@ APT_PACKAGES="iproute2 nftables iptables conntrack tcpdump tshark iperf3 socat \
 pptpd pptp-linux strongswan-charon strongswan-libcharon strongswan-swanctl libstrongswan \
 libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins \
 netsniff-ng hping3 kmod procps util-linux mount coreutils dash dpkg openssl tmux prometheus \
-coturn"
+coturn keepalived conntrackd"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -27,7 +27,7 @@ fi
 # Debian enables these on install; the lab runs its own instances in namespaces (and only
 # prometheus's promtool is wanted: the metrics and alert-rule checks; coturn's STUN server and
 # turnutils_natdiscovery run in the lab's namespaces).
-for svc in pptpd strongswan-starter strongswan prometheus coturn; do
+for svc in pptpd strongswan-starter strongswan prometheus coturn keepalived conntrackd; do
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
 

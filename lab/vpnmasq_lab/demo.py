@@ -779,6 +779,10 @@ def _missing(names: Sequence[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--ha" in argv:  # the active/standby pair: its own scenario (ha.py)
+        from .ha import main as ha_main
+
+        return ha_main([a for a in argv if a != "--ha"])
     args = _parser().parse_args(argv)
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     if not MIN_HOSTS <= args.hosts <= MAX_HOSTS:

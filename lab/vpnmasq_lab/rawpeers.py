@@ -283,6 +283,7 @@ def esp_client(
         "server_first": 0,
         "resent": 0,
         "first_echo_s": None,
+        "echo_at": [],  # seconds after start of each new verified echo (gap measurements)
     }
     t0 = time.monotonic()
 
@@ -306,6 +307,8 @@ def esp_client(
             res["server_first"] += 1
             return
         if len(parts) >= 4 and parts[0] == "VMQ" and parts[1] == token and parts[2].isdigit():
+            if int(parts[2]) not in got:
+                res["echo_at"].append(round(time.monotonic() - t0, 3))
             got.add(int(parts[2]))
             res["verified"] = len(got)
             if res["first_echo_s"] is None:

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -352,21 +352,7 @@ class Topology:
                 self._ip(role, "addr", "add", cidr, "dev", ifname)
             self._ip(role, "link", "set", ifname, "up")
 
-        plug("gw", "lan0", "lan", f"{GW_LAN_IP}/{LAN_NET.prefixlen}")
-        plug("gw", "wan0", "inet", f"{GW_WAN_IP}/{WAN_NET.prefixlen}")
-        _run(
-            [
-                IP,
-                "netns",
-                "exec",
-                self.ns("gw"),
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv4.ip_forward=1",
-                "net.ipv4.conf.all.rp_filter=0",
-            ]
-        )
+        self._create_gateways(plug)
         lan_roles = (["srv"] if self.has_lan_server else []) + self.hosts
         for role in lan_roles:
             plug(role, "eth0", "lan", f"{self.ip(role)}/{LAN_NET.prefixlen}")
@@ -375,6 +361,27 @@ class Topology:
             plug(role, "eth0", "inet", f"{self.ip(role)}/{WAN_NET.prefixlen}")
             # Remotes have no default route: the public side is one L2 segment and every
             # answer goes to 198.51.100.1 directly. Nothing can leak to a real network.
+
+    def _create_gateways(self, plug: Callable[[str, str, str, str | None], None]) -> None:
+        """The gateway's two legs (a subclass may build others, e.g. an HA pair)."""
+        plug("gw", "lan0", "lan", f"{GW_LAN_IP}/{LAN_NET.prefixlen}")
+        plug("gw", "wan0", "inet", f"{GW_WAN_IP}/{WAN_NET.prefixlen}")
+        self.router_sysctls("gw")
+
+    def router_sysctls(self, role: str) -> None:
+        _run(
+            [
+                IP,
+                "netns",
+                "exec",
+                self.ns(role),
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+            ]
+        )
 
     def _ip(self, role: str, *args: str) -> None:
         _run([IP, "-n", self.ns(role), *args])

@@ -14,6 +14,7 @@ Life cycle, signals and hand-over: docs/internals/daemon.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -34,11 +35,13 @@ from vpnmasq.conntrack.table import Entry
 from vpnmasq.datapath import gapflows, offload, routes, rules, rulewatch
 from vpnmasq.datapath.control import Answer, ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
+from vpnmasq.datapath.syncsock import SyncEndpoint, read_key
 from vpnmasq.engine import Engine
 from vpnmasq.eventlog import RateLimitedLog
 from vpnmasq.events import Row
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip, ip_to_int
+from vpnmasq.sync.replica import split_ranges
 from vpnmasq.verdict import Action, Direction, DropReason, Verdict
 
 log = logging.getLogger("vpnmasq")
@@ -67,21 +70,27 @@ RTMGRP_IPV4_IFADDR = 0x10
 CONTROL_SLICE_S = 0.002
 
 
-def read_public_address(ifname: str, current: str | None = None) -> str | None:
-    """The IPv4 address of ``ifname`` (via netlink, pyroute2). With several addresses (a
-    DHCP renew may add the new one before removing the old), keep ``current`` while it is
-    still there, else take the primary (first) one."""
+def ipv4_addresses(ifname: str) -> list[str]:
+    """The IPv4 addresses of ``ifname``, primary first (via netlink, pyroute2); [] if the
+    interface does not exist."""
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=ifname)
         if not idx:
-            return None
+            return []
         addrs = [
             a.get_attr("IFA_ADDRESS")
             for a in ipr.get_addr(index=idx[0], family=socket.AF_INET)
         ]
-    addrs = [a for a in addrs if a]
+    return [a for a in addrs if a]
+
+
+def read_public_address(ifname: str, current: str | None = None) -> str | None:
+    """The IPv4 address of ``ifname``. With several addresses (a DHCP renew may add the new
+    one before removing the old), keep ``current`` while it is still there, else take the
+    primary (first) one."""
+    addrs = ipv4_addresses(ifname)
     if current in addrs:
         return current
     return addrs[0] if addrs else None
@@ -353,20 +362,34 @@ class Gateway:
     """The running daemon. ``step()`` is one loop iteration; tests may drive it directly."""
 
     def __init__(self, config: Config, *, handover: bool = False) -> None:
-        self.config = config
         self.handover = handover
         self.stopping = False
         self.keep_rules = False
         self.rl = RateLimitedLog(log)
-        self.public: str | None = config.public_address or read_public_address(
-            config.outside_interface
+        # [sync]: the engine hands out new identifiers from this node's half of each range;
+        # the rules keep the whole pool (the peer's mappings arrive at takeover), except
+        # the kernel's own NAT range in hybrid mode
+        self.full_config = config
+        engine_config = config
+        if config.sync.enabled:  # (the engine follows the address: active while it is here)
+            engine_config = dataclasses.replace(
+                split_ranges(config, config.sync.node), public_address=None
+            )
+            config = dataclasses.replace(config, kernel_port_range=engine_config.kernel_port_range)
+        self.config = config
+        self.engine_config = engine_config
+        self.sync: SyncEndpoint | None = None
+        self.public: str | None = (
+            self._sync_address()
+            if config.sync.enabled
+            else config.public_address or read_public_address(config.outside_interface)
         )
         if self.public is None:
             log.warning(
                 "no IPv4 address on %s yet; outbound packets are dropped until one appears",
                 config.outside_interface,
             )
-        self.engine = Engine(config, ip_to_int(self.public) if self.public else None)
+        self.engine = Engine(engine_config, ip_to_int(self.public) if self.public else None)
         self.sel = selectors.DefaultSelector()
         self.nfq: NfQueue | None = None
         self.control: ControlServer | None = None
@@ -451,7 +474,9 @@ class Gateway:
         self._refresh_local_consumers()
         if cfg.state_file:
             self.next_save = time.monotonic() + STATE_SAVE_INTERVAL_S
-        if not cfg.public_address:
+        if cfg.sync.enabled:
+            self._start_sync()
+        if not cfg.public_address or cfg.sync.enabled:
             try:
                 self.addr_mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
                 self.addr_mon.bind((0, RTMGRP_IPV4_IFADDR))
@@ -669,7 +694,7 @@ class Gateway:
             report = state.import_state(self.engine, data, time.monotonic(), time.time())
         except Exception as exc:  # a half-restored table is not to be trusted: start empty
             log.warning("ignoring the saved table %s: %s; starting with an empty table", path, exc)
-            self.engine = Engine(self.config, self.engine.public_ip)
+            self.engine = Engine(self.engine_config, self.engine.public_ip)
             return
         log.info("%s from %s", report.summary(), path)
 
@@ -771,6 +796,9 @@ class Gateway:
         if self.control is not None:
             self.control.close()
             self.control = None
+        if self.sync is not None:
+            self.sync.close()
+            self.sync = None
         if self.addr_mon is not None:
             self.addr_mon.close()
             self.addr_mon = None
@@ -819,6 +847,8 @@ class Gateway:
             out: dict[str, Any] = {"counters": self._counters()}
             if off is not None:
                 out["offload"] = off.status()
+            if self.sync is not None:
+                out["sync"] = self.sync.status(self.engine.public_ip is not None, now)
             return out
 
         return status.answer_stream(list(eng.table.index.values()), q, row, tail)
@@ -964,6 +994,8 @@ class Gateway:
                 self.control.handle_ready()
             elif key.data == "rulewatch" and self.rulewatch is not None:
                 self.rulewatch.on_readable(time.monotonic())
+            elif key.data == "sync" and self.sync is not None:
+                self.sync.on_readable(self.engine.public_ip is not None, time.monotonic())
             elif key.data == "wakeup":  # a signal arrived (run(): signal.set_wakeup_fd)
                 with contextlib.suppress(OSError):
                     os.read(key.fd, 512)
@@ -983,7 +1015,7 @@ class Gateway:
                 self.nfq.flush()
         if now - self.last_addr_check >= ADDRESS_POLL_S:
             self.last_addr_check = now
-            if not self.config.public_address:
+            if not self.config.public_address or self.sync is not None:
                 self._follow_address(now)
             self._refresh_local_consumers()  # a local charon/pptpd may have started
         if self.rulewatch is not None and self.rulewatch.due(now):
@@ -996,6 +1028,10 @@ class Gateway:
             if not self.offload_ended and self.offloader.wants_sync(events):
                 self.offload_ended = True
             self._offload_sync(now)
+        if self.sync is not None:
+            self.sync.tick(
+                self.engine, self.engine.public_ip is not None, now, time.time(), time.monotonic
+            )
         if self.saver is not None:
             self.reap_saver()
         if self.next_save is not None and now >= self.next_save and self.config.state_file:
@@ -1012,9 +1048,53 @@ class Gateway:
         except Exception as exc:  # probing must never stop the datapath
             log.debug("probing local VPN endpoints failed: %s", exc)
 
+    def _sync_address(self) -> str | None:
+        """With [sync], the gateway is active while the virtual public address is on the
+        outside interface (keepalived puts it there): that address, or None."""
+        pub = self.config.public_address
+        return pub if pub in ipv4_addresses(self.config.outside_interface) else None
+
+    def _start_sync(self) -> None:
+        cfg = self.config.sync
+        assert cfg.key_file is not None
+        try:
+            key, warn = read_key(cfg.key_file)
+            self.sync = SyncEndpoint(cfg, key)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"[sync] (key_file {cfg.key_file}, listen {cfg.listen}): {exc}") from None
+        if warn:
+            log.warning("[sync] key_file %s", warn)
+        self.sel.register(self.sync.fileno(), selectors.EVENT_READ, "sync")
+        log.info(
+            "sync: node %d, %s, peer %s",
+            cfg.node,
+            "active" if self.public else f"standby (waiting for {self.config.public_address})",
+            cfg.peer,
+        )
+
+    def _sync_role(self, new: str | None, now: float) -> None:
+        """The public address arrived (take over the replicated table) or went away (stop
+        masquerading: the engine was flushed; wait for the new active's table)."""
+        assert self.sync is not None
+        if new is None:
+            self.sync.stand_by()
+            log.warning("sync: public address gone: standby now (masquerading stopped)")
+            return
+        rep = self.sync.take_over(self.engine, now, time.time(), self.full_config)
+        log.warning(
+            "sync: took over %s: %s",
+            new,
+            rep.summary() if rep is not None else "no replicated table (starting empty)",
+        )
+        if self.config.offload and self.config.mode == "hybrid" and self.offloader is None:
+            self._start_offload()
+
     def _follow_address(self, now: float) -> None:
         try:
-            new = read_public_address(self.config.outside_interface, self.public)
+            if self.sync is not None:
+                new = self._sync_address()
+            else:
+                new = read_public_address(self.config.outside_interface, self.public)
         except Exception as exc:  # netlink trouble must not kill the datapath
             log.warning("reading the address of %s failed: %s", self.config.outside_interface, exc)
             return
@@ -1023,6 +1103,8 @@ class Gateway:
         old, self.public = self.public, new
         # the rules match any address of outside_interface: only the engine changes
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
+        if self.sync is not None:
+            self._sync_role(new, now)
         if self.offloader is not None and new:
             with contextlib.suppress(Exception):
                 self.offloader.set_public(new)
@@ -1061,6 +1143,7 @@ class Gateway:
             self.rl.next_deadline(),
             self.offloader.next_add() if self.offloader is not None else None,
             self.rulewatch.deadline() if self.rulewatch is not None else None,
+            self.sync.next_deadline(self.engine.public_ip is not None) if self.sync else None,
         ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))

@@ -42,6 +42,7 @@ BINARIES = (
     "mount",                                      # the lab's private /run per namespace
     "tmux", "promtool",                           # `vpnmasq top` as seen; metrics/alert checks
     "turnserver", "turnutils_natdiscovery",       # RFC 5780 NAT behaviour discovery (coturn)
+    "keepalived", "conntrackd",                   # the HA pair lab (VRRP, kernel flow sync)
 )
 # Executables run by absolute path.
 PATHS = (CHARON,)
