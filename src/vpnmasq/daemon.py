@@ -871,6 +871,8 @@ class Gateway:
         c["rules_restore_failed"] = self.rules_restore_failed
         c.update(kernel_queue_counters(self.config.queue_num))
         c["queue_latency_us_total"] = int(self.queue_latency_sum * 1e6)
+        if self.sync is not None:
+            c.update(self.sync.counters_all())
         return c
 
     def _start_metrics(self, listen: str) -> None:

@@ -96,6 +96,17 @@ NFQ_MSGS = Family(
     "vpnmasq_nfqueue_verdict_messages", "Verdict messages sent, by type", ("type",)
 )
 
+SYNC_MSGS = Family(
+    "vpnmasq_sync_messages",
+    "Table replication messages ([sync]), by event (sent, received, applied, dropped...)",
+    ("event",),
+)
+SYNC_REFUSED = Family(
+    "vpnmasq_sync_refused_messages",
+    "Replication messages refused or not applied, by reason (bad-auth, replayed...)",
+    ("reason",),
+)
+
 
 def _f(name: str, help_: str, *, scale: float = 1.0) -> Family:
     return Family(name, help_, (), scale)
@@ -216,6 +227,20 @@ COUNTERS: dict[str, tuple[Family, tuple[str, ...]]] = {
         ),
         (),
     ),
+    **{
+        f"sync_{k}": (SYNC_MSGS, (k.replace("_", "-"),))
+        for k in (
+            "sent", "received", "full_applied", "delta_applied", "send_dropped",
+            "send_blocked", "send_failed", "too_large",
+        )
+    },
+    **{
+        f"sync_{k}": (SYNC_REFUSED, (k.replace("_", "-"),))
+        for k in (
+            "bad_auth", "replayed", "too_old", "stale_epoch", "own_node", "malformed",
+            "version", "late", "gap",
+        )
+    },
     "rules_restored": (
         _f("vpnmasq_rules_restored", "Times the rules were put back after a firewall change"),
         (),

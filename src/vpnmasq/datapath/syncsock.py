@@ -216,6 +216,9 @@ class SyncEndpoint:
         self.replica.clear()
         self.next_hello = 0.0
 
+    def counters_all(self) -> dict[str, int]:
+        return {**self.replica.counters, **self.counters}
+
     def status(self, active: bool, now: float) -> dict[str, Any]:
         return {
             "role": "active" if active else "standby",
@@ -227,7 +230,7 @@ class SyncEndpoint:
             "replica_synced": self.replica.synced,
             "queue": len(self.queue),
             "tick_s": round(self.tick_interval, 3),
-            "counters": {**self.replica.counters, **self.counters},
+            "counters": self.counters_all(),
         }
 
 
