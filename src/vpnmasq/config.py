@@ -563,7 +563,9 @@ TOP_KEYS: tuple[KeySpec, ...] = (
         _k_choice(get_args(Filtering)),
         "Which inbound packets may use an existing mapping (RFC 4787 REQ-8): from any "
         "remote, only from remotes the inside host has sent to, or only from the exact "
-        "remote address and port.",
+        "remote address and port. Userspace mode filters hairpinned packets (another LAN "
+        "host sending through the public address) the same way, the remote being the "
+        "sender's public address and port.",
     ),
     KeySpec(
         "on_address_change",

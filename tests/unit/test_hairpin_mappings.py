@@ -158,6 +158,21 @@ def test_icmp_errors_inside_a_hairpinned_flow_reach_the_other_host_quoting_its_d
     dropped(eng.handle(_error_about(stray, PRV2), OUT, 3.0), DropReason.ICMP_NO_MAPPING)
 
 
+def test_the_gateways_own_error_about_a_hairpinned_datagram_reaches_the_sender():
+    """The gateway cannot deliver a hairpinned datagram to PRV2 (ARP fails): its host
+    unreachable quotes MASQ:a -> PRV2:6000 and is addressed to MASQ, itself; it reaches PRV1
+    quoting PRV1's own datagram (queued from OUTPUT, see Engine._icmp_error_local)."""
+    eng = make_engine(filtering="endpoint-independent")
+    a, b = mapping(eng, PRV1, 5000), mapping(eng, PRV2, 6000)
+    to_b = accepted(hairpin_udp(eng, PRV1, 5000, b))
+    assert (to_b.src, to_b.u16(0), to_b.dst) == (MASQ, a, PRV2)
+    err = bytes(build_icmp(MASQ, MASQ, 3, 1, 0, bytes(to_b.buf[:48])))
+    ip = accepted(eng.handle(err, OUT, 3.0))
+    assert (ip.src, ip.dst) == (MASQ, PRV1)
+    q = _quoted(ip)
+    assert (q.src, q.u16(0), q.dst, q.u16(2)) == (PRV1, 5000, MASQ, b)
+
+
 @pytest.mark.parametrize("filtering", ["endpoint-independent", "address-port-dependent"])
 def test_hairpinned_legs_are_never_offloaded(filtering: str):
     """The offload maps rewrite what crosses the outside interface; a hairpinned leg never
