@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES="iproute2 nftables iptables conntrack tcpdump tshark iperf3 socat \
 pptpd pptp-linux strongswan-charon strongswan-libcharon strongswan-swanctl libstrongswan \
 libstrongswan-standard-plugins libstrongswan-extra-plugins libcharon-extra-plugins \
-netsniff-ng hping3 kmod procps util-linux mount coreutils dash dpkg openssl tmux prometheus \
-coturn keepalived conntrackd"
+netsniff-ng hping3 kmod procps util-linux mount coreutils dash dpkg openssl tar tmux prometheus \
+coturn keepalived conntrackd \
+dpkg-dev debhelper dh-python pybuild-plugin-pyproject python3-all python3-hatchling lintian \
+python3-click python3-rich python3-pyroute2 python3-prometheus-client"
 
 missing=""
 for p in $APT_PACKAGES; do

@@ -114,6 +114,10 @@ class Daemon:
     extra: str = ""
     #: Python run in the daemon's process before the CLI (e.g. to change a module constant)
     python_setup: str = ""
+    #: the vpnmasq command to run instead of this checkout's (an installed package), and its
+    #: environment (None: inherited)
+    command: list[str] | None = None
+    env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -141,7 +145,7 @@ class Daemon:
             self.write_config()
         log = self.workdir / f"daemon-{len(self.logs)}.log"
         self.logs.append(log)
-        python = [sys.executable, "-m", "vpnmasq.cli"]
+        python = self.command or [sys.executable, "-m", "vpnmasq.cli"]
         if self.python_setup:
             main = "import sys\nfrom vpnmasq.cli import main\nsys.exit(main())"
             python = [sys.executable, "-c", f"{self.python_setup}\n{main}"]
@@ -151,6 +155,7 @@ class Daemon:
                 [*python, "run", "-c", str(self.config_path), *args],
                 stdout=f,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         if wait:
             self.wait_ready()

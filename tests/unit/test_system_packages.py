@@ -24,7 +24,7 @@ import pytest
 from vpnmasq_lab.strongswan import CHARON, PLUGIN_DIR, PLUGINS
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCE_DIRS = ("src", "lab", "tests", "bench", "fuzz")
+SOURCE_DIRS = ("src", "lab", "tests", "bench", "fuzz", "scripts")
 
 # Executables run by name (daemon, lab, tests, benchmarks). A new one found by the source scan
 # below must be added here, with its package added to scripts/setup.sh.
@@ -43,6 +43,8 @@ BINARIES = (
     "tmux", "promtool",                           # `vpnmasq top` as seen; metrics/alert checks
     "turnserver", "turnutils_natdiscovery",       # RFC 5780 NAT behaviour discovery (coturn)
     "keepalived", "conntrackd",                   # the HA pair lab (VRRP, kernel flow sync)
+    "dpkg-buildpackage", "dpkg-parsechangelog",   # make deb (scripts/build-deb.sh)
+    "dpkg-deb", "lintian", "tar",                 # the packaging test: contents, lintian
 )
 # Executables run by absolute path.
 PATHS = (CHARON,)
