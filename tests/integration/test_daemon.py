@@ -173,7 +173,7 @@ def test_stateful_forward_chain_with_the_mark_rule_passes_vpn_traffic(
     _stateful_forward(topo, with_mark_rule=False)
     d.start()
     check = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "check-config", str(d.config_path))
-    assert "no FORWARD rule accepts packets with mark 0x564d" in check.stderr
+    assert "no rule accepts vpnmasq's mark 0x564d" in check.stderr
     # without the rule, the untracked VPN packets fail the stateful policy
     assert not esp_exchange(topo, "h1", 0x1001, timeout=0.4)
 

@@ -49,6 +49,12 @@ __all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 LONG_IDLE_POLL = "import vpnmasq.daemon; vpnmasq.daemon.ADDRESS_POLL_S = 3600.0"
 
 
+def ours(mode: str) -> int:
+    """How many jumps to vpnmasq's chains the daemon installs in this lab (see
+    test_clean_stop_removes_exactly_our_rules)."""
+    return 5 if mode == "userspace" else 4
+
+
 def jumps(save: str) -> list[str]:
     """Rules in built-in chains that jump to one of ours."""
     return [ln for ln in save.splitlines() if re.match(r"-A [A-Z]+ .*-j VPNMASQ_", ln)]
@@ -69,8 +75,10 @@ def test_clean_stop_removes_exactly_our_rules(topo: Topology, workdir, mode: str
     d = Daemon(topo, mode, workdir, python_setup=LONG_IDLE_POLL).start()
     assert ours_installed(topo)
     # mangle PREROUTING, POSTROUTING once per inside network (two here), and mangle OUTPUT
-    # for the gateway's own ICMP errors; the rest is vpnmasq's nft table
-    assert len(jumps(iptables_save(topo))) == 4
+    # for the gateway's own ICMP errors; in userspace mode PREROUTING once more for packets
+    # from the LAN to the public address (every mapping hairpins); the rest is vpnmasq's
+    # nft table
+    assert len(jumps(iptables_save(topo))) == ours(mode)
     assert d.stop(signal.SIGTERM) == 0
     assert not ours_installed(topo)
     assert not rules.forward_mark_rule_present(netns=gw)
@@ -129,7 +137,7 @@ def test_sigkill_fails_closed_and_a_restart_cleans_up(
     d.start()  # the restart removes the leftovers and installs once
     assert "rules installed" in d.log()
     save = iptables_save(topo)
-    assert len(jumps(save)) == 4, jumps(save)  # see test_clean_stop_removes_exactly_our_rules
+    assert len(jumps(save)) == ours(mode), jumps(save)  # see test_clean_stop_removes_exactly_our_rules
     assert save.count(":VPNMASQ_OUT ") == 1
     assert esp_exchange(topo, "h1", 0x1001) and udp_echo(topo, "h1")
     assert wan.leaked() == []

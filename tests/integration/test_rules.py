@@ -84,10 +84,13 @@ def test_install_then_remove_leaves_no_trace(
         assert f":{chain} " in first
     assert "VPNMASQ_RAW" not in first  # untracking is native nft now (rules module docstring)
     assert "table ip vpnmasq {" in first and ("masquerade" in first) == (mode == "hybrid")
-    # our jumps come first in the built-in chains, and our raw chain before iptables raw
+    # our jumps come first in the built-in chains (in userspace mode the hairpin jump too:
+    # every mapping hairpins), and our raw chain before iptables raw
+    hairpin = f"-A PREROUTING -d {topo.public}/32 ! -i {topo.gw_wan_if} -j VPNMASQ_HP\n"
     assert (
         f"-A PREROUTING -i {topo.gw_wan_if} -m mark ! --mark 0x564d -j VPNMASQ_IN\n"
-        "-A PREROUTING -i eth9"
+        + (hairpin if mode == "userspace" else "")
+        + "-A PREROUTING -i eth9"
     ) in first
     assert "type filter hook prerouting priority raw - 1; policy accept;" in first
 
@@ -249,9 +252,12 @@ def test_userspace_queues_only_owned_traffic_to_the_gateway(
     assert not reaches_gw(t.remote, t.remote_host, t.public, 4500, expected=False)
     assert not reaches_gw(t.remote, t.remote_host, t.public, 5060, expected=False)
     assert reaches_gw(t.remote, t.remote_host, t.public, 5353, expected=True)
-    # from inside to the gateway's own addresses (incl. the public one): never queued
+    # from inside to the gateway's own addresses: never queued, except the pool ports of the
+    # public address when the rules know it (userspace mode hairpins every mapping)
     assert reaches_gw(t.inside, t.inside_host, t.gw_lan, 61500, expected=True)
-    assert reaches_gw(t.inside, t.inside_host, t.public, 61500, expected=True)
+    assert reaches_gw(t.inside, t.inside_host, t.public, 5353, expected=True)
+    hairpins = public is not None
+    assert reaches_gw(t.inside, t.inside_host, t.public, 61500, expected=not hairpins) is not hairpins
     # forwarded traffic from inside leaving via outside_if: queued
     server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((t.remote_host, 9))
