@@ -38,6 +38,16 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _fail_for(message: str, as_json: bool) -> NoReturn:
+    """Exit 1 with ``message``; with ``--json`` also as ``{"ok": false, "error": ...}`` on
+    stdout, so a script reading stdout sees why."""
+    if as_json:
+        import json as _json
+
+        click.echo(_json.dumps({"ok": False, "error": message}))
+    _fail(message)
+
+
 def _warn(message: str) -> None:
     click.secho(f"warning: {message}", fg="yellow", err=True)
 
@@ -283,18 +293,13 @@ def _socket_path(explicit: str | None, config_path: str | None = None) -> str:
 def _query(
     path: str, cmd: str, params: dict[str, Any] | None = None, *, as_json: bool = False
 ) -> dict[str, Any]:
-    """Ask the daemon; on failure exit 1 with the reason (as a JSON object on stdout when
-    the caller prints JSON, so a script reading stdout sees why)."""
-    import json as _json
-
+    """Ask the daemon; on failure exit 1 with the reason (see :func:`_fail_for`)."""
     from vpnmasq.datapath.control import ControlError, query
 
     try:
         return query(path, cmd, params=params)
     except ControlError as e:
-        if as_json:
-            click.echo(_json.dumps({"ok": False, "error": str(e)}))
-        _fail(str(e))
+        _fail_for(str(e), as_json)
 
 
 def _check_host(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -380,6 +385,98 @@ def status(
                total=total if isinstance(total, int) else None),
         nl=False,
     )
+
+
+@cli.command(context_settings=CONTEXT, short_help="Follow entries, associations and drops live.")
+@click.option("--json", "as_json", is_flag=True, envvar="VPNMASQ_JSON",
+              help="One JSON object per line instead of text. [env: VPNMASQ_JSON]")
+@click.option("-p", "--proto", metavar="PROTO", envvar="VPNMASQ_PROTO",
+              help="Only events of this protocol or helper: tcp, udp, icmp, esp, gre, isakmp, "
+              "pptp... [env: VPNMASQ_PROTO]")
+@click.option("-H", "--host", metavar="ADDR[/LEN]", envvar="VPNMASQ_HOST", callback=_check_host,
+              help="Only events involving this address or network. [env: VPNMASQ_HOST]")
+@click.option("-n", "--count", type=click.IntRange(1), default=None, envvar="VPNMASQ_COUNT",
+              help="Stop after this many events. [env: VPNMASQ_COUNT]")
+@_config_option
+@_socket_option
+def events(
+    as_json: bool,
+    proto: str | None,
+    host: str | None,
+    count: int | None,
+    config_path: str | None,
+    socket_path: str | None,
+) -> None:
+    """Follow the running daemon's events, like conntrack -E: entries created, updated
+    (state changes) and removed (with the reason: idle, flush, FIN/RST, replaced...), ESP
+    associations made (and how: IKE signal, serialized, guess, forward) or refused, PPTP
+    calls up and down, drops by reason (at most 5 per reason and second, then a count).
+
+    The daemon never waits for this reader: if it falls behind, its events are dropped
+    and a [LOST] line says how many. Ctrl-C stops.
+    """
+    from vpnmasq.datapath.control import ControlError, subscribe
+    from vpnmasq.tools.events import follow
+
+    params: dict[str, Any] = {}
+    if proto:
+        params["proto"] = proto.strip().lower()
+    if host:
+        params["host"] = host
+    path = _socket_path(socket_path, config_path)
+    try:
+        follow(subscribe(path, params), lambda line: click.echo(line), as_json=as_json,
+               count=count)
+    except ControlError as e:
+        _fail_for(str(e), as_json)
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command(context_settings=CONTEXT, short_help="Live view of the busiest sessions.")
+@click.option("-p", "--proto", metavar="PROTO", envvar="VPNMASQ_PROTO",
+              help="Only sessions of this protocol or helper. [env: VPNMASQ_PROTO]")
+@click.option("-H", "--host", metavar="ADDR[/LEN]", envvar="VPNMASQ_HOST", callback=_check_host,
+              help="Only sessions involving this address or network. [env: VPNMASQ_HOST]")
+@click.option("--sort", type=click.Choice(["pkts", "bytes"]), default="pkts", show_default=True,
+              envvar="VPNMASQ_SORT", help="Order by packet or byte rate. [env: VPNMASQ_SORT]")
+@click.option("-d", "--delay", "interval", type=click.FloatRange(0.2), default=1.0,
+              show_default=True, envvar="VPNMASQ_DELAY",
+              help="Seconds between refreshes. [env: VPNMASQ_DELAY]")
+@click.option("-n", "--iterations", type=click.IntRange(1), default=None,
+              envvar="VPNMASQ_ITERATIONS",
+              help="Stop after this many refreshes (default: Ctrl-C). [env: VPNMASQ_ITERATIONS]")
+@_config_option
+@_socket_option
+def top(
+    proto: str | None,
+    host: str | None,
+    sort: str,
+    interval: float,
+    iterations: int | None,
+    config_path: str | None,
+    socket_path: str | None,
+) -> None:
+    """Show the busiest sessions live, refreshed in place like top (Ctrl-C quits).
+
+    Header: entries by kind, packets per second each way, drops per second, the kernel
+    queue's health (packets waiting, packets the kernel dropped because vpnmasq fell
+    behind) and the mean time to handle a batch. One line per session, busiest first:
+    kind, inside host, remote, packets and bytes per second out/in, and the association
+    or call state (ESP: state/how associated; PPTP: control state and calls). Fits 80
+    columns; the daemon picks the most recently active sessions without stalling traffic.
+    """
+    from rich.console import Console
+
+    from vpnmasq.datapath.control import query
+    from vpnmasq.status import StatusQuery
+    from vpnmasq.tools.top import FETCH_LIMIT
+    from vpnmasq.tools.top import run as run_top
+
+    path = _socket_path(socket_path, config_path)
+    q = StatusQuery(proto.strip().lower() if proto else None, host, FETCH_LIMIT)
+    run_top(lambda: query(path, "status", params=q.to_request()), Console(),
+            interval=interval, iterations=iterations, sort=sort)
 
 
 @cli.command(context_settings=CONTEXT, short_help="Drop all masquerade entries.")

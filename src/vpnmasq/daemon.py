@@ -39,6 +39,7 @@ from vpnmasq.datapath.syncsock import SyncEndpoint, read_key
 from vpnmasq.engine import Engine
 from vpnmasq.eventlog import RateLimitedLog
 from vpnmasq.events import Row
+from vpnmasq.eventstream import EventFilter, EventStream
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip, ip_to_int
 from vpnmasq.sync.replica import split_ranges
@@ -366,6 +367,7 @@ class Gateway:
         self.stopping = False
         self.keep_rules = False
         self.rl = RateLimitedLog(log)
+        self.stream = EventStream(lambda e, now: self.engine.row(e, now))
         # [sync]: the engine hands out new identifiers from this node's half of each range;
         # the rules keep the whole pool (the peer's mappings arrive at takeover), except
         # the kernel's own NAT range in hybrid mode
@@ -490,6 +492,7 @@ class Gateway:
                 status=self._status,
                 counters=self._counters,
                 flush=self.engine.flush,
+                subscribe=EventFilter.from_request,
                 takeover=self.handover,
             )
             self.sel.register(self.control.fileno(), selectors.EVENT_READ, "control")
@@ -863,6 +866,9 @@ class Gateway:
         else:
             c = {}
         c["entries"] = len(self.engine.table)
+        for (_, kind), n in list(self.engine.table.by_proto_kind.items()):
+            if n:
+                c["entries:" + kind] = c.get("entries:" + kind, 0) + n
         if self.nfq is not None:
             for k, v in self.nfq.counters.as_dict().items():
                 c["nfq_" + k] = v
@@ -1026,6 +1032,8 @@ class Gateway:
         for ev in events:
             self.rl.event(ev, now)
         self.rl.flush_due(now)
+        if ctl is not None and ctl.subscribers():  # vpnmasq events: built only if listened to
+            ctl.publish(self.stream.convert(events, now, time.time()))
         if self.offloader is not None:
             if not self.offload_ended and self.offloader.wants_sync(events):
                 self.offload_ended = True

@@ -36,6 +36,7 @@ from vpnmasq.events import (
     AddressChanged,
     EntryCreated,
     EntryExpired,
+    EntryUpdated,
     Event,
     Notice,
     PacketDropped,
@@ -297,6 +298,15 @@ class Engine:
         self.counters[key] = self.counters.get(key, 0) + 1
         self.events.append(PacketDropped(reason.value, detail, describe(ip) if ip else ""))
         return drop(reason, detail)
+
+    def set_state(self, entry: Entry, name: str) -> None:
+        """Name ``entry``'s state; a change of an entry in the table is reported
+        (:class:`EntryUpdated`). Helpers name states through here."""
+        old = entry.state_name
+        if name != old:
+            entry.state_name = name
+            if self.table.holds(entry):
+                self.events.append(EntryUpdated(entry, old, name))
 
     def notice(self, topic: str, message: str) -> None:
         self.events.append(Notice(topic, message))
@@ -824,7 +834,7 @@ class Engine:
             elif st == 0:
                 e.state = TCP_SYN_SENT
         if e.state != st:
-            e.state_name = TCP_STATE_NAMES[e.state]
+            self.set_state(e, TCP_STATE_NAMES[e.state])
             if e.state == TCP_ESTABLISHED:
                 tclass = "pptp_control" if e.alg is not None else "tcp_established"
             elif e.state == TCP_CLOSED:

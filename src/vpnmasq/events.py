@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,17 @@ class EntryExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class EntryUpdated:
+    """A live entry changed state (TCP established, ESP associated, PPTP call connected...).
+    ``entry`` is the table entry itself (its row is built only if someone listens: the
+    daemon's event stream); ``old`` and ``new`` are the state names at the change."""
+
+    entry: Any
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
 class PacketDropped:
     reason: str
     detail: str
@@ -59,4 +71,4 @@ class AddressChanged:
     entries_dropped: int
 
 
-Event = EntryCreated | EntryExpired | PacketDropped | Notice | AddressChanged
+Event = EntryCreated | EntryUpdated | EntryExpired | PacketDropped | Notice | AddressChanged

@@ -263,6 +263,8 @@ PREFIXES: dict[str, Family] = {
 #: kept by the daemon but exported otherwise: ``dropped`` is the sum of the drop reasons,
 #: ``entries`` the table gauge, ``kernel_queue_waiting`` a gauge of its own
 NOT_COUNTERS = frozenset({"dropped", "entries", "kernel_queue_waiting"})
+#: ``entries:<kind>``: live entries by kind for status and top (the table gauge has them)
+GAUGE_PREFIX = "entries:"
 
 ENTRIES = "vpnmasq_table_entries"
 MAX_ENTRIES = "vpnmasq_table_max_entries"
@@ -272,7 +274,7 @@ BUILD_INFO = "vpnmasq_build_info"
 
 def family_of(key: str) -> tuple[Family, tuple[str, ...]] | None:
     """The metric and label values of one counter key (None: not a counter)."""
-    if key in NOT_COUNTERS:
+    if key in NOT_COUNTERS or key.startswith(GAUGE_PREFIX):
         return None
     hit = COUNTERS.get(key)
     if hit is not None:
@@ -327,7 +329,7 @@ class VpnmasqCollector(Collector):
             if hit is not None:
                 fam, values = hit
                 family(fam).add_metric(list(values), value * fam.scale)
-            elif key not in NOT_COUNTERS:
+            elif key not in NOT_COUNTERS and not key.startswith(GAUGE_PREFIX):
                 family(Family(fallback_name(key), f"engine counter {key}")).add_metric([], value)
         for fam in (DROPPED, CREATED, REMOVED, ESP_ASSOC):  # present even before the first
             family(fam)

@@ -437,3 +437,101 @@ def test_client_reads_a_big_streamed_answer(sock_path: str) -> None:
         stop.set()
         t.join(5)
         server.close()
+
+
+# ------------------------------------------------------------------------------ event stream
+def _subscriber_server(sock_path: str) -> ControlServer:
+    def subscribe(req: Any) -> Any:
+        host = req.get("host")
+        if host == "bad":
+            raise ValueError("'bad' is not an IPv4 address or network")
+        return lambda item: host is None or item.get("host") == host
+
+    return ControlServer(sock_path, status=dict, counters=dict, flush=lambda: 0,
+                         subscribe=subscribe)
+
+
+def _lines(sock: socket.socket, server: ControlServer, n: int) -> list[Any]:
+    sock.setblocking(False)
+    buf = b""
+
+    def enough() -> bool:
+        nonlocal buf
+        server.handle_ready()
+        try:
+            buf += sock.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        return buf.count(b"\n") >= n
+
+    wait_until(enough, what=f"{n} lines")
+    return [json.loads(x) for x in buf.splitlines()]
+
+
+def test_subscriber_gets_the_events_its_filter_takes(sock_path: str) -> None:
+    server = _subscriber_server(sock_path)
+    try:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(sock_path)
+        c.sendall(b'{"cmd":"events","host":"10.0.0.1"}\n')
+        (hello,) = _lines(c, server, 1)
+        assert hello == {"ok": True, "events": "streaming"} and server.subscribers() == 1
+        server.publish([{"event": "a", "host": "10.0.0.1"}, {"event": "b", "host": "10.0.0.2"}])
+        assert _lines(c, server, 1) == [{"event": "a", "host": "10.0.0.1"}]
+        bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bad.connect(sock_path)
+        bad.sendall(b'{"cmd":"events","host":"bad"}\n')
+        assert _lines(bad, server, 1) == [
+            {"ok": False, "error": "events: 'bad' is not an IPv4 address or network"}
+        ]
+        bad.close()
+        c.close()
+        wait_until(lambda: (server.handle_ready(), server.subscribers() == 0)[1],
+                   what="the subscriber gone")
+    finally:
+        server.close()
+
+
+def test_a_slow_subscriber_loses_events_and_is_told_how_many(sock_path: str) -> None:
+    """publish() never blocks: a reader that does not read has its events dropped once its
+    buffer is full, and a 'lost' line with the count comes when it catches up."""
+    server = _subscriber_server(sock_path)
+    try:
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(sock_path)
+        slow.sendall(b'{"cmd":"events"}\n')
+        wait_until(lambda: (server.handle_ready(), server.subscribers() == 1)[1], what="sub")
+        item = {"event": "created", "pad": "x" * 500}
+        t0 = time.monotonic()
+        for _ in range(5000):  # ~2.5 MB, far more than the socket and EVENTS_BUFFER hold
+            server.publish([item])
+        assert time.monotonic() - t0 < 10  # nothing waited for the reader
+        (client,) = server._clients.values()
+        assert len(client.outbuf) <= control.EVENTS_BUFFER
+        assert client.lost > 0
+        lost_then = client.lost
+        # the reader catches up: everything queued, then the count of what it missed
+        slow.setblocking(False)
+        got: list[Any] = []
+        buf = b""
+
+        def told() -> bool:
+            nonlocal buf
+            server.handle_ready()
+            try:
+                buf += slow.recv(1 << 20)
+            except BlockingIOError:
+                pass
+            *done, buf = buf.split(b"\n")
+            got.extend(json.loads(x) for x in done)
+            return any(g.get("event") == "lost" for g in got)
+
+        wait_until(told, what="the lost notice")
+        lost = [g for g in got if g.get("event") == "lost"]
+        assert lost == [{"event": "lost", "count": lost_then}]
+        delivered = sum(1 for g in got if g.get("event") == "created")
+        assert delivered + lost_then <= 5000
+        slow.close()
+    finally:
+        server.close()

@@ -609,6 +609,10 @@ class MasqTable:
             ks.remove(key)
             entry._keys = tuple(ks)
 
+    def holds(self, entry: Entry) -> bool:
+        """``entry`` is in this table (added and not removed)."""
+        return entry.live and entry._lnext is not None
+
     def get(self, key: Hashable, now: float) -> Entry | None:
         e = self.index.get(key)
         if e is not None and e.expires_at <= now:

@@ -21,19 +21,22 @@ import selectors
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from vpnmasq import __version__
 
-COMMANDS = ("status", "counters", "flush", "ping")
+COMMANDS = ("status", "counters", "flush", "ping", "events")
 MAX_REQUEST = 64 * 1024  # a request is a short JSON object; anything longer is garbage
 MAX_CLIENTS = 16  # root-only socket, so a handful is plenty; more are refused
 READ_CHUNK = 64 * 1024
 CLIENT_TIMEOUT = 5.0
 #: a streamed answer pauses while this much of it waits to be read by the client
 OUTPUT_HIGH_WATER = 1 << 20
+#: an event subscriber's unsent events are capped at this; beyond it its events are dropped
+#: (counted, and it is told how many once it has caught up to half of it)
+EVENTS_BUFFER = 256 * 1024
 
 #: what a command callback returns: the answer, or the pieces of its line (see work())
 Answer = Mapping[str, Any] | Iterator[bytes]
@@ -51,6 +54,8 @@ class _Client:
     read_closed: bool = False
     job: Iterator[bytes] | None = None  # an answer being produced a slice at a time
     job_started: bool = False
+    events: Callable[[Mapping[str, Any]], bool] | None = None  # subscribed: its filter
+    lost: int = 0  # events dropped for this subscriber since it was last told
 
 
 class ControlServer:
@@ -63,6 +68,8 @@ class ControlServer:
         status: Callable[[Mapping[str, Any]], Answer],
         counters: Callable[[], Mapping[str, int]],
         flush: Callable[[], int],
+        subscribe: Callable[[Mapping[str, Any]], Callable[[Mapping[str, Any]], bool]]
+        | None = None,
         takeover: bool = False,
     ) -> None:
         """Bind ``path``. A stale socket file is replaced; a live one raises ControlError
@@ -72,6 +79,7 @@ class ControlServer:
         self._status = status
         self._counters = counters
         self._flush = flush
+        self._subscribe = subscribe
         self._clients: dict[int, _Client] = {}
         self._rr = 0  # round robin over clients with a job
         self.last_error: Exception | None = None  # the daemon may log it
@@ -178,6 +186,10 @@ class ControlServer:
     def _serve(self, c: _Client) -> None:
         """Answer the complete requests waiting in ``c.inbuf``, in order, up to the first
         that is streamed (the rest wait until it is done)."""
+        if c.events is not None:  # a subscriber only listens; what it sends is ignored
+            c.inbuf.clear()
+            self._update(c)
+            return
         while c.job is None and b"\n" in c.inbuf:
             line, _, rest = bytes(c.inbuf).partition(b"\n")
             c.inbuf = bytearray(rest)
@@ -197,11 +209,68 @@ class ControlServer:
             self._update(c)
 
     def _start(self, c: _Client, line: bytes) -> None:
+        sub = self._subscription(line)
+        if sub is not None:
+            c.events = sub
+            c.outbuf += _encode({"ok": True, "events": "streaming"})
+            c.inbuf.clear()
+            return
         ans = self.answer(line)
         if isinstance(ans, Mapping):
             c.outbuf += _encode(ans)
         else:
             c.job, c.job_started = ans, False
+
+    # ---------------------------------------------------------------- event subscribers
+    def _subscription(self, line: bytes) -> Callable[[Mapping[str, Any]], bool] | None:
+        """The filter of an ``events`` request that can be served; None otherwise (then
+        :meth:`answer` explains)."""
+        if self._subscribe is None:
+            return None
+        try:
+            req = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(req, dict) or req.get("cmd") != "events":
+            return None
+        try:
+            return self._subscribe(req)
+        except ValueError:
+            return None
+
+    def subscribers(self) -> int:
+        return sum(1 for c in self._clients.values() if c.events is not None)
+
+    def publish(self, items: Sequence[Mapping[str, Any]]) -> None:
+        """Queue ``items`` to every subscriber whose filter takes them, never blocking: a
+        subscriber whose unsent events exceed :data:`EVENTS_BUFFER` loses them (counted;
+        it gets ``{"event": "lost", "count": N}`` once it has caught up)."""
+        if not items:
+            return
+        lines: dict[int, bytes] = {}
+        for c in list(self._clients.values()):
+            match = c.events
+            if match is None:
+                continue
+            for i, item in enumerate(items):
+                if not match(item):
+                    continue
+                line = lines.get(i)
+                if line is None:
+                    line = lines[i] = _encode(item)
+                if len(c.outbuf) + len(line) > EVENTS_BUFFER:
+                    c.lost += 1
+                    continue
+                self._tell_lost(c)
+                c.outbuf += line
+            if c.outbuf:
+                self._write(c)
+
+    @staticmethod
+    def _tell_lost(c: _Client) -> None:
+        if c.lost and len(c.outbuf) <= EVENTS_BUFFER // 2:
+            c.outbuf += _encode({"event": "lost", "count": c.lost})
+            c.lost = 0
 
     # ---------------------------------------------------------------- streamed answers
     def runnable(self) -> bool:
@@ -256,11 +325,14 @@ class ControlServer:
         try:
             sent = c.sock.send(c.outbuf)
         except (BlockingIOError, InterruptedError):
+            self._update(c)  # wait for the socket to take more
             return
         except OSError:
             self._drop(c)
             return
         del c.outbuf[:sent]
+        if c.lost:
+            self._tell_lost(c)
         self._update(c)
 
     def _update(self, c: _Client) -> None:
@@ -300,6 +372,14 @@ class ControlServer:
             if cmd == "status":
                 ans = self._status(req)
                 return {"ok": True, **ans} if isinstance(ans, Mapping) else ans
+            if cmd == "events":
+                if self._subscribe is None:
+                    return {"ok": False, "error": "this daemon has no event stream"}
+                try:
+                    self._subscribe(req)  # ValueError with the reason (else served above)
+                except ValueError as e:
+                    return {"ok": False, "error": f"events: {e}"}
+                return {"ok": False, "error": "events: cannot subscribe"}
             if cmd == "counters":
                 return {"ok": True, "counters": dict(self._counters())}
             return {"ok": True, "flushed": int(self._flush())}
@@ -340,28 +420,8 @@ def query(
 
     Raises ControlError with a message an operator can act on.
     """
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+    s = _connect(path, timeout)
     try:
-        try:
-            s.connect(path)
-        except FileNotFoundError:
-            raise ControlError(f"vpnmasq is not running (no socket at {path})") from None
-        except ConnectionRefusedError:
-            raise ControlError(
-                f"vpnmasq is not running (stale socket at {path}, nothing is listening)"
-            ) from None
-        except PermissionError:
-            raise ControlError(
-                f"permission denied on {path}: the control socket is root-only; "
-                "run this command as root (e.g. with sudo)"
-            ) from None
-        except TimeoutError:
-            raise ControlError(
-                f"vpnmasq did not accept a connection on {path} within {timeout:g} s"
-            ) from None
-        except OSError as e:
-            raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
         buf = bytearray()
         try:
             try:
@@ -395,3 +455,70 @@ def query(
     if not resp.get("ok"):
         raise ControlError(f"vpnmasq refused '{cmd}': {resp.get('error', 'no reason given')}")
     return resp
+
+
+def _connect(path: str, timeout: float) -> socket.socket:
+    """A connected client socket, or ControlError with a message an operator can act on."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except FileNotFoundError:
+        s.close()
+        raise ControlError(f"vpnmasq is not running (no socket at {path})") from None
+    except ConnectionRefusedError:
+        s.close()
+        raise ControlError(
+            f"vpnmasq is not running (stale socket at {path}, nothing is listening)"
+        ) from None
+    except PermissionError:
+        s.close()
+        raise ControlError(
+            f"permission denied on {path}: the control socket is root-only; "
+            "run this command as root (e.g. with sudo)"
+        ) from None
+    except TimeoutError:
+        s.close()
+        raise ControlError(
+            f"vpnmasq did not accept a connection on {path} within {timeout:g} s"
+        ) from None
+    except OSError as e:
+        s.close()
+        raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+    return s
+
+
+def subscribe(
+    path: str, params: Mapping[str, Any] | None = None, *, timeout: float = CLIENT_TIMEOUT
+) -> Iterator[dict[str, Any]]:
+    """Subscribe to the daemon's event stream (``params``: filters) and yield its events
+    as they come; ends when the daemon closes the stream. ControlError if it refuses."""
+    s = _connect(path, timeout)
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(_encode({**(params or {}), "cmd": "events"}))
+        f = s.makefile("rb")
+        try:
+            first = f.readline()
+        except TimeoutError:
+            raise ControlError(f"vpnmasq did not answer 'events' within {timeout:g} s") from None
+        try:
+            resp = json.loads(first) if first else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            resp = None
+        if not isinstance(resp, dict):
+            raise ControlError(f"vpnmasq closed the connection on {path} without answering")
+        if not resp.get("ok"):
+            raise ControlError(f"vpnmasq refused 'events': {resp.get('error', 'no reason')}")
+        s.settimeout(None)  # events come when they come
+        for line in f:
+            try:
+                item = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(item, dict):
+                yield item
+    except OSError as e:
+        raise ControlError(f"lost the connection to {path}: {e.strerror or e}") from None
+    finally:
+        s.close()

@@ -702,7 +702,7 @@ class EspHelper(ProtoHelper):
     def _set_state(self, e: Entry, event: str) -> None:
         a = assoc(e)
         a.state = transition(a.state, event)
-        e.state_name = a.state.name
+        self.engine.set_state(e, a.state.name)
 
     def _pending_dec(self, host: int) -> None:
         n = self.pending_per_host.get(host, 0) - 1

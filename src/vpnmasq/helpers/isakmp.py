@@ -495,7 +495,7 @@ class IsakmpHelper(UdpPortHelper):
             eng.table.remove_key(e, old)
         s.rcookie = rc
         eng.table.add_key(e, ("ike-ir", e.remote_ip, s.icookie, rc))
-        e.state_name = "ESTABLISHED"
+        eng.set_state(e, "ESTABLISHED")
         if from_lan or e.pkts_out or s.initiator != "remote":
             eng.table.set_class(e, "isakmp", now)
         else:
@@ -643,7 +643,7 @@ class NattWatch:
             label += "_IKE"
         if self.esp[0] or self.esp[1]:
             label += "_ESP"
-        entry.state_name = label if label != "NATT" else "NATT_KEEPALIVE"
+        engine.set_state(entry, label if label != "NATT" else "NATT_KEEPALIVE")
 
 
 class NattHelper(UdpPortHelper):

@@ -877,7 +877,7 @@ class PptpControl(EntryAlg):
         elif nxt is not None:
             call.state = nxt
             if call.entry is not None:
-                call.entry.state_name = nxt.value
+                self.store.engine.set_state(call.entry, nxt.value)
 
     def problem(self, reader: StreamReader, kind: str, detail: str) -> None:
         side = "LAN host" if reader.from_lan else "remote"
