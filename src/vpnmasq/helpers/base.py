@@ -72,6 +72,10 @@ class EngineView(Protocol):
 
     def notice(self, topic: str, message: str) -> None: ...
 
+    def set_state(self, entry: Entry, name: str) -> None:
+        """Name an entry's state; a change of an entry in the table is reported."""
+        ...
+
 
 class Helper:
     """Every hook a helper may implement, each with a no-op default."""
