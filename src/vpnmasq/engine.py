@@ -718,7 +718,7 @@ class Engine:
         e.last_out = now
         e.bytes_out += ip.total_len
         if e.alg is None and e.state == TCP_ESTABLISHED and e.kind in _FAST_KINDS:
-            e.flags |= F_FAST_OUT
+            self.table.mark_fast(e, F_FAST_OUT)
         if e.alg is not None:
             doff = (buf[off + 12] >> 4) * 4
             if doff < TCP_MIN or off + doff > ip.total_len:
@@ -766,7 +766,7 @@ class Engine:
         e.last_in = now
         e.bytes_in += ip.total_len
         if e.alg is None and e.state == TCP_ESTABLISHED and e.kind in _FAST_KINDS:
-            e.flags |= F_FAST_IN
+            self.table.mark_fast(e, F_FAST_IN)
         if e.alg is not None:
             doff = (buf[off + 12] >> 4) * 4
             if doff < TCP_MIN or off + doff > ip.total_len:
@@ -875,7 +875,7 @@ class Engine:
         e.last_out = now
         e.bytes_out += ip.total_len
         if e.alg is None and e.kind in _FAST_KINDS:
-            e.flags |= F_FAST_OUT
+            self.table.mark_fast(e, F_FAST_OUT)
         if e.alg is not None:
             ov = e.alg.outbound(ip, e, off + UDP_MIN, now)
             if ov is not None:
@@ -906,7 +906,7 @@ class Engine:
         e.last_in = now
         e.bytes_in += ip.total_len
         if e.alg is None and e.kind in _FAST_KINDS:
-            e.flags |= F_FAST_IN
+            self.table.mark_fast(e, F_FAST_IN)
         if e.alg is not None:
             iv = e.alg.inbound(ip, e, off + UDP_MIN, now)
             if iv is not None:
@@ -1090,6 +1090,7 @@ class Engine:
         ip.set_src(self.public_ip)  # type: ignore[arg-type]
         if e.alias_port != ident:
             ip.set_l4_u16(4, e.alias_port, ICMP_CSUM)
+        self.table.mark_fast(e, F_FAST_OUT)  # (ICMP: no engine fast path; the offload's signal)
         e.pkts_out += 1
         e.last_out = now
         e.bytes_out += ip.total_len
@@ -1113,6 +1114,7 @@ class Engine:
         ip.set_dst(e.inside_ip)
         if e.inside_port != ident:
             ip.set_l4_u16(4, e.inside_port, ICMP_CSUM)
+        self.table.mark_fast(e, F_FAST_IN)
         e.pkts_in += 1
         e.last_in = now
         e.bytes_in += ip.total_len

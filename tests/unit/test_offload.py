@@ -448,3 +448,20 @@ def test_credited_traffic_keeps_a_session_past_its_timeout() -> None:
     assert flow["kernel_pkts_out"] == 598 and flow["kernel_bytes_out"] == 59800
     row = eng.row(e, 600.0)
     assert row.last_seen_out == 2.0 and row.pkts_out == e.pkts_out
+
+
+def test_the_way_back_is_offloaded_whenever_its_first_packet_comes() -> None:
+    """A session offloaded outbound only (nothing came back yet) gets its inbound elements
+    when the first answer passes the engine, however late."""
+    eng = make_engine()
+    kernel: set[Element] = set()
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel),
+                    filtering="address-port-dependent")
+    off.attach(eng.table)
+    alias = udp_session(eng, reply=False, now=0.0)
+    assert off.quick(0.0) is not None and {el.set for el in kernel} == {"napt_out", "napt_out_pre"}
+    assert off.quick(100.0) is None  # nothing new
+    assert eng.handle(build_udp(EXT, MASQ, 7777, alias, b"late"), IN, 200.0).accepted
+    rep = off.quick(200.0)
+    assert rep is not None and rep.added == 2
+    assert {el.set for el in kernel} == {"napt_out", "napt_out_pre", "napt_in_addr", "napt_in_port"}

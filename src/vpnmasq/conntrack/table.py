@@ -480,9 +480,11 @@ class LruList:
 
 
 class TableObserver(Protocol):
-    """What :attr:`MasqTable.observer` is told (the kernel offload keeps its maps in step)."""
+    """What :attr:`MasqTable.observer` is told (the kernel offload keeps its maps in step):
+    an entry became eligible for the fast path one more way (:meth:`MasqTable.mark_fast`),
+    an entry left the table."""
 
-    def added(self, entry: Entry) -> None: ...
+    def eligible(self, entry: Entry) -> None: ...
 
     def removed(self, entry: Entry) -> None: ...
 
@@ -515,8 +517,9 @@ class MasqTable:
         self.by_proto_kind: dict[tuple[int, str], int] = {}
         self._ints: dict[int, int] = {}  # interned addresses (see _intern)
         self.on_remove = on_remove
-        #: told of every entry added and removed, after the table's own bookkeeping (the
-        #: datapath's kernel offload follows the table through it); None: nobody listens
+        #: told when an entry becomes eligible for the fast path and when one is removed,
+        #: after the table's own bookkeeping (the datapath's kernel offload follows the table
+        #: through it); None: nobody listens
         self.observer: TableObserver | None = None
         # deadline(): ``now + timeout`` per class as one float object shared while ``now``
         # stays the same (a batch): no float allocated per packet, and no cold one freed
@@ -557,8 +560,6 @@ class MasqTable:
         self._intern(entry)
         entry.flags &= ~(F_FAST_OUT | F_FAST_IN)
         self._file(entry, keys)
-        if self.observer is not None:
-            self.observer.added(entry)
 
     def _file(self, entry: Entry, keys: tuple[Hashable, ...]) -> None:
         index = self.index
@@ -634,6 +635,14 @@ class MasqTable:
             # an earlier ``now`` than the one it was linked with: to the tail at once, as an
             # eager LRU list would do (a head is trusted only if not re-linked later)
             self._lru[tclass].relink(entry)
+
+    def mark_fast(self, entry: Entry, flag: int) -> None:
+        """The engine found ``entry`` eligible for its fast path one way (``F_FAST_OUT`` or
+        ``F_FAST_IN``): set the flag, and tell the observer the first time."""
+        if not entry.flags & flag:
+            entry.flags |= flag
+            if self.observer is not None:
+                self.observer.eligible(entry)
 
     def set_class(self, entry: Entry, tclass: str, now: float) -> None:
         if entry.tclass != tclass:

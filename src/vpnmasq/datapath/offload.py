@@ -148,9 +148,7 @@ CREDIT_MARGIN_S = 10.0
 MAX_SYNC_INTERVAL_S = CREDIT_MARGIN_S / 2
 #: how soon newly eligible NAPT sessions are added (batched: one nft run per interval)
 ADD_INTERVAL_S = 0.05
-#: sessions watched for eligibility at most this long after their creation (later ones are
-#: found by the periodic sync), and at most this many at once
-PENDING_MAX_S = 10.0
+#: sessions waiting for that at most (more are found by the periodic sync)
 PENDING_MAX = 65536
 
 
@@ -239,8 +237,10 @@ def _napt_elements(e: Entry, filtering: str) -> list[Element]:
 def _icmp_elements(e: Entry) -> list[Element]:
     """ICMP echo: the query way once a request went out, the reply way once a reply came
     back through the engine (replies are filtered per remote, as the engine does)."""
-    out = [Element("icmp_out", (e.inside_ip, e.inside_port, e.remote_ip), e.alias_port)]
-    if e.pkts_in:
+    out: list[Element] = []
+    if e.flags & F_FAST_OUT:
+        out.append(Element("icmp_out", (e.inside_ip, e.inside_port, e.remote_ip), e.alias_port))
+    if e.flags & F_FAST_IN:
         key = (e.remote_ip, e.alias_port)
         out.append(Element("icmp_in_addr", key, e.inside_ip))
         out.append(Element("icmp_in_id", key, e.inside_port))
@@ -488,11 +488,11 @@ class Offloader:
 
     ``filtering`` (userspace mode: the engine's ``Config.filtering``) turns on the NAPT and
     ICMP echo maps. Their sessions come and go much faster than VPN associations, so they
-    do not wait for the periodic sync: the table tells the offloader (:meth:`added`,
-    :meth:`removed`, as its :class:`~vpnmasq.conntrack.table.TableObserver`), and
-    :meth:`quick` adds the elements of sessions that became eligible (batched, every
-    :data:`ADD_INTERVAL_S`) and deletes those of ended sessions at once (before the engine
-    can give their alias port to another host)."""
+    do not wait for the periodic sync: the table tells the offloader when the engine finds
+    a session eligible one more way and when one ends (:meth:`eligible`, :meth:`removed`, as
+    its :class:`~vpnmasq.conntrack.table.TableObserver`), and :meth:`quick` adds the new
+    elements (batched, every :data:`ADD_INTERVAL_S`) and deletes those of ended sessions at
+    once (before the engine can give their alias port to another host)."""
 
     public: str
     outside_if: str
@@ -552,7 +552,7 @@ class Offloader:
         table.observer = self
 
     # --- TableObserver -------------------------------------------------------------------
-    def added(self, entry: Entry) -> None:
+    def eligible(self, entry: Entry) -> None:
         if self.filtering is not None and entry.kind in _WATCHED and len(self._pending) < PENDING_MAX:
             self._pending.append(entry)
 
@@ -609,14 +609,12 @@ class Offloader:
 
     def _newly_eligible(self, now: float) -> list[Element]:
         add: list[Element] = []
-        keep: deque[Entry] = deque()
         filtering = self.filtering
-        for e in self._pending:
+        pending, self._pending = self._pending, deque()
+        for e in pending:
             if not e.live or e.expires_at <= now:
                 continue
-            els = entry_elements(e, filtering)
-            complete = len(els) >= 3  # both ways offloaded
-            for el in els:
+            for el in entry_elements(e, filtering):
                 users = self.offloaded.get(el)
                 if users is None:
                     self.offloaded[el] = [e]
@@ -627,9 +625,6 @@ class Offloader:
                 else:  # shared (same binding, filtering without the remote)
                     users.append(e)
                 self._link(e, el)
-            if not complete and now - e.created < PENDING_MAX_S:
-                keep.append(e)
-        self._pending = keep
         return add
 
     def _link(self, e: Entry, el: Element) -> None:
