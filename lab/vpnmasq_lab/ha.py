@@ -54,6 +54,8 @@ VRRP_ID = 77
 #: plus a skew (RFC 5798 6.1), about 1.1 s here
 ADVERT_INT = 0.3
 PROBE_INTERVAL = 0.1
+#: seconds the sessions run on past a failback for gw1 to boot, sync and preempt
+BOOT_BUDGET = 12.0
 #: ESP SA pairs (out, in) of h2 and h3 with r1
 ESP_SAS = {"h2": (0x1001, 0x2001), "h3": (0x1002, 0x2002)}
 
@@ -249,13 +251,17 @@ class SessionReport:
         pts = [start, *sorted(self.echoes), end]
         return max(b - a for a, b in zip(pts, pts[1:], strict=False))
 
-    def survived(self, events: Sequence[float], end: float) -> bool:
-        """Intact, and echoes came back after every failover event (and before the end)."""
+    def verdict(self, events: Sequence[tuple[str, float]], end: float) -> tuple[bool, str]:
+        """(survived, why not): intact, and echoes came back after every failover event
+        and until the end."""
         if not self.intact or not self.echoes:
-            return False
-        return all(any(t > ev + 0.05 for t in self.echoes) for ev in events) and (
-            max(self.echoes) > end - 3.0
-        )
+            return False, self.why or "no echo at all"
+        for name, ev in events:
+            if not any(t > ev + 0.05 for t in self.echoes):
+                return False, self.why or f"no echo after the {name}"
+        if max(self.echoes) <= end - 3.0:
+            return False, self.why or "echoes stopped before the end"
+        return True, self.why
 
 
 class PptpSession(threading.Thread):
@@ -324,11 +330,11 @@ class HaRun:
     notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, bool, float, str]]:
-        evs = [t for _, t in self.events]
-        return [
-            (s.name, s.survived(evs, self.end), s.longest_gap(self.start, self.end), s.why)
-            for s in self.sessions
-        ]
+        out = []
+        for s in self.sessions:
+            ok, why = s.verdict(self.events, self.end)
+            out.append((s.name, ok, s.longest_gap(self.start, self.end), why))
+        return out
 
     def summary(self) -> str:
         rows = self.rows()
@@ -347,7 +353,7 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 def run_scenario(
-    *, sync: bool, warmup: float = 4.0, hold: float = 8.0, log: Callable[[str], None] = print
+    *, sync: bool, warmup: float = 3.0, hold: float = 6.0, log: Callable[[str], None] = print
 ) -> HaRun:
     """One run: sessions through gw1, crash gw1, failback to gw1; returns the reports."""
     topo = HaTopology(hosts=3, remotes=1)
@@ -364,7 +370,7 @@ def run_scenario(
             wait_for(lambda: gw2.sync_status().get("replica_synced", False), 15.0, "first sync")
         pptpd = PptpServer(topo, "r1").start()
         esp = RawEspServer(topo, "r1", list(ESP_SAS.values())).start()
-        total = warmup + hold + 20.0 + hold
+        total = warmup + hold + BOOT_BUDGET + hold
         until = time.monotonic() + total
         threads: list[PptpSession | EspSession] = [
             PptpSession(topo, "h1", r1, until),
@@ -393,12 +399,19 @@ def run_scenario(
         for t in threads:
             if isinstance(t, EspSession) and counters.get("created:esp"):
                 t.report.why = "association re-learned from traffic, not carried"
-        log("  failback: gw1 boots (vpnmasq standby, full sync, then keepalived preempts)")
+        log(
+            "  failback: gw1 boots (vpnmasq"
+            + (" standby, full sync," if sync else ",")
+            + " then keepalived, which preempts)"
+        )
         waited = gw1.boot()
         t_back = time.monotonic()
         took = wait_for(gw1.is_master, 15.0, "gw1 to become master again")
         events.append(("failback", t_back + took))
-        log(f"    gw1 synced in {waited:.1f} s, master again after {took:.1f} s")
+        log(
+            (f"    gw1 synced in {waited:.1f} s, " if sync else "    gw1 ")
+            + f"master again {took:.1f} s after keepalived started"
+        )
         for t in threads:
             t.join(total + 60)
         end = min(time.monotonic(), until)
@@ -439,7 +452,7 @@ def render(with_sync: HaRun, without: HaRun | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vpnmasq demo --ha", description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-compare", action="store_true", help="skip the run without [sync]")
-    ap.add_argument("--hold", type=float, default=8.0, help="seconds between the two failovers")
+    ap.add_argument("--hold", type=float, default=6.0, help="seconds between the two failovers")
     args = ap.parse_args(list(argv or []))
     if os.geteuid() != 0:
         print("vpnmasq demo --ha needs root (network namespaces)", file=sys.stderr)

@@ -133,6 +133,8 @@ class SyncEndpoint:
     # ------------------------------------------------------------------ send
     def _enqueue(self, dgram: bytes) -> None:
         if len(self.queue) >= self.cfg.queue:
+            self.flush()
+        if len(self.queue) >= self.cfg.queue:
             self.count("sync_send_dropped")
             self.publisher.request_full()  # the standby will see a gap; resend everything
             return

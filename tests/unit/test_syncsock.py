@@ -1,0 +1,133 @@
+"""The sync socket on loopback: an active and a standby endpoint, the bounded send queue,
+and refusals counted by reason."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.packets import EXT, MASQ, OUT, PRV1, accepted, build_udp, make_engine
+from vpnmasq.config import Sync
+from vpnmasq.datapath.syncsock import SyncEndpoint, read_key
+from vpnmasq.engine import Engine
+from vpnmasq.sync.replica import split_ranges
+
+KEY = b"a-key-of-at-least-16-bytes"
+WALL = 1_700_000_000.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SyncEndpoint, SyncEndpoint]]:
+    pa, pb = free_port(), free_port()
+    a = SyncEndpoint(Sync(f"127.0.0.1:{pb}", f"127.0.0.1:{pa}", "/k", node=1), KEY, epoch=1)
+    b = SyncEndpoint(Sync(f"127.0.0.1:{pa}", f"127.0.0.1:{pb}", "/k", node=2), KEY, epoch=2)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def busy_engine(n: int) -> Engine:
+    e = make_engine()
+    eng = Engine(split_ranges(e.config, 1), e.public_ip)
+    for i in range(n):
+        accepted(eng.handle(build_udp(PRV1, EXT, 2000 + i, 53, b"q"), OUT, 1.0))
+    return eng
+
+
+def drain(ep: SyncEndpoint, active: bool, now: float, until: Callable[[], bool]) -> None:
+    """Read what arrives until ``until()`` (the datagrams are on loopback already)."""
+    deadline = time.monotonic() + 5.0
+    while not until() and time.monotonic() < deadline:
+        ep.on_readable(active, now)
+        time.sleep(0.005)
+    assert until()
+
+
+def test_the_standby_gets_the_table_and_takes_it_over(pair: tuple[SyncEndpoint, SyncEndpoint]) -> None:
+    a, b = pair
+    eng = busy_engine(5)
+    a.tick(eng, True, 2.0, WALL, time.monotonic)  # HELLO + FULL
+    drain(b, False, 50.0, lambda: b.replica.synced)
+    assert b.replica.synced and len(b.replica.records) == 5
+    assert b.peer_active
+    standby = Engine(split_ranges(make_engine().config, 2), None)
+    standby.set_public_address(MASQ, 60.0)
+    rep = b.take_over(standby, 60.0, WALL, make_engine().config)
+    assert rep is not None and rep.restored == {"napt": 5}
+    assert not b.replica.have_table  # consumed
+
+
+def test_a_standby_that_asks_gets_a_full_sync_at_once(pair: tuple[SyncEndpoint, SyncEndpoint]) -> None:
+    a, b = pair
+    eng = busy_engine(3)
+    a.tick(eng, True, 2.0, WALL, time.monotonic)
+    a.publisher.next_full = 1e9  # (no periodic full sync in this test)
+    b.tick(make_engine(), False, 2.0, WALL, time.monotonic)  # HELLO want_full, lost: b was not up yet
+    drain(a, True, 2.1, lambda: a.publisher.next_full == 0.0)
+    a.tick(eng, True, 2.5, WALL, time.monotonic)
+    drain(b, False, 2.6, lambda: b.replica.synced)
+    assert b.replica.synced and len(b.replica.records) == 3
+
+
+class BlockedSocket:
+    """A socket whose send buffer is full."""
+
+    def sendto(self, data: bytes, addr: object) -> int:
+        raise BlockingIOError
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_full_queue_drops_counts_and_asks_for_a_full_resync(
+    pair: tuple[SyncEndpoint, SyncEndpoint],
+) -> None:
+    a, b = pair
+    real = a.sock
+    a.sock = BlockedSocket()  # type: ignore[assignment]
+    a.cfg = Sync(a.cfg.peer, a.cfg.listen, "/k", node=1, queue=3)
+    eng = busy_engine(600)  # several FULL parts
+    t0 = time.monotonic()
+    a.tick(eng, True, 2.0, WALL, time.monotonic)
+    assert time.monotonic() - t0 < 1.0  # never waits for the peer
+    assert len(a.queue) == 3
+    assert a.counters["sync_send_dropped"] >= 1 and a.counters["sync_send_blocked"] >= 1
+    assert a.publisher.next_full == 0.0  # everything goes again
+    a.sock = real
+    a.queue.clear()
+    a.tick(eng, True, 2.0 + a.tick_interval, WALL, time.monotonic)  # the next tick
+    drain(b, False, 9.0, lambda: b.replica.synced)
+    assert b.replica.synced and len(b.replica.records) == 600
+
+
+def test_messages_with_another_key_are_refused_and_counted(
+    pair: tuple[SyncEndpoint, SyncEndpoint],
+) -> None:
+    a, b = pair
+    b.opener.key = b"another-key-of-16-bytes"
+    a.tick(busy_engine(1), True, 2.0, WALL, time.monotonic)
+    drain(b, False, 2.0, lambda: bool(b.counters.get("sync_bad_auth")))
+    assert b.counters["sync_bad_auth"] >= 1 and not b.replica.records
+
+
+def test_read_key_warns_about_a_readable_key_file(tmp_path: Path) -> None:
+    k = tmp_path / "sync.key"
+    k.write_bytes(b"0123456789abcdef0123\n")
+    k.chmod(0o644)
+    key, warn = read_key(str(k))
+    assert key == b"0123456789abcdef0123" and warn and "0644" in warn
+    k.chmod(0o600)
+    assert read_key(str(k))[1] is None
+    k.write_bytes(b"short")
+    with pytest.raises(ValueError):
+        read_key(str(k))
