@@ -4,9 +4,11 @@ sessions with keepalived alone lose the PPTP call."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,3 +43,26 @@ def test_ha_pair_carries_vpn_sessions_through_failover_and_failback(
     assert m2 and int(m2.group(1)) < 3, out
     pptp = next(ln for ln in out.splitlines() if ln.startswith("PPTP call"))
     assert pptp.count("survived") == 1 and "FAILED" in pptp, pptp
+
+
+def test_sample_keepalived_conf_passes_keepalived_config_test(require: Any) -> None:
+    """packaging/keepalived.conf as shipped (checked where its interfaces exist)."""
+    require("keepalived", "ip")
+    ns = f"vmq-hak-{os.getpid()}"
+    conf = Path(__file__).resolve().parents[2] / "packaging" / "keepalived.conf"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name", "wan0"],
+            check=True,
+        )
+        cp = subprocess.run(
+            ["ip", "netns", "exec", ns, "keepalived", "--config-test", "-f", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert cp.returncode == 0, cp.stderr
+        assert "advert_int 0.3" in conf.read_text()
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
