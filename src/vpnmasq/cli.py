@@ -658,18 +658,22 @@ def trace(
 
     from vpnmasq import trace as tr
 
-    if read_path is not None:
-        try:
-            tr.decode_file(read_path, click.echo)
-        except ImportError as e:
-            if _missing_module(e, "scapy"):
-                _fail(NO_SCAPY)
-            raise
-        return
     try:
         match = tr.proto_matcher(protos)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--proto") from None
+    if read_path is not None:
+        try:
+            from vpnmasq.replay import ReplayError
+
+            tr.decode_file(read_path, click.echo, match=match, host=host, count=count)
+        except ImportError as e:
+            if _missing_module(e, "scapy"):
+                _fail(NO_SCAPY)
+            raise
+        except ReplayError as e:
+            _fail(str(e))
+        return
     if os.geteuid() != 0:
         _fail("vpnmasq trace needs root (packet sockets on the gateway's interfaces)")
     config = _config_or_default(config_path)

@@ -21,13 +21,14 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 from scapy.error import Scapy_Exception
 from scapy.utils import RawPcapNgReader, RawPcapReader, RawPcapWriter
 
 from vpnmasq.config import Config
 from vpnmasq.events import EntryCreated, Row
 from vpnmasq.packet.ipv4 import ip_to_int
-from vpnmasq.status import kind_of, rich_table
+from vpnmasq.status import kind_of, render_text
 from vpnmasq.verdict import Action, Direction, Verdict
 
 # Link types (https://www.tcpdump.org/linktypes.html)
@@ -155,7 +156,7 @@ class _Frame:
     truncated: bool
 
 
-def _open_capture(path: str) -> Iterator[_Frame]:
+def open_capture(path: str) -> Iterator[_Frame]:
     """Open ``path`` now (so a bad file fails before anything else happens); iterate later."""
     try:
         reader = RawPcapReader(path)
@@ -233,7 +234,7 @@ def replay(
         )
     public = ipaddress.IPv4Address(config.public_address)
     inside = config.inside_nets()
-    frames = _open_capture(os.fspath(in_path))
+    frames = open_capture(os.fspath(in_path))
     engine = Engine(config, ip_to_int(config.public_address), rng_seed=seed)
     report = ReplayReport()
     held: dict[int, bytes] = {}  # packet index -> original datagram
@@ -310,8 +311,14 @@ def replay(
 
 
 # ------------------------------------------------------------------------------ summary
-def summary(report: ReplayReport, out_path: str | os.PathLike[str] | None = None) -> Group:
-    """A rich renderable: packet counts, drops by reason, mappings, the final table."""
+def summary(
+    report: ReplayReport,
+    out_path: str | os.PathLike[str] | None = None,
+    *,
+    with_table: bool = True,
+) -> Group:
+    """A rich renderable: packet counts, drops by reason, mappings, the final table
+    (:func:`final_table`; :func:`print_summary` writes it unwrapped)."""
     t = Table(title="replay summary", show_header=False, box=None, pad_edge=False)
     t.add_column(justify="left")
     t.add_column(justify="right")
@@ -342,13 +349,23 @@ def summary(report: ReplayReport, out_path: str | os.PathLike[str] | None = None
     t.add_row("mappings created", str(sum(report.mappings_created.values())))
     for kind, n in sorted(report.mappings_created.items()):
         t.add_row(f"  {kind}", str(n))
-    final = rich_table(
-        report.rows, title=f"masquerade table at the end ({len(report.rows)} entries)"
-    )
-    return Group(t, final)
+    title = Text(f"\nmasquerade table at the end ({len(report.rows)} entries)", style="bold")
+    if not with_table:
+        return Group(t, title)
+    return Group(t, title, Text(final_table(report), overflow="fold"))
+
+
+def final_table(report: ReplayReport) -> str:
+    """The table at the end as plain columns, like ``vpnmasq status``: a rich table elides
+    cells that do not fit, and cookies, SPIs and Call IDs must be read in full."""
+    if not report.rows:
+        return "(empty)"
+    return render_text(report.rows, {}).rstrip("\n").rsplit("\n", 1)[0].rstrip("\n")
 
 
 def print_summary(
     report: ReplayReport, out_path: str | None = None, console: Console | None = None
 ) -> None:
-    (console or Console()).print(summary(report, out_path))
+    con = console or Console()
+    con.print(summary(report, out_path, with_table=False))
+    con.out(final_table(report), highlight=False)  # whole lines: the terminal wraps them

@@ -14,7 +14,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from vpnmasq.helpers.isakmp import IsakmpHeader, MalformedIsakmp
 from vpnmasq.helpers.pptp import MESSAGES, PPTP_MAGIC
@@ -642,21 +642,52 @@ def capture_live(
             writer.flush()
 
 
-def decode_file(path: str, emit: Callable[[str], None]) -> int:
-    """Decode every IPv4 packet of a pcap/pcapng file (e.g. from tcpdump) to lines."""
-    from scapy.utils import RawPcapNgReader, RawPcapReader
+def decode_file(
+    path: str,
+    emit: Callable[[str], None],
+    *,
+    match: Callable[[int, int, int], bool] | None = None,
+    host: str | None = None,
+    count: int | None = None,
+) -> int:
+    """Decode the IPv4 packets of a pcap/pcapng file (e.g. from tcpdump) to lines, with the
+    live capture's filters: ``match`` from :func:`proto_matcher`, ``host`` (an address or
+    network on either side), at most ``count`` lines. Lines keep the file's packet numbers
+    (as Wireshark shows them). A file that is not a capture raises
+    :class:`vpnmasq.replay.ReplayError` with a one-line reason."""
+    from vpnmasq.replay import ip_from_frame, open_capture
 
-    from vpnmasq.replay import ip_from_frame
+    net = ipaddress.IPv4Network(host, strict=False) if host else None
+    shown = 0
+    for n, frame in enumerate(open_capture(path), 1):
+        if count is not None and shown >= count:
+            break
+        ip, why = ip_from_frame(frame.linktype, frame.data)
+        if ip is None:
+            if match is None and net is None:
+                emit(f"#{n:<5} ({why})")
+                shown += 1
+            continue
+        if not _wanted(ip, match, net):
+            continue
+        emit(f"#{n:<5} {decode(ip)}")
+        shown += 1
+    return shown
 
-    reader: Any = RawPcapReader(path)
-    n = 0
-    try:
-        for data, meta in reader:
-            ng = isinstance(reader, RawPcapNgReader)
-            linktype = meta.linktype if ng else reader.linktype
-            ip, why = ip_from_frame(linktype, data)
-            n += 1
-            emit(f"#{n:<5} {decode(ip) if ip is not None else '(' + why + ')'}")
-    finally:
-        reader.close()
-    return n
+
+def _wanted(
+    pkt: bytes, match: Callable[[int, int, int], bool] | None, net: ipaddress.IPv4Network | None
+) -> bool:
+    if len(pkt) < 20:
+        return match is None and net is None
+    if net is not None and not (
+        ipaddress.IPv4Address(pkt[12:16]) in net or ipaddress.IPv4Address(pkt[16:20]) in net
+    ):
+        return False
+    if match is None:
+        return True
+    ihl = (pkt[0] & 0x0F) * 4
+    sport = dport = 0
+    if pkt[9] in (6, 17) and _u16(pkt, 6) & 0x1FFF == 0 and len(pkt) >= ihl + 4:
+        sport, dport = _u16(pkt, ihl), _u16(pkt, ihl + 2)
+    return match(pkt[9], sport, dport)

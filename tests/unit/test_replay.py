@@ -26,6 +26,7 @@ from vpnmasq.replay import (
     ReplayError,
     ReplayReport,
     ip_from_frame,
+    print_summary,
     replay,
     summary,
 )
@@ -347,3 +348,8 @@ def test_isakmp_from_two_hosts_keeps_source_port_500(tmp_path: Path) -> None:
     report, out = run(tmp_path, pkts, config=cfg)
     assert report.written == 2, report.dropped
     assert [(IP(d).src, IP(d)[UDP].sport) for d, _ in out] == [(PUB, 500), (PUB, 500)]
+    # the final table shows the full 64-bit cookies, even on a narrow terminal
+    console = Console(width=80, record=True)
+    print_summary(report, str(tmp_path / "out.pcap"), console)
+    text = console.export_text()
+    assert "1111111111111111" in text and "2222222222222222" in text

@@ -244,3 +244,47 @@ def test_trace_read_decodes_a_capture_file(tmp_path: object) -> None:
     assert len(lines) == 2
     assert lines[0].startswith("#1") and "call_id=7 seq=1" in lines[0]
     assert "nat-t keepalive" in lines[1]
+
+
+def _capture(tmp_path: object) -> str:
+    path = f"{tmp_path}/c.pcapng"
+    with open(path, "wb") as f:
+        w = PcapngWriter(f)
+        w.packet("lan0", 0, bytes(build_ipv4(PRV1, EXT, 47, build_gre_v1(7, b"ab", seq=1))))
+        w.packet("lan0", 1, bytes(build_udp(PRV1, EXT, 4500, 4500, b"\xff")))
+        w.packet("lan0", 2, bytes(build_udp(PRV2, EXT, 500, 500, b"\0" * 28)))
+        w.packet("lan0", 3, bytes(build_udp(PRV2, EXT, 4500, 4500, b"\xff")))
+    return path
+
+
+def test_trace_read_honours_proto_host_and_count(tmp_path: object) -> None:
+    from click.testing import CliRunner
+
+    from vpnmasq.cli import cli
+
+    path = _capture(tmp_path)
+
+    def lines(*args: str) -> list[str]:
+        res = CliRunner().invoke(cli, ["trace", "--read", path, *args])
+        assert res.exit_code == 0, res.output
+        return res.output.splitlines()
+
+    assert [ln.split()[0] for ln in lines("-p", "natt")] == ["#2", "#4"]
+    assert [ln.split()[0] for ln in lines("-H", "10.77.0.12")] == ["#3", "#4"]
+    assert [ln.split()[0] for ln in lines("-p", "gre", "-p", "isakmp", "-n", "1")] == ["#1"]
+    assert [ln.split()[0] for ln in lines("-H", "10.77.0.12", "-p", "natt")] == ["#4"]
+
+
+def test_trace_read_refuses_an_unknown_protocol_and_a_non_capture(tmp_path: object) -> None:
+    from click.testing import CliRunner
+
+    from vpnmasq.cli import cli
+
+    res = CliRunner().invoke(cli, ["trace", "--read", _capture(tmp_path), "-p", "bogus"])
+    assert res.exit_code == 2 and "unknown protocol 'bogus'" in res.output
+    text = f"{tmp_path}/notes.txt"
+    with open(text, "w") as f:
+        f.write("not a capture\n" * 20)
+    res = CliRunner().invoke(cli, ["trace", "--read", text])
+    assert res.exit_code == 1
+    assert res.output.count("\n") == 1 and "is not a pcap or pcapng capture" in res.output
