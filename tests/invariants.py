@@ -204,14 +204,14 @@ def _check_esp(engine: Engine, entries: list[Entry]) -> None:
 
 
 def _check_fragments(engine: Engine) -> None:
-    held = sum(len(v) for v in engine._held.values())
-    if held != engine._held_count:
-        _fail(f"held fragments {held} != _held_count {engine._held_count}")
+    held = sum(len(v) for v in engine.frags.held.values())
+    if held != engine.frags.held_count:
+        _fail(f"held fragments {held} != _held_count {engine.frags.held_count}")
     if held > engine.config.limits.fragment_buffer:
         _fail(f"{held} fragments held > fragment_buffer {engine.config.limits.fragment_buffer}")
     from vpnmasq import engine as engine_mod
 
-    if len(engine._frags) > engine_mod.MAX_FRAGMENT_STATES:
-        _fail(f"{len(engine._frags)} first-fragment states > {engine_mod.MAX_FRAGMENT_STATES}")
-    if len(engine._buckets) > engine_mod.MAX_RATE_BUCKETS:
-        _fail(f"{len(engine._buckets)} rate buckets > {engine_mod.MAX_RATE_BUCKETS}")
+    if len(engine.frags.states) > engine_mod.MAX_FRAGMENT_STATES:
+        _fail(f"{len(engine.frags.states)} first-fragment states > {engine_mod.MAX_FRAGMENT_STATES}")
+    if len(engine.rate.buckets) > engine_mod.MAX_RATE_BUCKETS:
+        _fail(f"{len(engine.rate.buckets)} rate buckets > {engine_mod.MAX_RATE_BUCKETS}")

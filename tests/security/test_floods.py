@@ -81,8 +81,8 @@ def structure_sizes(w: World) -> dict[str, int]:
         "esp_done": len(esp.done),
         "ike_cookies": sum(len(v) for v in ike.by_icookie.values()),
         "gre_ids": sum(len(s) for s in gre.pool.used.values()),
-        "frags": len(eng._frags) + eng._held_count,
-        "buckets": len(eng._buckets),
+        "frags": len(eng.frags.states) + eng.frags.held_count,
+        "buckets": len(eng.rate.buckets),
     }
 
 
@@ -168,8 +168,8 @@ def flood_world(limits: Limits = LIMITED, esp: EspPolicy | None = None) -> World
         eng.helper_by_name["esp"].policy = esp
     eng.table.max_entries = limits.max_entries
     eng.table.max_per_host = limits.max_entries_per_host
-    eng._new_rate = limits.max_new_per_host_per_second
-    eng._new_burst = max(1.0, eng._new_rate * NEW_MAPPING_BURST_S)
+    eng.rate.rate = limits.max_new_per_host_per_second
+    eng.rate.burst = max(1.0, eng.rate.rate * NEW_MAPPING_BURST_S)
     return w
 
 
@@ -364,7 +364,7 @@ def test_rate_limit_is_not_spent_by_outsiders_reaching_a_forward() -> None:
 
 
 def test_memory_of_the_rate_limiter_is_bounded() -> None:
-    from vpnmasq import engine as engine_mod
+    from vpnmasq.engine import policy as engine_mod
 
     eng = make_engine(inside_networks=("10.0.0.0/8",), limits=Limits(max_new_per_host_per_second=5.0))
     cap = 500
@@ -376,7 +376,7 @@ def test_memory_of_the_rate_limiter_is_bounded() -> None:
             eng.handle(build_udp(src, EXT, 5000, 53, b"q"), OUT, 0.0)
     finally:
         engine_mod.MAX_RATE_BUCKETS = old
-    assert len(eng._buckets) <= cap
+    assert len(eng.rate.buckets) <= cap
     check_invariants(eng)
 
 
@@ -423,7 +423,7 @@ def test_refused_packets_to_a_whole_protocol_forward_take_no_port() -> None:
 def test_a_flood_of_first_fragments_does_not_grow_memory() -> None:
     """Regression: every first fragment was remembered for timeouts.fragment (30 s) without
     bound; an outside flood of them grew the engine by ~150 bytes each."""
-    from vpnmasq import engine as engine_mod
+    from vpnmasq.engine import fragments as engine_mod
     from vpnmasq.packet.ipv4 import build_ipv4
 
     eng = make_engine()
@@ -435,7 +435,7 @@ def test_a_flood_of_first_fragments_does_not_grow_memory() -> None:
             p = build_ipv4(src, MASQ, PROTO_ESP, build_esp(i + 1, 1)[:8] + bytes(8),
                            ident=i & 0xFFFF, flags_frag=0x2000)
             assert eng.handle(p, IN, 0.0).action is Action.DROP
-        assert len(eng._frags) == 1000
+        assert len(eng.frags.states) == 1000
         assert eng.counters["fragment_states_evicted"] == 4000
     finally:
         engine_mod.MAX_FRAGMENT_STATES = old

@@ -77,6 +77,15 @@ class EngineView(Protocol):
         ...
 
 
+class Translator(Protocol):
+    """An entry of the engine's dispatch table, ``protocol -> translator``: the built-in
+    translators (TCP, UDP, ICMP, generic) and every :class:`ProtoHelper`."""
+
+    def outbound(self, ip: IPv4, now: float) -> Verdict: ...
+
+    def inbound(self, ip: IPv4, now: float) -> Verdict: ...
+
+
 class Helper:
     """Every hook a helper may implement, each with a no-op default."""
 

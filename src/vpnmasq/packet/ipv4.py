@@ -215,6 +215,20 @@ class IPv4:
         return memoryview(self.buf)[self.ihl : self.total_len]
 
 
+def describe(ip: IPv4 | None) -> str:
+    """One-line flow description for logs: ``udp 10.77.0.11:500 -> 203.0.113.5:500``."""
+    if ip is None:
+        return ""
+    name = PROTO_NAMES.get(ip.proto, f"proto{ip.proto}")
+    s, d = int_to_ip(ip.src), int_to_ip(ip.dst)
+    try:
+        if ip.proto in (PROTO_TCP, PROTO_UDP) and ip.frag_offset == 0 and ip.l4_len >= 4:
+            return f"{name} {s}:{ip.u16(0)} -> {d}:{ip.u16(2)}"
+    except (IndexError, MalformedPacket):  # pragma: no cover - defensive
+        pass
+    return f"{name} {s} -> {d}"
+
+
 def build_ipv4(
     src: int,
     dst: int,
