@@ -1,11 +1,13 @@
-"""Kernel fast path for established VPN flows: nftables maps that rewrite statelessly.
+"""Kernel fast path for established flows: nftables maps that rewrite statelessly.
 
 Python decides, the kernel forwards. Once the engine has associated an ESP SPI pair or a
-PPTP call's Call IDs, :class:`Offloader` puts the pair into maps of the nftables table
-``ip vpnmasq_offload``; the kernel then rewrites later packets of that flow itself, in both
-directions, before they would reach the queue. Packets whose key is in no map do not match
-and take the queue as before, so the engine still sees every packet it has not understood
-(new SPIs, rekeys, unknown calls, anything from another address).
+PPTP call's Call IDs, or (userspace mode) translated a TCP/UDP/ICMP echo session each way,
+:class:`Offloader` puts it into maps of the nftables table ``ip vpnmasq_offload``; the kernel
+then rewrites later packets of that flow itself, in both directions, before they would reach
+the queue. Packets whose key is in no map do not match and take the queue as before, so the
+engine still sees every packet it has not understood (new SPIs, rekeys, unknown calls, new
+remotes, TCP SYN/FIN/RST, ICMP errors, anything from another address), and stays the source
+of truth: the kernel's counters are credited back to its entries, whose timeouts still rule.
 
 Design notes, kernel facts and measurements: docs/internals/datapath-offload.md.
 """
