@@ -1096,7 +1096,7 @@ class Gateway:
             new,
             rep.summary() if rep is not None else "no replicated table (starting empty)",
         )
-        if self.config.offload and self.config.mode == "hybrid" and self.offloader is None:
+        if self.config.offload and self.offloader is None:
             self._start_offload()
 
     def _follow_address(self, now: float) -> None:
