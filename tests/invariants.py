@@ -159,7 +159,7 @@ def _check_pptp(engine: Engine, entries: list[Entry]) -> None:
         if k in seen:
             _fail(f"outside Call ID {c.outside_id} to {c.remote_ip:#x} given to two calls")
         seen[k] = c
-        if not gre.pool.in_use(c.remote_ip, c.outside_id):
+        if not gre.calls.pool.in_use(c.remote_ip, c.outside_id):
             _fail(f"outside Call ID {c.outside_id} of a live call is free in the pool")
         if e.inside_ip != c.inside_ip or e.alias_port != c.outside_id:
             _fail("GRE entry disagrees with its call")

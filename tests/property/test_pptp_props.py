@@ -279,7 +279,7 @@ def test_every_state_and_message_pair_lands_in_a_valid_state(session, call_state
     call = ctl.by_inside[3]
     ctl.session = session
     if call_state is CallState.ENDED:
-        eng.kind_helpers["gre"].end_call(call, "test")
+        eng.kind_helpers["gre"].calls.end_call(call, "test")
     else:
         call.state = call_state
     # the LAN side speaks with its own IDs; the remote side with what it knows (outside IDs)

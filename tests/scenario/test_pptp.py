@@ -626,6 +626,6 @@ def test_table_full_call_keeps_its_outside_id_but_has_no_gre():
     assert_gre_reaches(eng, EXT, oa, PRV1, 0x0101, 0.0)
     ctl = eng.table.get(("o", 6, PRV1, 40000, EXT, 1723), 0.0)
     assert ctl.alg.detail(ctl, 0.0)["calls"] == "2"
-    assert eng.kind_helpers["gre"].pool.in_use(EXT, ob)
+    assert eng.kind_helpers["gre"].calls.pool.in_use(EXT, ob)
     a.remote_sends(cdn(0x12), 0.0)  # the call ends: its ID is free again
-    assert not eng.kind_helpers["gre"].pool.in_use(EXT, ob)
+    assert not eng.kind_helpers["gre"].calls.pool.in_use(EXT, ob)

@@ -80,7 +80,7 @@ def structure_sizes(w: World) -> dict[str, int]:
         "esp_queues": sum(len(q) for q in esp.queues.values()),
         "esp_done": len(esp.done),
         "ike_cookies": sum(len(v) for v in ike.by_icookie.values()),
-        "gre_ids": sum(len(s) for s in gre.pool.used.values()),
+        "gre_ids": sum(len(s) for s in gre.calls.pool.used.values()),
         "frags": len(eng.frags.states) + eng.frags.held_count,
         "buckets": len(eng.rate.buckets),
     }
@@ -277,7 +277,7 @@ def test_call_id_flood_on_one_control_connection_is_capped() -> None:
     link = ControlLink(eng, PRV3, 1030, EXT).open(w.now)
     link.start_session(w.now)
     room = 300 - eng.table.per_host[PRV3]  # GRE entries PRV3 still has room for
-    used_before = len(gre.pool.used[EXT])
+    used_before = len(gre.calls.pool.used[EXT])
     on_wire = [u16_at(link.lan_sends(ocrq(cid), w.now), 12) for cid in range(1, 1500)]
     c = eng.counters
     assert eng.table.per_host[PRV3] == 300
@@ -285,7 +285,7 @@ def test_call_id_flood_on_one_control_connection_is_capped() -> None:
     assert c["pptp_call_refused"] == 1499 - room - MAX_CALLS_WITHOUT_GRE
     # the server is told Call ID 0 for every refused call: never an outside ID of anyone
     assert on_wire.count(REFUSED_CALL_ID) == c["pptp_call_refused"]
-    assert len(gre.pool.used[EXT]) - used_before == room + MAX_CALLS_WITHOUT_GRE
+    assert len(gre.calls.pool.used[EXT]) - used_before == room + MAX_CALLS_WITHOUT_GRE
     check_invariants(eng)
     assert_sessions_alive(w)
     # another host's new call to the same server still gets an ID and works
@@ -312,7 +312,7 @@ def test_a_host_cannot_use_up_a_servers_call_ids_over_many_control_connections()
         for cid in range(1, 101):
             link.lan_sends(ocrq(cid), 0.0)
     gre = eng.helper_by_name["gre"]
-    assert len(gre.pool.used[EXT]) <= (40 - 20) + 20 * 16
+    assert len(gre.calls.pool.used[EXT]) <= (40 - 20) + 20 * 16
     check_invariants(eng)
     victim = ControlLink(eng, PRV1, 3000, EXT).open(0.0)
     victim.start_session(0.0)

@@ -61,6 +61,6 @@ def wire_peers(helpers: list[Helper]) -> None:
     if ike is not None:
         ike.esp = esp
     if pptp is not None:
-        pptp.gre = gre
+        pptp.calls = gre.calls if gre is not None else None
     if gre is not None:
         gre.pptp_enabled = pptp is not None
