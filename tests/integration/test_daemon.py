@@ -14,6 +14,7 @@ from test_daemon_harness import (
     H1,
     H2,
     MARK,
+    METRICS_PORT,
     PUBLIC,
     R1,
     Daemon,
@@ -42,7 +43,6 @@ from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]
-METRICS_PORT = 9477
 __all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 
 

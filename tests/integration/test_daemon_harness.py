@@ -58,6 +58,7 @@ IPPROTO_ESP, IPPROTO_GRE = 50, 47
 PPTP_MAGIC = 0x1A2B3C4D
 MARK = 0x564D
 ECHO_PORT = 7
+METRICS_PORT = 9477  # metrics_listen in the gateway namespace
 SO_TIMESTAMPNS = 35  # asm-generic/socket.h (not in the socket module)
 #: ESP SPIs: LAN host -> remote (the remote answers on the paired one)
 SPI_PAIRS = {0x1001: 0x2001, 0x1002: 0x2002, 0x1003: 0x2003}

@@ -25,10 +25,14 @@ from pathlib import Path
 
 import pytest
 from test_daemon_harness import (
+    H1,
+    H2,
+    METRICS_PORT,
     PUBLIC,
     Daemon,
     Remote,
     esp_exchange,
+    metrics_text,
     remote,
     topo,
     workdir,
@@ -251,11 +255,18 @@ def install(request: pytest.FixtureRequest) -> Iterator[Install]:
 def test_the_installed_gateway_masquerades_esp_from_two_hosts(
     install: Install, topo: Topology, remote: Remote, workdir: Path
 ) -> None:
+    """Also status (rich) and the metrics endpoint (prometheus-client), in each install's
+    versions of those libraries."""
     d = Daemon(topo, "hybrid", workdir, command=install.command, env=install.env)
+    d.write_config(f'metrics_listen = "127.0.0.1:{METRICS_PORT}"\n')
     d.start()
     try:
         assert esp_exchange(topo, "h1", 0x1001), d.log()
         assert esp_exchange(topo, "h2", 0x1002), d.log()
         assert {(PUBLIC, 0x1001), (PUBLIC, 0x1002)} <= set(remote.saw("esp")), remote.saw("esp")
+        status = install("status", "--socket", d.socket_path, "--proto", "esp")
+        assert status.returncode == 0, status.stderr
+        assert H1 in status.stdout and H2 in status.stdout, status.stdout
+        assert re.search(r"^vpnmasq_build_info\{", metrics_text(topo, METRICS_PORT), re.M)
     finally:
         assert d.stop() == 0, d.log()
