@@ -126,7 +126,7 @@ def cli() -> None:
     "--handover",
     is_flag=True,
     envvar="VPNMASQ_HANDOVER",
-    help="Be the successor of an instance stopped with SIGHUP: keep its rules (swapped "
+    help="Be the successor of an instance stopped with SIGUSR2: keep its rules (swapped "
     "atomically, no gap), bind the queue once it is free (waits up to 10 s) and carry on "
     "with the table it saved (state_file, or handover.json next to the control socket), so "
     "VPN sessions survive an upgrade. [env: VPNMASQ_HANDOVER]",
@@ -140,18 +140,25 @@ def run(config_path: str, handover: bool) -> None:
     \b
     SIGTERM, SIGINT  stop: save the table to state_file (if set), remove the
                      rules, exit 0.
-    SIGHUP           hand over: save the table for a successor and exit 0,
+    SIGHUP           reload: re-read the configuration file and apply it with
+                     the table kept (entries that no longer apply are removed
+                     and logged); a broken file is refused, the running
+                     configuration stays. systemctl reload vpnmasq sends it.
+    SIGUSR2          hand over: save the table for a successor and exit 0,
                      leaving the rules in place (vpnmasq's packets are dropped,
                      never leaked, until the successor runs).
 
     \b
-    Upgrade: kill -HUP <pid>; wait for it to exit; vpnmasq run --handover
+    Upgrade: kill -USR2 <pid>; wait for it to exit; vpnmasq run --handover
     With state_file set the table is also saved every 30 s and restored at start.
 
+    A missing or down outside_interface is waited for (logged once); the rules are
+    installed when it is up. Under systemd (Type=notify) READY=1 follows the rules and the
+    queue, WATCHDOG=1 comes from the packet loop and STATUS= shows the mapping count.
+
     The configuration is checked first, as `check-config --offline` does; errors name the
-    key and line and exit with status 2 (also when outside_interface does not exist).
-    Other failures (not root, the queue in use) exit with status 1. Use the systemd unit in
-    packaging/ for service operation.
+    key and line and exit with status 2. Other failures (no CAP_NET_ADMIN, the queue in
+    use) exit with status 1. Use the systemd unit in packaging/ for service operation.
     """
     config, warnings = _load(config_path, exit_code=2)
     for w in warnings:
@@ -162,7 +169,7 @@ def run(config_path: str, handover: bool) -> None:
         if _missing_module(e, "vpnmasq.daemon"):
             _fail("this build has no daemon (vpnmasq.daemon is missing)")
         raise
-    rc = daemon.run(config, handover=handover)
+    rc = daemon.run(config, handover=handover, config_path=config_path)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

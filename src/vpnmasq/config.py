@@ -634,7 +634,7 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     KeySpec(
         "state_file",
         _PATH,
-        "Where the masquerade table is saved (every 30 s, at stop and on SIGHUP for `run "
+        "Where the masquerade table is saved (every 30 s, at stop and on SIGUSR2 for `run "
         "--handover`; atomically, mode 0600) and restored at start, so VPN sessions survive "
         "a restart. Unset: every start begins with an empty table (a handover then uses "
         "handover.json next to control_socket).",

@@ -4,7 +4,8 @@ them.
 
 The loop is the only place that reads the clock: ``now = time.monotonic()`` once per batch
 (and ``time.time()`` only to date a saved table, see :mod:`vpnmasq.state`).
-SIGTERM/SIGINT stop (rules removed, table saved to ``state_file``); SIGHUP hands over
+SIGTERM/SIGINT stop (rules removed, table saved to ``state_file``); SIGHUP re-reads the
+configuration with the table kept (:mod:`vpnmasq.reload`); SIGUSR2 hands over
 (table saved, rules and queue left in place for ``vpnmasq run --handover``).
 
 A firewall reload that takes the rules away is repaired from the loop (datapath/rulewatch.py).
@@ -16,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,10 +33,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from vpnmasq import reload as config_reload
 from vpnmasq import status
-from vpnmasq.config import Config
+from vpnmasq.config import (
+    Config,
+    ConfigError,
+    ConfigErrors,
+    load_config,
+    read_config_text,
+    validate,
+)
 from vpnmasq.conntrack.table import Entry
-from vpnmasq.datapath import gapflows, offload, routes, rules, rulewatch
+from vpnmasq.datapath import gapflows, offload, routes, rules, rulewatch, sdnotify
 from vpnmasq.datapath.control import Answer, ControlServer
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, NfQueueError, QueuedPacket
 from vpnmasq.datapath.syncsock import SyncEndpoint, read_key
@@ -54,6 +66,14 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 STATE_SAVE_INTERVAL_S = 30.0
 #: ``status`` reads the offload maps' counters first unless the last read is this recent
 STATUS_FRESH_S = 0.5
+#: STATUS= for the service manager is refreshed at most this often (when it changed)
+STATUS_INTERVAL_S = 2.0
+#: a missing or down outside interface at start is looked at again this often (and at
+#: every link notification)
+INTERFACE_POLL_S = 1.0
+RTMGRP_LINK = 0x1
+#: the upgrade handover (save the table, leave rules and queue for ``run --handover``)
+HANDOVER_SIGNAL = signal.SIGUSR2
 #: ``run --handover`` waits this long for the predecessor to release the queue
 HANDOVER_WAIT_S = 10.0
 HANDOVER_FILE = "handover.json"
@@ -255,6 +275,10 @@ class HairpinSysctls:
         return out
 
 
+class ReloadRefused(Exception):
+    """A reload cannot apply the new configuration; the running one stays."""
+
+
 class StartupError(Exception):
     """vpnmasq cannot start; the message is for the operator, ``code`` the exit status."""
 
@@ -264,21 +288,39 @@ class StartupError(Exception):
 
 
 def check_environment(config: Config) -> None:
-    """Root, and an outside interface that exists: StartupError with a clear message."""
-    if os.geteuid() != 0:
+    """CAP_NET_ADMIN (root, or a unit that grants it): StartupError with a clear message.
+    A missing or down outside interface is no error: :func:`run` waits for it."""
+    if not has_net_admin():
         raise StartupError(
-            "vpnmasq run must run as root (it installs netfilter rules and binds an NFQUEUE, "
-            "which need CAP_NET_ADMIN); use sudo or the systemd unit in packaging/"
+            "vpnmasq run needs CAP_NET_ADMIN (it installs netfilter rules and binds an "
+            "NFQUEUE): run it as root, with sudo, or through the systemd unit in packaging/"
         )
-    names = interface_names()
-    if names is not None and config.outside_interface not in names:
-        have = ", ".join(sorted(names)) or "none"
-        raise StartupError(
-            f"outside_interface = {config.outside_interface!r}: no such network interface "
-            f"here (interfaces: {have}); fix the configuration, or start vpnmasq after the "
-            "interface exists",
-            EXIT_CONFIG,
-        )
+
+
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool:
+    """Whether CAP_NET_ADMIN is in this process's effective set (/proc/self/status)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+def interface_state(name: str) -> str:
+    """``"up"``, ``"down"`` (administratively) or ``"missing"``."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            req = struct.pack("16sH14x", name.encode()[:15], 0)
+            flags = struct.unpack("16sH14x", fcntl.ioctl(s, 0x8913, req))[1]  # SIOCGIFFLAGS
+    except OSError:
+        return "missing"
+    return "up" if flags & 0x1 else "down"  # IFF_UP
 
 
 def interface_names() -> set[str] | None:
@@ -290,7 +332,7 @@ def interface_names() -> set[str] | None:
 
 
 def handover_path(config: Config) -> str:
-    """Where SIGHUP saves the table and ``run --handover`` reads it: ``state_file``, or
+    """Where SIGUSR2 (handover) saves the table and ``run --handover`` reads it: ``state_file``, or
     ``handover.json`` in the control socket's directory (root only, 0700)."""
     if config.state_file:
         return config.state_file
@@ -362,8 +404,20 @@ def rule_spec(
 class Gateway:
     """The running daemon. ``step()`` is one loop iteration; tests may drive it directly."""
 
-    def __init__(self, config: Config, *, handover: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        handover: bool = False,
+        config_path: str | None = None,
+        notifier: sdnotify.Notifier | None = None,
+    ) -> None:
         self.handover = handover
+        self.config_path = config_path  # re-read on SIGHUP (reload_config)
+        self.notifier = notifier or sdnotify.Notifier({})
+        self.reload_requested = False
+        self.next_status = 0.0
+        self.last_status = ""
         self.stopping = False
         self.keep_rules = False
         self.rl = RateLimitedLog(log)
@@ -386,7 +440,7 @@ class Gateway:
             if config.sync.enabled
             else config.public_address or read_public_address(config.outside_interface)
         )
-        if self.public is None:
+        if self.public is None and interface_state(config.outside_interface) == "up":
             log.warning(
                 "no IPv4 address on %s yet; outbound packets are dropped until one appears",
                 config.outside_interface,
@@ -491,7 +545,7 @@ class Gateway:
                 cfg.control_socket,
                 status=self._status,
                 counters=self._counters,
-                flush=self.engine.flush,
+                flush=lambda: self.engine.flush(),  # the engine a reload put in place
                 subscribe=EventFilter.from_request,
                 takeover=self.handover,
             )
@@ -661,10 +715,10 @@ class Gateway:
                     raise StartupError(f"cannot bind NFQUEUE {cfg.queue_num}: {exc}") from None
                 if time.monotonic() >= deadline:
                     hint = (
-                        "the previous vpnmasq did not release it: send it SIGHUP first"
+                        "the previous vpnmasq did not release it: send it SIGUSR2 first"
                         if self.handover
                         else "is another vpnmasq running? Stop it, or take over with "
-                        "SIGHUP + vpnmasq run --handover"
+                        "SIGUSR2 + vpnmasq run --handover"
                     )
                     raise StartupError(
                         f"NFQUEUE {cfg.queue_num} is bound by another process; {hint}"
@@ -775,7 +829,7 @@ class Gateway:
 
     def stop(self) -> None:
         """Flush verdicts, save the table, close the queue; remove the rules unless handing
-        over (``keep_rules``, SIGHUP). Sets ``exit_code`` if the handover save failed."""
+        over (``keep_rules``, SIGUSR2). Sets ``exit_code`` if the handover save failed."""
         cfg = self.config
         self.reap_saver(block=True)  # its rename must not land after the final save
         if self.nfq is not None:
@@ -1047,6 +1101,13 @@ class Gateway:
         if self.next_save is not None and now >= self.next_save and self.config.state_file:
             self.next_save = now + STATE_SAVE_INTERVAL_S
             self.save_in_background(self.config.state_file)
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload_config()
+        self.notifier.watchdog(now)  # from the packet loop: a stuck loop stops the pings
+        if now >= self.next_status:
+            self.next_status = now + STATUS_INTERVAL_S
+            self._notify_status()
 
     def _refresh_local_consumers(self) -> None:
         """``local_vpn = "auto"``: tell the engine which VPN protocols have an endpoint on
@@ -1141,6 +1202,125 @@ class Gateway:
         self.spec = spec
         self._rebaseline()
 
+    # ---------------------------------------------------------------- service manager
+    def status_line(self) -> str:
+        return (
+            f"{len(self.engine.table)} mappings; public address {self.public or 'none yet'}; "
+            f"mode {self.config.mode}"
+        )
+
+    def _notify_status(self) -> None:
+        line = self.status_line()
+        if line != self.last_status:
+            self.last_status = line
+            self.notifier.status(line)
+
+    def reload_config(self) -> bool:
+        """SIGHUP / ``systemctl reload``: re-read :attr:`config_path` and apply it, keeping
+        the table. A file that does not load, or a change only a restart can make, is
+        refused with the reason and the running configuration stays. True if applied."""
+        path = self.config_path
+        if path is None:
+            log.warning("reload: no configuration file to re-read (started without one)")
+            return False
+        self.notifier.reloading(time.monotonic_ns() // 1000)
+        try:
+            text = read_config_text(path)
+            new = load_config(text)
+            for warning in validate(new, text):
+                log.warning("%s: %s", path, warning)
+            self.apply_config(new, path)
+            return True
+        except ConfigError as exc:
+            errors = exc.errors if isinstance(exc, ConfigErrors) else [exc]
+            log.error(
+                "reload refused, the running configuration stays: %s",
+                "; ".join(f"{path}: {e}" for e in errors),
+            )
+            return False
+        except (ReloadRefused, rules.RuleError, OSError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            return False
+        finally:
+            self.last_status = ""
+            self.notifier.ready(self.status_line())
+
+    def apply_config(self, new: Config, source: str = "the new configuration") -> None:
+        """Put ``new`` in force with the table kept (see :mod:`vpnmasq.reload`): a new
+        engine holding the entries that still apply, the rules for ``new`` swapped in one
+        transaction per table, routes, hairpin sysctls and offload following. One log line
+        says what changed and which entries were removed. Raises :class:`ReloadRefused` (or
+        RuleError) with nothing changed."""
+        old = self.full_config
+        blocked = config_reload.restart_needed(old, new)
+        if blocked:
+            raise ReloadRefused(
+                f"{', '.join(blocked)} changed in {source}: only a restart applies that "
+                "(systemctl restart vpnmasq)"
+            )
+        changed = config_reload.changed_keys(old, new)
+        if not changed:
+            log.info("reload: %s unchanged", source)
+            return
+        if old.sync.enabled:  # the standby replicates the table this engine holds
+            raise ReloadRefused(
+                f"{', '.join(changed)} changed in {source}, but [sync] replicates the table: "
+                "restart vpnmasq to apply (the standby takes over meanwhile)"
+            )
+        now, wall = time.monotonic(), time.time()
+        engine, report = config_reload.rebuild(self.engine, new, now, wall)
+        hairpin_ifs: list[str] = []
+        if rules.hairpins(new.mode, hairpin_forwards(new)):
+            hairpin_ifs = rules.interfaces_towards(
+                rules.main_routes(), new.inside_networks, new.outside_interface
+            )
+        self.hairpin_sysctls.plan(hairpin_ifs)
+        spec = rule_spec(
+            new, new.public_address, hairpin_address=self.public, guard=self.hairpin_sysctls.guard
+        )
+        if spec != self.spec:
+            try:
+                rules.replace(spec)
+            except rules.RuleError:
+                if self.spec is not None:  # put back what was there (nft may have gone first)
+                    with contextlib.suppress(rules.RuleError):
+                        rules.replace(self.spec)
+                raise
+        self.hairpin_sysctls.apply()
+        # commit: from here on the new configuration is in force
+        for tok, v in self.engine.release_held():
+            self._apply(tok, v)
+        self.engine, self.config, self.spec = engine, new, spec
+        self.full_config = self.engine_config = new  # no [sync] (restart_needed refuses it)
+        if old.routes != new.routes:
+            if self.routes_applied is not None:
+                with contextlib.suppress(Exception):
+                    routes.undo(self.routes_applied)
+            try:
+                self.routes_applied = routes.apply_routes(new.routes)
+            except routes.RouteError as exc:
+                self.routes_applied = None
+                log.error("installing [[route]]s failed: %s", exc)
+        if self.offloader is not None:
+            self.offloader.forget()  # the maps are reconciled with the new table
+            if new.mode == "userspace":
+                self.offloader.attach(engine.table)
+            self.next_sync = 0.0
+        log.setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
+        self.next_save = now + STATE_SAVE_INTERVAL_S if new.state_file else None
+        self._refresh_local_consumers()
+        self._rebaseline()
+        removed = (
+            ", ".join(f"{why} {n}" for why, n in sorted(report.dropped.items()))
+            if report.dropped
+            else "none"
+        )
+        log.log(
+            logging.WARNING if report.n_dropped else logging.INFO,
+            "configuration reloaded from %s (changed: %s): %d entries kept, %d removed (%s)",
+            source, ", ".join(changed), report.n_restored, report.n_dropped, removed,
+        )  # fmt: skip
+
     def timeout(self) -> float:
         if self.control is not None and self.control.runnable():
             return 0.0
@@ -1154,6 +1334,8 @@ class Gateway:
             self.offloader.next_add() if self.offloader is not None else None,
             self.rulewatch.deadline() if self.rulewatch is not None else None,
             self.sync.next_deadline(self.engine.public_ip is not None) if self.sync else None,
+            self.notifier.next_watchdog(),
+            self.next_status if self.notifier.enabled else None,
         ):
             if dl is not None:
                 t = min(t, max(0.0, dl - now))
@@ -1165,10 +1347,15 @@ class Gateway:
 
 
 def _setup_logging(config: Config) -> None:
+    """One line per event on stderr: ``vpnmasq[pid]: LEVEL message``, or, when stderr is
+    the journal (JOURNAL_STREAM), ``<N>message``: journald takes the priority from the
+    prefix and adds the name and pid itself."""
     if not any(getattr(h, "_vpnmasq", False) for h in log.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter("vpnmasq[%(process)d]: %(levelname)s %(message)s")
+            sdnotify.JournalFormatter("%(message)s")
+            if sdnotify.stderr_is_journal()
+            else logging.Formatter("vpnmasq[%(process)d]: %(levelname)s %(message)s")
         )
         handler._vpnmasq = True  # type: ignore[attr-defined]
         log.addHandler(handler)
@@ -1176,36 +1363,84 @@ def _setup_logging(config: Config) -> None:
     log.propagate = False  # libraries (pyroute2) keep their own, quieter, level
 
 
-def run(config: Config, *, handover: bool = False) -> int:
-    """Run in the foreground until SIGTERM/SIGINT (exit 0, rules removed) or SIGHUP
-    (handover: exit 0 leaving rules and queue in place for the successor); see the module
-    docstring. Returns the exit status (:data:`EXIT_OK`, :data:`EXIT_FAILURE`,
-    :data:`EXIT_CONFIG`)."""
+def _wait_for_interface(gw: Gateway, wake: socket.socket) -> bool:
+    """Wait until ``outside_interface`` exists and is up (a PPPoE or VLAN interface that
+    comes later than vpnmasq at boot), logging once. False if a stop signal came first."""
+    name = gw.config.outside_interface
+    state = interface_state(name)
+    if state == "up":
+        return True
+    have = ", ".join(sorted(interface_names() or ())) or "none"
+    log.warning(
+        "outside_interface %s is %s (interfaces: %s); waiting for it, rules are installed "
+        "when it is up", name, state, have,
+    )  # fmt: skip
+    gw.notifier.status(f"waiting for {name} ({state})")
+    links: socket.socket | None = None
+    try:
+        links = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        links.bind((0, RTMGRP_LINK))
+    except OSError:
+        links = None
+    try:
+        watched = [wake] + ([links] if links is not None else [])
+        while not gw.stopping:
+            ready, _, _ = select.select(watched, [], [], INTERFACE_POLL_S)
+            for r in ready:
+                with contextlib.suppress(OSError):
+                    r.recv(65536)
+            gw.notifier.watchdog(time.monotonic())
+            if interface_state(name) == "up":
+                log.info("outside_interface %s is up", name)
+                gw.public = gw.config.public_address or read_public_address(name)
+                gw.engine.set_public_address(
+                    ip_to_int(gw.public) if gw.public else None, time.monotonic()
+                )
+                return True
+        return False
+    finally:
+        if links is not None:
+            links.close()
+
+
+def run(config: Config, *, handover: bool = False, config_path: str | None = None) -> int:
+    """Run in the foreground until SIGTERM/SIGINT (exit 0, rules removed) or SIGUSR2
+    (handover: exit 0 leaving rules and queue in place for the successor); SIGHUP re-reads
+    ``config_path`` (:meth:`Gateway.reload_config`). See docs/internals/daemon.md. Returns
+    the exit status (:data:`EXIT_OK`, :data:`EXIT_FAILURE`, :data:`EXIT_CONFIG`)."""
     _setup_logging(config)
     try:
         check_environment(config)
     except StartupError as exc:
         log.error("%s", exc)
         return exc.code
-    gw = Gateway(config, handover=handover)
+    notifier = sdnotify.Notifier()
+    gw = Gateway(config, handover=handover, config_path=config_path, notifier=notifier)
 
-    def _stop(signum: int, _frame: object) -> None:
-        gw.stopping = True
+    def _signal(signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
+            gw.reload_requested = True
+            return
+        gw.stopping = True
+        if signum == HANDOVER_SIGNAL:
             gw.keep_rules = True
 
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, _stop)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, HANDOVER_SIGNAL):
+        signal.signal(s, _signal)
     # select() resumes after a signal (PEP 475) with the remaining timeout, up to
-    # ADDRESS_POLL_S when idle: the wakeup fd makes a stop signal end the wait at once.
+    # ADDRESS_POLL_S when idle: the wakeup fd makes a signal end the wait at once.
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
     wake_w.setblocking(False)
     signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     gw.sel.register(wake_r.fileno(), selectors.EVENT_READ, "wakeup")
     try:
+        if not _wait_for_interface(gw, wake_r):
+            log.info("stopped while waiting for %s", config.outside_interface)
+            return EXIT_OK
         gw.start()
         log.info("vpnmasq running (public address %s)", gw.public or "none yet")
+        notifier.ready(gw.status_line())  # rules installed, queue bound
         gw.loop()
     except (StartupError, rules.RuleError) as exc:
         log.error("%s", exc)
@@ -1219,6 +1454,7 @@ def run(config: Config, *, handover: bool = False) -> int:
         gw.keep_rules = False
         gw.stop()
         return EXIT_FAILURE
+    notifier.stopping()
     gw.stop()
     return gw.exit_code
 
@@ -1229,6 +1465,8 @@ __all__ = [
     "EXIT_OK",
     "Gateway",
     "HairpinSysctls",
+    "HANDOVER_SIGNAL",
+    "ReloadRefused",
     "StartupError",
     "check_environment",
     "hairpin_forwards",

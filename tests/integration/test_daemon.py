@@ -272,19 +272,6 @@ def ike_from_500_to(topo: Topology, role: str, dst: str) -> bool:
         s.close()
 
 
-def test_bad_outside_interface_is_a_clear_error(topo: Topology, workdir) -> None:
-    d = Daemon(topo, "userspace", workdir)
-    d.config_path.write_text(
-        'outside_interface = "wan9"\ninside_networks = ["10.77.0.0/24"]\n'
-        f'control_socket = "{d.socket_path}"\n'
-    )
-    r = gw_run(topo, sys.executable, "-m", "vpnmasq.cli", "run", "-c", str(d.config_path))
-    assert r.returncode == 2
-    assert "outside_interface = 'wan9': no such network interface" in r.stderr
-    assert "wan0" in r.stderr  # the interfaces that do exist
-    assert "VPNMASQ" not in gw_run(topo, "iptables-save").stdout
-
-
 def test_bad_config_exits_2_naming_key_and_line(topo: Topology, workdir) -> None:
     cfg = workdir / "bad.toml"
     cfg.write_text('outside_interface = "wan0"\nmode = "kernel"\n')

@@ -1,6 +1,6 @@
 """``vpnmasq run`` life cycle in a namespace lab: clean stop, crash (SIGKILL: fail closed,
 then a restart cleans up), an address change on the outside interface, the handover
-(SIGHUP + ``run --handover``) and ``state_file`` across a restart. Harness: test_daemon_harness.py.
+(SIGUSR2 + ``run --handover``) and ``state_file`` across a restart. Harness: test_daemon_harness.py.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def test_handover_keeps_an_established_esp_association(
     assert old.counters().get("esp:associated:serialized") == 1
     handover_file = workdir / "handover.json"
 
-    old.send(signal.SIGHUP)
+    old.send(signal.SIGUSR2)
     assert old.wait() == 0
     assert "handover: table saved to" in old.log()
     assert ours_installed(topo)  # rules (and the queue number) stay

@@ -266,7 +266,7 @@ def test_accept_local_survives_crash_and_handover_then_is_restored(
     assert accept_local(topo) == "1" and record.exists()  # a crash restores nothing ...
     d.start()  # ... the next start knows the admin's value from the record
     assert GUARD in nft_raw(topo)
-    d.send(signal.SIGHUP)  # handover: rules and sysctl stay for the successor
+    d.send(signal.SIGUSR2)  # handover: rules and sysctl stay for the successor
     assert d.wait() == 0
     assert accept_local(topo) == "1" and record.exists() and GUARD in nft_raw(topo)
     d.start("--handover")

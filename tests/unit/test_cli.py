@@ -276,8 +276,8 @@ def test_flush(daemon: str) -> None:
 def test_run_calls_the_daemon(monkeypatch: pytest.MonkeyPatch, good: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def run(config: Config, *, handover: bool) -> int:
-        seen.update(config=config, handover=handover)
+    def run(config: Config, *, handover: bool, config_path: str) -> int:
+        seen.update(config=config, handover=handover, config_path=config_path)
         return 0
 
     fake = types.ModuleType("vpnmasq.daemon")
@@ -286,6 +286,7 @@ def test_run_calls_the_daemon(monkeypatch: pytest.MonkeyPatch, good: Path) -> No
     r = invoke("run", env={"VPNMASQ_CONFIG": str(good), "VPNMASQ_HANDOVER": "1"})
     assert r.exit_code == 0
     assert seen["handover"] is True and seen["config"].forwards[0].port == 1723
+    assert seen["config_path"] == str(good)  # re-read on SIGHUP
 
 
 def test_run_refuses_a_bad_config(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.packets import EXT, IN, OUT, PRV1, accepted, build_esp, build_udp
+from tests.unit.conftest import Records
 from vpnmasq import daemon, state
 from vpnmasq.config import Config
 from vpnmasq.datapath.nfqueue import NfQueueError
@@ -34,31 +34,6 @@ def config(tmp_path: Path, **kw: Any) -> Config:
     )
     base.update(kw)
     return Config(**base)
-
-
-class Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[tuple[int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append((record.levelno, record.getMessage()))
-
-    def text(self) -> str:
-        return "\n".join(m for _, m in self.lines)
-
-
-@pytest.fixture
-def logs() -> Iterator[Records]:
-    h = Records()
-    daemon.log.addHandler(h)
-    old = daemon.log.level
-    daemon.log.setLevel(logging.DEBUG)
-    try:
-        yield h
-    finally:
-        daemon.log.removeHandler(h)
-        daemon.log.setLevel(old)
 
 
 class FakeQueue:
@@ -95,28 +70,29 @@ def esp(src: int, dst: int, spi: int) -> bytearray:
 
 
 # ------------------------------------------------------------------------------ environment
-def test_not_root_is_a_clear_error(
+def test_without_cap_net_admin_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, logs: Records
 ) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(daemon.StartupError, match="must run as root") as ei:
+    monkeypatch.setattr(daemon, "has_net_admin", lambda: False)
+    with pytest.raises(daemon.StartupError, match="needs CAP_NET_ADMIN") as ei:
         daemon.check_environment(config(tmp_path))
     assert ei.value.code == daemon.EXIT_FAILURE
     assert daemon.run(config(tmp_path)) == 1
-    assert any(lvl == logging.ERROR and "must run as root" in m for lvl, m in logs.lines)
+    assert any(lvl == logging.ERROR and "needs CAP_NET_ADMIN" in m for lvl, m in logs.lines)
 
 
-def test_missing_outside_interface_names_the_key_and_what_exists(
+def test_cap_net_admin_is_read_from_the_effective_set() -> None:
+    # the test runs as root (CapEff has every bit) or as a user (none)
+    assert daemon.has_net_admin() is (os.geteuid() == 0)
+
+
+def test_a_missing_outside_interface_is_no_startup_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(daemon, "interface_names", lambda: {"lo", "eth0", "lan0"})
-    with pytest.raises(daemon.StartupError) as ei:
-        daemon.check_environment(config(tmp_path, outside_interface="wan0"))
-    assert ei.value.code == daemon.EXIT_CONFIG == 2
-    assert str(ei.value).startswith("outside_interface = 'wan0': no such network interface")
-    assert "eth0, lan0, lo" in str(ei.value)
-    daemon.check_environment(config(tmp_path, outside_interface="eth0"))  # fine
+    monkeypatch.setattr(daemon, "has_net_admin", lambda: True)
+    daemon.check_environment(config(tmp_path, outside_interface="wan9"))  # run waits for it
+    assert daemon.interface_state("wan9") == "missing"
+    assert daemon.interface_state("lo") == "up"
 
 
 def test_handover_path_is_the_state_file_or_next_to_the_control_socket(tmp_path: Path) -> None:
@@ -134,7 +110,7 @@ def test_a_busy_queue_stops_the_start_before_any_rule_is_touched(
 
     monkeypatch.setattr(daemon, "NfQueue", busy)
     gw = daemon.Gateway(config(tmp_path))
-    with pytest.raises(daemon.StartupError, match="bound by another process.*SIGHUP") as ei:
+    with pytest.raises(daemon.StartupError, match="bound by another process.*SIGUSR2") as ei:
         gw.start()
     assert ei.value.code == 1 and calls == [] and gw.nfq is None
 
@@ -214,7 +190,7 @@ def test_stop_saves_to_the_state_file_then_removes_rules(
     assert stat.S_IMODE(sf.stat().st_mode) == 0o600
 
 
-def test_sighup_saves_for_the_successor_and_keeps_the_rules(
+def test_sigusr2_saves_for_the_successor_and_keeps_the_rules(
     tmp_path: Path, calls: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gw = _gateway_with_traffic(tmp_path)
@@ -360,9 +336,9 @@ def test_run_help_documents_signals_and_handover() -> None:
     from vpnmasq.cli import cli
 
     out = CliRunner().invoke(cli, ["run", "--help"]).output
-    for needle in ("SIGTERM", "SIGHUP", "--handover", "kill -HUP", "status 2"):
+    for needle in ("SIGTERM", "SIGHUP", "SIGUSR2", "--handover", "kill -USR2", "status 2"):
         assert needle in out, needle
-    assert "SIGHUP" in (daemon.__doc__ or "") and "--handover" in (daemon.__doc__ or "")
+    assert "SIGUSR2" in (daemon.__doc__ or "") and "--handover" in (daemon.__doc__ or "")
 
 
 def test_run_with_a_bad_config_exits_2_with_key_and_line(tmp_path: Path) -> None:

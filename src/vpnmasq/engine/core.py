@@ -330,6 +330,11 @@ class Engine:
             h.handle_timer(now)
         return self.frags.expire(now)
 
+    def release_held(self) -> list[tuple[object, Verdict]]:
+        """For an engine about to be replaced (a configuration reload): verdicts for the
+        packets it holds (fragments waiting for their first), which must still get one."""
+        return self.frags.release_all("configuration reloaded")
+
     def next_deadline(self) -> float | None:
         cands = [self.table.next_deadline(), self.frags.next_deadline()]
         for h in self.helper_by_name.values():

@@ -100,6 +100,18 @@ class Fragments:
             ip.set_dst(st.new_dst)
         return accept(buf)
 
+    def release_all(self, why: str) -> list[tuple[object, Verdict]]:
+        """Drop every held fragment (the engine is being replaced): their verdicts."""
+        out = [
+            (tok, self.eng.drop(DropReason.FRAGMENT_TIMEOUT, why))
+            for held in self.held.values()
+            for tok, _data, _t in held
+        ]
+        self.held.clear()
+        self.held_order.clear()
+        self.held_count = 0
+        return out
+
     def next_deadline(self) -> float | None:
         cands = []
         if self.states:
