@@ -1392,10 +1392,11 @@ def _wait_for_interface(gw: Gateway, wake: socket.socket) -> bool:
             gw.notifier.watchdog(time.monotonic())
             if interface_state(name) == "up":
                 log.info("outside_interface %s is up", name)
-                gw.public = gw.config.public_address or read_public_address(name)
-                gw.engine.set_public_address(
-                    ip_to_int(gw.public) if gw.public else None, time.monotonic()
-                )
+                if not gw.config.sync.enabled:  # [sync] follows its virtual address itself
+                    gw.public = gw.config.public_address or read_public_address(name)
+                    gw.engine.set_public_address(
+                        ip_to_int(gw.public) if gw.public else None, time.monotonic()
+                    )
                 return True
         return False
     finally:
