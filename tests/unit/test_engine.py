@@ -454,6 +454,15 @@ def test_orphan_fragment_times_out_as_counted_drop():
     assert tok == 1 and v.reason is DropReason.FRAGMENT_TIMEOUT
 
 
+def test_an_engine_being_replaced_gives_its_held_fragments_a_verdict():
+    eng = make_engine()
+    _, f2 = _fragments(build_udp(PRV1, EXT, 40000, 53, b"y" * 200), 96)
+    assert eng.handle(f2, OUT, 0.0, token=7).action is Action.HOLD
+    ((tok, v),) = eng.release_held()  # a configuration reload builds a new engine
+    assert tok == 7 and v.action is Action.DROP and v.reason is DropReason.FRAGMENT_TIMEOUT
+    assert eng.release_held() == [] and eng.next_deadline() is None  # nothing left to time out
+
+
 # ---------------------------------------------------------------- malformed input
 @pytest.mark.parametrize(
     "data",
