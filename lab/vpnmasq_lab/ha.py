@@ -1,26 +1,28 @@
 """Two vpnmasq gateways as an active/standby pair, and VPN sessions that run through a
 failover and a failback (``vpnmasq demo --ha``, tests/e2e/test_ha_e2e.py)::
 
-     h1 (PPTP) --+                    +- lan0 [gw1] wan0 -+
-     h2 (ESP)  --+-[lan: br0]---------+                   +-[inet: br0]- r1 198.51.100.20
-     h3 (ESP)  --+  VIP 10.77.0.1     +- lan0 [gw2] wan0 -+  VIP 198.51.100.1 (public)
-                    gw1 10.77.0.2, gw2 10.77.0.3 (VRRP and the sync channel)
+     h1 PPTP, h2 h3 raw ESP,          +- lan0 [gw1] wan0 -+
+     h4 strongSwan, h5 download       |                   |
+          --[lan: br0]----------------+                   +-[inet: br0]- r1 198.51.100.20
+             VIP 10.77.0.1            +- lan0 [gw2] wan0 -+  VIP 198.51.100.1 (public)
+                    gw1 10.77.0.2, gw2 10.77.0.3 (VRRP, vpnmasq sync, conntrackd)
 
 keepalived (VRRPv3 on lan0, gw1 priority 150, gw2 100) puts both virtual addresses on the
-master; the outside interfaces have no address of their own. vpnmasq runs on both with the
-same config plus ``[sync]`` (node 1 / node 2). The scenario:
+master; the outside interfaces have no address of their own. vpnmasq (hybrid mode) runs on
+both with ``[sync]`` (node 1 / node 2), and conntrackd moves the kernel's own flows (NAT-T on
+UDP 4500, the download). The scenario:
 
 1. sessions start through gw1: a pptp-linux call to pptpd (h1), raw ESP from h2 and h3 to
-   one remote (two SA pairs to r1);
-2. **failover**: gw1 crashes (SIGKILL of vpnmasq and keepalived, links down); gw2 becomes
-   master and takes over the replicated table;
-3. **failback**: gw1 boots (links up, vpnmasq as standby, waits for the full sync, then
-   keepalived, which preempts); gw2 hands the address back.
+   one remote (two SA pairs to r1), strongSwan IKEv2 with NAT-T (h4), a TCP download (h5);
+2. **failover**: gw1 crashes (SIGKILL of vpnmasq, keepalived and conntrackd, links down);
+   gw2 becomes master and takes over the replicated tables;
+3. **failback**: gw1 boots (links up, conntrackd and vpnmasq as standby, both wait for the
+   peer's tables, then keepalived, which preempts); gw2 hands the addresses back.
 
-For each session it reports the longest gap between echoes and whether it survived without
-re-negotiating (the same pptp process and call, the same SPIs, no cross-talk), then the
-same run without ``[sync]`` (keepalived alone), side by side. Not yet in this lab: the
-strongSwan NAT-T session and the plain TCP download with conntrackd (docs/HA.md).
+For each session it reports the longest gap between answers and whether it survived without
+re-negotiating (the same pptp process and call, the same SPIs, the same IKE and CHILD SAs,
+the same TCP connection), then the same run with keepalived alone (no ``[sync]``, no
+conntrackd), side by side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vpnmasq.datapath.control import ControlError, query
@@ -43,12 +47,15 @@ from .gateway import lab_config, to_toml
 from .pptp_client import PptpClient
 from .pptp_server import PptpServer
 from .rawpeers import RawEspServer, esp_client_argv
+from .strongswan import ECHO_PORT, IpsecInitiator, IpsecResponder
 from .topology import GW_WAN_IP, LAN_NET, WAN_NET, LabError, Topology
 
 LAN_VIP = "10.77.0.1"
 PUBLIC_VIP = GW_WAN_IP
 GATEWAYS = {"gw1": "10.77.0.2", "gw2": "10.77.0.3"}
 SYNC_PORT = 3790
+CONNTRACKD_PORT = 3780
+DOWNLOAD_PORT = 8080
 VRRP_ID = 77
 #: VRRPv3 advertisement interval: the backup declares the master dead after 3 of them
 #: plus a skew (RFC 5798 6.1), about 1.1 s here
@@ -63,7 +70,7 @@ ESP_SAS = {"h2": (0x1001, 0x2001), "h3": (0x1002, 0x2002)}
 class HaTopology(Topology):
     """:class:`Topology` with two gateways, ``gw1`` and ``gw2``, in place of ``gw``."""
 
-    def __init__(self, hosts: int = 3, remotes: int = 1, **kw: Any) -> None:
+    def __init__(self, hosts: int = 5, remotes: int = 1, **kw: Any) -> None:
         super().__init__(hosts, remotes, lan_server=False, **kw)
 
     def _build_nodes(self) -> None:
@@ -90,7 +97,6 @@ def keepalived_conf(role: str, priority: int, notify: str | None = None) -> str:
         "  vrrp_garp_master_delay 1",
         "  vrrp_garp_master_repeat 3",
         "  vrrp_garp_lower_prio_repeat 1",
-        "  enable_script_security",
         "  script_user root",
         "}",
         "vrrp_instance vpnmasq {",
@@ -108,6 +114,44 @@ def keepalived_conf(role: str, priority: int, notify: str | None = None) -> str:
         lines.append(f"  notify {notify}")
     lines += ["}", ""]
     return "\n".join(lines)
+
+
+def conntrackd_conf(own: str, peer: str, workdir: Path) -> str:
+    """The lab's conntrackd.conf (packaging/conntrackd.conf is the annotated sample): FTFW
+    over the LAN, the peer's flows written straight into the kernel's table (no external
+    cache to commit, so no race with the first packets after a failover)."""
+    return "\n".join(
+        [
+            "Sync {",
+            "  Mode FTFW {",
+            "    DisableExternalCache On",
+            "    StartupResync On",
+            "  }",
+            "  UDP {",
+            f"    IPv4_address {own}",
+            f"    IPv4_Destination_Address {peer}",
+            f"    Port {CONNTRACKD_PORT}",
+            "    Interface lan0",
+            "    Checksum on",
+            "  }",
+            "}",
+            "General {",
+            "  HashSize 8192",
+            "  HashLimit 65536",
+            f"  LogFile {workdir / 'conntrackd.log'}",
+            f"  LockFile {workdir / 'conntrackd.lock'}",
+            f"  UNIX {{ Path {workdir / 'conntrackd.ctl'} }}",
+            "  Filter From Userspace {",
+            "    Protocol Accept { TCP UDP ICMP }",
+            "    Address Ignore {",
+            "      IPv4_address 127.0.0.1",
+            *(f"      IPv4_address {a}" for a in (LAN_VIP, *GATEWAYS.values())),
+            "    }",
+            "  }",
+            "}",
+            "",
+        ]
+    )
 
 
 class HaNode:
@@ -135,6 +179,7 @@ class HaNode:
         self.socket = str(self.config["control_socket"])
         self.vpnmasq: subprocess.Popen[Any] | None = None
         self.keepalived: subprocess.Popen[Any] | None = None
+        self.conntrackd: subprocess.Popen[Any] | None = None
 
     # ---------------------------------------------------------------- processes
     def start_vpnmasq(self, timeout: float = 30.0) -> None:
@@ -156,7 +201,16 @@ class HaNode:
 
     def start_keepalived(self) -> None:
         conf = self.dir / "keepalived.conf"
-        conf.write_text(keepalived_conf(self.role, self.priority))
+        notify = None
+        if self.sync:
+            # becoming master: conntrackd learns the flows now in the kernel's table (the
+            # peer's, written there as they came) and sends them all to the other side
+            ct = f"conntrackd -C {self.dir / 'conntrackd.conf'}"
+            script = self.dir / "notify.sh"
+            script.write_text(f'#!/bin/sh\n[ "$3" = MASTER ] && {ct} -R && {ct} -B\nexit 0\n')
+            script.chmod(0o700)
+            notify = str(script)
+        conf.write_text(keepalived_conf(self.role, self.priority, notify))
         run = self.dir / "run"
         with open(self.dir / "keepalived.log", "ab") as log:
             self.keepalived = self.topo.popen(
@@ -168,6 +222,23 @@ class HaNode:
                 ],
                 name=f"keepalived:{self.role}",
                 private_run=run,
+                stdout=log,
+                stderr=log,
+            )
+
+    def start_conntrackd(self) -> None:
+        """conntrackd for the kernel's own flows (hybrid mode's plain traffic); with sync only
+        (keepalived alone has none of the two)."""
+        peer = GATEWAYS["gw2" if self.node == 1 else "gw1"]
+        conf = self.dir / "conntrackd.conf"
+        conf.write_text(conntrackd_conf(GATEWAYS[self.role], peer, self.dir))
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "conntrackd.lock").unlink()  # left by a SIGKILLed run
+        with open(self.dir / "conntrackd.out", "ab") as log:
+            self.conntrackd = self.topo.popen(
+                self.role,
+                ["conntrackd", "-C", str(conf)],
+                name=f"conntrackd:{self.role}",
                 stdout=log,
                 stderr=log,
             )
@@ -202,13 +273,13 @@ class HaNode:
     def crash(self) -> None:
         """SIGKILL vpnmasq and keepalived (their whole sessions), then the links go down
         as with a box that lost power (its VIPs stay configured, but unreachable)."""
-        for p in (self.keepalived, self.vpnmasq):
+        for p in (self.keepalived, self.vpnmasq, self.conntrackd):
             if p is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
                 self.topo.stop(p)
-        self.keepalived = self.vpnmasq = None
+        self.keepalived = self.vpnmasq = self.conntrackd = None
         for dev in ("lan0", "wan0"):
             self.topo.exec(self.role, ["ip", "link", "set", dev, "down"])
 
@@ -221,6 +292,8 @@ class HaNode:
             self.topo.exec(self.role, ["ip", "addr", "del", f"{vip}/{pfx}", "dev", dev], check=False)
         for dev in ("lan0", "wan0"):
             self.topo.exec(self.role, ["ip", "link", "set", dev, "up"])
+        if self.sync:
+            self.start_conntrackd()
         self.start_vpnmasq()
         t0 = time.monotonic()
         if self.sync:
@@ -228,15 +301,35 @@ class HaNode:
                 if time.monotonic() - t0 > wait_sync:
                     raise LabError(f"{self.role} got no full sync:\n{self.log_tail()}")
                 time.sleep(0.1)
+            # the kernel's flows too: conntrackd asked the peer for them at start
+            asked = 0.0
+            while not self.kernel_flows_synced():
+                if time.monotonic() - asked > 1.0:  # (its first request may go unanswered)
+                    asked = time.monotonic()
+                    self.topo.exec(
+                        self.role, ["conntrackd", "-C", str(self.dir / "conntrackd.conf"), "-n"],
+                        check=False,
+                    )
+                if time.monotonic() - t0 > wait_sync:
+                    raise LabError(
+                        f"{self.role}: conntrackd brought no flows:\n"
+                        + (self.dir / "conntrackd.log").read_text(errors="replace")[-1500:]
+                    )
+                time.sleep(0.1)
         waited = time.monotonic() - t0
         self.start_keepalived()
         return waited
 
+    def kernel_flows_synced(self) -> bool:
+        """The lab's plain flows (the download, NAT-T) are in this gateway's conntrack table."""
+        cp = self.topo.exec(self.role, ["conntrack", "-L"], check=False)
+        return f"dport={DOWNLOAD_PORT}" in cp.stdout and "dport=4500" in cp.stdout
+
     def stop(self) -> None:
-        for p in (self.keepalived, self.vpnmasq):
+        for p in (self.keepalived, self.vpnmasq, self.conntrackd):
             if p is not None:
                 self.topo.stop(p, timeout=5.0)
-        self.keepalived = self.vpnmasq = None
+        self.keepalived = self.vpnmasq = self.conntrackd = None
 
 
 # ------------------------------------------------------------------------------ sessions
@@ -319,6 +412,83 @@ class EspSession(threading.Thread):
             self.report.why = f"foreign SPIs {summary.get('foreign')}, cross-talk"
 
 
+class IpsecSession(threading.Thread):
+    """strongSwan IKEv2 with NAT-T (UDP 4500) from a LAN host to r1; UDP echoes through the
+    tunnel. Survives only with the same IKE and CHILD SA SPIs (no re-negotiation)."""
+
+    def __init__(self, topo: Topology, role: str, responder: IpsecResponder, until: float) -> None:
+        super().__init__(daemon=True, name=f"ipsec:{role}")
+        self.topo, self.role, self.until = topo, role, until
+        self.initiator = IpsecInitiator(topo, role, responder)
+        self.report = SessionReport(f"strongSwan NAT-T {role} -> r1")
+        self.up = threading.Event()
+        self.spis: list[set[str]] = []
+
+    def sa_spis(self) -> set[str]:
+        """The SPIs of the initiator's IKE and CHILD SAs (swanctl --list-sas)."""
+        out = self.initiator.charon.list_sas()
+        return set(re.findall(r"\b([0-9a-f]{16})_[ir]", out)) | {
+            f"{d} {spi}" for d, spi in re.findall(r"^\s+(in|out)\s+([0-9a-f]{8})\b", out, re.M)
+        }
+
+    def run(self) -> None:
+        try:
+            self.initiator.start()
+            self.initiator.connect(timeout=15.0)
+        except LabError as exc:
+            self.report.intact, self.report.why = False, f"tunnel did not come up: {exc}"
+            self.up.set()
+            return
+        self.spis.append(self.sa_spis())
+        self.up.set()
+        count = int((self.until - time.monotonic()) / PROBE_INTERVAL)
+        res = self.topo.run_json(
+            self.role,
+            self.topo.py(
+                "vpnmasq_lab.plain", "udp-echo-client", self.initiator.server.inner_ip, ECHO_PORT,
+                "--count", count, "--interval", PROBE_INTERVAL, "--timeout", 0.5,
+                "--token", self.role,
+            ),
+            timeout=count * PROBE_INTERVAL + 30,
+        )
+        shift = time.monotonic() - time.time()
+        self.report.echoes = [w + shift for w in res.get("echo_wall", [])]
+        self.spis.append(self.sa_spis())
+        if res.get("crosstalk"):
+            self.report.intact, self.report.why = False, "cross-talk"
+        elif self.spis[0] != self.spis[-1] or not self.spis[0]:
+            self.report.intact = False
+            self.report.why = f"SAs re-negotiated ({sorted(self.spis[0])} -> {sorted(self.spis[-1])})"
+        self.initiator.stop()
+
+
+class DownloadSession(threading.Thread):
+    """A plain TCP download from r1 (hybrid mode: the kernel's NAT; conntrackd moves it).
+    Survives only on the same TCP connection."""
+
+    def __init__(self, topo: Topology, role: str, server: str, until: float) -> None:
+        super().__init__(daemon=True, name=f"download:{role}")
+        self.topo, self.role, self.server, self.until = topo, role, server, until
+        self.report = SessionReport(f"TCP download {role} <- r1")
+        self.up = threading.Event()
+
+    def run(self) -> None:
+        self.up.set()
+        duration = self.until - time.monotonic()
+        res = self.topo.run_json(
+            self.role,
+            self.topo.py(
+                "vpnmasq_lab.plain", "download-client", self.server, DOWNLOAD_PORT,
+                "--duration", round(duration, 2),
+            ),
+            timeout=duration + 30,
+        )
+        shift = time.monotonic() - time.time()
+        self.report.echoes = [w + shift for w in res.get("echo_wall", [])]
+        if res.get("error"):
+            self.report.intact, self.report.why = False, f"connection lost ({res['error']})"
+
+
 # ------------------------------------------------------------------------------ scenario
 @dataclass
 class HaRun:
@@ -356,13 +526,16 @@ def run_scenario(
     *, sync: bool, warmup: float = 3.0, hold: float = 6.0, log: Callable[[str], None] = print
 ) -> HaRun:
     """One run: sessions through gw1, crash gw1, failback to gw1; returns the reports."""
-    topo = HaTopology(hosts=3, remotes=1)
+    topo = HaTopology(hosts=5, remotes=1)
     with topo:
         r1 = topo.ip("r1")
         nodes = {r: HaNode(topo, r, sync=sync) for r in GATEWAYS}
         for n in nodes.values():
             n.start_vpnmasq()
         gw1, gw2 = nodes["gw1"], nodes["gw2"]
+        if sync:
+            for n in nodes.values():
+                n.start_conntrackd()
         gw1.start_keepalived()
         wait_for(gw1.is_master, 15.0, "gw1 to become master")
         gw2.start_keepalived()
@@ -370,12 +543,19 @@ def run_scenario(
             wait_for(lambda: gw2.sync_status().get("replica_synced", False), 15.0, "first sync")
         pptpd = PptpServer(topo, "r1").start()
         esp = RawEspServer(topo, "r1", list(ESP_SAS.values())).start()
+        responder = IpsecResponder(topo, "r1", version=2).start()
+        download = topo.start_json(
+            "r1", topo.py("vpnmasq_lab.plain", "download-server", "--port", DOWNLOAD_PORT),
+            name="download-server",
+        )
         total = warmup + hold + BOOT_BUDGET + hold
         until = time.monotonic() + total
-        threads: list[PptpSession | EspSession] = [
+        threads: list[PptpSession | EspSession | IpsecSession | DownloadSession] = [
             PptpSession(topo, "h1", r1, until),
             EspSession(topo, "h2", r1, until),
             EspSession(topo, "h3", r1, until),
+            IpsecSession(topo, "h4", responder, until),
+            DownloadSession(topo, "h5", r1, until),
         ]
         for t in threads:
             t.start()
@@ -417,6 +597,8 @@ def run_scenario(
         end = min(time.monotonic(), until)
         notes = [f"{r}: {n.sync_status()}" for r, n in nodes.items() if sync]
         esp.stop()
+        responder.stop()
+        download.stop()
         pptpd.stop()
         for n in nodes.values():
             n.stop()

@@ -26,6 +26,7 @@ import select
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -154,7 +155,15 @@ def udp_echo_client(
     s.bind((bind, sport))
     got: set[int] = set()
     crosstalk: list[str] = []
+    echo_wall: list[float] = []  # wall-clock time of each new echo (gap measurements)
     sent = 0
+
+    def recv(until: float) -> None:
+        n = len(got)
+        _recv_udp(s, until, token, got, crosstalk)
+        if len(got) > n:
+            echo_wall.append(round(time.time(), 3))
+
     try:
         deadline = time.monotonic() + count * interval + timeout
         for seq in range(1, count + 1):
@@ -162,9 +171,9 @@ def udp_echo_client(
             sent += 1
             end = time.monotonic() + interval
             while time.monotonic() < end:
-                _recv_udp(s, end, token, got, crosstalk)
+                recv(end)
         while len(got) < count and time.monotonic() < deadline:
-            _recv_udp(s, deadline, token, got, crosstalk)
+            recv(deadline)
         local = s.getsockname()
     finally:
         s.close()
@@ -177,6 +186,7 @@ def udp_echo_client(
         "received": len(got) + len(crosstalk),
         "verified": len(got),
         "crosstalk": crosstalk,
+        "echo_wall": echo_wall,
         "ok": len(got) == count and not crosstalk,
     }
 
@@ -344,6 +354,75 @@ def http_client(
     }
 
 
+#: the download server sends this much every DOWNLOAD_TICK seconds (a steady stream whose
+#: gaps are easy to see)
+DOWNLOAD_CHUNK = 1024
+DOWNLOAD_TICK = 0.02
+
+
+def download_server(port: int, bind: str = "0.0.0.0", *, max_seconds: float = 3600.0) -> None:
+    """A steady TCP download for every client, until it closes."""
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((bind, port))
+    ls.listen(16)
+    _emit({"event": "ready", "port": port})
+
+    def stream(c: socket.socket) -> None:
+        with c:
+            end = time.monotonic() + max_seconds
+            try:
+                while time.monotonic() < end:
+                    c.sendall(b"d" * DOWNLOAD_CHUNK)
+                    time.sleep(DOWNLOAD_TICK)
+            except OSError:
+                pass
+
+    end = time.monotonic() + max_seconds
+    while time.monotonic() < end:
+        r, _, _ = select.select([ls], [], [], 0.5)
+        if r:
+            c, _ = ls.accept()
+            threading.Thread(target=stream, args=(c,), daemon=True).start()
+
+
+def download_client(dst: str, port: int, *, duration: float = 10.0) -> dict[str, Any]:
+    """Read the download for ``duration`` s on one connection; the wall-clock times data
+    arrived (at most one per 50 ms) show its gaps."""
+    s = socket.create_connection((dst, port), timeout=5.0)
+    local = s.getsockname()
+    got = 0
+    stamps: list[float] = []
+    error = None
+    end = time.monotonic() + duration
+    try:
+        while time.monotonic() < end:
+            r, _, _ = select.select([s], [], [], max(0.0, end - time.monotonic()))
+            if not r:
+                continue
+            data = s.recv(65536)
+            if not data:
+                error = "closed by the server"
+                break
+            got += len(data)
+            now = round(time.time(), 3)
+            if not stamps or now - stamps[-1] >= 0.05:
+                stamps.append(now)
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        s.close()
+    return {
+        "kind": "download",
+        "dst": f"{dst}:{port}",
+        "local": f"{local[0]}:{local[1]}",
+        "bytes": got,
+        "echo_wall": stamps,
+        "error": error,
+        "ok": error is None and got > 0,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.plain")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -368,6 +447,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name.startswith("udp"):
             q.add_argument("--sport", type=int, default=0)
             q.add_argument("--interval", type=float, default=0.1)
+    q = sub.add_parser("download-server")
+    q.add_argument("--port", type=int, default=8080)
+    q.add_argument("--bind", default="0.0.0.0")
+    q.add_argument("--max-seconds", type=float, default=3600.0)
+    q = sub.add_parser("download-client")
+    q.add_argument("dst")
+    q.add_argument("port", type=int)
+    q.add_argument("--duration", type=float, default=10.0)
     a = ap.parse_args(argv)
     if a.cmd == "ping":
         res = ping(a.dst, count=a.count, interval=a.interval, timeout=a.timeout, ident=a.ident)
@@ -380,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif a.cmd == "http-server":
         http_server(a.port, a.bind, max_seconds=a.max_seconds)
         return 0
+    elif a.cmd == "download-server":
+        download_server(a.port, a.bind, max_seconds=a.max_seconds)
+        return 0
+    elif a.cmd == "download-client":
+        res = download_client(a.dst, a.port, duration=a.duration)
     elif a.cmd == "http-client":
         res = http_client(a.dst, a.port, count=a.count, token=a.token, timeout=a.timeout)
     elif a.cmd == "udp-echo-client":

@@ -1,6 +1,7 @@
-"""`vpnmasq demo --ha`: two gateways (keepalived VRRP + vpnmasq [sync]) carry a pptp-linux
-call and two raw-ESP hosts to one remote through a crash failover and a failback; the same
-sessions with keepalived alone lose the PPTP call."""
+"""`vpnmasq demo --ha`: two gateways (keepalived VRRP, vpnmasq [sync], conntrackd) carry a
+pptp-linux call, two raw-ESP hosts to one remote, strongSwan NAT-T and a plain TCP download
+(hybrid mode) through a crash failover and a failback; with keepalived alone the PPTP call,
+the NAT-T tunnel and the download are lost."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.waiting import wait_until
+
+from vpnmasq_lab.strongswan import CHARON
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -22,7 +26,7 @@ MAX_GAP_S = 3.0
 def test_ha_pair_carries_vpn_sessions_through_failover_and_failback(
     require: Any, record_property: Any
 ) -> None:
-    require("keepalived", "pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy")
+    require("keepalived", "conntrackd", "pptpd", "pptp", "/usr/sbin/pptpctrl", CHARON, "swanctl")
     cp = subprocess.run(
         [sys.executable, "-m", "vpnmasq.cli", "demo", "--ha"],
         capture_output=True,
@@ -34,15 +38,17 @@ def test_ha_pair_carries_vpn_sessions_through_failover_and_failback(
     assert cp.returncode == 0, (out[-3000:], cp.stderr[-3000:])
     m = re.search(r"^ha: (\d+)/(\d+) sessions survived, longest gap ([\d.]+) s$", out, re.M)
     assert m, out
-    assert m.group(1) == m.group(2) == "3"
+    assert m.group(1) == m.group(2) == "5"
     assert float(m.group(3)) <= MAX_GAP_S
     # the standby carried the associations and the call over: nothing was learned anew
     assert "carried over {'restored:esp': 2" in out and "learned anew nothing" in out
-    # keepalived alone: the new master has no table; the PPTP control connection dies
-    m2 = re.search(r"^without sync: ha: (\d+)/3 sessions survived", out, re.M)
-    assert m2 and int(m2.group(1)) < 3, out
-    pptp = next(ln for ln in out.splitlines() if ln.startswith("PPTP call"))
-    assert pptp.count("survived") == 1 and "FAILED" in pptp, pptp
+    # keepalived alone: the new master has neither table; the PPTP control connection, the
+    # NAT-T mapping and the download's kernel mapping are gone
+    m2 = re.search(r"^without sync: ha: (\d+)/5 sessions survived", out, re.M)
+    assert m2 and int(m2.group(1)) <= 2, out
+    for name in ("PPTP call", "strongSwan NAT-T", "TCP download"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(name))
+        assert line.count("survived") == 1 and "FAILED" in line, line
 
 
 def test_sample_keepalived_conf_passes_keepalived_config_test(require: Any) -> None:
@@ -65,4 +71,44 @@ def test_sample_keepalived_conf_passes_keepalived_config_test(require: Any) -> N
         assert cp.returncode == 0, cp.stderr
         assert "advert_int 0.3" in conf.read_text()
     finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_sample_conntrackd_conf_starts_conntrackd(require: Any, tmp_path: Path) -> None:
+    """packaging/conntrackd.conf as shipped, with its file paths moved to a temporary
+    directory, starts conntrackd in a namespace that has the sample's addresses."""
+    require("conntrackd", "ip")
+    text = (Path(__file__).resolve().parents[2] / "packaging" / "conntrackd.conf").read_text()
+    for old, new in (
+        ("LogFile on", f"LogFile {tmp_path / 'log'}"),
+        ("/var/lock/conntrack.lock", str(tmp_path / "lock")),
+        ("/var/run/conntrackd.ctl", str(tmp_path / "ctl")),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    conf = tmp_path / "conntrackd.conf"
+    conf.write_text(text)
+    ns = f"vmq-hac-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    p = None
+    try:
+        subprocess.run(
+            ["ip", "-n", ns, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
+            check=True,
+        )
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.2/24", "dev", "lan0"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lan0", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "lan1", "up"], check=True)
+        p = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "conntrackd", "-C", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        log = tmp_path / "log"
+        wait_until(lambda: log.exists() and "initialization completed" in log.read_text(), 10.0)
+        assert p.poll() is None, log.read_text()
+    finally:
+        if p is not None:
+            p.terminate()
+            p.wait(10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
