@@ -180,6 +180,9 @@ def test_the_deb_contents(deb: Path, deb_root: Path) -> None:
     ):
         assert p in paths, p
     assert not any("vpnmasq_lab" in p or "/share/vpnmasq/" in p for p in paths)
+    # the rest of packaging/ (HA, monitoring) ships as examples
+    others = {p.name for p in (ROOT / "packaging").rglob("*") if p.is_file()} - SHARED
+    assert others <= {Path(p).name for p in paths if "/usr/share/doc/vpnmasq/examples/" in p}
     conffiles = run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
     assert set(conffiles) == CONFFILES
     assert _deb_field(deb, "Version") == VERSION and _deb_field(deb, "Architecture") == "all"
