@@ -1209,6 +1209,11 @@ class Gateway:
             f"mode {self.config.mode}"
         )
 
+    def notify_ready(self) -> None:
+        """READY=1 with the status line (after the start, and after each reload)."""
+        self.last_status = self.status_line()
+        self.notifier.ready(self.last_status)
+
     def _notify_status(self) -> None:
         line = self.status_line()
         if line != self.last_status:
@@ -1242,8 +1247,7 @@ class Gateway:
             log.error("reload refused, the running configuration stays: %s", exc)
             return False
         finally:
-            self.last_status = ""
-            self.notifier.ready(self.status_line())
+            self.notify_ready()
 
     def apply_config(self, new: Config, source: str = "the new configuration") -> None:
         """Put ``new`` in force with the table kept (see :mod:`vpnmasq.reload`): a new
@@ -1441,7 +1445,7 @@ def run(config: Config, *, handover: bool = False, config_path: str | None = Non
             return EXIT_OK
         gw.start()
         log.info("vpnmasq running (public address %s)", gw.public or "none yet")
-        notifier.ready(gw.status_line())  # rules installed, queue bound
+        gw.notify_ready()  # rules installed, queue bound
         gw.loop()
     except (StartupError, rules.RuleError) as exc:
         log.error("%s", exc)
