@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from test_daemon_harness import (
     Daemon,
     Remote,
+    esp_exchange,
     gw_run,
     iptables_save,
     ours_installed,
@@ -215,3 +217,44 @@ def test_a_down_or_missing_outside_interface_is_waited_for(
     assert "interfaces: " in d.log() and "wan0" in d.log().split("interfaces: ")[1]
     assert d.stop() == 0
     assert not ours_installed(topo)
+
+
+#: what the unit grants (DynamicUser, AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW), minus
+#: systemd: another uid, no groups, exactly these two capabilities, inherited by nft,
+#: iptables-restore and sysctl
+UNPRIVILEGED = [
+    "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+    "--inh-caps=-all,+net_admin,+net_raw", "--ambient-caps=+net_admin,+net_raw",
+    "--bounding-set=-all,+net_admin,+net_raw", "--",
+]  # fmt: skip
+CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
+
+
+def test_runs_as_an_unprivileged_user_with_two_capabilities(
+    topo: Topology, remote: Remote, workdir: Path
+) -> None:
+    os.chmod(workdir, 0o777)  # the unit's RuntimeDirectory belongs to the service user
+    d = Daemon(topo, "userspace", workdir, command=[*UNPRIVILEGED, sys.executable, "-m", "vpnmasq.cli"])
+    d.start()
+    try:
+        assert d.proc is not None
+        pid = gw_run(topo, "pgrep", "-f", "-n", f"vpnmasq.cli run -c {d.config_path}").stdout.split()
+        status = Path(f"/proc/{pid[0]}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s", status, re.M), status
+        cap_eff = int(re.search(r"^CapEff:\s+([0-9a-f]+)", status, re.M).group(1), 16)  # type: ignore[union-attr]
+        assert cap_eff == (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
+        # rules, queue, accept_local for hairpinning (userspace mode hairpins every mapping)
+        assert ours_installed(topo) and queue_bound(topo)
+        assert gw_run(topo, "sysctl", "-n", "net.ipv4.conf.lan0.accept_local").stdout.strip() == "1"
+        assert udp_echo(topo, "h1") and esp_exchange(topo, "h2", 0x1001)
+        # a firewall change is noticed and repaired without root as well
+        assert gw_run(topo, "nft", "delete", "table", "ip", "vpnmasq").returncode == 0
+        wait_for(lambda: "re-installed in" in d.log(), "the rules re-installed")
+        assert udp_echo(topo, "h1")
+        d.config_path.write_text(d.config_path.read_text() + "[timeouts]\nudp = 600\n")
+        d.send(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in d.log(), "the reload")
+    finally:
+        assert d.stop() == 0, d.log()[-2000:]
+    assert not ours_installed(topo)
+    assert gw_run(topo, "sysctl", "-n", "net.ipv4.conf.lan0.accept_local").stdout.strip() == "0"

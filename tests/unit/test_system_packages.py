@@ -40,6 +40,7 @@ BINARIES = (
     "pptpd", "pptpctrl", "pptp",                  # PoPToP server, pptp-linux client
     "swanctl", "openssl",                         # strongSwan control, lab certificates
     "mount",                                      # the lab's private /run per namespace
+    "setpriv", "pgrep",                           # the daemon as the unit runs it (uid, caps)
     "tmux", "promtool",                           # `vpnmasq top` as seen; metrics/alert checks
     "turnserver", "turnutils_natdiscovery",       # RFC 5780 NAT behaviour discovery (coturn)
     "keepalived", "conntrackd",                   # the HA pair lab (VRRP, kernel flow sync)
