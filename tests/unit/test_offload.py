@@ -102,7 +102,9 @@ def test_the_table_keys_every_map_on_the_remote_address_and_rewrites_first() -> 
     assert "typeof ip saddr . @th,48,16 : ip daddr" in text
     assert "typeof ip saddr . ip daddr . esp spi" in text
     assert "map @esp_in notrack meta mark set 0x564d" in text  # rewrite before side effects
-    assert 'oifname "wan0"' in text and 'iifname "wan0" ip daddr 198.51.100.1' in text
+    assert 'iifname "wan0" ip daddr 198.51.100.1' in text
+    # postrouting: what does not leave through wan ends the chain at its first rule
+    assert 'add rule ip vpnmasq_offload post oifname != "wan0" accept\nadd rule' in text
     assert f"flush chain ip {OFFLOAD_TABLE} pre" in text  # chains refreshed, elements kept
     assert "flush set" not in text and "delete" not in text
 
@@ -357,7 +359,7 @@ def test_the_userspace_table_rewrites_ports_and_leaves_syn_fin_rst_to_the_engine
         f" tcp dport set {kin} map @napt_in_port notrack meta mark set 0x564d return"
     ) in text
     assert (
-        'add rule ip vpnmasq_offload post oifname "wan0" ip protocol udp udp checksum != 0 udp sport set'
+        'add rule ip vpnmasq_offload post ip protocol udp udp checksum != 0 udp sport set'
         " ip protocol . ip saddr . th sport . ip daddr . th dport map @napt_out"
         " ip saddr set 198.51.100.1 return"
     ) in text

@@ -349,7 +349,6 @@ def table_definition(
     ]
     gre = f"ip protocol gre @th,0,32 & {GRE_V1_MASK:#x} == {GRE_V1_VALUE:#x}"
     into = f'iifname "{outside_if}" ip daddr {pub}'
-    out = f'oifname "{outside_if}"'
     not_in = f'iifname != "{outside_if}"'
     m = f"meta mark set {mark:#x}"
     pre: list[str] = []
@@ -369,8 +368,8 @@ def table_definition(
             f"{not_in} ip protocol {{ tcp, udp }} {kout} @napt_out_pre notrack return",
         ]
         post += [
-            f"{out} {tcp} tcp sport set {kout} map @napt_out ip saddr set {pub} return",
-            f"{out} {udp} udp sport set {kout} map @napt_out ip saddr set {pub} return",
+            f"{tcp} tcp sport set {kout} map @napt_out ip saddr set {pub} return",
+            f"{udp} udp sport set {kout} map @napt_out ip saddr set {pub} return",
         ]
     pre += [
         f"{into} ip protocol esp ip daddr set ip saddr . esp spi map @esp_in notrack {m} return",
@@ -380,8 +379,8 @@ def table_definition(
         f"{not_in} {gre} ip saddr . ip daddr . @th,48,16 @gre_out_pre notrack return",
     ]
     post += [
-        f"{out} ip protocol esp ip saddr . ip daddr . esp spi @esp_out ip saddr set {pub} return",
-        f"{out} {gre} ip saddr . ip daddr . @th,48,16 @gre_out ip saddr set {pub}"
+        f"ip protocol esp ip saddr . ip daddr . esp spi @esp_out ip saddr set {pub} return",
+        f"{gre} ip saddr . ip daddr . @th,48,16 @gre_out ip saddr set {pub}"
         + (" return" if filtering is not None else ""),
     ]
     if filtering is not None:
@@ -392,9 +391,14 @@ def table_definition(
             f"{not_in} icmp type echo-request {echo_key} . ip daddr @icmp_out_pre notrack return",
         ]
         post.append(
-            f"{out} icmp type echo-request icmp id set {echo_key} . ip daddr map @icmp_out"
+            f"icmp type echo-request icmp id set {echo_key} . ip daddr map @icmp_out"
             f" ip saddr set {pub}"
         )
+    # what does not leave through wan (inbound and LAN-to-LAN packets) ends the chain at its
+    # first rule: each rule an offloaded packet crosses costs it, and so does each base chain
+    # (measured: 20 more base chains of one rule each cost offloaded ESP about 0.25 of the
+    # kernel's rate, 0.013 per chain)
+    post.insert(0, f'oifname != "{outside_if}" accept')
     lines += [f"add rule ip {t} pre {r}" for r in pre]
     lines += [f"add rule ip {t} post {r}" for r in post]
     return "\n".join(lines) + "\n"
