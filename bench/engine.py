@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import heapq
 import json
 import random
 import statistics
@@ -271,12 +272,154 @@ def esp_association(hosts: int, *, retransmit: float = 0.5, rtt: float = 0.05, s
     }
 
 
-def pptp_association(calls: int) -> dict[str, float]:
+def esp_association_ike(
+    hosts: int, *, retransmit: float = 0.5, rtt: float = 0.05, keep: list[Any] | None = None
+) -> dict[str, float]:
+    """``hosts`` LAN hosts start at once, each with its own IKEv2 exchange with one remote
+    (IKE_SA_INIT, IKE_AUTH, on UDP 500 through the gateway) and then raw ESP: the IKE
+    signal the ESP helper uses. Each host sends its first ESP packet once its IKE_AUTH is
+    answered and repeats it every ``retransmit`` s until the remote's first ESP packet reaches
+    it; the remote answers every packet after ``rtt`` s (the ESP answer from the SPI it
+    negotiated with that host). Event-driven on a manual clock; the time until the last host
+    is associated, the packets through the gateway and the engine's CPU time."""
+    from vpnmasq.helpers.isakmp import build_header
+
+    eng = make()
+    if keep is not None:
+        keep.append(eng)
+    hosts_ = [LAN + 2 + i for i in range(hosts)]
+    cookie = {h: 0x1111_0000_0000_0000 + i for i, h in enumerate(hosts_)}
+    out_spi = {h: 0x1000_0000 + i for i, h in enumerate(hosts_)}
+    in_spi = {h: 0x2000_0000 + i for i, h in enumerate(hosts_)}
+    owner = {s: h for h, s in in_spi.items()}
+    events: list[tuple[float, int, str, int]] = []  # (time, seq, what, host)
+    seq = [0]
+
+    def at(t: float, what: str, h: int) -> None:
+        seq[0] += 1
+        heapq.heappush(events, (t, seq[0], what, h))
+
+    for h in hosts_:
+        at(0.0, "init", h)
+    done: dict[int, float] = {}
+    offered = 0
+    cpu0 = time.process_time()
+    while events and len(done) < hosts:
+        now, _, what, h = heapq.heappop(events)
+        dl = eng.next_deadline()
+        if dl is not None and dl <= now:
+            eng.handle_timer(now)
+        ic, rc = cookie[h], cookie[h] ^ 0xFFFF
+        if what in ("init", "auth"):  # the host's IKE request, then the remote's answer
+            exch, mid = (34, 0) if what == "init" else (35, 1)
+            pkt = build_udp(h, EXT, 500, 500, build_header(ic, 0 if what == "init" else rc, exch,
+                            major=2, flags=0x08, message_id=mid))  # fmt: skip
+            offered += 1
+            if eng.handle(pkt, OUT, now).accepted:
+                at(now + rtt, what + "_r", h)
+        elif what in ("init_r", "auth_r"):
+            exch, mid = (34, 0) if what == "init_r" else (35, 1)
+            pkt = build_udp(EXT, PUB, 500, 500, build_header(ic, rc, exch, major=2, flags=0x20,
+                            message_id=mid))  # fmt: skip
+            offered += 1
+            v = eng.handle(pkt, IN, now)
+            if v.accepted:
+                at(now, "auth" if what == "init_r" else "esp", h)
+        elif what == "esp":
+            if h in done:
+                continue
+            offered += 1
+            if eng.handle(build_ipv4(h, EXT, PROTO_ESP, build_esp(out_spi[h], 1)), OUT, now).accepted:
+                at(now + rtt, "esp_r", h)
+            at(now + retransmit, "esp", h)
+        elif what == "esp_r":
+            offered += 1
+            v = eng.handle(build_ipv4(EXT, PUB, PROTO_ESP, build_esp(in_spi[h], 1)), IN, now)
+            if v.accepted and v.payload is not None:
+                dst = int.from_bytes(v.payload[16:20], "big")
+                assert dst == owner[in_spi[h]], "misassociated"
+                done.setdefault(dst, now)
+    cpu = time.process_time() - cpu0
+    return {
+        "seconds_all": max(done.values()) if len(done) == hosts else float("nan"),
+        "associated": len(done),
+        "packets": offered,
+        "packets_per_association": offered / hosts,
+        "cpu_ms": cpu * 1e3,
+    }
+
+
+def natt_association(clients: int, *, rtt: float = 0.05, keep: list[Any] | None = None) -> dict[str, float]:
+    """``clients`` NAT-T clients (RFC 3947/3948) start at once with one remote: IKE_SA_INIT on
+    UDP 500, then IKE_AUTH and ESP-in-UDP on 4500 (non-ESP marker for IKE), one packet each way
+    per step, ``rtt`` apart. Each client is a UDP mapping of its own (4500 kept for the first);
+    the time until every client's first ESP-in-UDP packet came back."""
+    from vpnmasq.helpers.isakmp import build_header
+
+    eng = make()
+    if keep is not None:
+        keep.append(eng)
+    offered = 0
+    done: dict[int, float] = {}
+    cpu0 = time.process_time()
+    clients_ = [LAN + 2 + i for i in range(clients)]
+    alias: dict[tuple[int, int], int] = {}
+    for step, (port, kind) in enumerate(((500, "init"), (4500, "auth"), (4500, "esp"))):
+        t = 2 * step * rtt
+        for i, h in enumerate(clients_):
+            ic = 0x2222_0000_0000_0000 + i
+            if kind == "esp":
+                body = build_esp(0x3000_0000 + i, 1)
+            else:
+                body = (b"\0\0\0\0" if port == 4500 else b"") + build_header(
+                    ic, 0 if kind == "init" else ic ^ 0xFFFF, 34 if kind == "init" else 35,
+                    major=2, flags=0x08, message_id=0 if kind == "init" else 1)  # fmt: skip
+            offered += 1
+            v = eng.handle(build_udp(h, EXT, port, port, body), OUT, t)
+            assert v.accepted and v.payload is not None
+            alias[(h, port)] = int.from_bytes(v.payload[20:22], "big")
+        for i, h in enumerate(clients_):
+            if kind == "esp":
+                body = build_esp(0x4000_0000 + i, 1)
+            else:
+                ic = 0x2222_0000_0000_0000 + i
+                body = (b"\0\0\0\0" if port == 4500 else b"") + build_header(
+                    ic, ic ^ 0xFFFF, 34 if kind == "init" else 35, major=2, flags=0x20,
+                    message_id=0 if kind == "init" else 1)  # fmt: skip
+            offered += 1
+            v = eng.handle(build_udp(EXT, PUB, port, alias[(h, port)], body), IN, t + rtt)
+            assert v.accepted and v.payload is not None
+            assert int.from_bytes(v.payload[16:20], "big") == h, "answer to the wrong client"
+            if kind == "esp":
+                done[h] = t + rtt
+    cpu = time.process_time() - cpu0
+    return {"seconds_all": max(done.values()), "packets": offered,
+            "packets_per_association": offered / clients, "cpu_ms": cpu * 1e3}
+
+
+def traced_bytes(fn: Callable[[], Any]) -> float:
+    """Python memory still held after ``fn()`` (tracemalloc; the result kept alive)."""
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    keep = fn()
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    del keep
+    return float(held)
+
+
+def pptp_association(calls: int, *, keep: list[Any] | None = None) -> dict[str, float]:
     """``calls`` LAN hosts each open a control connection and one call to one remote: TCP
     handshake (3), Start-Control-Connection (2), Outgoing-Call (2) through the engine."""
     from tests.pptp_wire import ControlLink
 
     eng = make()
+    if keep is not None:
+        keep.append(eng)
     offered = [0]
     inner = eng.handle
 
@@ -339,7 +482,21 @@ def run_all(
         assoc: dict[str, dict[str, float]] = {}
         for k in (1, 8, 64):
             assoc[f"esp_{k}"] = esp_association(k)
+            assoc[f"esp_ike_{k}"] = esp_association_ike(k)
+            assoc[f"natt_{k}"] = natt_association(k)
             assoc[f"pptp_{k}"] = pptp_association(k)
+        empty = traced_bytes(make)
+        for name, fn in (("esp_ike", esp_association_ike), ("natt", natt_association),
+                         ("pptp", pptp_association)):  # fmt: skip
+            # memory 64 associations hold: a second run under tracemalloc, less an empty engine
+            def build(f: Callable[..., Any] = fn) -> list[Any]:
+                kept: list[Any] = []
+                f(64, keep=kept)
+                for eng in kept:
+                    eng.drain_events()  # the daemon logs and drops them
+                return kept
+
+            assoc[f"{name}_64"]["bytes_per_association"] = (traced_bytes(build) - empty) / 64
         res["association"] = assoc
         log("  engine: association cost done")
     return res
