@@ -1,7 +1,7 @@
 """Which nfnetlink_queue client for the slow path: vpnmasq's own (datapath/nfqueue.py) or
 fnfqueue (PyPI; CFFI, recvmmsg in a reader thread). Not part of ``make bench``.
 
-    .venv/bin/pip install fnfqueue     # not a dependency of vpnmasq: only this comparison
+    .venv/bin/pip install -e '.[compare]'   # fnfqueue: only this comparison needs it
     .venv/bin/python bench/nfqclients.py --rounds 3
 
 One lab topology (bench/lab.py's h1 -- gw -- r1) with vpnmasq's userspace-mode rules; in the
