@@ -41,7 +41,8 @@ from rich.table import Table
 from rich.text import Text
 
 from vpnmasq.events import Row
-from vpnmasq.status import kind_of, render_text, rich_table
+from vpnmasq.status import kind_of
+from vpnmasq.tools.status import render_text, rich_table
 
 from .gateway import VpnmasqGateway
 from .pptp_client import PptpClient

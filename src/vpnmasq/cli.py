@@ -232,7 +232,7 @@ def check_config(file: str | None, show_explain: bool, markdown: bool, offline: 
 
 def _host_warnings(config: Config) -> list[str]:
     """diagnose's checks of the interface and the FORWARD chain; anything not OK warns."""
-    from vpnmasq import diagnose as dg
+    from vpnmasq.tools import diagnose as dg
 
     facts = dg.gather_host(config)
     out = []
@@ -374,7 +374,8 @@ def status(
     The daemon applies --proto, --host and --limit itself and builds the answer between
     packet batches, so asking never stalls the traffic, whatever the table size.
     """
-    from vpnmasq.status import StatusQuery, render_json, render_text, rows_from_wire
+    from vpnmasq.status import StatusQuery, rows_from_wire
+    from vpnmasq.tools.status import render_json, render_text
 
     q = StatusQuery(proto.strip().lower() if proto else None, host, limit)
     resp = _query(
@@ -546,8 +547,8 @@ def replay(
     from rich.console import Console
 
     try:
-        from vpnmasq.replay import ReplayError, print_summary
-        from vpnmasq.replay import replay as do_replay
+        from vpnmasq.tools.replay import ReplayError, print_summary
+        from vpnmasq.tools.replay import replay as do_replay
     except ImportError as e:
         if _missing_module(e, "scapy"):
             _fail(NO_SCAPY)
@@ -601,7 +602,7 @@ def diagnose(
     says where its traffic stopped ("GRE out, nothing back"). Exit 1 if anything FAILs.
     Run as root on the gateway.
     """
-    from vpnmasq import diagnose as dg
+    from vpnmasq.tools import diagnose as dg
 
     config = _config_or_default(config_path)
     facts = dg.gather(config, host=host, socket_path=socket_path)
@@ -663,7 +664,7 @@ def trace(
     import signal
     import subprocess
 
-    from vpnmasq import trace as tr
+    from vpnmasq.tools import trace as tr
 
     try:
         match = tr.proto_matcher(protos)
@@ -671,7 +672,7 @@ def trace(
         raise click.BadParameter(str(e), param_hint="--proto") from None
     if read_path is not None:
         try:
-            from vpnmasq.replay import ReplayError
+            from vpnmasq.tools.replay import ReplayError
 
             tr.decode_file(read_path, click.echo, match=match, host=host, count=count)
         except ImportError as e:

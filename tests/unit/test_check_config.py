@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from vpnmasq import cli as cli_mod
-from vpnmasq import diagnose as dg
 from vpnmasq.cli import cli
 from vpnmasq.config import load_config
+from vpnmasq.tools import diagnose as dg
 
 GOOD = 'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\n'
 

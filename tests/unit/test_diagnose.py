@@ -21,14 +21,14 @@ from tests.packets import (
     make_engine,
 )
 from tests.pptp_wire import ControlLink, gre_in, gre_out
-from vpnmasq import diagnose as dg
 from vpnmasq.config import Config, Route, load_config
 from vpnmasq.datapath.rules import forward_mark_hint
-from vpnmasq.diagnose import Facts, Finding, Level
 from vpnmasq.engine import Engine
 from vpnmasq.helpers.isakmp import build_header
 from vpnmasq.packet.ipv4 import build_ipv4, int_to_ip
 from vpnmasq.status import status_payload
+from vpnmasq.tools import diagnose as dg
+from vpnmasq.tools.diagnose import Facts, Finding, Level
 
 CFG = Config(inside_networks=("10.77.0.0/24",), outside_interface="wan0", mode="userspace")
 

@@ -267,7 +267,7 @@ def test_rows_carry_time_since_the_last_packet_each_way() -> None:
 
 
 def test_status_text_shows_last_seen() -> None:
-    from vpnmasq.status import render_text
+    from vpnmasq.tools.status import render_text
 
     row = Row("esp", "10.77.0.11", "198.51.100.1", "203.0.113.20", "PENDING", 100.0, 3, 0,
               300, 0, last_seen_out=2.0, last_seen_in=None)

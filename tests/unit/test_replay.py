@@ -21,7 +21,7 @@ from scapy.utils import PcapNgWriter, RawPcapReader, wrpcap
 
 from tests.config_text import with_required
 from vpnmasq.config import Config, load_config
-from vpnmasq.replay import (
+from vpnmasq.tools.replay import (
     LINKTYPE_RAW,
     ReplayError,
     ReplayReport,

@@ -9,18 +9,8 @@ import pytest
 from rich.console import Console
 
 from vpnmasq.events import Row
-from vpnmasq.status import (
-    filter_rows,
-    format_bytes,
-    format_expires,
-    kind_of,
-    render_json,
-    render_text,
-    rich_table,
-    rows_from_wire,
-    rows_to_wire,
-    status_payload,
-)
+from vpnmasq.status import filter_rows, kind_of, rows_from_wire, rows_to_wire, status_payload
+from vpnmasq.tools.status import format_bytes, format_expires, render_json, render_text, rich_table
 
 PUB = "198.51.100.1"
 ROWS = [

@@ -27,7 +27,7 @@ from tests.packets import (
 from vpnmasq.helpers.isakmp import build_header
 from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
 from vpnmasq.packet.l4 import build_icmp, build_tcp
-from vpnmasq.trace import (
+from vpnmasq.tools.trace import (
     PAIR_WINDOW,
     LineLimiter,
     PcapngWriter,

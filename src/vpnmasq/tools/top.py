@@ -20,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from vpnmasq.events import Row
-from vpnmasq.status import format_bytes, kind_of, rows_from_wire
+from vpnmasq.status import kind_of, rows_from_wire
+from vpnmasq.tools.status import format_bytes
 
 #: sessions asked for per refresh (the most recently active); the screen shows what fits
 FETCH_LIMIT = 200

@@ -4,7 +4,7 @@ Wireshark, plus decoded one-line debug output (rate-limited).
 Pure parts (filters, pcapng blocks, decoding) are tested on bytes; the capture runs in the
 daemon through the control socket.
 
-Design notes, kernel facts and measurements: docs/internals/trace.md.
+Design notes, kernel facts and measurements: docs/internals/tools-trace.md.
 """
 
 from __future__ import annotations
@@ -654,8 +654,8 @@ def decode_file(
     live capture's filters: ``match`` from :func:`proto_matcher`, ``host`` (an address or
     network on either side), at most ``count`` lines. Lines keep the file's packet numbers
     (as Wireshark shows them). A file that is not a capture raises
-    :class:`vpnmasq.replay.ReplayError` with a one-line reason."""
-    from vpnmasq.replay import ip_from_frame, open_capture
+    :class:`vpnmasq.tools.replay.ReplayError` with a one-line reason."""
+    from vpnmasq.tools.replay import ip_from_frame, open_capture
 
     net = ipaddress.IPv4Network(host, strict=False) if host else None
     shown = 0

@@ -7,7 +7,7 @@ an inside network as OUTBOUND and every other one as INBOUND, and hands it to
 forward is written to the output file as raw IPv4 (LINKTYPE_RAW) with the capture
 timestamps, so Wireshark and tshark read it directly.
 
-Design notes, kernel facts and measurements: docs/internals/replay.md.
+Design notes, kernel facts and measurements: docs/internals/tools-replay.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from scapy.utils import RawPcapNgReader, RawPcapReader, RawPcapWriter
 from vpnmasq.config import Config
 from vpnmasq.events import EntryCreated, Row
 from vpnmasq.packet.ipv4 import ip_to_int
-from vpnmasq.status import kind_of, render_text
+from vpnmasq.status import kind_of
+from vpnmasq.tools.status import render_text
 from vpnmasq.verdict import Action, Direction, Verdict
 
 # Link types (https://www.tcpdump.org/linktypes.html)

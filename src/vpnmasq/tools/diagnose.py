@@ -9,7 +9,7 @@ Two halves, as the rest of vpnmasq:
   fixture facts. :func:`run_checks` runs them all; :func:`render` prints one line per
   finding, each saying what to fix.
 
-Design notes, kernel facts and measurements: docs/internals/diagnose.md.
+Design notes, kernel facts and measurements: docs/internals/tools-diagnose.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from vpnmasq.datapath.rules import (
     ours_in_ruleset,
 )
 from vpnmasq.events import Row
-from vpnmasq.status import format_ago, kind_of, rows_from_wire
+from vpnmasq.status import kind_of, rows_from_wire
+from vpnmasq.tools.status import format_ago
 
 __all__ = [
     "CHECKS",
@@ -793,7 +794,7 @@ def gather_host(config: Config) -> Facts:
             facts.down.add(name)
         if isinstance(link.get("mtu"), int):
             facts.mtu[name] = int(link["mtu"])
-    from vpnmasq.trace import inside_interfaces
+    from vpnmasq.tools.trace import inside_interfaces
 
     facts.inside_ifaces = inside_interfaces(config.inside_networks, links)
     saves = [s for s in (_run(["iptables-save"]), _run(["iptables-legacy-save"])) if s is not None]
