@@ -1159,6 +1159,7 @@ class Gateway:
         )
         if self.config.offload and self.offloader is None:
             self._start_offload()
+            self._rebaseline()  # the offload table is ours to watch from now on
 
     def _follow_address(self, now: float) -> None:
         try:
