@@ -1,6 +1,6 @@
 """``vpnmasq run`` as the gateway of a namespace lab, in both modes: plain and VPN traffic,
 the admin's own FORWARD rules, the mark rule, traffic the gateway must not touch, status
-and metrics. The harness (lab, peers, sniffer) is in test_daemon_harness.py."""
+and metrics. The harness (lab, peers, sniffer) is in harness.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import sys
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     GW_LAN,
     H1,
     H2,
@@ -28,14 +28,10 @@ from test_daemon_harness import (
     isakmp_header,
     metrics_text,
     ping,
-    remote,
     sock,
     tcp_echo,
-    topo,
     udp_echo,
     wait_for,
-    wan,
-    workdir,
 )
 from tests.waiting import ANSWER_TIMEOUT
 
@@ -43,7 +39,6 @@ from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]
-__all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,6 +1,6 @@
 """``vpnmasq run`` life cycle in a namespace lab: clean stop, crash (SIGKILL: fail closed,
 then a restart cleans up), an address change on the outside interface, the handover
-(SIGUSR2 + ``run --handover``) and ``state_file`` across a restart. Harness: test_daemon_harness.py.
+(SIGUSR2 + ``run --handover``) and ``state_file`` across a restart. Harness: harness.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import stat
 import subprocess
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     NEW_PUBLIC,
     PUBLIC,
     R1,
@@ -29,13 +29,9 @@ from test_daemon_harness import (
     iptables_save,
     ours_installed,
     ping,
-    remote,
     tcp_echo,
-    topo,
     udp_echo,
     wait_for,
-    wan,
-    workdir,
 )
 from tests.waiting import ANSWER_TIMEOUT
 
@@ -44,7 +40,6 @@ from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]
-__all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 #: run the daemon with an idle poll of an hour instead of ADDRESS_POLL_S
 LONG_IDLE_POLL = "import vpnmasq.daemon; vpnmasq.daemon.ADDRESS_POLL_S = 3600.0"
 

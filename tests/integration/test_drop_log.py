@@ -3,7 +3,7 @@ nobody on the LAN asked for is dropped (``esp-unassociated``), a few lines per s
 logged and the rest counted; the count of every window is written when the window ends
 (the daemon's loop wakes for it) or at stop, whichever comes first.
 
-Harness: test_daemon_harness.py (r1 sends ESP to the public address 198.51.100.1).
+Harness: harness.py (r1 sends ESP to the public address 198.51.100.1).
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import PUBLIC, Daemon, Remote, remote, topo, wait_for, workdir
+from harness import (
+    PUBLIC,
+    Daemon,
+    Remote,
+    wait_for,
+)
 
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
-__all__ = ["remote", "topo", "workdir"]  # fixtures used by name
 
 REASON = "esp-unassociated"
 FLOOD = 600

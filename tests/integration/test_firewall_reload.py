@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     LAN,
     R1,
     Daemon,
@@ -36,19 +36,14 @@ from test_daemon_harness import (
     esp_exchange,
     gre_v0,
     gw_run,
-    remote,
     sock,
-    topo,
     wait_for,
-    wan,
-    workdir,
 )
 
 from vpnmasq.datapath import rules
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
-__all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 
 #: Debian 12's /etc/nftables.conf (a filter table only), as nftables.service loads it
 NFTABLES_CONF = """#!/usr/sbin/nft -f

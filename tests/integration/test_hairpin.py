@@ -1,7 +1,7 @@
 """Hairpinning through ``vpnmasq run``: a LAN host reaches a LAN server published with
 ``[[forward]]`` through the gateway's public address (issues 2 and 8), in both modes.
 
-srv (10.77.0.5) runs the harness's echo peers (:class:`test_daemon_harness.Remote` bound to
+srv (10.77.0.5) runs the harness's echo peers (:class:`harness.Remote` bound to
 srv: UDP/TCP echo on port 7, a minimal PPTP server on TCP 1723 and GRE echo), published as
 ``tcp 8080 -> srv:7``, ``udp 7``, ``tcp 1723`` and ``gre``. h1 and h2 talk to
 198.51.100.1; the server must see the *public address* as their source (so that its answers
@@ -10,7 +10,7 @@ go back through the gateway) and nothing may leave on wan0.
 The kernel side, measured here: the packet rewritten in PREROUTING has the public address (a
 local address) as its source, so the routing decision drops it as a martian unless
 ``accept_local = 1`` on the LAN interface (the daemon sets it, guards it and puts it back),
-and strict ``rp_filter`` drops it too (the daemon warns). Harness: test_daemon_harness.py.
+and strict ``rp_filter`` drops it too (the daemon warns). Harness: harness.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     H1,
     MARK,
     NEW_PUBLIC,
@@ -39,14 +39,10 @@ from test_daemon_harness import (
     gw_run,
     iptables_save,
     ours_installed,
-    remote,
     sock,
     tcp_echo,
-    topo,
     udp_echo,
     wait_for,
-    wan,
-    workdir,
 )
 from tests.waiting import ANSWER_TIMEOUT
 
@@ -55,7 +51,6 @@ from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]
-__all__ = ["remote", "topo", "wan", "workdir"]  # fixtures used by name
 
 ALIAS_RANGE = range(61000, 65536)  # Config.port_range default
 FORWARDS = f"""

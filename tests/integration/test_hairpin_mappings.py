@@ -14,7 +14,7 @@ host's public endpoint.
   kernel does not hairpin them: the packet is delivered to the gateway itself, whose stack
   answers "port unreachable" (UDP) or a RST (TCP). These tests pin that down.
 
-Harness and topology: test_daemon_harness.py (h1 10.77.0.11, h2 10.77.0.12, gw 198.51.100.1,
+Harness and topology: harness.py (h1 10.77.0.11, h2 10.77.0.12, gw 198.51.100.1,
 r1 198.51.100.20).
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     H1,
     H2,
     NEW_PUBLIC,
@@ -40,17 +40,13 @@ from test_daemon_harness import (
     iptables_save,
     refused,
     sock,
-    topo,
     wait_for,
-    wan,
-    workdir,
 )
 from tests.waiting import ANSWER_TIMEOUT, wait_until
 
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
-__all__ = ["topo", "wan", "workdir"]  # fixtures used by name
 
 REFLECT_PORT = 3478  # STUN's port; the reflector speaks "address:port\n", not STUN
 Endpoint = tuple[str, int]

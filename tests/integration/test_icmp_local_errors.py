@@ -1,6 +1,6 @@
 """The gateway's own ICMP errors about packets vpnmasq rewrote leave translated.
 
-``vpnmasq run`` in the lab gateway (harness: test_daemon_harness.py). When the gateway's
+``vpnmasq run`` in the lab gateway (harness: harness.py). When the gateway's
 kernel cannot forward a packet vpnmasq rewrote, its ICMP error quotes the rewritten header:
 
 * inbound: the LAN link (gw's ``lan0``) has MTU 1280 and r1 sends a 1400-byte DF packet that
@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     H1,
     PUBLIC,
     R1,
@@ -42,8 +42,6 @@ from test_daemon_harness import (
     gw_run,
     refused,
     sock,
-    topo,
-    workdir,
 )
 from tests.waiting import DEADLINE, wait_until
 
@@ -54,7 +52,6 @@ from vpnmasq_lab.topology import Topology
 pytestmark = pytest.mark.netns
 scapy_all = pytest.importorskip("scapy.all")
 IP, UDP, ICMP, Raw = scapy_all.IP, scapy_all.UDP, scapy_all.ICMP, scapy_all.Raw
-__all__ = ["topo", "workdir"]  # fixtures used by name
 
 NOBODY = "198.51.100.99"  # on the outside link, answers no ARP
 

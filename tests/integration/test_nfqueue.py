@@ -309,14 +309,14 @@ def userspace_spec(t: GatewayTopology, **kw: object) -> rules.RuleSpec:
 
 
 @pytest.fixture
-def gw_firewall(lab: Lab, topo: GatewayTopology) -> GatewayTopology:
+def gw_firewall(lab: Lab, gw_topo: GatewayTopology) -> GatewayTopology:
     """A stateful-ish FORWARD policy as README describes: LAN out, and vpnmasq-marked in."""
     lab.run(
-        topo.gw,
-        f"iptables -P FORWARD DROP && iptables -A FORWARD -i {topo.gw_lan_if} -o {topo.gw_wan_if} -j ACCEPT"
+        gw_topo.gw,
+        f"iptables -P FORWARD DROP && iptables -A FORWARD -i {gw_topo.gw_lan_if} -o {gw_topo.gw_wan_if} -j ACCEPT"
         f" && iptables -A FORWARD -m mark --mark {MARK:#x} -j ACCEPT",
     )
-    return topo
+    return gw_topo
 
 
 @contextlib.contextmanager
@@ -396,10 +396,10 @@ def test_udp_and_icmp_echo_through_userspace_nat(
 
 @pytest.mark.netns
 @pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
-def test_no_listener(lab: Lab, topo: GatewayTopology, fail_open: bool) -> None:
+def test_no_listener(lab: Lab, gw_topo: GatewayTopology, fail_open: bool) -> None:
     """Rules installed, nobody bound to the queue: fail-closed drops everything from the
     inside; fail-open (--queue-bypass) lets it out un-NATed, leaking the LAN address."""
-    t = topo
+    t = gw_topo
     rules.install(userspace_spec(t, queue_num=12, fail_open=fail_open), netns=lab.ns(t.gw))
     cap = Capture(lab, t.remote, t.remote_if)
     client = udp_socket(lab, t.inside, (t.inside_host, ALIAS_PORT))
@@ -423,12 +423,12 @@ def test_no_listener(lab: Lab, topo: GatewayTopology, fail_open: bool) -> None:
 
 @pytest.mark.netns
 def test_large_datagrams_whole_up_to_copy_range(
-    lab: Lab, topo: GatewayTopology, queue_worker: Callable[..., QueueWorker]
+    lab: Lab, gw_topo: GatewayTopology, queue_worker: Callable[..., QueueWorker]
 ) -> None:
     """The gateway reassembles fragments (conntrack is loaded by the CT rules), so userspace
     sees whole datagrams: 9000 bytes and 65531 bytes (= copy range) are rewritten and arrive
     whole; 65535 bytes arrive truncated, cannot be modified, and are dropped."""
-    t = topo
+    t = gw_topo
     rules.install(userspace_spec(t, queue_num=13), netns=lab.ns(t.gw))
     seen: list[QueuedPacket] = []
     refused: list[str] = []
@@ -463,8 +463,8 @@ def test_large_datagrams_whole_up_to_copy_range(
 
 
 @pytest.mark.netns
-def test_verdict_batch_with_many_packets_and_a_held_one(lab: Lab, topo: GatewayTopology) -> None:
-    t = topo
+def test_verdict_batch_with_many_packets_and_a_held_one(lab: Lab, gw_topo: GatewayTopology) -> None:
+    t = gw_topo
     n = 1000
     rules.install(userspace_spec(t, queue_num=14), netns=lab.ns(t.gw))
     server = udp_socket(lab, t.remote, (t.remote_host, 9))
@@ -503,8 +503,8 @@ def test_verdict_batch_with_many_packets_and_a_held_one(lab: Lab, topo: GatewayT
 
 
 @pytest.mark.netns
-def test_payload_verdicts_are_packed_into_few_sends(lab: Lab, topo: GatewayTopology) -> None:
-    t = topo
+def test_payload_verdicts_are_packed_into_few_sends(lab: Lab, gw_topo: GatewayTopology) -> None:
+    t = gw_topo
     n = 300
     rules.install(userspace_spec(t, queue_num=15), netns=lab.ns(t.gw))
     server = udp_socket(lab, t.remote, (t.remote_host, 9))
@@ -526,8 +526,8 @@ def test_payload_verdicts_are_packed_into_few_sends(lab: Lab, topo: GatewayTopol
 
 
 @pytest.mark.netns
-def test_close_drops_waiting_packets_and_frees_the_queue(lab: Lab, topo: GatewayTopology) -> None:
-    t = topo
+def test_close_drops_waiting_packets_and_frees_the_queue(lab: Lab, gw_topo: GatewayTopology) -> None:
+    t = gw_topo
     rules.install(userspace_spec(t, queue_num=16), netns=lab.ns(t.gw))
     server = udp_socket(lab, t.remote, (t.remote_host, 9))
     client = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)
@@ -558,14 +558,14 @@ def test_close_drops_waiting_packets_and_frees_the_queue(lab: Lab, topo: Gateway
 )
 def test_kernel_fact_source_rewrite_must_follow_routing(
     lab: Lab,
-    topo: GatewayTopology,
+    gw_topo: GatewayTopology,
     queue_worker: Callable[..., QueueWorker],
     chain: str,
     delivered: bool,
 ) -> None:
     """Why rules.py queues outbound packets in POSTROUTING: a source rewritten to the
     gateway's own address before the routing decision makes the packet a martian."""
-    t = topo
+    t = gw_topo
     where = f"-i {t.gw_lan_if}" if chain == "PREROUTING" else f"-o {t.gw_wan_if}"
     lab.run(t.gw, f"iptables -t mangle -A {chain} {where} -p udp -j NFQUEUE --queue-num 17")
     handled: list[int] = []
@@ -587,14 +587,14 @@ def test_kernel_fact_source_rewrite_must_follow_routing(
 @pytest.mark.parametrize(("conntrack_match", "pieces"), [(False, 3), (True, 1)])
 def test_kernel_fact_notrack_alone_does_not_defragment(
     lab: Lab,
-    topo: GatewayTopology,
+    gw_topo: GatewayTopology,
     queue_worker: Callable[..., QueueWorker],
     conntrack_match: bool,
     pieces: int,
 ) -> None:
     """Why every queue rule carries ``-m conntrack``: ``CT --notrack`` does not enable
     conntrack (nor its defrag hook) in a namespace, so fragments would reach userspace."""
-    t = topo
+    t = gw_topo
     lab.run(t.gw, f"iptables -t raw -A PREROUTING -i {t.gw_lan_if} -j CT --notrack")
     match = "-m conntrack --ctstate UNTRACKED" if conntrack_match else ""
     lab.run(
@@ -626,11 +626,11 @@ def _queue_stats(lab: Lab, role: str, queue_num: int) -> dict[str, int]:
 
 @pytest.mark.netns
 def test_kernel_fact_undeliverable_packets_leave_gaps_not_waiting_entries(
-    lab: Lab, topo: GatewayTopology
+    lab: Lab, gw_topo: GatewayTopology
 ) -> None:
     """Why a VERDICT_BATCH may cover ids we never received: a packet whose message does not
     fit our receive buffer is dropped by the kernel at once (user_dropped), not kept."""
-    t = topo
+    t = gw_topo
     rules.install(userspace_spec(t, queue_num=19), netns=lab.ns(t.gw))
     server = udp_socket(lab, t.remote, (t.remote_host, 9))
     client = lab.socket(t.inside, socket.AF_INET, socket.SOCK_DGRAM)

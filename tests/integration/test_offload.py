@@ -79,8 +79,8 @@ class Gateway:
 
 
 @pytest.fixture
-def gw(lab: Lab, topo: GatewayTopology) -> Iterator[Gateway]:
-    g = Gateway(lab, topo)
+def gw(lab: Lab, gw_topo: GatewayTopology) -> Iterator[Gateway]:
+    g = Gateway(lab, gw_topo)
     yield g
     g.worker.stop()
 
@@ -169,9 +169,9 @@ EXPECTED = {
 
 
 def test_offloaded_flows_are_rewritten_by_the_kernel_and_credited(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
-    t = topo
+    t = gw_topo
     associate(gw, t)
     off = offloader(lab, t)
     with gw.lock:
@@ -217,12 +217,12 @@ def _probe_counts(lab: Lab, t: GatewayTopology) -> dict[str, int]:
     return counts
 
 
-def test_offloaded_packets_skip_vpnmasqs_chains(lab: Lab, topo: GatewayTopology, gw: Gateway) -> None:
+def test_offloaded_packets_skip_vpnmasqs_chains(lab: Lab, gw_topo: GatewayTopology, gw: Gateway) -> None:
     """Why offloaded flows run near the kernel's speed (rules module docstring): their
     packets never reach vpnmasq's classification (nft raw_in/raw_out) nor its queue chains
     (VPNMASQ_IN/OUT), in either direction. Probes count ESP/GRE at the top of each; a packet
     that misses the maps shows that the probes count."""
-    t = topo
+    t = gw_topo
     associate(gw, t)
     off = offloader(lab, t)
     with gw.lock:
@@ -242,18 +242,18 @@ def test_offloaded_packets_skip_vpnmasqs_chains(lab: Lab, topo: GatewayTopology,
 
 
 def test_without_offload_the_same_packets_take_the_queue(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
-    associate(gw, topo)
+    associate(gw, gw_topo)
     q_esp, q_gre = gw.queued_count(50), gw.queued_count(47)
-    assert exchange(lab, topo) == EXPECTED
+    assert exchange(lab, gw_topo) == EXPECTED
     assert gw.queued_count(50) == q_esp + 2 and gw.queued_count(47) == q_gre + 2
 
 
 def test_a_replayed_spi_or_call_id_from_another_address_misses_the_maps(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
-    t = topo
+    t = gw_topo
     associate(gw, t)
     off = offloader(lab, t)
     with gw.lock:
@@ -270,9 +270,9 @@ def test_a_replayed_spi_or_call_id_from_another_address_misses_the_maps(
 
 
 def test_after_a_restart_the_maps_are_reconciled_not_flushed(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
-    t = topo
+    t = gw_topo
     associate(gw, t)
     first = offloader(lab, t)
     with gw.lock:

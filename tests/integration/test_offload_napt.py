@@ -93,16 +93,16 @@ class Gateway:
 
 
 @pytest.fixture(params=[APDF, EIF])
-def gw(request: pytest.FixtureRequest, lab: Lab, topo: GatewayTopology) -> Iterator[Gateway]:
-    g = Gateway(lab, topo, request.param)
+def gw(request: pytest.FixtureRequest, lab: Lab, gw_topo: GatewayTopology) -> Iterator[Gateway]:
+    g = Gateway(lab, gw_topo, request.param)
     yield g
     g.worker.stop()
     g.off.remove()
 
 
 @pytest.fixture
-def apdf(lab: Lab, topo: GatewayTopology) -> Iterator[Gateway]:
-    g = Gateway(lab, topo, APDF)
+def apdf(lab: Lab, gw_topo: GatewayTopology) -> Iterator[Gateway]:
+    g = Gateway(lab, gw_topo, APDF)
     yield g
     g.worker.stop()
     g.off.remove()
@@ -168,9 +168,9 @@ def transfer(src: socket.socket, dst: socket.socket, blob: bytes) -> bytes:
 
 
 def test_established_sessions_bypass_the_queue_both_ways(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
-    t = topo
+    t = gw_topo
     # UDP: the first exchange through the engine decides the mapping
     srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
     cli.sendto(b"first", (t.remote_host, 7777))
@@ -231,11 +231,11 @@ def test_established_sessions_bypass_the_queue_both_ways(
 
 
 def test_filtering_decides_what_the_kernel_lets_in(
-    lab: Lab, topo: GatewayTopology, gw: Gateway
+    lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
     """Another port of the same remote: address-and-port-dependent filtering leaves it to the
     engine (which drops it), endpoint-independent filtering lets the kernel deliver it."""
-    t = topo
+    t = gw_topo
     srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
     cli.sendto(b"first", (t.remote_host, 7777))
     _, seen_as = srv.recvfrom(100)
@@ -257,11 +257,11 @@ def test_filtering_decides_what_the_kernel_lets_in(
 
 
 def test_icmp_errors_about_offloaded_sessions_are_still_translated(
-    lab: Lab, topo: GatewayTopology, apdf: Gateway
+    lab: Lab, gw_topo: GatewayTopology, apdf: Gateway
 ) -> None:
     """A router beyond the gateway answers an offloaded datagram with an ICMP error: the error
     takes the queue and reaches the inside host about its own datagram."""
-    t = topo
+    t = gw_topo
     srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
     cli.sendto(b"first", (t.remote_host, 7777))
     _, seen_as = srv.recvfrom(100)
@@ -287,11 +287,11 @@ def test_icmp_errors_about_offloaded_sessions_are_still_translated(
 
 
 def test_a_datagram_without_udp_checksum_crosses_the_kernel_path_intact(
-    lab: Lab, topo: GatewayTopology, apdf: Gateway
+    lab: Lab, gw_topo: GatewayTopology, apdf: Gateway
 ) -> None:
     """UDP checksum 0 means "none" (RFC 768): nftables' rewrite would put a wrong one in,
     so such datagrams are left to the engine, which keeps it 0."""
-    t = topo
+    t = gw_topo
     srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
     cli.sendto(b"first", (t.remote_host, 7777))
     _, seen_as = srv.recvfrom(100)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     H1,
     H2,
     METRICS_PORT,
@@ -33,16 +33,11 @@ from test_daemon_harness import (
     Remote,
     esp_exchange,
     metrics_text,
-    remote,
-    topo,
-    workdir,
 )
 
 from vpnmasq import config as cfgmod
 from vpnmasq.cli import cli
 from vpnmasq_lab.topology import Topology
-
-__all__ = ["remote", "topo", "workdir"]  # fixtures used by name
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -69,55 +69,55 @@ def add_foreign_state(lab: Lab, role: str, variant: str) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("mode", ["hybrid", "userspace"])
 def test_install_then_remove_leaves_no_trace(
-    lab: Lab, topo: GatewayTopology, variant: str, mode: str
+    lab: Lab, gw_topo: GatewayTopology, variant: str, mode: str
 ) -> None:
-    gw = lab.ns(topo.gw)
-    add_foreign_state(lab, topo.gw, variant)
-    before = snapshot(lab, topo.gw, variant)
-    spec = spec_for(topo, mode)
+    gw = lab.ns(gw_topo.gw)
+    add_foreign_state(lab, gw_topo.gw, variant)
+    before = snapshot(lab, gw_topo.gw, variant)
+    spec = spec_for(gw_topo, mode)
 
     assert not rules.installed(netns=gw, iptables=variant)
     rules.install(spec, netns=gw, iptables=variant)
     assert rules.installed(netns=gw, iptables=variant)
-    first = snapshot(lab, topo.gw, variant)
+    first = snapshot(lab, gw_topo.gw, variant)
     for chain in ("VPNMASQ_IN", "VPNMASQ_OUT"):
         assert f":{chain} " in first
     assert "VPNMASQ_RAW" not in first  # untracking is native nft now (rules module docstring)
     assert "table ip vpnmasq {" in first and ("masquerade" in first) == (mode == "hybrid")
     # our jumps come first in the built-in chains (in userspace mode the hairpin jump too:
     # every mapping hairpins), and our raw chain before iptables raw
-    hairpin = f"-A PREROUTING -d {topo.public}/32 ! -i {topo.gw_wan_if} -j VPNMASQ_HP\n"
+    hairpin = f"-A PREROUTING -d {gw_topo.public}/32 ! -i {gw_topo.gw_wan_if} -j VPNMASQ_HP\n"
     assert (
-        f"-A PREROUTING -i {topo.gw_wan_if} -m mark ! --mark 0x564d -j VPNMASQ_IN\n"
+        f"-A PREROUTING -i {gw_topo.gw_wan_if} -m mark ! --mark 0x564d -j VPNMASQ_IN\n"
         + (hairpin if mode == "userspace" else "")
         + "-A PREROUTING -i eth9"
     ) in first
     assert "type filter hook prerouting priority raw - 1; policy accept;" in first
 
     rules.install(spec, netns=gw, iptables=variant)  # reinstall: same result, no duplicates
-    assert snapshot(lab, topo.gw, variant) == first
+    assert snapshot(lab, gw_topo.gw, variant) == first
 
     rules.remove(netns=gw, iptables=variant)
-    assert snapshot(lab, topo.gw, variant) == before
+    assert snapshot(lab, gw_topo.gw, variant) == before
     assert not rules.installed(netns=gw, iptables=variant)
     rules.remove(netns=gw, iptables=variant)  # idempotent
-    assert snapshot(lab, topo.gw, variant) == before
+    assert snapshot(lab, gw_topo.gw, variant) == before
 
 
-def test_remove_after_a_crash_with_pieces_missing(lab: Lab, topo: GatewayTopology) -> None:
-    gw = lab.ns(topo.gw)
-    add_foreign_state(lab, topo.gw, "iptables")
-    before = snapshot(lab, topo.gw, "iptables")
-    rules.install(spec_for(topo, "hybrid"), netns=gw)
+def test_remove_after_a_crash_with_pieces_missing(lab: Lab, gw_topo: GatewayTopology) -> None:
+    gw = lab.ns(gw_topo.gw)
+    add_foreign_state(lab, gw_topo.gw, "iptables")
+    before = snapshot(lab, gw_topo.gw, "iptables")
+    rules.install(spec_for(gw_topo, "hybrid"), netns=gw)
     lab.run(
-        topo.gw,
-        f"iptables -t mangle -D POSTROUTING -o {topo.gw_wan_if} -s 192.168.50.0/24 -j VPNMASQ_OUT",
+        gw_topo.gw,
+        f"iptables -t mangle -D POSTROUTING -o {gw_topo.gw_wan_if} -s 192.168.50.0/24 -j VPNMASQ_OUT",
     )
-    lab.run(topo.gw, "iptables -t mangle -F VPNMASQ_OUT")  # still jumped to for inside_net
-    lab.run(topo.gw, "nft delete table ip vpnmasq")
+    lab.run(gw_topo.gw, "iptables -t mangle -F VPNMASQ_OUT")  # still jumped to for inside_net
+    lab.run(gw_topo.gw, "nft delete table ip vpnmasq")
     # what an older version (untracking in iptables raw) left behind
     lab.run(
-        topo.gw,
+        gw_topo.gw,
         "iptables -t raw -N VPNMASQ_RAW && iptables -t raw -N VPNMASQ_RAW_IN"
         " && iptables -t raw -A VPNMASQ_RAW -j VPNMASQ_RAW_IN"
         " && iptables -t raw -A VPNMASQ_RAW_IN -p 50 -j CT --notrack"
@@ -125,38 +125,38 @@ def test_remove_after_a_crash_with_pieces_missing(lab: Lab, topo: GatewayTopolog
     )
     assert rules.installed(netns=gw)
     rules.remove(netns=gw)
-    assert snapshot(lab, topo.gw, "iptables") == before
+    assert snapshot(lab, gw_topo.gw, "iptables") == before
     assert not rules.installed(netns=gw)
 
 
 def test_failed_install_is_rolled_back(
-    lab: Lab, topo: GatewayTopology, monkeypatch: pytest.MonkeyPatch
+    lab: Lab, gw_topo: GatewayTopology, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gw = lab.ns(topo.gw)
-    add_foreign_state(lab, topo.gw, "iptables")
-    before = snapshot(lab, topo.gw, "iptables")
+    gw = lab.ns(gw_topo.gw)
+    add_foreign_state(lab, gw_topo.gw, "iptables")
+    before = snapshot(lab, gw_topo.gw, "iptables")
     monkeypatch.setattr(rules, "nft_rules", lambda spec: "table ip vpnmasq { chain c { bogus } }\n")
     with pytest.raises(rules.RuleError, match="nft"):
-        rules.install(spec_for(topo, "hybrid"), netns=gw)
+        rules.install(spec_for(gw_topo, "hybrid"), netns=gw)
     assert not rules.installed(netns=gw)
-    assert snapshot(lab, topo.gw, "iptables") == before
+    assert snapshot(lab, gw_topo.gw, "iptables") == before
 
 
-def test_forward_mark_rule_detection(lab: Lab, topo: GatewayTopology) -> None:
-    gw = lab.ns(topo.gw)
+def test_forward_mark_rule_detection(lab: Lab, gw_topo: GatewayTopology) -> None:
+    gw = lab.ns(gw_topo.gw)
     assert not rules.forward_mark_rule_present(netns=gw)
     hint = rules.forward_mark_hint()  # a runnable command (with a placement comment)
     assert hint.startswith("iptables -A FORWARD -m mark --mark 0x564d -j ACCEPT  # ")
-    lab.run(topo.gw, hint)
+    lab.run(gw_topo.gw, hint)
     assert rules.forward_mark_rule_present(netns=gw)
     assert not rules.forward_mark_rule_present(0x1234, netns=gw)
-    lab.run(topo.gw, hint.replace("-A", "-D"))
+    lab.run(gw_topo.gw, hint.replace("-A", "-D"))
     assert not rules.forward_mark_rule_present(netns=gw)
-    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy"))
+    lab.run(gw_topo.gw, hint.replace("iptables", "iptables-legacy"))
     assert rules.forward_mark_rule_present(netns=gw)
-    lab.run(topo.gw, hint.replace("iptables", "iptables-legacy").replace("-A", "-D"))
+    lab.run(gw_topo.gw, hint.replace("iptables", "iptables-legacy").replace("-A", "-D"))
     lab.run(
-        topo.gw,
+        gw_topo.gw,
         "nft add table inet fw && nft add chain inet fw filter_forward '{ type filter hook forward priority 0; policy drop; }'"
         " && nft add rule inet fw filter_forward meta mark 0x564d accept",
     )
@@ -177,9 +177,9 @@ def _recv(s: socket.socket, timeout: float) -> tuple[bytes, tuple[str, int]] | N
 
 
 def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
-    lab: Lab, topo: GatewayTopology
+    lab: Lab, gw_topo: GatewayTopology
 ) -> None:
-    t = topo
+    t = gw_topo
     rules.install(spec_for(t, "hybrid"), netns=lab.ns(t.gw))
     server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((t.remote_host, 9))
@@ -229,10 +229,10 @@ def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
 
 @pytest.mark.parametrize("public", ["public", None], ids=["public-address", "addrtype"])
 def test_userspace_queues_only_owned_traffic_to_the_gateway(
-    lab: Lab, topo: GatewayTopology, public: str | None
+    lab: Lab, gw_topo: GatewayTopology, public: str | None
 ) -> None:
     """No listener (fail-closed): whatever is queued is dropped, everything else passes."""
-    t = topo
+    t = gw_topo
     rules.install(spec_for(t, "userspace", public=public), netns=lab.ns(t.gw))
 
     def reaches_gw(src_role: str, src: str, dst: str, port: int, expected: bool) -> bool:

@@ -20,24 +20,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import (
+from harness import (
     Daemon,
     Remote,
     esp_exchange,
     gw_run,
     iptables_save,
     ours_installed,
-    remote,
-    topo,
     udp_echo,
     wait_for,
-    workdir,
 )
 
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
-__all__ = ["remote", "topo", "workdir"]  # fixtures used by name
 
 
 class Manager:

@@ -1,7 +1,7 @@
 """Watching a busy gateway does not hurt it: ``status --json`` in a loop over a table of
 ~20,000 UDP mappings while a probe crosses the gateway every 10 ms (no probe lost, little
 added latency); ``vpnmasq events`` follows real flows; ``vpnmasq top`` under tmux shows the
-sessions as a person sees them. Harness: test_daemon_harness.py."""
+sessions as a person sees them. Harness: harness.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_daemon_harness import H1, H2, R1, Daemon, Remote, remote, sock, topo, udp_echo, workdir
+from harness import (
+    H1,
+    H2,
+    R1,
+    Daemon,
+    Remote,
+    sock,
+    udp_echo,
+)
 from tests.waiting import DEADLINE, wait_until
 
 from vpnmasq.datapath.control import query
@@ -27,7 +35,6 @@ from vpnmasq.packet.l4 import build_udp
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
-__all__ = ["remote", "topo", "workdir"]  # fixtures used by name
 
 MAPPINGS = 20_000
 PROBE_INTERVAL_S = 0.010

@@ -7,18 +7,15 @@ from typing import Any
 
 from tests.packets import (
     EXT,
-    IN,
     MASQ,
-    OUT,
     PRV1,
     PRV2,
     accepted,
     build_tcp,
     build_udp,
-    make_engine,
 )
 from tests.pptp_wire import ControlLink, cdn
-from vpnmasq.engine import Engine
+from tests.transcript import Gw
 from vpnmasq.eventstream import DROP_BURST, EventFilter, EventStream
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4, ip_to_int
 from vpnmasq.packet.l4 import TCP_ACK, TCP_SYN, build_esp
@@ -27,20 +24,14 @@ from vpnmasq.tools.events import render_line
 ATTACKER = ip_to_int("192.0.2.66")
 
 
-class Watch:
-    """An engine, a manual clock and the stream the daemon would publish."""
+class Watch(Gw):
+    """The scenario harness plus the stream the daemon would publish."""
 
     def __init__(self, **cfg: object) -> None:
-        self.eng: Engine = make_engine(**cfg)
+        super().__init__(**cfg)
         self.now = 1.0
         self.stream = EventStream(self.eng.row)
         self.seen: list[dict[str, Any]] = []
-
-    def out(self, pkt: bytes | bytearray) -> Any:
-        return self.eng.handle(pkt, OUT, self.now)
-
-    def inn(self, pkt: bytes | bytearray) -> Any:
-        return self.eng.handle(pkt, IN, self.now)
 
     def drain(self) -> list[dict[str, Any]]:
         got = self.stream.convert(self.eng.drain_events(), self.now, 1_700_000_000.0 + self.now)

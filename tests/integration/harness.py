@@ -33,7 +33,6 @@ import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,13 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 from tests.waiting import ANSWER_TIMEOUT, DEADLINE, wait_until
 
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.control import ControlError, query
 from vpnmasq.packet.checksum import checksum
-from vpnmasq_lab.topology import Topology, cleanup_stale
+from vpnmasq_lab.topology import Topology
 
 LAN = ipaddress.IPv4Network("10.77.0.0/24")
 PUBLIC = "198.51.100.1"
@@ -682,69 +680,6 @@ class PptpCall:
     def close(self) -> None:
         self.c.close()
         self.gre.close()
-
-
-# ------------------------------------------------------------------------------ fixtures
-@pytest.fixture
-def topo() -> Iterator[Topology]:
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"netns: {reason}")
-    cleanup_stale()
-    t = Topology(hosts=2, remotes=1, install_signal_handlers=False)
-    t.up()
-    try:
-        gw = t.ns("gw")
-        # a second inside network behind lan0 (LAN-to-LAN through the gateway): srv also
-        # answers on 10.88.0.5, reached from h1/h2 via their default route, the gateway
-        subprocess.run(
-            ["ip", "-n", t.ns("srv"), "addr", "add", "10.88.0.5/24", "dev", "eth0"], check=True
-        )
-        subprocess.run(["ip", "-n", gw, "route", "add", "10.88.0.0/24", "dev", "lan0"], check=True)
-        subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                gw,
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.all.send_redirects=0",
-                "net.ipv4.conf.lan0.send_redirects=0",
-                "net.ipv4.conf.wan0.promote_secondaries=1",
-            ],
-            check=True,
-        )
-        yield t
-    finally:
-        t.down()
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="vmqd-", dir="/tmp"))  # short: UNIX socket paths
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def remote(topo: Topology) -> Iterator[Remote]:
-    r = Remote(topo)
-    try:
-        yield r
-    finally:
-        r.close()
-
-
-@pytest.fixture
-def wan(topo: Topology) -> Iterator[Sniffer]:
-    s = Sniffer(topo, "gw", "wan0")
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def ours_installed(topo: Topology) -> bool:
