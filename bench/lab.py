@@ -329,7 +329,7 @@ def offload_available() -> bool:
     return (ROOT / "src" / "vpnmasq" / "datapath" / "offload.py").exists()
 
 
-def run_lab(
+def run_lab(  # noqa: C901 - one lab run: every mode x protocol cell in order, a script
     rounds: int, seconds: float, *, quick: bool, log: Callable[[str], None], profile_out: Path
 ) -> dict[str, Any]:
     """One topology per gateway mode, all up at once, so every cell is measured for each mode

@@ -87,7 +87,7 @@ def _fail(msg: str) -> None:
     raise OracleFailure(msg)
 
 
-def check_verdict(
+def check_verdict(  # noqa: C901 - a list of independent invariants of one verdict
     eng: Engine, pkt: bytes | bytearray, direction: Direction, v: Verdict, pre: Before | None
 ) -> None:
     if not isinstance(v, Verdict):

@@ -522,7 +522,7 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-def run_scenario(
+def run_scenario(  # long: the failover scenario, step by step
     *, sync: bool, warmup: float = 3.0, hold: float = 6.0, log: Callable[[str], None] = print
 ) -> HaRun:
     """One run: sessions through gw1, crash gw1, failback to gw1; returns the reports."""

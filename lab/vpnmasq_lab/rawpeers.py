@@ -147,7 +147,7 @@ def _local_addr_for(dst: str) -> str:
         u.close()
 
 
-def esp_server(
+def esp_server(  # long: a scripted peer, in transcript order
     bind: str,
     sas: Sequence[tuple[int, int]],
     *,
@@ -240,7 +240,7 @@ def esp_server(
     return summary
 
 
-def esp_client(
+def esp_client(  # noqa: C901 - a scripted peer: send, wait, verify, in transcript order
     server: str,
     spi_out: int,
     spi_in: int,
@@ -868,7 +868,7 @@ def _sa_pair(s: str) -> tuple[int, int]:
     return int(a, 0), int(b, 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # long: the argument parser of every peer
     ap = argparse.ArgumentParser(prog="python -m vpnmasq_lab.rawpeers")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("esp-server")

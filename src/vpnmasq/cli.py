@@ -640,7 +640,7 @@ def diagnose(
               envvar="VPNMASQ_TRACE_READ",
               help="Decode an existing pcap/pcapng (e.g. from tcpdump) instead of capturing. "
               "[env: VPNMASQ_TRACE_READ]")
-def trace(
+def trace(  # long: a click command: its options and their help are most of it
     config_path: str | None,
     host: str | None,
     protos: tuple[str, ...],

@@ -475,7 +475,7 @@ class Gateway:
         self.rules_restore_failed = 0
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: C901 - the start-up sequence, step by step (docs/internals/daemon.md)
         """Bind the queue, restore the table, install the rules, open the control socket
         and the rest (see the module docstring for the order and why)."""
         cfg = self.config
@@ -1033,7 +1033,7 @@ class Gateway:
             return True  # the outside interface is gone: keep the hook-only rule
         return indev == self.outside_index
 
-    def step(self, timeout: float | None) -> None:
+    def step(self, timeout: float | None) -> None:  # noqa: C901 - the loop's one batch: every input in order, flat
         for key, _ in self.sel.select(timeout):
             if key.data == "nfq" and self.nfq is not None:
                 while True:

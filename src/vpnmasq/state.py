@@ -244,7 +244,7 @@ def check_header(data: object, where: str = "state") -> Mapping[str, Any]:
     return data
 
 
-def import_state(
+def import_state(  # noqa: C901 - the restore steps 1-5 in order, each commented
     engine: Engine,
     data: object,
     now: float,

@@ -158,7 +158,7 @@ def _delta(after: dict[str, int], before: dict[str, int], prefix: str = "") -> d
 
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
-def test_pptp_and_esp_sessions_survive_an_outside_flood(
+def test_pptp_and_esp_sessions_survive_an_outside_flood(  # long: one e2e transcript
     vtopo: Any, require: Any, record_property: Any, tmp_path: Path
 ) -> None:
     require("pptpd", "pptp", "/usr/sbin/pptpctrl", "py:scapy", "py:cryptography")

@@ -529,7 +529,7 @@ class NfQueue:
         except InterruptedError:
             return False
 
-    def recv_batch(self, max_packets: int = 256) -> list[QueuedPacket]:
+    def recv_batch(self, max_packets: int = 256) -> list[QueuedPacket]:  # noqa: C901 - the netlink parse of a batch, flat for speed
         """Return up to ``max_packets`` queued packets that are already waiting; never blocks.
 
         This is the daemon's per-packet receive cost, so the loop is written for speed: one
@@ -748,7 +748,7 @@ class NfQueue:
         )
         return head + tail
 
-    def flush(self) -> int:
+    def flush(self) -> int:  # long: the verdict packer: batching rules of the kernel, flat
         """Send every buffered verdict; returns the number of packets verdicted.
 
         The messages are written straight into a preallocated buffer (one ``pack_into`` for

@@ -309,7 +309,7 @@ def desired_elements(
 
 
 # ------------------------------------------------------------------ pure: nft text
-def table_definition(
+def table_definition(  # long: the nft table as one text, rule by rule
     public: str, outside_if: str, mark: int, filtering: str | None = None
 ) -> str:
     """``nft -f`` input creating the table, its maps and sets (kept if they exist, with

@@ -171,7 +171,7 @@ class RuleSpec:
     hairpin_icmp_errors: bool = False
     # --- end of the gateway's own ICMP errors -----------------------------------------------------
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901 - one validation per RuleSpec field
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
             raise ValueError(f"invalid interface name: {self.outside_if!r}")
         nets = tuple(str(ipaddress.IPv4Network(n, strict=False)) for n in self.inside_networks)

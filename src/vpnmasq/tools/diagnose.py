@@ -573,7 +573,7 @@ def _ago(r: Row) -> str:
         .replace("never ago", "never")
 
 
-def _host_row(r: Row) -> Finding | None:
+def _host_row(r: Row) -> Finding | None:  # noqa: C901 - a decision table: one finding per host situation
     kind = kind_of(r)
     remote = _endpoint_ip(r.remote)
     counts = f"{r.pkts_out} out / {r.pkts_in} in; {_ago(r)}"

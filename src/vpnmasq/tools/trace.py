@@ -378,7 +378,7 @@ class Tracer:
     def _is_host(self, a: int) -> bool:
         return self._host is None or ipaddress.IPv4Address(a) in self._host
 
-    def observe(self, side: str, pkt: bytes, now: float) -> Observation | None:
+    def observe(self, side: str, pkt: bytes, now: float) -> Observation | None:  # noqa: C901 - pairs the before/after copies; one branch per case
         """``side`` "inside" (a LAN interface) or "outside"; None if the packet is filtered
         out. Each returned observation gets the next sequence number."""
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
@@ -568,7 +568,7 @@ def inside_interfaces(inside_networks: Sequence[str], addr_json: Sequence[dict[s
     return out
 
 
-def capture_live(
+def capture_live(  # noqa: C901 - the capture loop with its timeouts
     ifaces: dict[str, str],
     tracer: Tracer,
     writer: PcapngWriter | None,
