@@ -179,3 +179,14 @@ def test_lazy_lists_agree_with_a_model_of_deadlines(ops: list[tuple[str, int, st
         assert len(t) == len(live) == sum(len(lst) for lst in t._lru.values())
         for tc, lst in t._lru.items():
             assert all(x.tclass == tc and x.live for x in lst)
+
+
+def test_expire_removes_in_deadline_order_across_classes() -> None:
+    """A udp entry (30 s) and a transitory TCP entry (10 s) added together and both due: the
+    one that timed out first is removed first, whatever the order of the class lists."""
+    t, removed = table()
+    for i, tclass in enumerate(("udp", "tcp_transitory")):
+        e = entry(1000 + i, tclass)
+        t.add(e, 0.0, standard_keys(e))  # type: ignore[arg-type]
+    assert t.expire(30.0) == 2
+    assert [e.expires_at for e, _ in removed] == [10.0, 30.0]

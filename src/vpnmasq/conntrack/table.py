@@ -679,16 +679,19 @@ class MasqTable:
 
     # --- expiry ---------------------------------------------------------------------
     def expire(self, now: float) -> int:
-        """Remove the entries due at ``now``: class by class, earliest deadline first."""
+        """Remove the entries due at ``now``, earliest deadline first across all classes (so
+        removal events come out in the order the entries timed out)."""
         n = 0
-        for lst in list(self._lru.values()):
-            while lst.n:
-                e = lst.settle()
-                if e is None or e.expires_at > now:
-                    break
-                self.remove(e, "idle")
-                n += 1
-        return n
+        while True:
+            due: Entry | None = None
+            for lst in self._lru.values():
+                e = lst.settle() if lst.n else None
+                if e is not None and e.expires_at <= now and (due is None or e.expires_at < due.expires_at):
+                    due = e
+            if due is None:
+                return n
+            self.remove(due, "idle")
+            n += 1
 
     def next_deadline(self) -> float | None:
         """The earliest ``expires_at`` of a non-permanent entry, or None (exact)."""
