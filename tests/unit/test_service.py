@@ -201,6 +201,22 @@ def test_reload_applies_the_new_networks_keeps_the_table_and_reports_removals(
     assert ms[-1]["READY"] == "1" and ms[-1]["STATUS"].startswith("0 mappings")
 
 
+def test_reload_applies_new_limits_and_forwards(gw: daemon.Gateway, logs: Records) -> None:
+    p = Path(str(gw.config_path))
+    p.write_text(
+        p.read_text()
+        + '[limits]\nmax_entries_per_host = 1\nmax_entries = 1\n'
+        + '[[forward]]\nprotocol = "tcp"\nport = 8443\nto = "10.77.0.5"\n'
+    )
+    assert gw.reload_config()
+    assert len(gw.engine.table) == 1 and gw.engine.table.max_entries == 1
+    assert gw.spec is not None and ("tcp", 8443) in gw.spec.forwards
+    assert any(
+        m.endswith("(changed: limits, forwards): 1 entries kept, 1 removed (table-full 1)")
+        for _, m in logs.lines
+    ), logs.text()
+
+
 def test_a_broken_file_is_refused_and_the_running_configuration_stays(
     gw: daemon.Gateway, logs: Records
 ) -> None:
