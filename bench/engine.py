@@ -15,7 +15,7 @@ Prints figures, asserts nothing (see docs/BENCHMARKS.md)::
     .venv/bin/python bench/engine.py [--quick] [--json] [--only SECTIONS] [--repeat N]
 
 ``--only established,memory`` runs some sections (established, vpn, new, memory,
-association); ``--repeat N`` reports the median of N runs of each figure (the machine is
+association, status); ``--repeat N`` reports the median of N runs of each figure (the machine is
 shared: expect noise). Measure under the bench lock
 (``flock /tmp/vpnmasq-bench.lock .venv/bin/python bench/engine.py ...``).
 """
@@ -440,8 +440,105 @@ def pptp_association(calls: int, *, keep: list[Any] | None = None) -> dict[str, 
             "cpu_ms": cpu * 1e3}
 
 
+# ------------------------------------------------------------------ status cost
+#: table sizes of the status-cost figures
+STATUS_SIZES = (1_000, 20_000, 100_000)
+
+
+def status_cost(n: int, slice_s: float | None = None) -> dict[str, float]:
+    """What one ``vpnmasq status`` (the whole table, as JSON) costs the packet loop over a
+    table of ``n`` UDP mappings, three ways:
+
+    * before: built in one go inside the loop (``Engine.snapshot`` + JSON): the loop is held
+      for all of it (CPU time);
+    * sliced (what the daemon does): the request copies the index (C speed), then
+      :func:`vpnmasq.status.answer_stream` pieces run for ``slice_s`` at a time, as
+      ``ControlServer.work`` runs them between packet batches: the longest hold (CPU time of
+      a slice; the wall time adds whatever else the machine runs) is what a queued packet
+      may wait because of status;
+    * forked snapshot (the alternative, as the periodic state save does): ``os.fork()``
+      alone, the parent's stall (the copy-on-write faults afterwards are not counted).
+    """
+    import os
+
+    from vpnmasq.daemon import CONTROL_SLICE_S
+    from vpnmasq.status import StatusQuery, answer_stream, status_payload
+
+    slice_s = CONTROL_SLICE_S if slice_s is None else slice_s
+    eng = make(max_entries=n + 10)
+    for p in _mapping_packets(n, 1):
+        eng.handle(p, OUT, 1.0)
+    eng.drain_events()
+    assert len(eng.table) == n
+    gc.collect()
+    t0 = time.thread_time()
+    doc = json.dumps(status_payload(eng.snapshot(2.0), dict(eng.counters)))
+    before_s = time.thread_time() - t0
+    t0 = time.thread_time()
+    refs = list(eng.table.index.values())
+    copy_s = time.thread_time() - t0
+    job = answer_stream(refs, StatusQuery(), lambda e: eng.row(e, 2.0),
+                        lambda: {"counters": dict(eng.counters)})
+    holds: list[float] = []  # wall time of each slice (preemption on a busy machine too)
+    cpu: list[float] = []  # CPU time of each slice: what the slicing itself holds
+    size, done = 0, False
+    while not done:
+        t, c = time.perf_counter(), time.thread_time()
+        deadline = t + slice_s
+        while True:
+            try:
+                size += len(next(job))
+            except StopIteration:
+                done = True
+                break
+            if time.perf_counter() >= deadline:
+                break
+        holds.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+    holds.sort()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    fork_s = time.perf_counter() - t0
+    os.waitpid(pid, 0)
+    return {
+        f"status_{n}_before_ms": before_s * 1e3,
+        f"status_{n}_before_mb": len(doc) / 1e6,
+        f"status_{n}_copy_ms": copy_s * 1e3,
+        f"status_{n}_max_hold_ms": max(max(cpu), copy_s) * 1e3,
+        f"status_{n}_p99_hold_wall_ms": holds[int(len(holds) * 0.99)] * 1e3,
+        f"status_{n}_max_hold_wall_ms": holds[-1] * 1e3,
+        f"status_{n}_slices": float(len(holds)),
+        f"status_{n}_total_ms": (sum(holds) + copy_s) * 1e3,
+        f"status_{n}_mb": size / 1e6,
+        f"status_{n}_fork_ms": fork_s * 1e3,
+    }
+
+
+def _status_child(n: int) -> dict[str, float]:
+    return status_cost(n)
+
+
+def status_costs(repeat: int = 3) -> dict[str, float]:
+    """:func:`status_cost` at each of STATUS_SIZES, each in a fresh interpreter (the fork
+    stall depends on the process size), median of ``repeat`` runs."""
+    import subprocess
+
+    out: dict[str, float] = {}
+    for n in STATUS_SIZES:
+        def one(n: int = n) -> dict[str, float]:
+            cp = subprocess.run([sys.executable, __file__, "--status-child", str(n)],
+                                capture_output=True, text=True, check=True, timeout=900)
+            res: dict[str, float] = json.loads(cp.stdout.strip().splitlines()[-1])
+            return res
+
+        out.update(_median_of(repeat, one))
+    return out
+
+
 # ------------------------------------------------------------------ main
-SECTIONS = ("established", "vpn", "new", "memory", "association")
+SECTIONS = ("established", "vpn", "new", "memory", "association", "status")
 
 
 def _median_of(repeat: int, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -499,6 +596,9 @@ def run_all(
             assoc[f"{name}_64"]["bytes_per_association"] = (traced_bytes(build) - empty) / 64
         res["association"] = assoc
         log("  engine: association cost done")
+    if "status" in only:
+        res.update(status_costs(max(repeat, 3)))
+        log("  engine: status cost done")
     return res
 
 
@@ -509,9 +609,13 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     ap.add_argument("--repeat", type=int, default=1, help="median of N runs per figure")
     ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--status-child", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
         print(json.dumps(_memory_child(*a.memory_child)))
+        return
+    if a.status_child:
+        print(json.dumps(_status_child(a.status_child)))
         return
     only = tuple(x.strip() for x in a.only.split(",") if x.strip())
     unknown = set(only) - set(SECTIONS)

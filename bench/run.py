@@ -8,6 +8,9 @@ writes docs/BENCHMARKS.md, docs/bench.png and docs/bench-results.json, and print
     .venv/bin/python bench/run.py --skip-lab # the engine alone (no root needed)
     .venv/bin/python bench/run.py --slow-path --skip-engine --docs /tmp/x
         # ~1 minute: the NFQUEUE slow path alone (UDP rates, latency, py-spy profile)
+    .venv/bin/python bench/run.py --status-cost
+        # ~1 minute: what one status call costs the packet loop at 1k/20k/100k entries,
+        # merged into the last bench-results.json and the report regenerated
 """
 
 from __future__ import annotations
@@ -51,7 +54,24 @@ def main(argv: list[str] | None = None) -> int:
         "--report-only", action="store_true",
         help="rewrite BENCHMARKS.md and bench.png from the last bench-results.json (no measuring)",
     )
+    ap.add_argument(
+        "--status-cost", action="store_true",
+        help="measure only the status cost (engine), merge it into the last results, rewrite "
+        "the report",
+    )
     a = ap.parse_args(argv)
+    if a.status_cost:
+        docs = Path(a.docs)
+        path = docs / "bench-results.json"
+        old = json.loads(path.read_text()) if path.exists() else {"when": time.strftime("%Y-%m-%d %H:%M %Z")}
+        log("status cost at 1k, 20k, 100k entries ...")
+        eng = old.setdefault("engine", {})
+        eng.update(engine_bench.run_all(a.quick, log=log, only=("status",)))
+        eng["status_when"] = time.strftime("%Y-%m-%d %H:%M %Z")
+        path.write_text(json.dumps(old, indent=1, default=str) + "\n")
+        cmd = "make bench" + (" (--quick)" if old.get("quick") else "")
+        print(report.write(old, docs, command=cmd))
+        return 0
     if a.report_only:
         docs = Path(a.docs)
         old = json.loads((docs / "bench-results.json").read_text())

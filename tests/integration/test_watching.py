@@ -24,6 +24,7 @@ from harness import (
     R1,
     Daemon,
     Remote,
+    esp_exchange,
     sock,
     udp_echo,
 )
@@ -219,8 +220,15 @@ def test_top_under_tmux_shows_the_busy_sessions(
         finally:
             s.close()
 
-    senders = [threading.Thread(target=stream, args=(h, r), daemon=True)
-               for h, r in (("h1", 200.0), ("h2", 20.0))]
+    def esp(role: str, rate: float) -> None:  # an IPsec tunnel's ESP, answered by r1
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            esp_exchange(topo, role, 0x1001, seq=seq)
+            time.sleep(1 / rate)
+
+    senders = [threading.Thread(target=f, args=(h, r), daemon=True)
+               for f, h, r in ((stream, "h1", 200.0), (stream, "h2", 20.0), (esp, "h2", 10.0))]
     for t in senders:
         t.start()
     cmd = " ".join(["ip", "netns", "exec", topo.ns("gw"),
@@ -250,11 +258,13 @@ def test_top_under_tmux_shows_the_busy_sessions(
         assert d.stop() == 0
     lines = text.splitlines()
     assert all(len(ln) <= 80 for ln in lines)
-    assert lines[0].startswith("vpnmasq top  entries ")
-    assert lines[1].startswith("queue: waiting ")
+    assert lines[0].startswith("vpnmasq top  ") and " entries: " in lines[0]
+    assert lines[1].startswith("pkt/s out ") and " kernel drops 0, batch " in lines[1]
     body = [ln for ln in lines if ln.startswith("udp")]
     assert f"{H1}:" in body[0] and f"{R1}:7" in body[0]
     assert any(f"{H2}:" in ln for ln in body[1:])
+    (tunnel,) = [ln for ln in lines if ln.startswith("esp")]
+    assert H2 in tunnel and R1 in tunnel and tunnel.rstrip().endswith("by serialized")
     print("\n" + text)
     if SCREENSHOT:
         Path(SCREENSHOT).write_text("\n".join(ln.rstrip() for ln in lines).rstrip() + "\n")

@@ -105,3 +105,20 @@ def test_profile_summary_from_collapsed_stacks() -> None:
     incl = dict(s["inclusive"])
     assert incl["Engine.handle (vpnmasq/engine.py)"] == 30.0
     assert not any(f.startswith(("<module>", "Gateway.loop", "run (")) for f in incl)
+
+
+def test_status_cost_table(tmp_path: Path) -> None:
+    r = results()
+    r["engine"].update({
+        "status_20000_before_ms": 220.0, "status_20000_before_mb": 5.7,
+        "status_20000_max_hold_ms": 2.3, "status_20000_max_hold_wall_ms": 9.5,
+        "status_20000_slices": 85.0, "status_20000_total_ms": 300.0, "status_20000_fork_ms": 1.6,
+    })
+    table = report.write(r, tmp_path, command="make bench")
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## What one status call costs the packet path" in md
+    assert "| 20,000 | 220 ms (5.7 MB) | 2.3 ms (9.5 ms) | 85, 300 ms | 1.6 ms |" in md
+    assert "20,000" in table
+    r["engine"] = {k: v for k, v in r["engine"].items() if not k.startswith("status_")}
+    report.write(r, tmp_path, command="make bench")
+    assert "Not run (`bench/run.py --status-cost`)" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -54,7 +54,8 @@ pytestmark = pytest.mark.usefixtures("no_host_config")
 def test_help_lists_the_commands() -> None:
     r = invoke("--help")
     assert r.exit_code == 0
-    for cmd in ("run", "check-config", "status", "flush", "replay", "demo", "diagnose", "trace"):
+    for cmd in ("run", "check-config", "status", "events", "top", "flush", "replay", "demo",
+                "diagnose", "trace"):
         assert f"  {cmd} " in r.output
     assert "VPNMASQ_" in r.output
 

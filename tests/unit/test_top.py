@@ -42,7 +42,7 @@ def test_rates_come_from_two_answers_and_the_busiest_leads() -> None:
     assert [x.kind for x in f.sessions] == ["esp", "udp", "udp"]
     lead = f.sessions[0]
     assert (lead.pps_out, lead.pps_in, lead.bps_out) == (100.0, 100.0, 10_000.0)
-    assert lead.state == "established/ike-signal"
+    assert lead.state == "by ike-signal"
     # a session new since the last answer counts from zero
     assert [x.inside for x in f.sessions[1:]] == ["10.77.0.12:5001", "10.77.0.12:5000"]
     assert f.sessions[1].pps_out == 20.0
@@ -79,12 +79,11 @@ def test_screen_fits_80_columns_with_header_and_sessions() -> None:
     lines = text.splitlines()
     assert all(len(line) <= 80 for line in lines)
     assert len(lines) <= 24
-    assert lines[0].startswith("vpnmasq top  entries 20001 (napt 19999 esp 2)")
-    assert "pkt/s out 9.0k" in lines[0]
-    assert "queue: waiting 0  kernel drops 0" in lines[1]
+    assert lines[0] == "vpnmasq top  20001 entries: napt 19999 esp 2"
+    assert lines[1].startswith("pkt/s out 9.0k in 0  drops/s 0  queue 0 waiting, kernel drops 0")
     head = next(i for i, line in enumerate(lines) if line.startswith("KIND"))
     assert lines[head + 1].startswith("esp") and "10.77.0.11" in lines[head + 1]
-    assert "203.0.113.50" in lines[head + 1] and "established/ike" in lines[head + 1]
+    assert "203.0.113.50" in lines[head + 1] and "by ike-signal" in lines[head + 1]
     assert "10.77.0.12:40039" in lines[head + 2]  # the busiest UDP session next
 
 

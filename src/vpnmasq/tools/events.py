@@ -23,6 +23,8 @@ TAGS = {
     "address-changed": "ADDRESS",
     "lost": "LOST",
 }
+#: the state a row shows before it has one of its own (its kind)
+_NO_STATE = frozenset({"napt", "fwd", "icmp", "generic", "hairpin", None})
 #: detail keys worth a place on an event line (the rest are in --json)
 _DETAIL = ("spi_out", "spi_in", "icookie", "rcookie", "call_id_inside", "call_id_outside",
            "peer_call_id", "call_ids", "natt")
@@ -45,8 +47,9 @@ def render_line(obj: Mapping[str, Any]) -> str:
         parts = [kind.ljust(6), f"{obj.get('inside')} -> {obj.get('remote')}",
                  f"as {obj.get('outside')}"]
         if ev == "updated":
-            parts.append(f"{obj.get('old_state') or '-'}>{obj.get('state')}")
-        else:
+            old = obj.get("old_state")
+            parts.append(f"{old}>{obj.get('state')}" if old else str(obj.get("state")))
+        elif obj.get("state") not in _NO_STATE:
             parts.append(str(obj.get("state", "")))
         if ev == "removed":
             parts.append(f"({obj.get('reason')}; pkts {obj.get('pkts_out', 0)}/"

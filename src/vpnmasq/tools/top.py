@@ -33,15 +33,17 @@ def session_key(r: Row) -> tuple[str, str, str, str]:
 
 
 def state_of(r: Row) -> str:
-    """The association or call state: ESP ``established/ike-signal``, a PPTP call's state,
-    IKE/TCP states; plain UDP shows nothing."""
+    """The association or call state, short: ESP ``by ike-signal`` once associated (else
+    its state), a PPTP control connection's ``calls N``, IKE/TCP/GRE states; plain UDP and
+    ICMP nothing."""
     kind = kind_of(r)
     d = r.detail
     if kind == "esp":
-        how = d.get("how", "-")
-        return d.get("assoc", r.state.lower()) + ("" if how == "-" else f"/{how}")
+        assoc, how = d.get("assoc", r.state.lower()), d.get("how", "-")
+        return f"by {how}" if assoc == "established" and how != "-" else assoc
     if kind == "pptp":
-        return f"{d.get('control', r.state)} calls={d.get('calls', '0')}"
+        control = d.get("control", r.state).lower()
+        return f"calls {d.get('calls', '0')}" if control == "established" else control
     if r.state in ("napt", "icmp", "query", "generic", "fwd"):
         return ""
     return r.state.lower()
@@ -149,26 +151,26 @@ def _bps(v: float) -> str:
     return format_bytes(int(v))
 
 
-def header(f: Frame) -> Text:
-    t = Text()
-    t.append("vpnmasq top", style="bold")
-    t.append(f"  entries {f.entries}")
-    if f.by_kind:
-        top4 = sorted(f.by_kind.items(), key=lambda kv: -kv[1])[:4]
-        t.append(" (" + " ".join(f"{k} {n}" for k, n in top4 if n) + ")")
-    t.append(f"  pkt/s out {_num(f.pps_out)} in {_num(f.pps_in)}")
-    t.append(f"  drops/s {_num(f.drops_ps)}", style="red" if f.drops_ps else None)
-    t.append("\n")
-    t.append(f"queue: waiting {f.queue_waiting}")
-    t.append(f"  kernel drops {f.kernel_drops}",
-             style="bold red" if f.kernel_drops_ps else None)
-    t.append(f" (+{_num(f.kernel_drops_ps)}/s)" if f.kernel_drops_ps else "")
-    t.append("  batch " + (f"{f.batch_ms:.2f} ms" if f.batch_ms is not None else "-"))
-    t.append(f"  sessions {f.shown_of} most active")
+def header(f: Frame) -> Group:
+    """Two lines (three with an error), each cut to the screen's width."""
+    one = Text(no_wrap=True, overflow="ellipsis")
+    one.append("vpnmasq top", style="bold")
+    one.append(f"  {f.entries} entries")
+    kinds = [(k, n) for k, n in sorted(f.by_kind.items(), key=lambda kv: -kv[1]) if n]
+    if kinds:
+        one.append(": " + " ".join(f"{k} {n}" for k, n in kinds[:5]))
+    two = Text(no_wrap=True, overflow="ellipsis")
+    two.append(f"pkt/s out {_num(f.pps_out)} in {_num(f.pps_in)}")
+    two.append(f"  drops/s {_num(f.drops_ps)}", style="red" if f.drops_ps else None)
+    two.append(f"  queue {f.queue_waiting} waiting, kernel drops {f.kernel_drops}",
+               style="bold red" if f.kernel_drops_ps else None)
+    if f.kernel_drops_ps:
+        two.append(f" (+{_num(f.kernel_drops_ps)}/s)", style="bold red")
+    two.append(", batch " + (f"{f.batch_ms:.2f} ms" if f.batch_ms is not None else "-"))
+    lines: list[RenderableType] = [one, two]
     if f.error:
-        t.append("\n")
-        t.append(f.error, style="bold red")
-    return t
+        lines.append(Text(f.error, style="bold red", no_wrap=True, overflow="ellipsis"))
+    return Group(*lines)
 
 
 def render(f: Frame, height: int = 24) -> RenderableType:
