@@ -58,18 +58,25 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vpnmasq.cli", *args]
 
 
-def fill_table(topo: Topology, n: int) -> None:
+def fill_table(topo: Topology, d: Daemon, n: int) -> None:
     """``n`` UDP mappings from h1 (source ports 20000...) to r1's discard port, sent from a
-    raw socket in bursts the queue can take."""
+    raw socket in bursts; each burst waits for the daemon to have taken the one before (the
+    kernel queue is bounded, and a busy machine may slow the daemon)."""
     s = sock(topo, "h1", socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
         src, dst = ip_to_int(H1), ip_to_int(R1)
+        base = _created(d)
         for start in range(0, n, 500):
             for port in range(20000 + start, 20000 + min(n, start + 500)):
                 s.sendto(bytes(build_udp(src, dst, port, 9, b"m")), (R1, 0))
-            time.sleep(0.02)
+            sent = min(n, start + 500)
+            wait_until(lambda sent=sent: _created(d) - base >= sent, what=f"{sent} mappings")
     finally:
         s.close()
+
+
+def _created(d: Daemon) -> int:
+    return int(query(d.socket_path, "counters", timeout=DEADLINE)["counters"].get("created:napt", 0))
 
 
 def table_size(d: Daemon) -> int:
@@ -121,9 +128,8 @@ def test_status_in_a_loop_over_20000_mappings_loses_no_probe(
     d.start()
     try:
         assert udp_echo(topo, "h2"), "the probe path works"
-        fill_table(topo, MAPPINGS)
-        wait_until(lambda: table_size(d) >= MAPPINGS, what=f"{MAPPINGS} mappings "
-                   f"({query(d.socket_path, 'counters')['counters']})")
+        fill_table(topo, d, MAPPINGS)
+        assert table_size(d) >= MAPPINGS
         probe = Probe(topo)
         probe.t.start()
         time.sleep(2.0)  # baseline
