@@ -277,3 +277,16 @@ def test_rich_table_has_all_rows_and_columns() -> None:
     text = console.export_text()
     assert "0xc0ffee01" in text and "10.77.0.13" in text
     assert rich_table([]).row_count == 0
+
+
+def test_rich_table_never_cuts_identifiers_short() -> None:
+    """A live display narrower than the table folds the other columns; cookies and SPIs
+    stay whole on one line."""
+    ike = Row("udp", "10.77.0.12:500", f"{PUB}:500", "203.0.113.50:500", "ESTABLISHED", 60.0,
+              detail={"icookie": "1122334455667788", "rcookie": "99aabbccddeeff00",
+                      "version": "1.0"})
+    for width in (160, 100):
+        console = Console(width=width, record=True)
+        console.print(rich_table([ike]))
+        text = console.export_text()
+        assert "1122334455667788" in text and "99aabbccddeeff00" in text, text

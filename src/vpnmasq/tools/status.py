@@ -172,10 +172,14 @@ def rich_table(rows: Iterable[Row], *, title: str | None = "vpnmasq masquerade t
     shown = sorted(rows, key=sort_key)
     headers, keys = _columns(shown) if shown else (list(BASE_COLUMNS), [])
     table = Table(title=title, header_style="bold", expand=False)
-    for h in headers:
-        table.add_column(h, justify="right" if h in _RIGHT else "left", no_wrap=h != "DETAIL")
-    for r in shown:
-        cells = _cells(r, headers, keys)
-        style = "dim" if r.offloaded else None
-        table.add_row(*cells, style=style)
+    body = [_cells(r, headers, keys) for r in shown]
+    for i, h in enumerate(headers):
+        # identifiers (cookies, SPIs, Call IDs) keep their full width; when space is short
+        # the other columns wrap instead
+        ident = h not in BASE_COLUMNS and h != "DETAIL"
+        width = max((len(cells[i]) for cells in body), default=0) if ident else None
+        table.add_column(h, justify="right" if h in _RIGHT else "left", no_wrap=ident,
+                         min_width=width or None, overflow="fold")
+    for r, cells in zip(shown, body, strict=True):
+        table.add_row(*cells, style="dim" if r.offloaded else None)
     return table
