@@ -373,6 +373,11 @@ def rule_spec(
     any address of the outside interface); ``hairpin_address`` the current one, which the
     hairpin rules need when ``public`` is None; ``guard`` the interfaces vpnmasq turned
     ``accept_local`` on for hairpinning (:class:`HairpinSysctls`)."""
+    address = public or hairpin_address
+    extra = None
+    if config.offload and address:  # the offload's maps and rules, in vpnmasq's table
+        filtering = config.filtering if config.mode == "userspace" else None
+        extra = offload.offload_rules(address, config.outside_interface, config.mark, filtering)
     return rules.RuleSpec(
         outside_if=config.outside_interface,
         inside_networks=list(config.inside_networks),
@@ -398,6 +403,7 @@ def rule_spec(
         local_source_guard=guard,
         local_icmp_errors=True,  # the gateway's own ICMP errors are translated
         hairpin_icmp_errors=True,  # ... and LAN hosts' errors inside hairpinned flows
+        extra=extra,
     )
 
 
@@ -556,17 +562,16 @@ class Gateway:
             self._start_metrics(cfg.metrics_listen)
         if not rules.forward_mark_rule_present(cfg.mark):
             log.info("hint: %s", rules.forward_mark_hint(cfg.mark))
+        self._remove_legacy_offload()
         if cfg.offload:
             self._start_offload()
-        elif not self.handover:
-            self._remove_stale_offload()
         self._watch_rules()
 
     # ---------------------------------------------------------------- the admin's firewall
     def _watch_rules(self) -> None:
         """Start noticing when a firewall reload takes our rules away (datapath/rulewatch.py)."""
         self.rulewatch = rulewatch.RuleWatch(
-            (rules.NFT_TABLE, offload.OFFLOAD_TABLE, *rules.CHAINS),
+            (rules.NFT_TABLE, *rules.CHAINS),
             time.monotonic(),
             poll_every_interval=rules.iptables_is_legacy(),
         )
@@ -579,8 +584,6 @@ class Gateway:
 
     def _fingerprint(self) -> dict[str, str]:
         tables = [rules.NFT_TABLE]
-        if self.offloader is not None:
-            tables.append(offload.OFFLOAD_TABLE)
         nft, save = rulewatch.snapshot(tables, iptables_tables=tuple(rules.CHAINS))
         return rulewatch.fingerprint(nft, save, rules.CHAIN_PREFIX)
 
@@ -600,18 +603,15 @@ class Gateway:
             self.rulewatch.checked()
 
     def _restore_rules(self, what: list[str], now: float) -> None:
-        """Re-install the rules (and the offload table, refilled from the table we hold) in
+        """Re-install the rules (with the offload maps, refilled from the table we hold) in
         one transaction per table, the way a handover takes rules over: the table, and with
         it every session, carries on."""
         assert self.rulewatch is not None and self.spec is not None
         t0 = time.monotonic()
         try:
             rules.replace(self.spec)
-            if self.offloader is not None:
-                self.offloader.install()
-                self.offloader.forget()
-                self.next_sync = 0.0  # refill the maps in this iteration
-        except (rules.RuleError, offload.OffloadError) as exc:
+            self._refill_offload()
+        except rules.RuleError as exc:
             self.rules_restore_failed += 1
             log.error("re-installing vpnmasq's rules failed (retrying): %s", exc)
             self.rulewatch.schedule(now + rulewatch.CANARY_INTERVAL_S)
@@ -640,16 +640,26 @@ class Gateway:
         )
 
     @staticmethod
-    def _remove_stale_offload() -> None:
-        """A crashed run with offload on may have left its maps: with offload off now, the
-        kernel must not keep rewriting flows the engine no longer owns."""
+    def _remove_legacy_offload() -> None:
+        """Earlier versions kept the offload maps in a table of their own, which a crash or a
+        handover may have left: the maps live in vpnmasq's table now, and the kernel must not
+        keep rewriting flows through the old one."""
         subprocess.run(
             ["nft", "-f", "-"],
-            input=offload.table_removal(),
+            input=offload.legacy_table_removal(),
             text=True,
             capture_output=True,
             check=False,
         )
+
+    def _refill_offload(self) -> None:
+        """The rules were (re-)installed with empty offload maps: fill them in this loop
+        iteration (until then the engine translates those flows, as it would without)."""
+        if self.offloader is not None:
+            if self.public:
+                self.offloader.public = self.public
+            self.offloader.forget()
+            self.next_sync = 0.0
 
     def _start_offload(self) -> None:
         """Established ESP SPI pairs and PPTP calls go into nftables maps keyed on the remote
@@ -667,11 +677,10 @@ class Gateway:
                 cfg.mark,
                 filtering=cfg.filtering if napt else None,
             )
-            self.offloader.install()
             if napt:
                 self.offloader.attach(self.engine.table)
             log.info(
-                "offload: table ip vpnmasq_offload installed (%s)",
+                "offload: maps in table ip vpnmasq (%s)",
                 f"ESP, GRE, TCP, UDP, ICMP echo; {cfg.filtering} filtering" if napt else "ESP, GRE",
             )
         except Exception as exc:  # the slow path still works without it
@@ -873,10 +882,7 @@ class Gateway:
             )
         else:
             self.hairpin_sysctls.restore()  # before the guard rule goes with the rules
-            if self.offloader is not None:
-                with contextlib.suppress(Exception):
-                    self.offloader.remove()
-                self.offloader = None
+            self.offloader = None  # its maps go with the table
             rules.remove()
             log.info("rules removed; vpnmasq stopped")
 
@@ -1177,10 +1183,6 @@ class Gateway:
         self.engine.set_public_address(ip_to_int(new) if new else None, now)
         if self.sync is not None:
             self._sync_role(new, now)
-        if self.offloader is not None and new:
-            with contextlib.suppress(Exception):
-                self.offloader.set_public(new)
-            self._rebaseline()
         self._follow_hairpin_address()
         hook = self.config.on_address_change_hook
         if hook and new:
@@ -1188,19 +1190,23 @@ class Gateway:
                 subprocess.Popen([hook, new, old or ""], start_new_session=True)
 
     def _follow_hairpin_address(self) -> None:
-        """The hairpin rules name the public address (packets from the LAN to it cannot be
-        matched by interface): swap them atomically for the new address. Only needed when
-        ``public_address`` is not configured and something hairpins."""
+        """The hairpin rules and the offload's rewrites name the public address (packets from
+        the LAN to it cannot be matched by interface; a rewrite needs the address itself):
+        swap them atomically for the new address. Only needed when ``public_address`` is not
+        configured and something hairpins or offload is on."""
         cfg = self.config
-        if cfg.public_address or not rules.hairpins(cfg.mode, hairpin_forwards(cfg)):
+        if cfg.public_address or not (
+            rules.hairpins(cfg.mode, hairpin_forwards(cfg)) or cfg.offload
+        ):
             return
         spec = rule_spec(cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard)
         try:
             rules.replace(spec)
         except rules.RuleError as exc:
-            log.error("updating the hairpin rules for %s failed: %s", self.public, exc)
+            log.error("updating the rules for %s failed: %s", self.public, exc)
             return
         self.spec = spec
+        self._refill_offload()
         self._rebaseline()
 
     # ---------------------------------------------------------------- service manager

@@ -66,8 +66,8 @@ def test_established_esp_and_pptp_are_offloaded_to_the_kernel(vtopo: Topology, r
         esp_srv.stop()
         pptp_srv.stop()
         gw.stop()
-    # a clean stop removes the offload table with the rules
-    assert "vpnmasq_offload" not in topo.exec("gw", ["nft", "list", "tables"]).stdout
+    # a clean stop removes the offload maps with the rules
+    assert "table ip vpnmasq" not in topo.exec("gw", ["nft", "list", "tables"]).stdout
 
 
 def test_userspace_mode_offloads_established_tcp_and_udp(vtopo: Topology, require: Any) -> None:

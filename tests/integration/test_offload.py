@@ -26,7 +26,7 @@ from netns import GatewayTopology, Lab, QueueWorker
 from vpnmasq.config import Config
 from vpnmasq.datapath import rules
 from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
-from vpnmasq.datapath.offload import OFFLOAD_TABLE, Element, Offloader, element_commands
+from vpnmasq.datapath.offload import Element, Offloader, element_commands
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
 from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
@@ -59,8 +59,7 @@ class Gateway:
         self.engine = Engine(cfg, rng_seed=7)
         self.lock = threading.Lock()
         self.queued: list[tuple[int, int]] = []  # (protocol, direction hook) of queued packets
-        spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="hybrid", queue_num=QUEUE)
-        rules.install(spec, netns=lab.ns(t.gw))
+        rules.install(spec(t), netns=lab.ns(t.gw))
         self.worker = QueueWorker(lab, t.gw, QUEUE, self.handle)
 
     def handle(self, pkt: QueuedPacket, q: NfQueue) -> None:
@@ -98,9 +97,16 @@ def associate(g: Gateway, t: GatewayTopology) -> None:
     assert outside == LAN_CALL  # kept: it was free
 
 
+def spec(t: GatewayTopology, off: Offloader | None = None) -> rules.RuleSpec:
+    return rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="hybrid", queue_num=QUEUE,
+                          extra=off.rules() if off is not None else None)  # fmt: skip
+
+
 def offloader(lab: Lab, t: GatewayTopology) -> Offloader:
+    """An Offloader and vpnmasq's rules with its maps (as the daemon installs them: a
+    handover's replace, which starts with empty maps)."""
     o = Offloader(t.public, t.gw_wan_if, MARK, netns=lab.ns(t.gw))
-    o.install()
+    rules.replace(spec(t, o), netns=lab.ns(t.gw))
     return o
 
 
@@ -199,8 +205,8 @@ def test_offloaded_flows_are_rewritten_by_the_kernel_and_credited(
     assert (gw.queued_count(50), gw.queued_count(47)) == (q_esp + 2, q_gre + 2)
     assert got["gre_out"] == got["gre_in"] == []  # the call is gone: the engine drops its GRE
     assert got["esp_out"] == EXPECTED["esp_out"]  # ESP starts afresh through the engine
-    off.remove()
-    assert OFFLOAD_TABLE not in lab.run(t.gw, ["nft", "list", "tables"]).stdout
+    rules.replace(spec(t), netns=lab.ns(t.gw))  # offload off: the maps go with the rules
+    assert "esp_in" not in lab.run(t.gw, ["nft", "list", "table", "ip", rules.NFT_TABLE]).stdout
 
 
 def _probe_counts(lab: Lab, t: GatewayTopology) -> dict[str, int]:
@@ -269,25 +275,30 @@ def test_a_replayed_spi_or_call_id_from_another_address_misses_the_maps(
     assert (gw.queued_count(50), gw.queued_count(47)) == (q[0] + 1, q[1] + 1)  # the engine saw them
 
 
-def test_after_a_restart_the_maps_are_reconciled_not_flushed(
+def test_after_a_restart_the_maps_are_refilled_from_the_table(
     lab: Lab, gw_topo: GatewayTopology, gw: Gateway
 ) -> None:
+    """A successor daemon (handover) replaces the rules, maps included: they start empty and
+    its first sync fills them from the table it took over; meanwhile the engine translates."""
     t = gw_topo
     associate(gw, t)
     first = offloader(lab, t)
     with gw.lock:
         first.sync(gw.engine, time.monotonic())
     exchange(lab, t)
-    # a crash leaves the table; someone's stale element is in it too
-    stale = Element("esp_in", (ip_to_int(t.remote_host), 0x7777), ip_to_int("10.77.0.99"))
-    lab.run(t.gw, ["nft", "-f", "-"], input=element_commands([stale], []))
-    second = offloader(lab, t)  # a new daemon: install keeps the elements
-    # 5 elements, their 2 uncounted prerouting copies, and the stale one
-    assert stale in second.read() and len(second.read()) == 8
+    q_esp = gw.queued_count(50)
+    second = offloader(lab, t)  # a new daemon: the rules replaced
+    assert second.read() == {}
+    assert exchange(lab, t) == EXPECTED  # through the engine
+    assert gw.queued_count(50) == q_esp + 2
     with gw.lock:
         rep = second.sync(gw.engine, time.monotonic())
-    assert (rep.added, rep.removed, rep.offloaded) == (0, 1, 5)
-    # the kept elements' counters were taken as the baseline, not credited again
-    assert rep.credited == 0
+    assert (rep.added, rep.removed, rep.offloaded) == (5, 0, 5)
     assert exchange(lab, t) == EXPECTED
-    second.remove()
+    assert gw.queued_count(50) == q_esp + 2  # the kernel again
+    # elements nobody asked for (a crash between two commands of an older daemon) go
+    stale = Element("esp_in", (ip_to_int(t.remote_host), 0x7777), ip_to_int("10.77.0.99"))
+    lab.run(t.gw, ["nft", "-f", "-"], input=element_commands([stale], []))
+    with gw.lock:
+        assert second.sync(gw.engine, time.monotonic()).removed == 1
+    assert stale not in second.read()

@@ -60,10 +60,10 @@ class Gateway:
         self.engine = Engine(cfg, rng_seed=7)
         self.lock = threading.Lock()
         self.queued: list[tuple[int, int]] = []  # (protocol, hook) of each queued packet
-        spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="userspace", queue_num=QUEUE)
-        rules.install(spec, netns=lab.ns(t.gw))
         self.off = Offloader(t.public, t.gw_wan_if, MARK, netns=lab.ns(t.gw), filtering=filtering)
-        self.off.install()
+        spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="userspace",
+                              queue_num=QUEUE, extra=self.off.rules())  # fmt: skip
+        rules.install(spec, netns=lab.ns(t.gw))
         self.off.attach(self.engine.table)
         self.worker = QueueWorker(lab, t.gw, QUEUE, self.handle)
 
@@ -97,7 +97,6 @@ def gw(request: pytest.FixtureRequest, lab: Lab, gw_topo: GatewayTopology) -> It
     g = Gateway(lab, gw_topo, request.param)
     yield g
     g.worker.stop()
-    g.off.remove()
 
 
 @pytest.fixture
@@ -105,7 +104,6 @@ def apdf(lab: Lab, gw_topo: GatewayTopology) -> Iterator[Gateway]:
     g = Gateway(lab, gw_topo, APDF)
     yield g
     g.worker.stop()
-    g.off.remove()
 
 
 def udp(lab: Lab, role: str, addr: str, port: int) -> socket.socket:

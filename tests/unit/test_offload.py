@@ -15,9 +15,10 @@ from vpnmasq.datapath.offload import (
     Offloader,
     desired_elements,
     element_commands,
+    offload_rules,
     parse_elements,
-    table_definition,
 )
+from vpnmasq.datapath.rules import RuleSpec, nft_rules
 from vpnmasq.engine import Engine
 from vpnmasq.events import EntryExpired
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
@@ -96,23 +97,35 @@ def test_expired_entries_are_not_offloaded() -> None:
     assert elements(eng, e.expires_at) == set()
 
 
-def test_the_table_keys_every_map_on_the_remote_address_and_rewrites_first() -> None:
-    text = table_definition("198.51.100.1", "wan0", 0x564D)
+def table_text(filtering: str | None = None) -> str:
+    """vpnmasq's table with the offload's maps and rules in it, as the daemon installs it."""
+    extra = offload_rules("198.51.100.1", "wan0", 0x564D, filtering)
+    mode = "hybrid" if filtering is None else "userspace"
+    return nft_rules(RuleSpec("wan0", ["10.77.0.0/24"], "198.51.100.1", mode=mode, extra=extra))
+
+
+def test_the_maps_key_on_the_remote_address_and_rewrite_first_in_vpnmasqs_table() -> None:
+    text = table_text()
     assert "typeof ip saddr . esp spi : ip daddr" in text
     assert "typeof ip saddr . @th,48,16 : ip daddr" in text
     assert "typeof ip saddr . ip daddr . esp spi" in text
     assert "map @esp_in notrack meta mark set 0x564d" in text  # rewrite before side effects
-    assert 'iifname "wan0" ip daddr 198.51.100.1' in text
+    # the rewrites open vpnmasq's prerouting chain: an offloaded packet crosses no base chain
+    # of its own there, and leaves this one at its rule
+    raw = text.split("chain raw {", 1)[1].split("}", 1)[0].strip().splitlines()
+    assert raw[1].strip().startswith('iifname "wan0" ip daddr 198.51.100.1 ip protocol esp')
+    assert raw[-3].strip() == "ct state untracked return"
     # postrouting: what does not leave through wan ends the chain at its first rule
-    assert 'add rule ip vpnmasq_offload post oifname != "wan0" accept\nadd rule' in text
-    assert f"flush chain ip {OFFLOAD_TABLE} pre" in text  # chains refreshed, elements kept
-    assert "flush set" not in text and "delete" not in text
+    post = text.split("chain post {", 1)[1].split("}", 1)[0].strip().splitlines()
+    assert post[0].strip() == "type filter hook postrouting priority mangle - 10; policy accept;"
+    assert post[1].strip() == 'oifname != "wan0" accept'
+    assert "vpnmasq_offload" not in text
 
 
 def test_bad_names_never_reach_nft() -> None:
     for bad in ('wan0" accept', "x" * 16, ""):
         try:
-            table_definition("198.51.100.1", bad, 1)
+            offload_rules("198.51.100.1", bad, 1)
         except ValueError:
             continue
         raise AssertionError(bad)
@@ -125,8 +138,8 @@ def test_element_commands_and_parsing_round_trip() -> None:
         Element("gre_in_call", (EXT, 4660), 257),
     ]
     text = element_commands(els[:2], els[2:])
-    assert "delete element ip vpnmasq_offload gre_in_call { 203.0.113.20 . 4660 }" in text
-    assert "add element ip vpnmasq_offload esp_in { 203.0.113.20 . 8193 : 10.77.0.11 }" in text
+    assert "delete element ip vpnmasq gre_in_call { 203.0.113.20 . 4660 }" in text
+    assert "add element ip vpnmasq esp_in { 203.0.113.20 . 8193 : 10.77.0.11 }" in text
     listing = {
         "nftables": [
             {"metainfo": {"version": "1.0.6"}},
@@ -236,12 +249,12 @@ def test_outbound_elements_get_an_uncounted_prerouting_copy_that_follows_them() 
     outbound set (so vpnmasq's raw chain skips them): the copy comes and goes with its
     original, an orphaned copy (a crash between two commands) is removed, and copies are
     neither reported nor counted as offloaded."""
-    text = table_definition("198.51.100.1", "wan0", 0x564D)
+    text = table_text()
     assert (
-        'add rule ip vpnmasq_offload pre iifname != "wan0" ip protocol esp'
+        'iifname != "wan0" ip protocol esp'
         " ip saddr . ip daddr . esp spi @esp_out_pre notrack return"
     ) in text
-    assert "\tset esp_out_pre {\n\t\ttypeof ip saddr . ip daddr . esp spi\n\t}" in text  # no counter
+    assert "\tset esp_out_pre { typeof ip saddr . ip daddr . esp spi; }" in text  # no counter
     eng = make_engine()
     esp(eng, PRV1, 0x1001, 0x2001)
     orphan = Element("gre_out_pre", (PRV2, EXT, 0x4000))
@@ -350,20 +363,20 @@ def test_icmp_echo_is_offloaded_per_remote() -> None:
 
 
 def test_the_userspace_table_rewrites_ports_and_leaves_syn_fin_rst_to_the_engine() -> None:
-    text = table_definition("198.51.100.1", "wan0", 0x564D, "address-dependent")
-    assert "map napt_in_addr {\n\t\ttype inet_proto . inet_service . ipv4_addr : ipv4_addr" in text
+    text = table_text("address-dependent")
+    assert "map napt_in_addr { type inet_proto . inet_service . ipv4_addr : ipv4_addr; counter; }" in text
     kin = "ip protocol . th dport . ip saddr"
     assert (
-        f'add rule ip vpnmasq_offload pre iifname "wan0" ip daddr 198.51.100.1 ip protocol tcp'
+        f'iifname "wan0" ip daddr 198.51.100.1 ip protocol tcp'
         f" tcp flags & (fin | syn | rst) == 0 ip daddr set {kin} map @napt_in_addr"
         f" tcp dport set {kin} map @napt_in_port notrack meta mark set 0x564d return"
     ) in text
     assert (
-        'add rule ip vpnmasq_offload post ip protocol udp udp checksum != 0 udp sport set'
+        'ip protocol udp udp checksum != 0 udp sport set'
         " ip protocol . ip saddr . th sport . ip daddr . th dport map @napt_out"
         " ip saddr set 198.51.100.1 return"
     ) in text
-    assert "napt" not in table_definition("198.51.100.1", "wan0", 0x564D)  # hybrid mode
+    assert "napt" not in table_text()  # hybrid mode
     el = Element("napt_in_addr", (17, 61001, EXT), PRV1)
     assert el.nft() == "17 . 61001 . 203.0.113.20 : 10.77.0.11"
 

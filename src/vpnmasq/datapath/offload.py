@@ -2,7 +2,8 @@
 
 Python decides, the kernel forwards. Once the engine has associated an ESP SPI pair or a
 PPTP call's Call IDs, or (userspace mode) translated a TCP/UDP/ICMP echo session each way,
-:class:`Offloader` puts it into maps of the nftables table ``ip vpnmasq_offload``; the kernel
+:class:`Offloader` puts it into maps in vpnmasq's own table ``ip vpnmasq`` (their rules,
+:func:`offload_rules`, open its prerouting chain and have a postrouting chain); the kernel
 then rewrites later packets of that flow itself, in both directions, before they would reach
 the queue. Packets whose key is in no map do not match and take the queue as before, so the
 engine still sees every packet it has not understood (new SPIs, rekeys, unknown calls, new
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vpnmasq.conntrack.table import F_FAST_IN, F_FAST_OUT, PERMANENT, Entry
+from vpnmasq.datapath.rules import NFT_TABLE, ExtraRules
 from vpnmasq.helpers.esp import Assoc, EspState
 from vpnmasq.helpers.pptp import Call, CallState
 from vpnmasq.packet.ipv4 import PROTO_NAMES, PROTO_TCP, PROTO_UDP, int_to_ip, ip_to_int
@@ -38,11 +40,14 @@ __all__ = [
     "element_commands",
     "parse_elements",
     "pre_copy",
-    "table_definition",
-    "table_removal",
+    "legacy_table_removal",
+    "offload_rules",
 ]
 
-OFFLOAD_TABLE = "vpnmasq_offload"
+#: the maps live in vpnmasq's own table (see offload_rules)
+OFFLOAD_TABLE = NFT_TABLE
+#: earlier versions kept them in a table of their own: removed at start if found
+LEGACY_TABLE = "vpnmasq_offload"
 #: how often the daemon syncs: the maps' counters refresh engine entries (whose timeouts are
 #: minutes: esp 4200 s, gre 7440 s), ended flows leave the maps at the latest this late
 SYNC_INTERVAL_S = 1.0
@@ -50,9 +55,6 @@ SYNC_INTERVAL_S = 1.0
 #: mask ignores the S and A bits (libalias / nf_conntrack_proto_gre use the same test)
 GRE_V1_MASK = 0xEF7FFFFF
 GRE_V1_VALUE = 0x2001880B
-#: priorities (nftables numbers): before iptables raw (-300) / mangle (-150)
-PRE_PRIORITY = -310
-POST_PRIORITY = -160
 
 # map / set name -> (has a value, has counters)
 _SETS: dict[str, tuple[bool, bool]] = {
@@ -309,44 +311,34 @@ def desired_elements(
 
 
 # ------------------------------------------------------------------ pure: nft text
-def table_definition(  # long: the nft table as one text, rule by rule
+def offload_rules(  # long: the maps and rules as text, rule by rule
     public: str, outside_if: str, mark: int, filtering: str | None = None
-) -> str:
-    """``nft -f`` input creating the table, its maps and sets (kept if they exist, with
-    their elements) and its two chains (flushed and refilled: the public address is in
-    them). With ``filtering`` (userspace mode) also the NAPT and ICMP echo maps and rules,
-    their inbound keys shaped by the filtering (:data:`NAPT_IN_KEYS`)."""
+) -> ExtraRules:
+    """The maps and rules of the kernel fast path, for vpnmasq's own table (``RuleSpec.extra``:
+    the rewrites open its prerouting chain, the outbound source rewrite gets a postrouting
+    chain of its own). With ``filtering`` (userspace mode) also the NAPT and ICMP echo maps and
+    rules, their inbound keys shaped by the filtering (:data:`NAPT_IN_KEYS`). A table
+    replaced by ``rules`` starts with empty maps: :meth:`Offloader.forget`, then a sync, fills
+    them again."""
     pub = int_to_ip(ip_to_int(public))  # validates
     if not outside_if or '"' in outside_if or len(outside_if) > 15:
         raise ValueError(f"invalid interface name: {outside_if!r}")
     if filtering is not None and filtering not in NAPT_IN_KEYS:
         raise ValueError(f"invalid filtering: {filtering!r}")
-    t = OFFLOAD_TABLE
     decl = dict(_DECL)
     names = list(_VPN_SETS)
     if filtering is not None:
         decl["napt_in_addr"] = _napt_in_decl(filtering, "ipv4_addr")
         decl["napt_in_port"] = _napt_in_decl(filtering, "inet_service")
         names += _NAPT_SETS
-    lines = [f"table ip {t} {{"]
+    decls = []
     for name in names:
         has_value, counted = _SETS[name]
-        lines.append(f"\t{'map' if has_value else 'set'} {name} {{")
-        lines.append(f"\t\t{decl[name]}")
-        if counted:
-            lines.append("\t\tcounter")
-        lines.append("\t}")
-    lines += [
-        "\tchain pre {",
-        f"\t\ttype filter hook prerouting priority {PRE_PRIORITY}; policy accept;",
-        "\t}",
-        "\tchain post {",
-        f"\t\ttype filter hook postrouting priority {POST_PRIORITY}; policy accept;",
-        "\t}",
-        "}",
-        f"flush chain ip {t} pre",
-        f"flush chain ip {t} post",
-    ]
+        decls.append(
+            f"{'map' if has_value else 'set'} {name} {{ {decl[name]};"
+            + (" counter;" if counted else "")
+            + " }"
+        )
     gre = f"ip protocol gre @th,0,32 & {GRE_V1_MASK:#x} == {GRE_V1_VALUE:#x}"
     into = f'iifname "{outside_if}" ip daddr {pub}'
     not_in = f'iifname != "{outside_if}"'
@@ -399,13 +391,12 @@ def table_definition(  # long: the nft table as one text, rule by rule
     # (measured: 20 more base chains of one rule each cost offloaded ESP about 0.25 of the
     # kernel's rate, 0.013 per chain)
     post.insert(0, f'oifname != "{outside_if}" accept')
-    lines += [f"add rule ip {t} pre {r}" for r in pre]
-    lines += [f"add rule ip {t} post {r}" for r in post]
-    return "\n".join(lines) + "\n"
+    return ExtraRules(tuple(decls), tuple(pre), tuple(post))
 
 
-def table_removal() -> str:
-    return f"table ip {OFFLOAD_TABLE} {{}}\ndelete table ip {OFFLOAD_TABLE}\n"
+def legacy_table_removal() -> str:
+    """``nft -f`` input deleting the separate offload table of earlier versions, if any."""
+    return f"table ip {LEGACY_TABLE} {{}}\ndelete table ip {LEGACY_TABLE}\n"
 
 
 def element_commands(add: Iterable[Element], delete: Iterable[Element]) -> str:
@@ -422,7 +413,7 @@ def _key_text(el: Element) -> str:
 
 
 def parse_elements(nft_json: str) -> dict[Element, tuple[int, int]]:
-    """Our elements in ``nft -j list table ip vpnmasq_offload`` output, with their counters
+    """Our elements in ``nft -j list table ip vpnmasq`` output, with their counters
     (packets, bytes; zeros for uncounted sets)."""
     out: dict[Element, tuple[int, int]] = {}
     data = json.loads(nft_json)
@@ -487,10 +478,11 @@ class SyncReport:
 
 @dataclass
 class Offloader:
-    """Keeps ``ip vpnmasq_offload`` in step with an engine. Not thread-safe; the daemon's loop
-    owns it: :meth:`install` at start, :meth:`attach` to the engine's table, :meth:`quick`
-    after every loop step, :meth:`sync` every :attr:`interval` seconds (and when ESP/GRE
-    entries end), :meth:`remove` at stop (unless handing over).
+    """Keeps the offload maps in vpnmasq's table in step with an engine. Not thread-safe; the
+    daemon's loop owns it: its :meth:`rules` go into the rules the daemon installs (and
+    replaces: then :meth:`forget`), :meth:`attach` to the engine's table, :meth:`quick` after
+    every loop step, :meth:`sync` every :attr:`interval` seconds (and when ESP/GRE entries
+    end). The maps go with the rules.
 
     ``filtering`` (userspace mode: the engine's ``Config.filtering``) turns on the NAPT and
     ICMP echo maps. Their sessions come and go much faster than VPN associations, so they
@@ -526,32 +518,18 @@ class Offloader:
         self._next_add = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
-    def install(self) -> None:
-        """Create the table (or refresh its chains, keeping elements: the first sync then
-        reconciles them with the engine's table). A table of another shape (the filtering
-        changed since the last run) is replaced; the first sync then fills it again."""
-        text = table_definition(self.public, self.outside_if, self.mark, self.filtering)
-        try:
-            self._run(["nft", "-f", "-"], text)
-        except OffloadError:
-            self._run(["nft", "-f", "-"], table_removal() + text)
-
-    def remove(self) -> None:
-        self._run(["nft", "-f", "-"], table_removal())
-        self.forget()
+    def rules(self) -> ExtraRules:
+        """The maps and rules this offloader fills, for ``RuleSpec.extra`` (they live in
+        vpnmasq's table and come and go with its rules)."""
+        return offload_rules(self.public, self.outside_if, self.mark, self.filtering)
 
     def forget(self) -> None:
-        """The table was re-created empty: the next sync adds every element again, with
-        fresh counter baselines."""
+        """The table was (re-)created with empty maps (rules installed or replaced): the next
+        sync adds every element again, with fresh counter baselines."""
         self.seen.clear()
         self.offloaded.clear()
         self._offloaded_ids = set()
         self._of_entry = {}
-
-    def set_public(self, public: str) -> None:
-        """The public address changed: chains are rebuilt (elements stay; sync corrects)."""
-        self.public = public
-        self.install()
 
     def attach(self, table: Any) -> None:
         """Follow ``table`` (a MasqTable) entry by entry (NAPT offload needs it)."""

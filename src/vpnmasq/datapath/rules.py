@@ -37,6 +37,7 @@ from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, PPTP_PORT
 __all__ = [
     "CHAINS",
     "DEFAULT_MARK",
+    "ExtraRules",
     "HAIRPIN_CHAINS",
     "NFT_TABLE",
     "RuleError",
@@ -110,6 +111,24 @@ def _check_range(name: str, r: tuple[int, int]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class ExtraRules:
+    """nft text another datapath module puts into vpnmasq's table (the kernel offload's maps
+    and rules, :func:`vpnmasq.datapath.offload.offload_rules`): one table, so that an
+    offloaded packet crosses one base chain per hook of vpnmasq's fewer."""
+
+    #: set and map declarations (table body text)
+    declarations: tuple[str, ...] = ()
+    #: the first rules of the prerouting chain ``raw`` (after the local source guard)
+    prerouting: tuple[str, ...] = ()
+    #: a filter chain ``post`` at postrouting, priority mangle - 10 (before the queue rules)
+    postrouting: tuple[str, ...] = ()
+
+
+#: priority of the chain of ExtraRules.postrouting (before iptables' mangle POSTROUTING)
+EXTRA_POST_PRIORITY = "mangle - 10"
+
+
+@dataclass(frozen=True)
 class RuleSpec:
     """What to install. Validated on construction (values end up in rule text)."""
 
@@ -170,6 +189,8 @@ class RuleSpec:
     #: which the engine translates for the other LAN host (see :func:`_hairpin_icmp_errors`)
     hairpin_icmp_errors: bool = False
     # --- end of the gateway's own ICMP errors -----------------------------------------------------
+    #: maps and rules of the kernel offload in this table (None: no offload)
+    extra: ExtraRules | None = None
 
     def __post_init__(self) -> None:  # noqa: C901 - one validation per RuleSpec field
         if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
@@ -562,6 +583,8 @@ def nft_rules(spec: RuleSpec) -> str:
         f'iifname "{ifname}" fib saddr type local meta pkttype host drop'
         for ifname in spec.local_source_guard
     ]
+    if spec.extra is not None:  # the offload's rewrites: an offloaded packet stops here
+        raw += spec.extra.prerouting
     raw += ["ct state untracked return", f'iifname "{out_if}" goto raw_in']
     if hp_to is not None:  # before raw_out, which returns on local destinations
         raw.append(f"ip saddr {inside} ip daddr {hp_to} goto raw_hp")
@@ -616,6 +639,11 @@ def nft_rules(spec: RuleSpec) -> str:
         ]
         chains.append(_chain("postrouting", nat, "type nat hook postrouting priority srcnat"))
     chains.append(_chain("forward", forward, "type filter hook forward priority mangle - 1"))
+    if spec.extra is not None:
+        head += "".join(f"\t{d}\n" for d in spec.extra.declarations)
+        if spec.extra.postrouting:
+            chains.append(_chain("post", spec.extra.postrouting,
+                                 f"type filter hook postrouting priority {EXTRA_POST_PRIORITY}"))  # fmt: skip
     return (
         f"table ip {NFT_TABLE} {{}}\ndelete table ip {NFT_TABLE}\ntable ip {NFT_TABLE} {{\n"
         + head
