@@ -432,9 +432,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--ident", type=int)
-    for name in ("udp-echo-server", "tcp-echo-server", "http-server"):
+    servers = {
+        "udp-echo-server": udp_echo_server,
+        "tcp-echo-server": tcp_echo_server,
+        "http-server": http_server,
+        "download-server": download_server,
+    }
+    for name in servers:
         q = sub.add_parser(name)
-        q.add_argument("--port", type=int, default=7)
+        q.add_argument("--port", type=int, default=8080 if name == "download-server" else 7)
         q.add_argument("--bind", default="0.0.0.0")
         q.add_argument("--max-seconds", type=float, default=3600.0)
     for name in ("udp-echo-client", "tcp-echo-client", "http-client"):
@@ -447,29 +453,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name.startswith("udp"):
             q.add_argument("--sport", type=int, default=0)
             q.add_argument("--interval", type=float, default=0.1)
-    q = sub.add_parser("download-server")
-    q.add_argument("--port", type=int, default=8080)
-    q.add_argument("--bind", default="0.0.0.0")
-    q.add_argument("--max-seconds", type=float, default=3600.0)
     q = sub.add_parser("download-client")
     q.add_argument("dst")
     q.add_argument("port", type=int)
     q.add_argument("--duration", type=float, default=10.0)
     a = ap.parse_args(argv)
+    if a.cmd in servers:
+        servers[a.cmd](a.port, a.bind, max_seconds=a.max_seconds)
+        return 0
     if a.cmd == "ping":
         res = ping(a.dst, count=a.count, interval=a.interval, timeout=a.timeout, ident=a.ident)
-    elif a.cmd == "udp-echo-server":
-        udp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
-        return 0
-    elif a.cmd == "tcp-echo-server":
-        tcp_echo_server(a.port, a.bind, max_seconds=a.max_seconds)
-        return 0
-    elif a.cmd == "http-server":
-        http_server(a.port, a.bind, max_seconds=a.max_seconds)
-        return 0
-    elif a.cmd == "download-server":
-        download_server(a.port, a.bind, max_seconds=a.max_seconds)
-        return 0
     elif a.cmd == "download-client":
         res = download_client(a.dst, a.port, duration=a.duration)
     elif a.cmd == "http-client":

@@ -62,21 +62,30 @@ def split_ranges(config: Config, node: int) -> Config:
 
 
 def _strip_floats(v: Any) -> Any:
-    if isinstance(v, float):
+    t = type(v)
+    if t is float:
         return None
-    if isinstance(v, dict):
+    if t is dict:
         return {k: _strip_floats(x) for k, x in v.items()}
-    if isinstance(v, list):
+    if t is list:
         return [_strip_floats(x) for x in v]
     return v
 
 
+#: the record fields that hold helper state, where times are floats at any depth (elsewhere
+#: the floats are the VOLATILE fields)
+_NESTED = frozenset({"ext", "alg"})
+
+
 def fingerprint(rec: Mapping[str, Any]) -> str:
-    """What must match for a record to count as unchanged."""
-    return json.dumps(
-        {k: _strip_floats(v) for k, v in rec.items() if k not in VOLATILE},
-        sort_keys=True,
-        separators=(",", ":"),
+    """What must match for a record to count as unchanged (the record's field order is
+    fixed by the export)."""
+    return repr(
+        [
+            (k, _strip_floats(v) if k in _NESTED and v is not None else v)
+            for k, v in rec.items()
+            if k not in VOLATILE
+        ]
     )
 
 
