@@ -3,7 +3,8 @@ their filter and the drop rate limit. Pure: the daemon feeds it events, ``now`` 
 wall-clock time, and hands the objects to the control socket's subscribers.
 
 One object per event, ``"event"`` saying which: ``created``, ``updated`` (state change,
-``old_state`` -> ``state``), ``removed`` (``reason``: idle, flush, fin-rst, replaced...),
+``old_state`` -> ``state``), ``removed`` (``reason``: expired, fin-rst, flushed, replaced,
+address-changed, or the helper's own such as call-disconnect; ``why``: the engine's word),
 ``drop`` (``reason``, ``detail``, ``flow``; at most :data:`DROP_BURST` per reason and
 second, then one ``drops-suppressed`` with the count), ``notice``, ``address-changed``; the
 control socket adds ``lost`` for a reader that fell behind. Entry events carry the row
@@ -41,6 +42,24 @@ ESP_REFUSALS = frozenset({"esp-unassociated", "esp-parallel-sessions-disabled"})
 #: ESP states in which an SPI pair is associated (the engine's EspState names)
 _ESP_JOINED = frozenset({"ESTABLISHED", "INBOUND_ONLY"})
 _ADDR = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+
+
+#: the engine's word for a removal -> the stream's (others, e.g. PPTP's call-disconnect,
+#: control-fin, are passed on as they are)
+REMOVAL_REASONS = {
+    "idle": "expired",
+    "flush": "flushed",
+    "contradicted": "replaced",  # a guessed ESP association another host's traffic disproved
+    "address-change": "address-changed",
+}
+#: TCP states after a FIN or RST: such an entry expiring went away because the flow closed
+_TCP_CLOSING = frozenset({"FIN_WAIT", "CLOSING", "CLOSED"})
+
+
+def removal_reason(row: Row, why: str) -> str:
+    if why == "idle" and row.proto == "tcp" and row.state in _TCP_CLOSING:
+        return "fin-rst"
+    return REMOVAL_REASONS.get(why, why)
 
 
 def _what(ev: str, row: Row, old: str | None = None) -> dict[str, str]:
@@ -124,7 +143,8 @@ class EventStream:
             row = self.row_of(ev.entry, now)
             return entry_object("updated", row, old_state=ev.old, state=ev.new)
         if isinstance(ev, EntryExpired):
-            return entry_object("removed", ev.row, reason=ev.why)
+            return entry_object("removed", ev.row, reason=removal_reason(ev.row, ev.why),
+                                why=ev.why)
         if isinstance(ev, Notice):
             return {"event": "notice", "topic": ev.topic, "message": ev.message}
         if isinstance(ev, AddressChanged):

@@ -18,7 +18,7 @@ from tests.pptp_wire import ControlLink, cdn
 from tests.transcript import Gw
 from vpnmasq.eventstream import DROP_BURST, EventFilter, EventStream
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4, ip_to_int
-from vpnmasq.packet.l4 import TCP_ACK, TCP_SYN, build_esp
+from vpnmasq.packet.l4 import TCP_ACK, TCP_RST, TCP_SYN, build_esp
 from vpnmasq.tools.events import render_line
 
 ATTACKER = ip_to_int("192.0.2.66")
@@ -58,9 +58,26 @@ def test_tcp_connection_created_updated_and_removed_by_idle() -> None:
     assert all(isinstance(e["time"], float) for e in evs)
     w.advance(3 * 3600)
     (gone,) = w.drain()
-    assert gone["event"] == "removed" and gone["reason"] == "idle"
+    assert gone["event"] == "removed" and gone["reason"] == "expired" and gone["why"] == "idle"
     assert gone["pkts_out"] == 2 and gone["pkts_in"] == 1
-    assert "[DESTROY]" in render_line(gone) and "(idle; pkts 2/1)" in render_line(gone)
+    assert "[DESTROY]" in render_line(gone) and "(expired; pkts 2/1)" in render_line(gone)
+
+
+def test_a_closed_tcp_connection_is_removed_for_fin_rst_and_a_flush_says_so() -> None:
+    w = Watch()
+    syn = accepted(w.out(build_tcp(PRV1, EXT, 40000, 80, flags=TCP_SYN, seq=1)))
+    alias = syn.u16(0)
+    w.inn(build_tcp(EXT, MASQ, 80, alias, flags=TCP_SYN | TCP_ACK, seq=9, ack=2))
+    w.out(build_tcp(PRV1, EXT, 40000, 80, flags=TCP_ACK, seq=2, ack=10))
+    w.out(build_tcp(PRV1, EXT, 40000, 80, flags=TCP_RST | TCP_ACK, seq=2, ack=10))
+    accepted(w.out(build_udp(PRV2, EXT, 5000, 53)))
+    w.drain()
+    w.advance(200)  # past the closed-TCP timeout, not UDP's
+    (gone,) = w.drain()
+    assert gone["reason"] == "fin-rst" and gone["inside"] == "10.77.0.11:40000"
+    w.eng.flush()
+    (flushed,) = w.drain()
+    assert flushed["reason"] == "flushed" and flushed["inside"] == "10.77.0.12:5000"
 
 
 def test_esp_association_says_how_and_a_refusal_says_why() -> None:
