@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import sys
@@ -166,6 +167,13 @@ def daemon(tmp_path: Path) -> Iterator[str]:
         counters=lambda: {"packets_out": 10},
         flush=flush,
     )
+    with served(server):
+        yield path
+
+
+@contextlib.contextmanager
+def served(server: ControlServer) -> Iterator[None]:
+    """Answer ``server``'s requests from a thread until the block ends; then close it."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -175,10 +183,12 @@ def daemon(tmp_path: Path) -> Iterator[str]:
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
-    yield path
-    stop.set()
-    t.join(5)
-    server.close()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(5)
+        server.close()
 
 
 def test_status_table(daemon: str) -> None:
@@ -228,22 +238,8 @@ def test_status_sends_filters_and_limit_to_the_daemon(tmp_path: Path) -> None:
         seen.append(dict(req))
         return {**status_payload(ROWS[:1], {}), "total_entries": 9}
 
-    server = ControlServer(path, status=status, counters=dict, flush=lambda: 0)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            if select.select([server.fileno()], [], [], 0.02)[0]:
-                server.handle_ready()
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    try:
+    with served(ControlServer(path, status=status, counters=dict, flush=lambda: 0)):
         r = invoke("status", "-s", path, "-p", "UDP", "-H", "10.77.0.0/24", "--limit", "3")
-    finally:
-        stop.set()
-        t.join(5)
-        server.close()
     assert r.exit_code == 0, r.output
     assert seen == [{"cmd": "status", "proto": "udp", "host": "10.77.0.0/24", "limit": 3}]
     assert "1 of 9 entries shown" in r.output

@@ -319,6 +319,24 @@ def test_no_answer_times_out(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ streamed answers
+def _lines(sock: socket.socket, server: ControlServer, n: int) -> list[Any]:
+    """The next ``n`` lines ``sock`` gets from ``server`` (served from this thread)."""
+    sock.setblocking(False)
+    buf = b""
+
+    def enough() -> bool:
+        nonlocal buf
+        server.handle_ready()
+        try:
+            buf += sock.recv(1 << 20)
+        except BlockingIOError:
+            pass
+        return buf.count(b"\n") >= n
+
+    wait_until(enough, what=f"{n} lines")
+    return [json.loads(x) for x in buf.splitlines()]
+
+
 def _pieces(n: int, log: list[int]) -> Iterator[bytes]:
     """A streamed status answer of ``n`` rows, one row per piece; ``log`` records progress."""
     yield b'{"ok":true,"entries":['
@@ -348,20 +366,7 @@ def test_streamed_answer_is_produced_only_by_work(sock_path: str) -> None:
         while server.runnable():
             server.work(deadline=0.0)
         assert log == [0, 1, 2, 3, 4]
-        c.setblocking(False)
-        buf = b""
-
-        def both() -> bool:
-            nonlocal buf
-            server.handle_ready()
-            try:
-                buf += c.recv(65536)
-            except BlockingIOError:
-                pass
-            return buf.count(b"\n") >= 2
-
-        wait_until(both, what="both answers")
-        first, second = (json.loads(x) for x in buf.splitlines())
+        first, second = _lines(c, server, 2)
         assert [e["i"] for e in first["entries"]] == [0, 1, 2, 3, 4]
         assert second == {"ok": True, "counters": {"n": 1}}
         c.close()
@@ -394,17 +399,7 @@ def test_slow_reader_pauses_only_its_own_answer(sock_path: str) -> None:
         other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         other.connect(sock_path)
         other.sendall(b'{"cmd":"ping"}\n')
-        other.setblocking(False)
-
-        def answered() -> bytes | None:
-            server.handle_ready()
-            try:
-                return other.recv(65536) or None
-            except BlockingIOError:
-                return None
-
-        buf = wait_until(answered, what="ping answered")
-        assert json.loads(buf)["ok"] is True
+        assert _lines(other, server, 1)[0]["ok"] is True
         assert len(log) == produced  # the paused answer did not move
         other.close()
         slow.close()
@@ -449,23 +444,6 @@ def _subscriber_server(sock_path: str) -> ControlServer:
 
     return ControlServer(sock_path, status=dict, counters=dict, flush=lambda: 0,
                          subscribe=subscribe)
-
-
-def _lines(sock: socket.socket, server: ControlServer, n: int) -> list[Any]:
-    sock.setblocking(False)
-    buf = b""
-
-    def enough() -> bool:
-        nonlocal buf
-        server.handle_ready()
-        try:
-            buf += sock.recv(1 << 20)
-        except BlockingIOError:
-            pass
-        return buf.count(b"\n") >= n
-
-    wait_until(enough, what=f"{n} lines")
-    return [json.loads(x) for x in buf.splitlines()]
 
 
 def test_subscriber_gets_the_events_its_filter_takes(sock_path: str) -> None:
