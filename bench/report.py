@@ -482,6 +482,18 @@ def _range_of(rs: list[float]) -> str:
     return "-" if not rs else (f"{min(rs):.2f}" if f"{min(rs):.2f}" == f"{max(rs):.2f}" else f"{min(rs):.2f}-{max(rs):.2f}")
 
 
+def _offloaded_udp_ratios(cells: dict[str, Any]) -> list[float]:
+    """Userspace mode with offload, the four UDP cells, as ratios to the kernel."""
+    return [r for s_ in (1400, 64) for d in ("out", "in")
+            if (r := ratio(cells, f"udp{s_}_{d}_pps", "uoffload")) is not None]  # fmt: skip
+
+
+def _offloaded_vpn_ratios(cells: dict[str, Any]) -> list[float]:
+    """Offloaded ESP/GRE (hybrid mode), every cell, as ratios to the kernel."""
+    return [r for n in sorted(cells) if n[:3] in ("esp", "gre") and n.endswith("_pps")
+            and not n.endswith("_bare_pps") if (r := ratio(cells, n, "offload")) is not None]  # fmt: skip
+
+
 def speed_rows(results: dict[str, Any]) -> list[list[str]]:
     """The targets of "kernel speed for every established flow", each with its figure."""
     lab = results.get("lab") or {}
@@ -496,15 +508,13 @@ def speed_rows(results: dict[str, Any]) -> list[list[str]]:
         f">= {TARGETS['userspace_tcp']}",
         met(None if ru is None else ru >= TARGETS["userspace_tcp"]),
     ])
-    us = [r for s_ in (1400, 64) for d in ("out", "in")
-          if (r := ratio(cells, f"udp{s_}_{d}_pps", "uoffload")) is not None]  # fmt: skip
+    us = _offloaded_udp_ratios(cells)
     rows.append([
         "userspace mode, UDP 1400 B and 64 B packets/s, both directions (offloaded)",
         BEFORE["userspace_udp"], _range_of(us), f">= {TARGETS['userspace_udp']}",
         met(None if not us else min(us) >= TARGETS["userspace_udp"]),
     ])
-    vs = [r for n in sorted(cells) if n[:3] in ("esp", "gre") and n.endswith("_pps")
-          and not n.endswith("_bare_pps") if (r := ratio(cells, n, "offload")) is not None]  # fmt: skip
+    vs = _offloaded_vpn_ratios(cells)
     rows.append([
         "offloaded ESP/GRE (hybrid)", BEFORE["offload"], _range_of(vs), f">= {TARGETS['offload']}",
         met(None if not vs else min(vs) >= TARGETS["offload"]),
@@ -553,8 +563,7 @@ def speed_notes(results: dict[str, Any]) -> str:
             "elements are added every 50 ms), and every offloaded packet still crosses "
             "vpnmasq's base chains besides the maps (see the ESP/GRE note)."
         )
-    us = [r for s_ in (1400, 64) for d in ("out", "in")
-          if (r := ratio(cells, f"udp{s_}_{d}_pps", "uoffload")) is not None]  # fmt: skip
+    us = _offloaded_udp_ratios(cells)
     if us and min(us) < TARGETS["userspace_udp"]:
         out.append(
             f"- userspace UDP offloaded {min(us):.2f}-{max(us):.2f}: a NAPT packet does two "
@@ -562,8 +571,7 @@ def speed_notes(results: dict[str, Any]) -> str:
             "in prerouting and the rewrite in postrouting) and crosses the same base chains as "
             "offloaded ESP/GRE."
         )
-    vs = [r for n in sorted(cells) if n[:3] in ("esp", "gre") and n.endswith("_pps")
-          and not n.endswith("_bare_pps") if (r := ratio(cells, n, "offload")) is not None]  # fmt: skip
+    vs = _offloaded_vpn_ratios(cells)
     bare = [r for n in cells if n.endswith("_bare_pps") if (r := ratio(cells, n, "maps-only")) is not None]
     if vs and min(vs) < TARGETS["offload"]:
         out.append(

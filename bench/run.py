@@ -38,7 +38,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # long: the options, then each kind of run
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one round, shorter windows, 200k mappings")
     ap.add_argument("--rounds", type=int, default=None, help="lab rounds (default 3, quick 1)")

@@ -51,8 +51,10 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from vpnmasq.datapath.nfqueue import NfQueue, QueuedPacket
+from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
+from vpnmasq.verdict import Action, Direction
 
 PREFIX = "vmq-t"
 NETNS_DIR = "/run/netns"
@@ -395,3 +397,29 @@ class QueueWorker:
         self.queue.close()
         if self.errors:
             raise AssertionError("handler failed:\n" + "\n".join(self.errors))
+
+
+class QueuedEngine:
+    """An engine behind a lab queue, giving the verdicts the daemon would (accept with the
+    rewritten packet and ``mark``, or drop; PREROUTING is inbound). ``lock`` serialises the
+    engine with the test thread; ``queued`` records (protocol, hook) of every packet."""
+
+    def __init__(self, lab: Lab, role: str, queue_num: int, engine: Any, mark: int) -> None:
+        self.engine, self.mark = engine, mark
+        self.lock = threading.Lock()
+        self.queued: list[tuple[int, int]] = []
+        self.worker = QueueWorker(lab, role, queue_num, self.handle)
+
+    def handle(self, pkt: QueuedPacket, q: NfQueue) -> None:
+        d = Direction.INBOUND if pkt.hook == Hook.PRE_ROUTING else Direction.OUTBOUND
+        with self.lock:
+            self.queued.append((pkt.payload[9], pkt.hook))
+            v = self.engine.handle(pkt.payload, d, time.monotonic())
+        if v.action is Action.ACCEPT:
+            q.accept(pkt.packet_id, v.payload, mark=self.mark)
+        else:
+            q.drop(pkt.packet_id)
+
+    def queued_count(self, proto: int) -> int:
+        with self.lock:
+            return sum(1 for p, _ in self.queued if p == proto)

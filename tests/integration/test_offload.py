@@ -15,23 +15,21 @@ import select
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import GatewayTopology, Lab, QueueWorker
+from netns import GatewayTopology, Lab, QueuedEngine
 
 from vpnmasq.config import Config
 from vpnmasq.datapath import rules
-from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
 from vpnmasq.datapath.offload import Element, Offloader, element_commands
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
 from vpnmasq.packet.ipv4 import build_ipv4, ip_to_int
 from vpnmasq.packet.l4 import build_esp, build_gre_v1
-from vpnmasq.verdict import Action, Direction
+from vpnmasq.verdict import Direction
 
 # tests/integration is not a package: make the shared test vocabulary importable on its own
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -46,8 +44,8 @@ SPI_OUT, SPI_IN = 0x1001, 0x2001
 LAN_CALL, PAC_CALL = 0x0101, 0x4000
 
 
-class Gateway:
-    """The engine behind the gw's queue; ``lock`` serialises it with the test thread."""
+class Gateway(QueuedEngine):
+    """vpnmasq's hybrid rules, and the engine behind the gw's queue."""
 
     def __init__(self, lab: Lab, t: GatewayTopology) -> None:
         cfg = Config(
@@ -56,25 +54,8 @@ class Gateway:
             mode="hybrid",
             helpers=tuple(h for h in Config().helpers if h in available()),
         )
-        self.engine = Engine(cfg, rng_seed=7)
-        self.lock = threading.Lock()
-        self.queued: list[tuple[int, int]] = []  # (protocol, direction hook) of queued packets
         rules.install(spec(t), netns=lab.ns(t.gw))
-        self.worker = QueueWorker(lab, t.gw, QUEUE, self.handle)
-
-    def handle(self, pkt: QueuedPacket, q: NfQueue) -> None:
-        d = Direction.INBOUND if pkt.hook == Hook.PRE_ROUTING else Direction.OUTBOUND
-        with self.lock:
-            self.queued.append((pkt.payload[9], pkt.hook))
-            v = self.engine.handle(pkt.payload, d, time.monotonic())
-        if v.action is Action.ACCEPT:
-            q.accept(pkt.packet_id, v.payload, mark=MARK)
-        else:
-            q.drop(pkt.packet_id)
-
-    def queued_count(self, proto: int) -> int:
-        with self.lock:
-            return sum(1 for p, _ in self.queued if p == proto)
+        super().__init__(lab, t.gw, QUEUE, Engine(cfg, rng_seed=7), MARK)
 
 
 @pytest.fixture

@@ -21,18 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns import GatewayTopology, Lab, QueueWorker
+from netns import GatewayTopology, Lab, QueuedEngine
 
 from vpnmasq.config import Config
 from vpnmasq.datapath import rules
-from vpnmasq.datapath.nfqueue import Hook, NfQueue, QueuedPacket
 from vpnmasq.datapath.offload import Offloader
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
 from vpnmasq.packet.checksum import checksum
 from vpnmasq.packet.ipv4 import ip_to_int
 from vpnmasq.packet.l4 import build_udp
-from vpnmasq.verdict import Action, Direction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.waiting import ANSWER_TIMEOUT, wait_until  # noqa: E402
@@ -45,7 +43,7 @@ APDF = "address-port-dependent"
 EIF = "endpoint-independent"
 
 
-class Gateway:
+class Gateway(QueuedEngine):
     """The engine behind the gw's queue and an Offloader on its table; ``lock`` serialises
     both with the test thread (the daemon's loop does the same in one thread)."""
 
@@ -57,29 +55,12 @@ class Gateway:
             filtering=filtering,  # type: ignore[arg-type]
             helpers=tuple(h for h in Config().helpers if h in available()),
         )
-        self.engine = Engine(cfg, rng_seed=7)
-        self.lock = threading.Lock()
-        self.queued: list[tuple[int, int]] = []  # (protocol, hook) of each queued packet
         self.off = Offloader(t.public, t.gw_wan_if, MARK, netns=lab.ns(t.gw), filtering=filtering)
         spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="userspace",
                               queue_num=QUEUE, extra=self.off.rules())  # fmt: skip
         rules.install(spec, netns=lab.ns(t.gw))
+        super().__init__(lab, t.gw, QUEUE, Engine(cfg, rng_seed=7), MARK)
         self.off.attach(self.engine.table)
-        self.worker = QueueWorker(lab, t.gw, QUEUE, self.handle)
-
-    def handle(self, pkt: QueuedPacket, q: NfQueue) -> None:
-        d = Direction.INBOUND if pkt.hook == Hook.PRE_ROUTING else Direction.OUTBOUND
-        with self.lock:
-            self.queued.append((pkt.payload[9], pkt.hook))
-            v = self.engine.handle(pkt.payload, d, time.monotonic())
-        if v.action is Action.ACCEPT:
-            q.accept(pkt.packet_id, v.payload, mark=MARK)
-        else:
-            q.drop(pkt.packet_id)
-
-    def queued_count(self, proto: int) -> int:
-        with self.lock:
-            return sum(1 for p, _ in self.queued if p == proto)
 
     def offload(self) -> int:
         """What the daemon does after a loop step; the number of elements offloaded."""
@@ -111,6 +92,17 @@ def udp(lab: Lab, role: str, addr: str, port: int) -> socket.socket:
     s.bind((addr, port))
     s.settimeout(ANSWER_TIMEOUT)
     return s
+
+
+def udp_session(lab: Lab, t: GatewayTopology) -> tuple[socket.socket, socket.socket, tuple[str, int]]:
+    """A UDP session inside:40000 <-> remote:7777 through the engine (one datagram each way):
+    the remote's socket, the inside socket, and the mapping the remote saw."""
+    srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
+    cli.sendto(b"first", (t.remote_host, 7777))
+    _, seen_as = srv.recvfrom(100)
+    srv.sendto(b"back", seen_as)
+    assert cli.recvfrom(100) == (b"back", (t.remote_host, 7777))
+    return srv, cli, seen_as
 
 
 def probes(lab: Lab, t: GatewayTopology) -> dict[str, int]:
@@ -234,11 +226,7 @@ def test_filtering_decides_what_the_kernel_lets_in(
     """Another port of the same remote: address-and-port-dependent filtering leaves it to the
     engine (which drops it), endpoint-independent filtering lets the kernel deliver it."""
     t = gw_topo
-    srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
-    cli.sendto(b"first", (t.remote_host, 7777))
-    _, seen_as = srv.recvfrom(100)
-    srv.sendto(b"back", seen_as)
-    cli.recvfrom(100)
+    srv, cli, seen_as = udp_session(lab, t)
     gw.offload()
     q = gw.queued_count(17)
     other = udp(lab, t.remote, t.remote_host, 7779)
@@ -260,11 +248,7 @@ def test_icmp_errors_about_offloaded_sessions_are_still_translated(
     """A router beyond the gateway answers an offloaded datagram with an ICMP error: the error
     takes the queue and reaches the inside host about its own datagram."""
     t = gw_topo
-    srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
-    cli.sendto(b"first", (t.remote_host, 7777))
-    _, seen_as = srv.recvfrom(100)
-    srv.sendto(b"back", seen_as)
-    cli.recvfrom(100)
+    srv, cli, seen_as = udp_session(lab, t)
     assert apdf.offload() >= 3
     listen = lab.socket(t.inside, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
     listen.settimeout(ANSWER_TIMEOUT)
@@ -290,11 +274,7 @@ def test_a_datagram_without_udp_checksum_crosses_the_kernel_path_intact(
     """UDP checksum 0 means "none" (RFC 768): nftables' rewrite would put a wrong one in,
     so such datagrams are left to the engine, which keeps it 0."""
     t = gw_topo
-    srv, cli = udp(lab, t.remote, t.remote_host, 7777), udp(lab, t.inside, t.inside_host, 40000)
-    cli.sendto(b"first", (t.remote_host, 7777))
-    _, seen_as = srv.recvfrom(100)
-    srv.sendto(b"back", seen_as)
-    cli.recvfrom(100)
+    srv, cli, seen_as = udp_session(lab, t)
     assert apdf.offload() >= 3
     q = apdf.queued_count(17)
     raw = lab.socket(t.inside, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
