@@ -38,7 +38,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:  # long: the options, then each kind of run
+def status_cost_only(docs: Path, quick: bool) -> int:
+    """Measure the status cost alone, merge it into the last results, rewrite the report."""
+    path = docs / "bench-results.json"
+    old = json.loads(path.read_text()) if path.exists() else {"when": time.strftime("%Y-%m-%d %H:%M %Z")}
+    log("status cost at 1k, 20k, 100k entries ...")
+    eng = old.setdefault("engine", {})
+    eng.update(engine_bench.run_all(quick, log=log, only=("status",)))
+    eng["status_when"] = time.strftime("%Y-%m-%d %H:%M %Z")
+    path.write_text(json.dumps(old, indent=1, default=str) + "\n")
+    cmd = "make bench" + (" (--quick)" if old.get("quick") else "")
+    print(report.write(old, docs, command=cmd))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one round, shorter windows, 200k mappings")
     ap.add_argument("--rounds", type=int, default=None, help="lab rounds (default 3, quick 1)")
@@ -61,17 +75,7 @@ def main(argv: list[str] | None = None) -> int:  # long: the options, then each 
     )
     a = ap.parse_args(argv)
     if a.status_cost:
-        docs = Path(a.docs)
-        path = docs / "bench-results.json"
-        old = json.loads(path.read_text()) if path.exists() else {"when": time.strftime("%Y-%m-%d %H:%M %Z")}
-        log("status cost at 1k, 20k, 100k entries ...")
-        eng = old.setdefault("engine", {})
-        eng.update(engine_bench.run_all(a.quick, log=log, only=("status",)))
-        eng["status_when"] = time.strftime("%Y-%m-%d %H:%M %Z")
-        path.write_text(json.dumps(old, indent=1, default=str) + "\n")
-        cmd = "make bench" + (" (--quick)" if old.get("quick") else "")
-        print(report.write(old, docs, command=cmd))
-        return 0
+        return status_cost_only(Path(a.docs), a.quick)
     if a.report_only:
         docs = Path(a.docs)
         old = json.loads((docs / "bench-results.json").read_text())
