@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -109,6 +111,11 @@ def test_plain_and_vpn_traffic_from_two_lan_hosts(
     assert "vpnmasq_queue_busy_seconds_total" in metrics
     assert re.search(r"^vpnmasq_table_max_entries \d", metrics, re.M)
     assert re.search(r'^vpnmasq_esp_associations_total\{how="', metrics, re.M)
+    assert "process_resident_memory_bytes" in metrics and "vpnmasq_build_info{" in metrics
+    if shutil.which("promtool"):  # the live scrape follows the conventions too
+        lint = subprocess.run(["promtool", "check", "metrics"], input=metrics, text=True,
+                              capture_output=True, timeout=60)
+        assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
     assert d.stop() == 0
 
 
