@@ -441,6 +441,8 @@ class Gateway:
         self.config = config
         self.engine_config = engine_config
         self.sync: SyncEndpoint | None = None
+        self.yielding = False  # [sync] node 2 while node 1 says it is active
+        self.split_brain = False  # ... and the public address is here too
         self.public: str | None = (
             self._sync_address()
             if config.sync.enabled
@@ -1098,6 +1100,9 @@ class Gateway:
             if not self.offload_ended and self.offloader.wants_sync(events):
                 self.offload_ended = True
             self._offload_sync(now)
+        if self.sync is not None and self.sync.must_yield(now) != self.yielding:
+            self.yielding = not self.yielding
+            self._follow_address(now)
         if self.sync is not None:
             self.sync.tick(
                 self.engine, self.engine.public_ip is not None, now, time.time(), time.monotonic
@@ -1127,9 +1132,12 @@ class Gateway:
 
     def _sync_address(self) -> str | None:
         """With [sync], the gateway is active while the virtual public address is on the
-        outside interface (keepalived puts it there): that address, or None."""
+        outside interface (keepalived puts it there) and, on node 2, the peer does not say
+        it is active too (split brain): that address, or None."""
         pub = self.config.public_address
-        return pub if pub in ipv4_addresses(self.config.outside_interface) else None
+        here = pub in ipv4_addresses(self.config.outside_interface)
+        self.split_brain = here and self.sync is not None and self.sync.must_yield(time.monotonic())
+        return pub if here and not self.split_brain else None
 
     def _start_sync(self) -> None:
         cfg = self.config.sync
@@ -1155,7 +1163,12 @@ class Gateway:
         assert self.sync is not None
         if new is None:
             self.sync.stand_by()
-            log.warning("sync: public address gone: standby now (masquerading stopped)")
+            log.warning(
+                "sync: %s: standby now (masquerading stopped)",
+                "node 1 is active too (split brain), node 2 yields"
+                if self.split_brain
+                else "public address gone",
+            )
             return
         rep = self.sync.take_over(self.engine, now, time.time(), self.full_config)
         log.warning(

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from tests.waiting import wait_until
 
+from vpnmasq_lab.ha import ESP_SAS, GATEWAYS, PUBLIC_VIP, HaNode, HaTopology
+from vpnmasq_lab.rawpeers import RawEspServer, run_esp_client
 from vpnmasq_lab.strongswan import CHARON
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -112,3 +114,46 @@ def test_sample_conntrackd_conf_starts_conntrackd(require: Any, tmp_path: Path) 
             p.terminate()
             p.wait(10)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_split_brain_node_2_yields_and_no_lan_address_leaks(require: Any, tmp_path: Path) -> None:
+    """Both gateways hold the public address (VRRP broke, the sync link works): node 2 stops
+    masquerading while node 1 says it is active, so a host routed through node 2 gets
+    nothing out, and certainly nothing with its LAN address; when node 1 lets the address
+    go, node 2 takes over with node 1's table."""
+    require("tcpdump", "py:scapy")
+    topo = HaTopology(hosts=2, remotes=1)
+    with topo:
+        gw1, gw2 = HaNode(topo, "gw1", sync=True), HaNode(topo, "gw2", sync=True)
+        gw1.start_vpnmasq()
+        gw2.start_vpnmasq()
+        topo.exec("h2", ["ip", "route", "replace", "default", "via", GATEWAYS["gw2"]])
+        topo.exec("h1", ["ip", "route", "replace", "default", "via", GATEWAYS["gw1"]])
+        vip = [f"{PUBLIC_VIP}/24", "dev", "wan0"]
+        topo.exec("gw1", ["ip", "addr", "add", *vip])
+        esp = RawEspServer(topo, "r1", list(ESP_SAS.values())).start()
+        out, inn = ESP_SAS["h2"]
+        assert run_esp_client(topo, "h1", topo.ip("r1"), *ESP_SAS["h2"], count=3)["ok"]
+        wait_until(lambda: gw2.sync_status().get("replica_entries"), 10.0, "gw2 to hold h1's SA")
+        topo.exec("gw2", ["ip", "addr", "add", *vip])  # split brain
+        wait_until(lambda: gw2.sync_status().get("yielding"), 10.0, "gw2 to yield")
+        pcap = tmp_path / "r1.pcap"
+        with topo.capture("r1", "eth0", pcap):
+            res = run_esp_client(topo, "h2", topo.ip("r1"), *ESP_SAS["h3"], count=3, timeout=1.0)
+        assert res["verified"] == 0  # node 2 masquerades nothing while it yields
+        seen = subprocess.run(
+            ["tcpdump", "-n", "-r", str(pcap), "src", "net", "10.77.0.0/24"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert seen.strip() == ""  # and nothing left with a LAN source address
+        assert gw2.sync_status()["role"] == "standby" and gw1.sync_status()["role"] == "active"
+        # node 1 lets the address go: node 2 takes over, with h1's association
+        topo.exec("gw1", ["ip", "addr", "del", *vip])
+        wait_until(lambda: gw2.sync_status().get("role") == "active", 10.0, "gw2 to take over")
+        counters = gw2.status().get("counters", {})
+        assert counters.get("restored:esp") == 1
+        topo.exec("h1", ["ip", "route", "replace", "default", "via", GATEWAYS["gw2"]])
+        assert run_esp_client(topo, "h1", topo.ip("r1"), out, inn, count=3)["ok"]
+        esp.stop()
+        gw1.stop()
+        gw2.stop()

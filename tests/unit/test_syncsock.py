@@ -12,7 +12,7 @@ import pytest
 
 from tests.packets import EXT, MASQ, OUT, PRV1, accepted, build_udp, make_engine
 from vpnmasq.config import Sync
-from vpnmasq.datapath.syncsock import SyncEndpoint, read_key
+from vpnmasq.datapath.syncsock import PEER_CLAIM_S, SyncEndpoint, read_key
 from vpnmasq.engine import Engine
 from vpnmasq.sync.replica import split_ranges
 
@@ -131,3 +131,20 @@ def test_read_key_warns_about_a_readable_key_file(tmp_path: Path) -> None:
     k.write_bytes(b"short")
     with pytest.raises(ValueError):
         read_key(str(k))
+
+
+def test_node_2_yields_while_node_1_says_it_is_active(
+    pair: tuple[SyncEndpoint, SyncEndpoint],
+) -> None:
+    a, b = pair  # a is node 1, b node 2
+    a.tick(busy_engine(1), True, 2.0, WALL, time.monotonic)  # HELLO active + FULL
+    drain(b, True, 10.0, lambda: b.peer_active)
+    assert b.must_yield(10.0) and b.must_yield(10.0 + PEER_CLAIM_S - 0.01)
+    assert not b.must_yield(10.0 + PEER_CLAIM_S)  # node 1 went quiet: dead
+    b.tick(busy_engine(1), True, 2.0, WALL, time.monotonic)  # node 2 says active too
+    drain(a, True, 10.0, lambda: a.peer_active)
+    assert not a.must_yield(10.0)  # node 1 never yields
+    a.stand_by()  # node 1 lost the address: says so at its next tick, at once
+    a.tick(make_engine(), False, 2.1, WALL, time.monotonic)
+    drain(b, True, 11.0, lambda: not b.peer_active)
+    assert not b.must_yield(11.0)

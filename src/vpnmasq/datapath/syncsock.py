@@ -4,7 +4,13 @@ One UDP socket per gateway, bound to ``listen`` (and ``interface``), sending to 
 The gateway that holds the public address is *active*: every :data:`TICK_S` it exports its
 table and sends what changed (:class:`vpnmasq.sync.replica.Publisher`). The other is the
 *standby*: it keeps what arrives (:class:`~vpnmasq.sync.replica.Replica`) and, at takeover,
-imports it. Both send a HELLO every :data:`HELLO_S` (role, whether a full sync is wanted).
+imports it. Both send a HELLO every :data:`HELLO_S` (role, whether a full sync is wanted),
+and at once when their role changes.
+
+Split brain with the sync link up: when both hold the public address, node 2 yields (it
+masquerades nothing, fail closed) while node 1 says it is active, and for
+:data:`PEER_CLAIM_S` after node 1's last word; the identifier halves (``[sync] node``)
+cover the case where the two cannot hear each other.
 
 The packet path never waits for the peer: datagrams go out non-blocking from a queue of at
 most ``[sync] queue``; what does not fit is dropped and counted, and the next tick sends
@@ -33,7 +39,10 @@ from vpnmasq.sync.replica import Publisher, Replica, stable_id
 #: the active gateway sends changes this often (a change is on the standby within a tick)
 TICK_S = 0.2
 #: HELLO interval (role, "send me a full sync")
-HELLO_S = 1.0
+HELLO_S = 0.25
+#: the peer counts as active this long after its last message saying so (several HELLOs, and
+#: less than VRRP takes to notice a dead master, so a failover never waits for it)
+PEER_CLAIM_S = 1.0
 #: export time / tick interval at most this (a big table is sent less often)
 MAX_EXPORT_SHARE = 0.05
 #: receive and send buffers (a full sync of a large table is a burst of datagrams)
@@ -87,6 +96,7 @@ class SyncEndpoint:
         self.tick_interval = TICK_S
         self.peer_seen: float | None = None  # monotonic time of the last accepted message
         self.peer_active = False
+        self.peer_active_until = 0.0  # monotonic: the peer claims the public address until
         self.last_error: str | None = None
 
     def fileno(self) -> int:
@@ -121,7 +131,8 @@ class SyncEndpoint:
                 if active and msg.body.get("want_full"):
                     self.publisher.request_full()
             else:
-                self.peer_active = True
+                self.peer_active = True  # only the active side sends the table
+            self.peer_active_until = now + PEER_CLAIM_S if self.peer_active else 0.0
             if active:
                 continue  # (split brain: both active) the table here is the live one
             try:
@@ -191,7 +202,12 @@ class SyncEndpoint:
         self.flush()
 
     def next_deadline(self, active: bool) -> float:
-        return min(self.next_hello, self.next_tick) if active else self.next_hello
+        dl = min(self.next_hello, self.next_tick) if active else self.next_hello
+        return min(dl, self.peer_active_until) if self.peer_active_until else dl
+
+    def must_yield(self, now: float) -> bool:
+        """Node 2 does not masquerade while node 1 says it does (split brain, link up)."""
+        return self.cfg.node == 2 and now < self.peer_active_until
 
     # ------------------------------------------------------------------ roles
     def take_over(
@@ -228,6 +244,7 @@ class SyncEndpoint:
             "peer": self.cfg.peer,
             "peer_seen_s_ago": None if self.peer_seen is None else round(now - self.peer_seen, 1),
             "peer_active": self.peer_active,
+            "yielding": self.must_yield(now),
             "replica_entries": len(self.replica.records),
             "replica_synced": self.replica.synced,
             "queue": len(self.queue),
@@ -236,4 +253,4 @@ class SyncEndpoint:
         }
 
 
-__all__ = ["HELLO_S", "TICK_S", "SyncEndpoint", "read_key"]
+__all__ = ["HELLO_S", "PEER_CLAIM_S", "TICK_S", "SyncEndpoint", "read_key"]
