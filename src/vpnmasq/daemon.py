@@ -809,11 +809,12 @@ class Gateway:
                 code = 0
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
-                    os.write(
-                        2,
-                        f"vpnmasq[{os.getpid()}]: ERROR saving the table to {path} failed: "
-                        f"{exc}\n".encode(),
+                    head = (
+                        f"<{sdnotify.journal_priority(logging.ERROR)}>"
+                        if sdnotify.stderr_is_journal()
+                        else f"vpnmasq[{os.getpid()}]: ERROR "
                     )
+                    os.write(2, f"{head}saving the table to {path} failed: {exc}\n".encode())
             finally:
                 os._exit(code)
         self.saver = (pid, now)
