@@ -388,9 +388,11 @@ def status(
     counters = resp.get("counters", {})
     total = resp.get("total_entries")
     render = render_json if as_json else render_text
+    sync = resp.get("sync")
     click.echo(
         render(rows, counters, proto=proto, host=host,
-               total=total if isinstance(total, int) else None),
+               total=total if isinstance(total, int) else None,
+               sync=sync if isinstance(sync, dict) else None),
         nl=False,
     )
 

@@ -147,6 +147,11 @@ def test_split_brain_node_2_yields_and_no_lan_address_leaks(require: Any, tmp_pa
         ).stdout
         assert seen.strip() == ""  # and nothing left with a LAN source address
         assert gw2.sync_status()["role"] == "standby" and gw1.sync_status()["role"] == "active"
+        shown = subprocess.run(
+            [sys.executable, "-m", "vpnmasq.cli", "status", "--socket", gw2.socket],
+            capture_output=True, text=True, timeout=30,
+        ).stdout
+        assert "sync: node 2 standby (yielding: the peer is active), replica 1 entries" in shown
         # node 1 lets the address go: node 2 takes over, with h1's association
         topo.exec("gw1", ["ip", "addr", "del", *vip])
         wait_until(lambda: gw2.sync_status().get("role") == "active", 10.0, "gw2 to take over")

@@ -290,3 +290,21 @@ def test_rich_table_never_cuts_identifiers_short() -> None:
         console.print(rich_table([ike]))
         text = console.export_text()
         assert "1122334455667788" in text and "99aabbccddeeff00" in text, text
+
+
+def test_status_shows_the_replication_role_in_text_and_json() -> None:
+    sync = {
+        "role": "standby", "node": 2, "peer": "10.77.0.2:3790", "peer_seen_s_ago": 0.2,
+        "replica_entries": 5, "replica_synced": True, "yielding": False, "tick_s": 0.2,
+    }
+    text = render_text([], {}, sync=sync)
+    assert (
+        "sync: node 2 standby, replica 5 entries (synced), peer 10.77.0.2:3790 heard 0.2 s ago"
+        in text
+    )
+    active = {**sync, "role": "active", "node": 1, "peer_seen_s_ago": None, "yielding": False}
+    assert "sync: node 1 active, sending every 0.2 s, peer 10.77.0.2:3790 never heard" in (
+        render_text([], {}, sync=active)
+    )
+    assert json.loads(render_json([], {}, sync=sync))["sync"]["replica_synced"] is True
+    assert "sync" not in json.loads(render_json([], {}))

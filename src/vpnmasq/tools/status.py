@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from rich.table import Table
 
@@ -110,6 +111,23 @@ def _cells(row: Row, headers: Sequence[str], keys: Sequence[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ renderers
+def sync_line(sync: Mapping[str, Any]) -> str:
+    """One line about replication ([sync]): role, what the standby holds, the peer."""
+    seen = sync.get("peer_seen_s_ago")
+    held = (
+        f"replica {sync.get('replica_entries', 0)} entries"
+        + (" (synced)" if sync.get("replica_synced") else " (not synced yet)")
+        if sync.get("role") == "standby"
+        else f"sending every {sync.get('tick_s')} s"
+    )
+    return (
+        f"sync: node {sync.get('node')} {sync.get('role')}"
+        + (" (yielding: the peer is active)" if sync.get("yielding") else "")
+        + f", {held}, peer {sync.get('peer')} "
+        + ("never heard" if seen is None else f"heard {seen} s ago")
+    )
+
+
 def render_text(
     rows: Iterable[Row],
     counters: Mapping[str, int],
@@ -117,6 +135,7 @@ def render_text(
     proto: str | None = None,
     host: str | None = None,
     total: int | None = None,
+    sync: Mapping[str, Any] | None = None,
 ) -> str:
     """The masquerade table as aligned text columns, then the counters. ``total``: the
     entries in the daemon's table when ``rows`` is already a selection (server-side filters,
@@ -140,6 +159,8 @@ def render_text(
     if lines:
         lines.append("")
     lines.append(summary)
+    if sync:
+        lines.append(sync_line(sync))
     if counters:
         lines.append("")
         lines.append("counters:")
@@ -155,6 +176,7 @@ def render_json(
     proto: str | None = None,
     host: str | None = None,
     total: int | None = None,
+    sync: Mapping[str, Any] | None = None,
 ) -> str:
     """``{"entries": [...], "counters": {...}}``; ``expires_in`` is null for permanent entries."""
     all_rows = list(rows)
@@ -164,6 +186,8 @@ def render_json(
         "total_entries": len(all_rows) if total is None else total,
         "counters": dict(sorted(counters.items())),
     }
+    if sync:
+        doc["sync"] = dict(sync)
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
