@@ -435,12 +435,14 @@ def events(
         params["host"] = host
     path = _socket_path(socket_path, config_path)
     try:
-        follow(subscribe(path, params), lambda line: click.echo(line), as_json=as_json,
-               count=count)
+        n = follow(subscribe(path, params), lambda line: click.echo(line), as_json=as_json,
+                   count=count)
     except ControlError as e:
         _fail_for(str(e), as_json)
     except KeyboardInterrupt:
-        pass
+        return
+    if count is None or n < count:
+        _fail(f"the daemon closed the event stream after {n} events (stopped?)")
 
 
 @cli.command(context_settings=CONTEXT, short_help="Live view of the busiest sessions.")

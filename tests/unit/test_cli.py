@@ -16,6 +16,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.waiting import wait_until
 from vpnmasq import cli as cli_mod
 from vpnmasq.cli import cli
 from vpnmasq.config import Config
@@ -359,3 +360,32 @@ def test_replay_end_to_end(tmp_path: Path) -> None:
     out = rdpcap(str(tmp_path / "out.pcap"))
     assert {p[IP].src for p in out} == {"198.51.100.1"}
     assert len({p[UDP].sport for p in out}) == 2
+
+
+def test_events_prints_the_stream_and_says_when_it_ends(tmp_path: Path) -> None:
+    path = str(tmp_path / "ctl" / "control.sock")
+    wanted: list[dict[str, Any]] = []
+    server = ControlServer(path, status=dict, counters=dict, flush=lambda: 0,
+                           subscribe=lambda req: wanted.append(dict(req)) or (lambda item: True))
+    item = {"event": "created", "kind": "udp", "proto": "udp", "inside": "10.77.0.11:5000",
+            "outside": "198.51.100.1:5000", "remote": "203.0.113.9:53", "state": "napt",
+            "time": 1.5}
+
+    def daemon() -> None:  # the only thread that touches the server
+        def subscribed() -> bool:
+            if select.select([server.fileno()], [], [], 0.02)[0]:
+                server.handle_ready()
+            return server.subscribers() == 1
+
+        wait_until(subscribed, what="the subscriber")
+        server.publish([item, {**item, "inside": "10.77.0.11:5001"}])  # small: sent at once
+        server.close()
+
+    t = threading.Thread(target=daemon, daemon=True)
+    t.start()
+    r = invoke("events", "-s", path, "-p", "udp", "-H", "10.77.0.11")
+    t.join(5)
+    assert wanted == [{"cmd": "events", "proto": "udp", "host": "10.77.0.11"}]
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "[NEW]" in lines[0] and "10.77.0.11:5000 -> 203.0.113.9:53" in lines[0]
+    assert r.exit_code == 1 and "closed the event stream after 2 events" in r.stderr
