@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vpnmasq.eventlog import LOG_BURST, LOG_WINDOW_S
 from vpnmasq.events import (
     AddressChanged,
     EntryCreated,
@@ -34,9 +35,10 @@ from vpnmasq.events import (
 )
 from vpnmasq.status import KIND_IP_PROTO, kind_of, parse_host, row_matches, rows_to_wire
 
-#: drop events per reason and second; the rest are counted in a ``drops-suppressed``
-DROP_BURST = 5
-DROP_WINDOW_S = 1.0
+#: drop events per reason and window, as the log writes them; the rest are counted in a
+#: ``drops-suppressed``
+DROP_BURST = LOG_BURST
+DROP_WINDOW_S = LOG_WINDOW_S
 #: drops that refuse an ESP association (``what: esp-refused``)
 ESP_REFUSALS = frozenset({"esp-unassociated", "esp-parallel-sessions-disabled"})
 #: ESP states in which an SPI pair is associated (the engine's EspState names)
