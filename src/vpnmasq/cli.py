@@ -397,6 +397,31 @@ def status(
     )
 
 
+@cli.command(
+    "sync-ready",
+    context_settings=CONTEXT,
+    short_help="Exit 0 when this gateway may take the addresses ([sync]).",
+)
+@_config_option
+@_socket_option
+def sync_ready(config_path: str | None, socket_path: str | None) -> None:
+    """Exit 0 when the daemon runs with [sync] and is active, or is the standby with a
+    complete copy of the peer's table; exit 1 otherwise (not running, no [sync], standby
+    still waiting for the table). For keepalived's track_script (packaging/keepalived.conf):
+    a gateway that comes back takes the addresses only once it has the table. Prints the
+    status line about replication.
+    """
+    from vpnmasq.tools.status import sync_line
+
+    resp = _query(_socket_path(socket_path, config_path), "status", {"limit": 1})
+    sync = resp.get("sync")
+    if not isinstance(sync, dict):
+        click.echo("sync: not configured ([sync] peer is unset)")
+        sys.exit(1)
+    click.echo(sync_line(sync))
+    sys.exit(0 if sync.get("role") == "active" or sync.get("replica_synced") else 1)
+
+
 @cli.command(context_settings=CONTEXT, short_help="Follow entries, associations and drops live.")
 @click.option("--json", "as_json", is_flag=True, envvar="VPNMASQ_JSON",
               help="One JSON object per line instead of text. [env: VPNMASQ_JSON]")

@@ -53,11 +53,16 @@ def test_ha_pair_carries_vpn_sessions_through_failover_and_failback(
         assert line.count("survived") == 1 and "FAILED" in line, line
 
 
-def test_sample_keepalived_conf_passes_keepalived_config_test(require: Any) -> None:
-    """packaging/keepalived.conf as shipped (checked where its interfaces exist)."""
+def test_sample_keepalived_conf_passes_keepalived_config_test(require: Any, tmp_path: Path) -> None:
+    """packaging/keepalived.conf as shipped (checked where its interfaces exist, with the
+    track script's vpnmasq where this one is installed)."""
     require("keepalived", "ip")
     ns = f"vmq-hak-{os.getpid()}"
-    conf = Path(__file__).resolve().parents[2] / "packaging" / "keepalived.conf"
+    sample = Path(__file__).resolve().parents[2] / "packaging" / "keepalived.conf"
+    text = sample.read_text()
+    assert '"/usr/bin/vpnmasq sync-ready' in text
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(text.replace("/usr/bin/vpnmasq", str(Path(sys.executable).parent / "vpnmasq")))
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(
@@ -143,13 +148,17 @@ def test_split_brain_node_2_yields_and_no_lan_address_leaks(require: Any, tmp_pa
         assert res["verified"] == 0  # node 2 masquerades nothing while it yields
         seen = subprocess.run(
             ["tcpdump", "-n", "-r", str(pcap), "src", "net", "10.77.0.0/24"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         assert seen.strip() == ""  # and nothing left with a LAN source address
         assert gw2.sync_status()["role"] == "standby" and gw1.sync_status()["role"] == "active"
         shown = subprocess.run(
             [sys.executable, "-m", "vpnmasq.cli", "status", "--socket", gw2.socket],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
         assert "sync: node 2 standby (yielding: the peer is active), replica 1 entries" in shown
         # node 1 lets the address go: node 2 takes over, with h1's association

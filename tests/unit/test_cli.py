@@ -389,3 +389,34 @@ def test_events_prints_the_stream_and_says_when_it_ends(tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and "[NEW]" in lines[0] and "10.77.0.11:5000 -> 203.0.113.9:53" in lines[0]
     assert r.exit_code == 1 and "closed the event stream after 2 events" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "sync, code",
+    [
+        (None, 1),  # no [sync]
+        ({"role": "standby", "node": 1, "replica_synced": False}, 1),  # still waiting
+        ({"role": "standby", "node": 1, "replica_synced": True}, 0),
+        ({"role": "active", "node": 1, "replica_synced": False}, 0),
+    ],
+)
+def test_sync_ready_exit_status_gates_keepalived(
+    tmp_path: Path, sync: dict[str, object] | None, code: int
+) -> None:
+    path = str(tmp_path / "ctl" / "control.sock")
+
+    def answer(_req: object) -> dict[str, object]:
+        out = status_payload([], {})
+        if sync is not None:
+            out["sync"] = {"peer": "10.77.0.3:3790", "peer_seen_s_ago": 0.1, **sync}
+        return out
+
+    server = ControlServer(path, status=answer, counters=dict, flush=lambda: 0)
+    with served(server):
+        r = invoke("sync-ready", "--socket", path)
+    assert r.exit_code == code, r.output
+    assert ("sync: node 1" in r.output) == (sync is not None)
+
+
+def test_sync_ready_fails_when_vpnmasq_is_not_running(tmp_path: Path) -> None:
+    assert invoke("sync-ready", "--socket", str(tmp_path / "none.sock")).exit_code == 1
