@@ -165,27 +165,31 @@ class Napt:
         raise NotImplementedError
 
     # --- the tail every translated packet takes -----------------------------------------
-    def rewrite(self, ip: IPv4, e: Entry, out: bool, port: int) -> None:
-        """Outbound: the public address and the alias port; inbound: the inside host's."""
+    def finish(
+        self, ip: IPv4, e: Entry, off: int, out: bool, port: int, fast_ok: bool, now: float,
+        clamp: bool = False,
+    ) -> Verdict:
+        """The tail of every translated packet: address and port rewrite (outbound: the
+        public address and alias port; inbound: the inside host's), the MSS clamp of a SYN
+        (``clamp``), counters, the fast-path mark (a plain flow, no ALG), the session's ALG."""
+        n = ip.total_len
         if out:
             pub = self.eng.public_ip
             assert pub is not None  # _dispatch drops outbound packets before there is one
             ip.set_src(pub)
             if e.alias_port != port:
                 ip.set_l4_u16(0, e.alias_port, self.csum)
-        else:
-            ip.set_dst(e.inside_ip)
-            if e.inside_port != port:
-                ip.set_l4_u16(2, e.inside_port, self.csum)
-
-    def tail(self, ip: IPv4, e: Entry, off: int, out: bool, fast_ok: bool, now: float) -> Verdict:
-        """Counters, the fast-path mark (a plain flow, no ALG), then the session's ALG."""
-        n = ip.total_len
-        if out:
+            if clamp:
+                self._clamp(ip, off)
             e.pkts_out += 1
             e.last_out = now
             e.bytes_out += n
         else:
+            ip.set_dst(e.inside_ip)
+            if e.inside_port != port:
+                ip.set_l4_u16(2, e.inside_port, self.csum)
+            if clamp:
+                self._clamp(ip, off)
             e.pkts_in += 1
             e.last_in = now
             e.bytes_in += n
@@ -199,6 +203,11 @@ class Napt:
             return self.eng.drop(DropReason.MALFORMED, "tcp: bad data offset", ip)
         v = alg.outbound(ip, e, poff, now) if out else alg.inbound(ip, e, poff, now)
         return accept(ip.buf) if v is None else v
+
+    def _clamp(self, ip: IPv4, off: int) -> None:
+        mss = self.eng.mss_clamp
+        if mss and clamp_mss(ip, off, mss):
+            self.eng.count("mss_clamped")
 
     def payload_off(self, ip: IPv4, off: int) -> int:
         """Where the payload starts; negative if the header says nonsense."""
@@ -224,10 +233,8 @@ class TcpNapt(Napt):
         tflags = buf[off + 13]
         e.last_ack_out = int.from_bytes(buf[off + 8 : off + 12], "big") if tflags & TCP_ACK else -1
         track(self.eng, e, tflags, True, now)
-        self.rewrite(ip, e, True, sport)
-        self._clamp(ip, off, tflags)
         fast_ok = e.state == TCP_ESTABLISHED and e.kind in FAST_KINDS
-        return self.tail(ip, e, off, True, fast_ok, now)
+        return self.finish(ip, e, off, True, sport, fast_ok, now, bool(tflags & TCP_SYN))
 
     def inbound(self, ip: IPv4, now: float) -> Verdict:
         off = ip.l4(TCP_MIN)
@@ -251,15 +258,8 @@ class TcpNapt(Napt):
                     DropReason.FILTERED, f"tcp {flag} outside the window ignored", ip
                 )
         track(self.eng, e, tflags, False, now)
-        self.rewrite(ip, e, False, dport)
-        self._clamp(ip, off, tflags)
         fast_ok = e.state == TCP_ESTABLISHED and e.kind in FAST_KINDS
-        return self.tail(ip, e, off, False, fast_ok, now)
-
-    def _clamp(self, ip: IPv4, off: int, tflags: int) -> None:
-        mss = self.eng.mss_clamp
-        if mss and tflags & TCP_SYN and clamp_mss(ip, off, mss):
-            self.eng.count("mss_clamped")
+        return self.finish(ip, e, off, False, dport, fast_ok, now, bool(tflags & TCP_SYN))
 
     def attach(
         self, e: Entry, inside_port: int, remote_port: int, now: float, *, server_inside: bool
@@ -295,8 +295,7 @@ class UdpNapt(Napt):
                     return r
                 e = r
         self.table.touch(e, now)
-        self.rewrite(ip, e, True, sport)
-        return self.tail(ip, e, off, True, e.kind in FAST_KINDS, now)
+        return self.finish(ip, e, off, True, sport, e.kind in FAST_KINDS, now)
 
     def inbound(self, ip: IPv4, now: float) -> Verdict:
         off = ip.l4(UDP_MIN)
@@ -315,8 +314,7 @@ class UdpNapt(Napt):
                 return r
             e = r
         self.table.touch(e, now)  # inbound refresh (RFC 4787 REQ-6 MAY)
-        self.rewrite(ip, e, False, dport)
-        return self.tail(ip, e, off, False, e.kind in FAST_KINDS, now)
+        return self.finish(ip, e, off, False, dport, e.kind in FAST_KINDS, now)
 
     def attach(
         self, e: Entry, inside_port: int, remote_port: int, now: float, *, server_inside: bool

@@ -155,18 +155,18 @@ class EspHelper(ProtoHelper):
             return self._spi_zero(ip, f"LAN host {int_to_ip(host)}")
         eng = self.engine
         e: Entry | None = eng.table.get(("esp-o", host, remote, spi), now)
-        if e is None or assoc(e).state is not EspState.ESTABLISHED:
+        if e is None or (a := assoc(e)).state is not EspState.ESTABLISHED:
             # only initial packets need the FIFO brought up to date (established ones are the
             # per-packet fast path: one lookup)
             self._advance(remote, now)
             if e is not None and not e.live:
                 e = None  # it aged out just now
-        if e is None:
-            r = self._new_outbound(ip, host, remote, spi, now)
-            if isinstance(r, Verdict):
-                return r
-            e = r
-        a = assoc(e)
+            if e is None:
+                r = self._new_outbound(ip, host, remote, spi, now)
+                if isinstance(r, Verdict):
+                    return r
+                e = r
+            a = assoc(e)
         if a.state is EspState.WAITING:
             return self._waiting(ip, e)
         if a.state is EspState.PENDING:
