@@ -17,7 +17,7 @@ import functools
 import json
 import os
 import tempfile
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,12 +78,22 @@ class RestoreReport:
 
 # ------------------------------------------------------------------------------ export
 def export_state(
-    engine: Engine, now: float, wall: float, stable_id: Callable[[Entry], int] | None = None
+    engine: Engine,
+    now: float,
+    wall: float,
+    stable_id: Callable[[Entry], int] | None = None,
+    *,
+    entries: Iterable[Entry] | None = None,
+    refs: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """The engine's table as a JSON-able dict (see the module docstring). Records are
     numbered 0, 1, ... unless ``stable_id`` gives each entry an id that stays the same
-    from one export to the next (replication sends only what changed)."""
-    live = [e for e in engine.table if e.live and e.expires_at > now]
+    from one export to the next (replication sends only what changed). Replication may
+    export only some ``entries``; ``refs`` then gives the ids of objects records refer to
+    that are not among them (``id(alg)`` -> the stable id of its entry)."""
+    live = [
+        e for e in (engine.table if entries is None else entries) if e.live and e.expires_at > now
+    ]
     # entries with an ALG first: helpers' records (a call's GRE entry) refer to them
     live.sort(key=lambda e: e.alg is None)
     ids: dict[int, int] = {}  # id(entry or its alg) -> saved id
@@ -96,7 +106,8 @@ def export_state(
         return now - t
 
     def ref(obj: object) -> int | None:
-        return ids.get(id(obj))
+        rid = ids.get(id(obj))
+        return refs.get(id(obj)) if rid is None and refs is not None else rid
 
     for e in live:
         rec, why = _export_entry(engine, e, now, ago, ref)

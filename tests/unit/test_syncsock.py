@@ -7,13 +7,28 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.packets import EXT, MASQ, OUT, PRV1, accepted, build_udp, make_engine
+from tests.packets import (
+    EXT,
+    IN,
+    MASQ,
+    OUT,
+    PRV1,
+    PRV2,
+    accepted,
+    build_esp,
+    build_udp,
+    make_engine,
+)
+from tests.pptp_wire import ControlLink
+from vpnmasq import state
 from vpnmasq.config import Sync
-from vpnmasq.datapath.syncsock import PEER_CLAIM_S, SyncEndpoint, read_key
+from vpnmasq.datapath.syncsock import PEER_CLAIM_S, ROLL_PER_TICK, SyncEndpoint, read_key
 from vpnmasq.engine import Engine
+from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 from vpnmasq.sync.replica import split_ranges
 
 KEY = b"a-key-of-at-least-16-bytes"
@@ -34,6 +49,10 @@ def pair() -> Iterator[tuple[SyncEndpoint, SyncEndpoint]]:
     yield a, b
     a.close()
     b.close()
+
+
+def esp(src: int, dst: int, spi: int) -> bytearray:
+    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, 1))
 
 
 def busy_engine(n: int) -> Engine:
@@ -148,3 +167,35 @@ def test_node_2_yields_while_node_1_says_it_is_active(
     a.tick(make_engine(), False, 2.1, WALL, time.monotonic)
     drain(b, True, 11.0, lambda: not b.peer_active)
     assert not b.must_yield(11.0)
+
+
+def test_a_delta_tick_exports_vpn_entries_new_ones_and_a_slice_of_the_rest(
+    pair: tuple[SyncEndpoint, SyncEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    eng = busy_engine(600)
+    link = ControlLink(eng, PRV2, 1025, EXT).open(1.0)
+    link.start_session(1.1)
+    link.outgoing_call(7, 99, 1.2)
+    a.tick(eng, True, 2.0, WALL, time.monotonic)  # full
+    drain(b, False, 2.0, lambda: b.replica.synced)
+    n_full = len(b.replica.records)
+    exported: list[int] = []
+    real = state.export_state
+
+    def spy(*args: Any, **kw: Any) -> dict[str, Any]:
+        out = real(*args, **kw)
+        exported.append(len(out["entries"]))
+        return out
+
+    monkeypatch.setattr(state, "export_state", spy)
+    accepted(eng.handle(esp(PRV1, EXT, 0x1001), OUT, 2.1))
+    accepted(eng.handle(esp(EXT, MASQ, 0x2001), IN, 2.2))  # a new association
+    eng.table.remove(next(e for e in eng.table if e.kind == "napt" and e.inside_port == 2000), "flush")
+    a.tick(eng, True, a.next_tick, WALL, time.monotonic)
+    # the control connection + its call + the new association, and 256 plain ones in turn
+    assert exported == [3 + ROLL_PER_TICK]
+    drain(b, False, 3.0, lambda: b.replica.counters.get("sync_delta_applied", 0) >= 1)
+    assert len(b.replica.records) == n_full  # +1 esp, -1 napt
+    kinds = [r["kind"] for r, _ in b.replica.records.values()]
+    assert kinds.count("esp") == 1 and b.replica.synced

@@ -14,8 +14,8 @@ cover the case where the two cannot hear each other.
 
 The packet path never waits for the peer: datagrams go out non-blocking from a queue of at
 most ``[sync] queue``; what does not fit is dropped and counted, and the next tick sends
-the whole table again. An export costs time in proportion to the table, so ticks are spaced
-to keep it under :data:`MAX_EXPORT_SHARE` of the time.
+the whole table again. A tick exports only what may have changed (:meth:`SyncEndpoint._changes`);
+ticks and full syncs are spaced to keep their cost under :data:`MAX_EXPORT_SHARE` of the time.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from vpnmasq.sync.replica import Publisher, Replica, stable_id
 
 #: the active gateway sends changes this often (a change is on the standby within a tick)
 TICK_S = 0.2
+#: plain mappings (already on the standby) re-checked per tick, in turn
+ROLL_PER_TICK = 256
 #: HELLO interval (role, "send me a full sync")
 HELLO_S = 0.25
 #: the peer counts as active this long after its last message saying so (several HELLOs, and
@@ -94,6 +96,7 @@ class SyncEndpoint:
         self.next_tick = 0.0
         self.next_hello = 0.0
         self.tick_interval = TICK_S
+        self.roll = 0  # where the next tick's re-check of plain mappings starts
         self.peer_seen: float | None = None  # monotonic time of the last accepted message
         self.peer_active = False
         self.peer_active_until = 0.0  # monotonic: the peer claims the public address until
@@ -193,13 +196,51 @@ class SyncEndpoint:
             )
         if active and now >= self.next_tick:
             t0 = clock()
-            export = state.export_state(engine, now, wall, stable_id)
-            for kind, body in self.publisher.messages(export, now):
-                self._send(kind, body, wall)
+            full = now >= self.publisher.next_full
+            if full:
+                export = state.export_state(engine, now, wall, stable_id)
+                msgs = self.publisher.messages(export, now)
+            else:
+                msgs = self._changes(engine, now, wall)
             took = clock() - t0
-            self.tick_interval = max(TICK_S, took / MAX_EXPORT_SHARE)
+            if full:  # a big table is sent whole less often
+                self.publisher.next_full = max(
+                    self.publisher.next_full, now + took / MAX_EXPORT_SHARE
+                )
+            else:
+                self.tick_interval = max(TICK_S, took / MAX_EXPORT_SHARE)
             self.next_tick = now + self.tick_interval
+            for kind, body in msgs:  # (a full queue asks for the next full sync at once)
+                self._send(kind, body, wall)
         self.flush()
+
+    def _changes(self, engine: Engine, now: float, wall: float) -> list[tuple[Kind, dict[str, Any]]]:
+        """One pass over the table (ids only), then an export of what may have changed:
+        every VPN entry (helper kinds, ALGs: few, and what a takeover needs exactly), every
+        entry the standby does not have yet, and the next :data:`ROLL_PER_TICK` plain
+        mappings in turn (their TCP state; clocks are the full sync's)."""
+        sent = self.publisher.sent
+        present: set[int] = set()
+        owners: dict[int, int] = {}
+        subset = []
+        plain = []
+        for e in engine.table:
+            if not e.live or e.expires_at <= now:
+                continue
+            sid = stable_id(e)
+            present.add(sid)
+            if e.alg is not None:
+                owners[id(e.alg)] = sid
+            if e.alg is not None or e.kind not in state.ENGINE_KINDS or sid not in sent:
+                subset.append(e)
+            else:
+                plain.append(e)
+        if plain:
+            start = self.roll % len(plain)
+            subset += plain[start : start + ROLL_PER_TICK]
+            self.roll = start + ROLL_PER_TICK
+        export = state.export_state(engine, now, wall, stable_id, entries=subset, refs=owners)
+        return self.publisher.messages(export, now, present)
 
     def next_deadline(self, active: bool) -> float:
         dl = min(self.next_hello, self.next_tick) if active else self.next_hello

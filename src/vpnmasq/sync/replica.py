@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 from vpnmasq.config import Config, PortRange
@@ -139,11 +139,16 @@ class Publisher:
         """The standby asked (or messages were dropped): everything goes at the next tick."""
         self.next_full = 0.0
 
-    def messages(self, export: Mapping[str, Any], now: float) -> list[tuple[Kind, dict[str, Any]]]:
+    def messages(
+        self, export: Mapping[str, Any], now: float, present: Set[int] | None = None
+    ) -> list[tuple[Kind, dict[str, Any]]]:
+        """Bodies for ``export``: the whole table when a full sync is due, else what
+        changed. ``present``: the export covers only some entries (the ids of all live
+        ones are given, for removals); only a whole-table export can start a full sync."""
         recs = entry_records(export)
         meta = {"public": export["public_address"], "mode": export["mode"]}
         prints = {rid: fingerprint(r) for rid, r in recs.items()}
-        if now >= self.next_full:
+        if present is None and now >= self.next_full:
             self.next_full = now + self.full_interval
             self.full_no += 1
             self.sent = prints
@@ -158,8 +163,15 @@ class Publisher:
         items: list[tuple[str, Any]] = [
             ("r", recs[rid]) for rid, fp in prints.items() if self.sent.get(rid) != fp
         ]
-        items += [("x", rid) for rid in self.sent if rid not in recs]
-        self.sent = prints
+        alive = recs.keys() if present is None else present
+        gone = [rid for rid in self.sent if rid not in alive]
+        items += [("x", rid) for rid in gone]
+        if present is None:
+            self.sent = prints
+        else:
+            for rid in gone:
+                del self.sent[rid]
+            self.sent.update(prints)
         if not items:
             return []
         return [(Kind.DELTA, {**meta, **_body(p)}) for p in _chunks(items)]
