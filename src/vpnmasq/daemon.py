@@ -64,6 +64,10 @@ log = logging.getLogger("vpnmasq")
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 #: with state_file set, the table is saved this often while running (and at stop)
 STATE_SAVE_INTERVAL_S = 30.0
+#: the longest the loop drains the queue before it looks at timers, events and the offload
+#: (a flood would otherwise keep a new flow's packets in the slow path: measured, a UDP flood
+#: was never offloaded while it lasted)
+QUEUE_SLICE_S = 0.02
 #: ``status`` reads the offload maps' counters first unless the last read is this recent
 STATUS_FRESH_S = 0.5
 #: STATUS= for the service manager is refreshed at most this often (when it changed)
@@ -1045,6 +1049,7 @@ class Gateway:
     def step(self, timeout: float | None) -> None:  # noqa: C901 - the loop's one batch: every input in order, flat
         for key, _ in self.sel.select(timeout):
             if key.data == "nfq" and self.nfq is not None:
+                until = time.monotonic() + QUEUE_SLICE_S
                 while True:
                     pkts = self.nfq.recv_batch(256)
                     if not pkts:
@@ -1052,10 +1057,11 @@ class Gateway:
                     t0 = time.monotonic()
                     self.on_packets(pkts, t0)
                     self.nfq.flush()
-                    self.queue_latency_sum += time.monotonic() - t0
+                    t1 = time.monotonic()
+                    self.queue_latency_sum += t1 - t0
                     self.queue_batches += 1
-                    if len(pkts) < 256:
-                        break
+                    if len(pkts) < 256 or t1 >= until:
+                        break  # under a flood: timers, events and the offload still get their turn
             elif key.data == "addr" and self.addr_mon is not None:
                 with contextlib.suppress(BlockingIOError):
                     while self.addr_mon.recv(65536):
