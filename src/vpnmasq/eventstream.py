@@ -4,7 +4,8 @@ wall-clock time, and hands the objects to the control socket's subscribers.
 
 One object per event, ``"event"`` saying which: ``created``, ``updated`` (state change,
 ``old_state`` -> ``state``), ``removed`` (``reason``: expired, fin-rst, flushed, replaced,
-address-changed, or the helper's own such as call-disconnect; ``why``: the engine's word),
+address-changed, reload (a reloaded configuration no longer holds it), or the helper's own
+such as call-disconnect; ``why``: the engine's word),
 ``drop`` (``reason``, ``detail``, ``flow``; at most :data:`DROP_BURST` per reason and
 second, then one ``drops-suppressed`` with the count), ``notice``, ``address-changed``; the
 control socket adds ``lost`` for a reader that fell behind. Entry events carry the row

@@ -2,8 +2,10 @@
 changes it can take without a restart, and the table carried over into an engine built from
 the new configuration, the way a handover carries it into a new process (entries that no
 longer apply, e.g. a host outside the new ``inside_networks`` or a removed forward, are
-dropped and counted by reason; timeouts are clamped to the new ones). Pure: ``now`` and
-``wall`` come from the caller.
+dropped and counted by reason; timeouts are clamped to the new ones). The new engine
+reports each dropped entry as removed (``why`` "reload"), as if its own table had removed
+it: ``vpnmasq events`` readers and the removed-entries counters see it go. Pure: ``now``
+and ``wall`` come from the caller.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from dataclasses import fields
 
 from vpnmasq import state
 from vpnmasq.config import Config
+from vpnmasq.conntrack.table import Entry
 from vpnmasq.engine import Engine
+from vpnmasq.events import EntryExpired
 
-__all__ = ["RESTART_KEYS", "changed_keys", "rebuild", "restart_needed"]
+__all__ = ["RELOAD_WHY", "RESTART_KEYS", "changed_keys", "left_behind", "rebuild", "restart_needed"]
+
+#: the engine's word for an entry a reload did not carry over (events, counters)
+RELOAD_WHY = "reload"
 
 #: keys a running daemon cannot change: the queue it bound and how (queue_num, fail_open),
 #: the sockets it listens on, the interface its address follower and rules were built
@@ -58,4 +65,18 @@ def rebuild(
         report.drop(str(why), int(n))
     for name, n in engine.counters.items():
         fresh.counters[name] = fresh.counters.get(name, 0) + n
+    for e in left_behind(engine, fresh):
+        fresh.count("removed:" + e.kind)
+        fresh.events.append(EntryExpired(engine.row(e, now), RELOAD_WHY))
     return fresh, report
+
+
+def left_behind(old: Engine, new: Engine) -> list[Entry]:
+    """The entries of ``old`` that ``new`` does not hold (a restored entry keeps all its
+    keys, a dropped one none), each once, in ``old``'s index order."""
+    kept = new.table.index
+    out: dict[int, Entry] = {}
+    for key, e in old.table.index.items():
+        if key not in kept and e.live:
+            out.setdefault(id(e), e)
+    return list(out.values())
