@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vpnmasq.conntrack.table import Entry
+from vpnmasq.helpers.base import deliver_in, send_out
 from vpnmasq.packet.ipv4 import IPv4, int_to_ip
-from vpnmasq.verdict import DropReason, Verdict, accept
+from vpnmasq.verdict import DropReason, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.engine.core import Engine
@@ -39,13 +40,7 @@ class Generic:
                 return v
         else:
             self.table.touch(e, now)
-        pub = eng.public_ip
-        assert pub is not None  # _dispatch drops outbound packets before there is one
-        ip.set_src(pub)
-        e.pkts_out += 1
-        e.last_out = now
-        e.bytes_out += ip.total_len
-        return accept(ip.buf)
+        return send_out(eng, ip, e, now)
 
     def inbound(self, ip: IPv4, now: float) -> Verdict:
         e = self.table.get(("gi", ip.proto, ip.src), now)
@@ -56,8 +51,4 @@ class Generic:
                 ip,
             )
         self.table.touch(e, now)
-        ip.set_dst(e.inside_ip)
-        e.pkts_in += 1
-        e.last_in = now
-        e.bytes_in += ip.total_len
-        return accept(ip.buf)
+        return deliver_in(ip, e, now)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from vpnmasq.conntrack.record import Record, Saved
 from vpnmasq.conntrack.table import Entry, EntryAlg, MasqTable
 from vpnmasq.packet.ipv4 import IPv4
-from vpnmasq.verdict import DropReason, Verdict
+from vpnmasq.verdict import DropReason, Verdict, accept
 
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.config import Config, Forward
@@ -176,6 +176,27 @@ class TcpAlgFactory(Helper):
 
     def attach(self, entry: Entry, now: float, *, server_inside: bool) -> EntryAlg:
         raise NotImplementedError
+
+
+def send_out(engine: EngineView, ip: IPv4, e: Entry, now: float) -> Verdict:
+    """The tail of an address-only outbound translation: the source becomes the public
+    address, the entry counts the packet, the packet is accepted."""
+    pub = engine.public_ip
+    assert pub is not None  # the engine drops outbound packets before it has one
+    ip.set_src(pub)
+    e.pkts_out += 1
+    e.last_out = now
+    e.bytes_out += ip.total_len
+    return accept(ip.buf)
+
+
+def deliver_in(ip: IPv4, e: Entry, now: float) -> Verdict:
+    """The tail of an address-only inbound translation: to the entry's inside host, counted."""
+    ip.set_dst(e.inside_ip)
+    e.pkts_in += 1
+    e.last_in = now
+    e.bytes_in += ip.total_len
+    return accept(ip.buf)
 
 
 @dataclass(frozen=True, slots=True)

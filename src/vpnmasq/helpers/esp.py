@@ -24,10 +24,20 @@ from typing import TYPE_CHECKING
 
 from vpnmasq.conntrack.record import Record, Saved
 from vpnmasq.conntrack.table import Entry, EntryExt
-from vpnmasq.helpers.base import Ago, At, EngineView, HelperSpec, ProtoHelper, Ref, Resolve
+from vpnmasq.helpers.base import (
+    Ago,
+    At,
+    EngineView,
+    HelperSpec,
+    ProtoHelper,
+    Ref,
+    Resolve,
+    deliver_in,
+    send_out,
+)
 from vpnmasq.packet.ipv4 import PROTO_ESP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import ESP_MIN
-from vpnmasq.verdict import DropReason, Verdict, accept
+from vpnmasq.verdict import DropReason, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.helpers.isakmp import IsakmpHelper
@@ -176,13 +186,7 @@ class EspHelper(ProtoHelper):
         else:
             eng.table.touch(e, now)
             a.last_seen = now
-        pub = eng.public_ip
-        assert pub is not None  # the engine drops outbound packets before it has one
-        ip.set_src(pub)
-        e.pkts_out += 1
-        e.last_out = now
-        e.bytes_out += ip.total_len
-        return accept(ip.buf)
+        return send_out(eng, ip, e, now)
 
     def inbound(self, ip: IPv4, now: float) -> Verdict:
         ip.l4(ESP_MIN)
@@ -212,11 +216,7 @@ class EspHelper(ProtoHelper):
         else:
             eng.table.touch(e, now)
         assoc(e).last_seen = now
-        ip.set_dst(e.inside_ip)
-        e.pkts_in += 1
-        e.last_in = now
-        e.bytes_in += ip.total_len
-        return accept(ip.buf)
+        return deliver_in(ip, e, now)
 
     def icmp_embedded_inbound(self, inner: IPv4, now: float) -> Entry | None:
         """Our outbound ESP (public -> remote) quoted in an ICMP error (e.g. fragmentation

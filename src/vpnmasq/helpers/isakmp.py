@@ -20,11 +20,21 @@ from typing import TYPE_CHECKING
 
 from vpnmasq.conntrack.record import Record, Saved
 from vpnmasq.conntrack.table import Entry, EntryAlg, EntryExt
-from vpnmasq.helpers.base import Ago, At, EngineView, HelperSpec, Ref, Resolve, UdpPortHelper
+from vpnmasq.helpers.base import (
+    Ago,
+    At,
+    EngineView,
+    HelperSpec,
+    Ref,
+    Resolve,
+    UdpPortHelper,
+    deliver_in,
+    send_out,
+)
 from vpnmasq.packet.errors import MalformedPacket
 from vpnmasq.packet.ipv4 import PROTO_UDP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, UDP_MIN
-from vpnmasq.verdict import ACCEPT_LOCAL, DropReason, Verdict, accept
+from vpnmasq.verdict import ACCEPT_LOCAL, DropReason, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.helpers.esp import EspHelper
@@ -234,13 +244,7 @@ class IsakmpHelper(UdpPortHelper):
         else:
             eng.table.touch(e, now)
         self._seen(e, hdr, OUT, now)
-        pub = eng.public_ip
-        assert pub is not None  # the engine drops outbound packets before it has one
-        ip.set_src(pub)
-        e.pkts_out += 1
-        e.last_out = now
-        e.bytes_out += ip.total_len
-        return accept(ip.buf)
+        return send_out(eng, ip, e, now)
 
     def inbound(self, ip: IPv4, sport: int, dport: int, now: float) -> Verdict | None:
         eng = self.engine
@@ -279,11 +283,7 @@ class IsakmpHelper(UdpPortHelper):
                 return r
             e = r.entry
         self._seen(e, hdr, IN, now)
-        ip.set_dst(e.inside_ip)
-        e.pkts_in += 1
-        e.last_in = now
-        e.bytes_in += ip.total_len
-        return accept(ip.buf)
+        return deliver_in(ip, e, now)
 
     def icmp_embedded_inbound(self, inner: IPv4, now: float) -> Entry | None:
         """Our outbound ISAKMP (public:500 -> remote) quoted in an ICMP error: match the

@@ -15,12 +15,21 @@ from typing import TYPE_CHECKING
 
 from vpnmasq.conntrack.record import Record, Saved
 from vpnmasq.conntrack.table import Entry, EntryExt
-from vpnmasq.helpers.base import Ago, At, EngineView, ProtoHelper, Ref, Resolve
+from vpnmasq.helpers.base import (
+    Ago,
+    At,
+    EngineView,
+    ProtoHelper,
+    Ref,
+    Resolve,
+    deliver_in,
+    send_out,
+)
 from vpnmasq.helpers.pptp.control import Call, CallStore, PptpControl, key_in, key_out
 from vpnmasq.helpers.pptp.wire import CallState
 from vpnmasq.packet.ipv4 import PROTO_GRE, PROTO_TCP, IPv4, int_to_ip, ip_to_int
 from vpnmasq.packet.l4 import GRE_CALL_ID, GRE_MIN_V1, GRE_V1_MASK, GRE_V1_VALUE, PPTP_PORT
-from vpnmasq.verdict import DropReason, Verdict, accept
+from vpnmasq.verdict import DropReason, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from vpnmasq.config import Forward
@@ -244,22 +253,12 @@ class GreHelper(ProtoHelper):
     # --- paths ------------------------------------------------------------------------
     def _call_out(self, ip: IPv4, e: Entry, now: float) -> Verdict:
         self.engine.table.touch(e, now)
-        pub = self.engine.public_ip
-        assert pub is not None  # the engine drops outbound packets before it has one
-        ip.set_src(pub)
-        e.pkts_out += 1
-        e.last_out = now
-        e.bytes_out += ip.total_len
-        return accept(ip.buf)
+        return send_out(self.engine, ip, e, now)
 
     def _call_in(self, ip: IPv4, e: Entry, call: Call, now: float) -> Verdict:
         self.engine.table.touch(e, now)
-        ip.set_dst(call.inside_ip)
         ip.set_l4_u16(GRE_CALL_ID, call.inside_id, None)  # GRE v1 has no checksum
-        e.pkts_in += 1
-        e.last_in = now
-        e.bytes_in += ip.total_len
-        return accept(ip.buf)
+        return deliver_in(ip, e, now)
 
     def _addr_out(self, ip: IPv4, now: float, mode: str) -> Verdict:
         eng = self.engine
@@ -286,13 +285,7 @@ class GreHelper(ProtoHelper):
                 return v
         else:
             table.touch(e, now)
-        pub = eng.public_ip
-        assert pub is not None  # the engine drops outbound packets before it has one
-        ip.set_src(pub)
-        e.pkts_out += 1
-        e.last_out = now
-        e.bytes_out += ip.total_len
-        return accept(ip.buf)
+        return send_out(eng, ip, e, now)
 
     def _addr_in_forward(self, ip: IPv4, fwd: Forward, now: float) -> Verdict:
         eng = self.engine
@@ -308,11 +301,7 @@ class GreHelper(ProtoHelper):
 
     def _addr_deliver(self, ip: IPv4, e: Entry, now: float) -> Verdict:
         self.engine.table.touch(e, now)
-        ip.set_dst(e.inside_ip)
-        e.pkts_in += 1
-        e.last_in = now
-        e.bytes_in += ip.total_len
-        return accept(ip.buf)
+        return deliver_in(ip, e, now)
 
     def _untracked_forward(self, remote: int) -> Forward | None:
         """A gre forward that applies to ``remote`` and whose server's control connection we
