@@ -918,7 +918,10 @@ class Gateway:
             if off is not None:
                 out["offload"] = off.status()
             if self.sync is not None:
-                out["sync"] = self.sync.status(self.engine.public_ip is not None, now)
+                out["sync"] = {
+                    **self.sync.status(self.engine.public_ip is not None, now),
+                    "yielding": self.split_brain,  # (node 2 with the address: split brain)
+                }
             return out
 
         return status.answer_stream(list(eng.table.index.values()), q, row, tail)

@@ -140,6 +140,7 @@ def test_split_brain_node_2_yields_and_no_lan_address_leaks(require: Any, tmp_pa
         out, inn = ESP_SAS["h2"]
         assert run_esp_client(topo, "h1", topo.ip("r1"), *ESP_SAS["h2"], count=3)["ok"]
         wait_until(lambda: gw2.sync_status().get("replica_entries"), 10.0, "gw2 to hold h1's SA")
+        assert not gw2.sync_status().get("yielding")  # an ordinary standby
         topo.exec("gw2", ["ip", "addr", "add", *vip])  # split brain
         wait_until(lambda: gw2.sync_status().get("yielding"), 10.0, "gw2 to yield")
         pcap = tmp_path / "r1.pcap"

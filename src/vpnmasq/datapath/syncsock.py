@@ -285,7 +285,7 @@ class SyncEndpoint:
             "peer": self.cfg.peer,
             "peer_seen_s_ago": None if self.peer_seen is None else round(now - self.peer_seen, 1),
             "peer_active": self.peer_active,
-            "yielding": self.must_yield(now),
+            "yielding": self.must_yield(now),  # (node 2 would: the peer says it is active)
             "replica_entries": len(self.replica.records),
             "replica_synced": self.replica.synced,
             "queue": len(self.queue),
