@@ -8,11 +8,11 @@ The gateway runs, in turn and within each round, every *mode* of one round-robin
 
 * ``kernel``: nftables ``masquerade`` plus the kernel PPTP helper
   (``Topology.gateway_kernel_nat()``), i.e. kernel forwarding, conntrack and generic ESP NAT;
-* ``hybrid``: ``vpnmasq run`` in hybrid mode (kernel NAT for plain TCP/UDP, ESP/GRE/IKE/PPTP
-  through the NFQUEUE slow path);
+* ``hybrid``: ``vpnmasq run`` in hybrid mode with ``offload = false`` (kernel NAT for plain
+  TCP/UDP, ESP/GRE/IKE/PPTP through the NFQUEUE slow path);
 * ``userspace``: ``vpnmasq run`` in userspace mode (everything through the slow path);
 * ``offload``: hybrid mode plus the kernel fast path of :mod:`vpnmasq.datapath.offload`
-  (``offload = true`` in the config);
+  (``offload = true``; what a default install gets, ``offload = "auto"``);
 * ``uoffload``: userspace mode with ``offload = true`` (established TCP/UDP/ICMP echo
   sessions in the kernel's maps, RFC 4787 behaviour from the engine).
 
@@ -149,7 +149,8 @@ def gateway(topo: Topology, mode: str) -> Iterator[subprocess.Popen[Any] | None]
     cfg.write_text(
         f'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\nmode = "{vmode}"\n'
         f'control_socket = "{sock}"\nlog_level = "warning"\n'
-        + ("offload = true\n" if mode in ("offload", "uoffload") else "")
+        # explicit both ways: "auto" (the default) would offload in the hybrid column too
+        + ("offload = true\n" if mode in ("offload", "uoffload") else "offload = false\n")
     )
     argv = [str(VPNMASQ), "run", "--config", str(cfg)]
     log = open(topo.workdir / f"vpnmasq-{mode}.log", "w")  # noqa: SIM115 - closed below

@@ -381,6 +381,8 @@ def write(results: dict[str, Any], docs: Path, *, command: str) -> str:
         "",
         summary_section(results),
         "",
+        defaults_section(results),
+        "",
         "## Kernel speed for every established flow",
         "",
         md_table(SPEED_HEAD, speed_rows(results)),
@@ -667,6 +669,46 @@ def summary_section(results: dict[str, Any]) -> str:
             + f", {met(max(mem.values()) <= TARGETS['bytes_per_mapping'])}"
         )
     return "\n".join(out)
+
+
+def defaults_section(results: dict[str, Any]) -> str:
+    """Which columns a user gets without tuning (the sample config, the defaults)."""
+    cells = (results.get("lab") or {}).get("cells", {})
+    rt = ratio(cells, "tcp_gbps", "hybrid")
+    vpn = [n for n in sorted(cells) if n.endswith("_pps") and n[:3] in ("esp", "gre")
+           and not n.endswith("_bare_pps")]
+    off = [r for n in vpn if (r := ratio(cells, n, "offload")) is not None]
+    slow = [r for n in vpn if (r := ratio(cells, n, "hybrid")) is not None]
+    us = [v for s in (1400, 64) for d in ("out", "in")
+          if (v := med(cells, f"udp{s}_{d}_pps", "userspace"))]
+    uoff = [r for s in (1400, 64) for d in ("out", "in")
+            if (r := ratio(cells, f"udp{s}_{d}_pps", "uoffload")) is not None]
+    hybrid = (
+        "- **hybrid mode** (the default; `offload = \"auto\"` turns offload on there): the "
+        "`offload` column. Plain TCP/UDP/ICMP is the kernel's own NAT"
+        + (f" (TCP {fmt_r(rt)} of the kernel)" if rt is not None else "")
+        + "; established ESP and PPTP GRE are rewritten by the kernel"
+        + (f" ({min(off):.2f}-{max(off):.2f} of the kernel)" if off else "")
+        + "; the first packets of a VPN session, IKE and PPTP control take the slow path. "
+        "The `hybrid` column (ESP/GRE through the queue"
+        + (f", {min(slow):.2f}-{max(slow):.2f}" if slow else "")
+        + ") is what `offload = false` gets."
+    )
+    userspace = (
+        "- **userspace mode**: the `userspace` column, every packet through vpnmasq"
+        + (f" ({_span(min(us), max(us))} packets/s)" if us else "")
+        + "; `offload = true` gets the `uoffload` column"
+        + (f" ({min(uoff):.2f}-{max(uoff):.2f} of the kernel for established UDP)" if uoff else "")
+        + " (under \"auto\" userspace mode does not offload)."
+    )
+    limits = (
+        "- **Per-host limits** are on by default (a quarter of the port pool per host, 500 new "
+        "flows a second): none of the figures here is affected, each measures one flow per "
+        "direction. What they do to a flooding LAN host, and the 20,000 concurrent bindings "
+        "userspace mode's default pool carries, are in docs/SECURITY.md (lab tests "
+        "`tests/e2e/test_default_limits.py`)."
+    )
+    return "\n".join(["## What a default install gets", "", hybrid, userspace, limits])
 
 
 def missed_section(results: dict[str, Any]) -> str:  # long: one paragraph per missed target

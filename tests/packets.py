@@ -5,7 +5,7 @@ MASQ is the gateway's public address; PRV1..3 are LAN hosts; EXT and EXT2 outsid
 
 from __future__ import annotations
 
-from vpnmasq.config import Config
+from vpnmasq.config import Config, Limits, PortRange
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
 from vpnmasq.packet.checksum import checksum, pseudo_header_sum
@@ -28,8 +28,13 @@ IN = Direction.INBOUND
 __all__ = [
     "MASQ", "PRV1", "PRV2", "PRV3", "SRV_LAN", "EXT", "EXT2", "ATTACKER", "OUT", "IN",
     "make_engine", "build_tcp", "build_udp", "build_icmp", "build_esp", "build_gre_v1",
-    "ip_of", "l4_ports", "assert_checksums_ok", "accepted", "dropped",
+    "ip_of", "l4_ports", "assert_checksums_ok", "accepted", "dropped", "NO_HOST_LIMITS",
 ]
+
+
+#: the per-host limits off (they are on by default): for tests that make many mappings from
+#: one host at one instant
+NO_HOST_LIMITS = Limits(max_entries_per_host=0, max_ports_per_host=0, max_new_per_host_per_second=0)
 
 
 def make_engine(**overrides: object) -> Engine:
@@ -37,6 +42,8 @@ def make_engine(**overrides: object) -> Engine:
         "inside_networks": ("10.77.0.0/24",),
         "public_address": "198.51.100.1",
         "mode": "userspace",
+        # the hybrid default range: tests name ports outside it as the gateway's own
+        "port_range": PortRange(61000, 65535),
         # every helper that is importable (the VPN helpers' own tests require theirs)
         "helpers": tuple(h for h in Config().helpers if h in available()),
     }

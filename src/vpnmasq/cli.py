@@ -387,12 +387,14 @@ def status(
         _fail(f"the daemon sent a malformed table: {e}")
     counters = resp.get("counters", {})
     total = resp.get("total_entries")
+    lim = resp.get("limits")
+    limits = lim.get("text", []) if isinstance(lim, dict) else []
     render = render_json if as_json else render_text
     sync = resp.get("sync")
     click.echo(
         render(rows, counters, proto=proto, host=host,
                total=total if isinstance(total, int) else None,
-               sync=sync if isinstance(sync, dict) else None),
+               sync=sync if isinstance(sync, dict) else None, limits=limits),
         nl=False,
     )
 

@@ -119,11 +119,29 @@ class EspPolicy:
     max_pending_per_host: int = 8
 
 
+#: limits.max_new_per_host_per_second by default: a busy desktop never keeps this up (a page
+#: load opens tens of connections, a browser restoring its tabs a few hundred in some
+#: seconds), while a flood or a scanner sends thousands to tens of thousands per second.
+#: The token bucket also lets a burst of this many through at once (engine.py).
+DEFAULT_NEW_PER_HOST_PER_SECOND = 500.0
+#: limits.max_ports_per_host = "auto": this share of each protocol's port pool (TCP, UDP,
+#: ICMP ids). A flooding host leaves the rest to the others; the busiest P2P client holds
+#: some hundreds of ports (its sessions share them: endpoint-independent mapping).
+HOST_PORT_SHARE = 0.25
+#: limits.max_entries_per_host = "auto": this share of limits.max_entries (sessions; one
+#: port may carry many, so this is larger than the port share)
+HOST_ENTRY_SHARE = 0.125
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """Table size and per-host limits. ``None`` ("auto") is sized when the engine starts,
+    from the port pool (:mod:`vpnmasq.conntrack.pool`); 0 is unlimited."""
+
     max_entries: int = 200_000
-    max_new_per_host_per_second: float = 0.0  # 0 = unlimited
-    max_entries_per_host: int = 0  # 0 = unlimited
+    max_new_per_host_per_second: float = DEFAULT_NEW_PER_HOST_PER_SECOND  # 0 = unlimited
+    max_entries_per_host: int | None = None  # None: HOST_ENTRY_SHARE of max_entries
+    max_ports_per_host: int | None = None  # None: HOST_PORT_SHARE of the port pool
     fragment_buffer: int = 256  # out-of-order fragments held per engine
 
 
@@ -150,7 +168,7 @@ class Config:
     inside_networks: tuple[str, ...] = ("10.0.0.0/8",)
     mode: Mode = "hybrid"
     public_address: str | None = None  # None: read from the outside interface
-    port_range: PortRange = field(default_factory=lambda: PortRange(61000, 65535))
+    port_range: PortRange | None = None  # None ("auto"): see HYBRID_PORT_RANGE, conntrack/pool
     low_port_range: PortRange = field(default_factory=lambda: PortRange(600, 1023))
     icmp_id_range: PortRange = field(default_factory=lambda: PortRange(1, 65535))
     call_id_range: PortRange = field(default_factory=lambda: PortRange(1, 65535))
@@ -174,7 +192,7 @@ class Config:
     metrics_listen: str | None = None
     state_file: str | None = None
     log_level: str = "info"
-    offload: bool = False
+    offload: bool | None = None  # None ("auto"): see offload_on
     on_address_change_hook: str | None = None
     # running it in the real world: routes, local VPN endpoints, MSS clamping
     local_vpn: LocalVpnPolicy = "auto"
@@ -182,16 +200,25 @@ class Config:
     routes: tuple[Route, ...] = ()
     sync: Sync = field(default_factory=Sync)
 
+    @property
+    def offload_on(self) -> bool:
+        """``offload`` with "auto" decided: on in hybrid mode (ESP/GRE offload changes
+        nothing but speed, docs/SECURITY.md lists the tests), off in userspace mode (NAPT
+        offload is newer; turn it on with ``offload = true``)."""
+        return self.offload if self.offload is not None else self.mode == "hybrid"
+
     def inside_nets(self) -> tuple[ipaddress.IPv4Network, ...]:
         return tuple(ipaddress.IPv4Network(n, strict=False) for n in self.inside_networks)
 
-    @property
-    def alias_port_ranges(self) -> tuple[tuple[int, int], ...]:
-        """The pool of TCP/UDP ports vpnmasq maps LAN hosts to on the public address, as
-        (low, high) pairs: the engine's port allocator takes them from here, and the rules
-        queue the inbound and hairpinned packets to exactly these ports."""
-        return tuple((r.low, r.high) for r in (self.port_range, self.low_port_range))
 
+
+#: port_range = "auto" in hybrid mode (above the kernel's default ip_local_port_range, which
+#: its masquerade uses as kernel_port_range); userspace mode's auto pool is every port the
+#: gateway does not use itself (vpnmasq.conntrack.pool)
+HYBRID_PORT_RANGE = PortRange(61000, 65535)
+#: Linux's default net.ipv4.ip_local_port_range, assumed where the system cannot be read
+#: (check-config, replay, tests)
+DEFAULT_LOCAL_PORT_RANGE = PortRange(32768, 60999)
 
 KNOWN_HELPERS: tuple[str, ...] = ("isakmp", "natt", "esp", "pptp", "gre", "ah", "fwz")
 FORWARD_PROTOCOLS: tuple[str, ...] = ("tcp", "udp", "gre", "esp")
@@ -208,7 +235,11 @@ RFC_MINIMUM_TIMEOUTS: dict[str, tuple[float, str]] = {
 TYPICAL_IPSEC_REKEY = 3600.0
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL (unix(7)).
 MAX_UNIX_PATH = 107
-IFNAMSIZ = 16  # including the NUL (netdevice(7)), so names have at most 15 characters
+IFNAMSIZ = 16  # including the NUL (netdevice(7)), so names have at most 15 bytes
+#: characters an interface name may have in vpnmasq's rule text (a subset of the kernel's)
+IFNAME_RULE_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.@-"
+)
 # TCP MSS clamp bounds: RFC 879/9293 default MSS 536 is the smallest every IPv4 host accepts;
 # 65495 = 65535 - 20 (IP) - 20 (TCP).
 MIN_MSS = 536
@@ -392,6 +423,25 @@ def _p_port_range(v: object) -> PortRange:
     return PortRange(lo, hi)
 
 
+def _p_auto_port_range(v: object) -> PortRange | None:
+    if v == AUTO:
+        return None
+    return _p_port_range(v)
+
+
+def _k_count_auto(name: str) -> _Kind:
+    def parse(v: object) -> int | None:
+        if v == AUTO:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _Bad(f'expected "auto" or an integer, got {_tname(v)}')
+        if not 0 <= v <= 100_000_000:
+            raise _Bad(f"{v} is out of range 0..100000000")
+        return v
+
+    return _Kind(name, parse, lambda v: f'"{AUTO}"' if v is None else _toml_literal(v))
+
+
 def _p_helpers(v: object) -> tuple[str, ...]:
     if not isinstance(v, list):
         raise _Bad(f"expected an array of helper names, got {_tname(v)}")
@@ -425,12 +475,43 @@ def _p_socket_path(v: object) -> str:
     return s
 
 
+def interface_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an interface name vpnmasq writes into its rules, or None.
+
+    First the kernel's own rule (``dev_valid_name``): not empty, below IFNAMSIZ bytes,
+    not "." or "..", no "/", ":", whitespace or NUL. Then what the rule text can carry: only
+    :data:`IFNAME_RULE_CHARS`, so nothing needs quoting in nft or iptables arguments (a '"'
+    would end an nft string, a '+' is an iptables wildcard, a '!' a negation).
+    """
+    if not name:
+        return "must not be empty"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size >= IFNAMSIZ:
+        return f"is {size} bytes; the kernel allows at most {IFNAMSIZ - 1} (IFNAMSIZ {IFNAMSIZ})"
+    if name in (".", ".."):
+        return f'"{name}" is reserved by the kernel'
+    for c in name:
+        if c == "\0":
+            return "contains a NUL byte, which the kernel never allows"
+        if c in "/:":
+            return f"contains {c!r}, which the kernel never allows in an interface name"
+        if c.isspace():  # also 0xA0, which the kernel's ctype table counts as space
+            return f"contains whitespace ({c!r}), which the kernel never allows"
+    bad = sorted({c for c in name if c not in IFNAME_RULE_CHARS})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        return (
+            f"contains {shown}: vpnmasq writes interface names into nftables/iptables rules, "
+            "which carry only letters, digits and _ . @ -"
+        )
+    return None
+
+
 def _p_ifname(v: object) -> str:
     s = _p_str(v)
-    if len(s) >= IFNAMSIZ or s in (".", "..") or any(c in s for c in "/: \t\n"):
-        raise _Bad(
-            f'"{s}" is not a valid interface name (at most 15 characters, no "/", ":" or spaces)'
-        )
+    why = interface_name_problem(s)
+    if why is not None:
+        raise _Bad(f"{s!r} is not a valid interface name: {why}")
     return s
 
 
@@ -465,11 +546,11 @@ def _fmt_hex(v: object) -> str:
     return f"0x{v:X}" if isinstance(v, int) else str(v)
 
 
+AUTO = "auto"
 _BOOL = _Kind("boolean", _p_bool)
 _SECONDS = _k_number(0.0, exclusive=True, name="seconds")
 _PORT = _k_int(1, 65535, "port 1..65535")
 _COUNT1 = _k_int(1, 100_000_000, "integer >= 1")
-_COUNT0 = _k_int(0, 100_000_000, "integer >= 0 (0 = unlimited)")
 _RANGE = _Kind('port range "lo-hi" or [lo, hi]', _p_port_range)
 _NETWORKS = _k_networks(allow_empty=False)
 _NETWORKS0 = _k_networks(allow_empty=True)
@@ -523,10 +604,20 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec(
         "port_range",
-        _RANGE,
+        _Kind(
+            'port range "lo-hi" or [lo, hi], or "auto"',
+            _p_auto_port_range,
+            lambda v: f'"{AUTO}"' if v is None else _toml_literal(v),
+        ),
         "Outside ports vpnmasq allocates for masqueraded TCP/UDP flows with source port "
-        ">= 1024 (RFC 4787 REQ-3 keeps ranges apart). Must not overlap kernel_port_range "
-        "in hybrid mode. Forwarded ports are never handed out.",
+        '>= 1024 (RFC 4787 REQ-3 keeps ranges apart). "auto": in hybrid mode '
+        f"{HYBRID_PORT_RANGE.low}-{HYBRID_PORT_RANGE.high} (the kernel masquerades plain "
+        "traffic in kernel_port_range); in userspace mode every port from 1024 up that the "
+        "gateway does not use itself: never net.ipv4.ip_local_port_range (its own "
+        "connections), never a port a local service listens on, never a forwarded port "
+        "(read at start: about 36,000 ports on a default system; `vpnmasq run` and "
+        "`vpnmasq status` print the pool). A range must not overlap kernel_port_range in "
+        "hybrid mode. Forwarded ports are never handed out.",
     ),
     KeySpec(
         "low_port_range",
@@ -642,11 +733,23 @@ TOP_KEYS: tuple[KeySpec, ...] = (
     KeySpec("log_level", _k_choice(LOG_LEVELS), "Lowest level of messages that are logged."),
     KeySpec(
         "offload",
-        _BOOL,
+        _Kind(
+            'true | false | "auto"',
+            lambda v: None if v == AUTO else _p_bool(v),
+            lambda v: f'"{AUTO}"' if v is None else _toml_literal(v),
+        ),
         "Once an ESP or GRE flow is fully associated (and, in userspace mode, once a TCP, "
         "UDP or ICMP echo session is established each way), install a stateless nftables "
         "rewrite for it so its packets stop going through userspace. The engine still "
-        "decides every new session, TCP SYN/FIN/RST and ICMP error, and keeps the timeouts.",
+        "decides every new session, TCP SYN/FIN/RST and ICMP error, and keeps the timeouts. "
+        '"auto": on in hybrid mode, where it changes nothing but speed (established ESP and '
+        "GRE at about 0.85 of the kernel's rate instead of 0.17, docs/BENCHMARKS.md): the "
+        "table stays the truth, offloaded traffic is credited back every second (timeouts, "
+        "status counters and last-seen), and ICMP errors, flush, address changes, rekeys, "
+        "restarts from state_file, handovers and the firewall-reload restore behave as "
+        "without it (docs/SECURITY.md lists the tests). One visible difference: while no "
+        "vpnmasq runs (a crash, a handover's gap), offloaded flows keep passing, rewritten "
+        'as before, instead of being dropped. Off in userspace mode under "auto".',
     ),
     KeySpec(
         "on_address_change_hook",
@@ -695,9 +798,23 @@ LIMIT_DOCS: dict[str, tuple[_Kind, str]] = {
     "max_entries": (_COUNT1, "Masquerade table size; new flows are dropped (table-full) above it."),
     "max_new_per_host_per_second": (
         _k_number(0.0, exclusive=False, name="number >= 0 (0 = unlimited)"),
-        "New mappings one inside host may create per second.",
+        "New mappings one inside host's own packets may create per second (a token bucket "
+        "that also lets this many through at once). The default is a rate a busy desktop "
+        "never keeps up, and a flood or scanner exceeds many times over. Beyond it: "
+        "host-limit drops, logged once per host and interval, counted per host in status "
+        "and metrics. 0: unlimited.",
     ),
-    "max_entries_per_host": (_COUNT0, "Live mappings one inside host may hold."),
+    "max_entries_per_host": (
+        _k_count_auto('integer >= 0 (0 = unlimited) or "auto"'),
+        f'Live mappings (sessions) one inside host may hold. "auto": {HOST_ENTRY_SHARE:g} of '
+        "max_entries. 0: unlimited.",
+    ),
+    "max_ports_per_host": (
+        _k_count_auto('integer >= 0 (0 = unlimited) or "auto"'),
+        "Outside ports (TCP and UDP each; ICMP ids) one inside host may hold at once, so one "
+        'host cannot exhaust the pool for the others. "auto": '
+        f"{HOST_PORT_SHARE:g} of the pool (printed by `vpnmasq run` at start). 0: unlimited.",
+    ),
     "fragment_buffer": (
         _k_int(0, 100_000_000, "integer >= 0"),
         "Out-of-order fragments held while waiting for the first fragment.",
@@ -1432,10 +1549,11 @@ def _describe_forward(f: Forward) -> str:
 def _cross_checks(config: Config, errors: _Problems) -> None:  # noqa: C901 - a list of independent checks, a few lines each
     """Errors that involve more than one key (also run by validate() on hand-built Configs)."""
     inside = config.inside_nets()
-    if config.mode == "hybrid" and _overlap(config.port_range, config.kernel_port_range):
+    port_range = config.port_range or HYBRID_PORT_RANGE
+    if config.mode == "hybrid" and _overlap(port_range, config.kernel_port_range):
         errors.add_at_first_present(
             ["port_range", "kernel_port_range"],
-            f"port_range {_rng(config.port_range)} overlaps kernel_port_range "
+            f"port_range {_rng(port_range)} overlaps kernel_port_range "
             f"{_rng(config.kernel_port_range)}; in hybrid mode the kernel and vpnmasq would "
             "hand out the same outside ports",
         )
@@ -1446,7 +1564,7 @@ def _cross_checks(config: Config, errors: _Problems) -> None:  # noqa: C901 - a 
             f"{_rng(config.kernel_port_range)}; in hybrid mode the kernel and vpnmasq would "
             "hand out the same outside ports",
         )
-    if _overlap(config.port_range, config.low_port_range):
+    if config.port_range is not None and _overlap(config.port_range, config.low_port_range):
         errors.add_at_first_present(
             ["low_port_range", "port_range"],
             f"low_port_range {_rng(config.low_port_range)} overlaps port_range "
@@ -1634,7 +1752,7 @@ def _warnings(config: Config, warn: _Problems) -> None:  # noqa: C901 - a list o
             "with inside source addresses (load packaging/guard.nft to drop them)",
         )
     lim = config.limits
-    if 0 < lim.max_entries < lim.max_entries_per_host:
+    if lim.max_entries_per_host is not None and 0 < lim.max_entries < lim.max_entries_per_host:
         warn.add(
             "limits.max_entries_per_host",
             f"{lim.max_entries_per_host} is larger than "

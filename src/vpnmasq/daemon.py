@@ -43,6 +43,7 @@ from vpnmasq.config import (
     read_config_text,
     validate,
 )
+from vpnmasq.conntrack.pool import PortPool, port_pool
 from vpnmasq.conntrack.table import Entry
 from vpnmasq.datapath import gapflows, offload, routes, rules, rulewatch, sdnotify
 from vpnmasq.datapath.control import Answer, ControlServer
@@ -138,6 +139,50 @@ def kernel_queue_counters(queue_num: int) -> dict[str, int]:
     except (OSError, ValueError):
         pass
     return {}
+
+
+def read_local_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int] | None:
+    """``net.ipv4.ip_local_port_range`` (the gateway's own ephemeral ports), or None."""
+    try:
+        with open(path, encoding="ascii") as f:
+            lo, hi = (int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return (lo, hi) if 1 <= lo <= hi <= 0xFFFF else None
+
+
+#: /proc/net/tcp "st" of a listening socket (TCP_LISTEN)
+_TCP_LISTEN = "0A"
+
+
+def listening_ports(proc_net: str = "/proc/net") -> set[int]:
+    """Ports local services hold: TCP sockets listening and UDP sockets bound, IPv4 and
+    IPv6 (a dual-stack socket also takes the IPv4 port). Read from this network
+    namespace's /proc/net tables; a table that cannot be read adds nothing."""
+    ports: set[int] = set()
+    for name, listen_only in (("tcp", True), ("tcp6", True), ("udp", False), ("udp6", False)):
+        try:
+            with open(os.path.join(proc_net, name), encoding="ascii") as f:
+                next(f, None)  # header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 4 or (listen_only and fields[3] != _TCP_LISTEN):
+                        continue
+                    port = int(fields[1].rpartition(":")[2], 16)
+                    if port:
+                        ports.add(port)
+        except (OSError, ValueError):
+            continue
+    return ports
+
+
+def discover_pool(config: Config) -> PortPool:
+    """The port pool on this system (see :func:`vpnmasq.conntrack.pool.port_pool`)."""
+    if config.port_range is not None or config.mode != "userspace":
+        return port_pool(config)
+    return port_pool(
+        config, local_port_range=read_local_port_range(), listening=listening_ports()
+    )
 
 
 def send_icmp_error(original: bytes, icmp_type: int, code: int) -> None:
@@ -372,14 +417,17 @@ def rule_spec(
     *,
     hairpin_address: str | None = None,
     guard: Sequence[str] = (),
+    pool: PortPool | None = None,
 ) -> rules.RuleSpec:
     """The rules for ``config``. ``public`` is the configured public address (None: match
     any address of the outside interface); ``hairpin_address`` the current one, which the
     hairpin rules need when ``public`` is None; ``guard`` the interfaces vpnmasq turned
-    ``accept_local`` on for hairpinning (:class:`HairpinSysctls`)."""
+    ``accept_local`` on for hairpinning (:class:`HairpinSysctls`); ``pool`` the engine's
+    port pool (None: what ``config`` gets on a default system)."""
+    pool = pool if pool is not None else port_pool(config)
     address = public or hairpin_address
     extra = None
-    if config.offload and address:  # the offload's maps and rules, in vpnmasq's table
+    if config.offload_on and address:  # the offload's maps and rules, in vpnmasq's table
         filtering = config.filtering if config.mode == "userspace" else None
         extra = offload.offload_rules(address, config.outside_interface, config.mark, filtering)
     return rules.RuleSpec(
@@ -390,10 +438,10 @@ def rule_spec(
         queue_num=config.queue_num,
         fail_open=config.fail_open,
         mark=config.mark,
-        alias_port_range=(config.port_range.low, config.port_range.high),
+        alias_port_range=pool.ranges[0],
         kernel_port_range=(config.kernel_port_range.low, config.kernel_port_range.high),
         low_port_range=(config.low_port_range.low, config.low_port_range.high),
-        alias_ranges=config.alias_port_ranges,
+        alias_ranges=pool.alias_ranges,
         forwards=[(f.protocol, f.port) for f in config.forwards],
         forward_reply_ports=[
             (f.protocol, f.to_port)
@@ -457,7 +505,11 @@ class Gateway:
                 "no IPv4 address on %s yet; outbound packets are dropped until one appears",
                 config.outside_interface,
             )
-        self.engine = Engine(engine_config, ip_to_int(self.public) if self.public else None)
+        self.pool = discover_pool(config)  # the rules queue all of it
+        engine_pool = self.pool if engine_config is config else port_pool(engine_config)
+        self.engine = Engine(
+            engine_config, ip_to_int(self.public) if self.public else None, pool=engine_pool
+        )
         self.sel = selectors.DefaultSelector()
         self.nfq: NfQueue | None = None
         self.control: ControlServer | None = None
@@ -505,7 +557,11 @@ class Gateway:
         # so following the address needs no rule change (and leaves no gap), except for
         # the hairpin rules (_follow_hairpin_address).
         spec = rule_spec(
-            cfg, cfg.public_address, hairpin_address=self.public, guard=self.hairpin_sysctls.guard
+            cfg,
+            cfg.public_address,
+            hairpin_address=self.public,
+            guard=self.hairpin_sysctls.guard,
+            pool=self.pool,
         )
         if self.handover:
             rules.replace(spec)  # atomic: the predecessor's rules never go away first
@@ -521,6 +577,11 @@ class Gateway:
             ",".join(cfg.inside_networks),
             self.public,
             cfg.queue_num,
+        )
+        log.info(
+            "port pool: %s; %s",
+            self.pool.describe(),
+            self.engine.host_limits.describe(),
         )
         if hairpin_ifs:
             hairpinned = [_describe_hairpin(h) for h in hairpin_forwards(cfg)]
@@ -569,7 +630,7 @@ class Gateway:
         if not rules.forward_mark_rule_present(cfg.mark):
             log.info("hint: %s", rules.forward_mark_hint(cfg.mark))
         self._remove_legacy_offload()
-        if cfg.offload:
+        if cfg.offload_on:
             self._start_offload()
         self._watch_rules()
 
@@ -766,7 +827,7 @@ class Gateway:
             report = state.import_state(self.engine, data, time.monotonic(), time.time())
         except Exception as exc:  # a half-restored table is not to be trusted: start empty
             log.warning("ignoring the saved table %s: %s; starting with an empty table", path, exc)
-            self.engine = Engine(self.engine_config, self.engine.public_ip)
+            self.engine = Engine(self.engine_config, self.engine.public_ip, pool=self.engine.pool)
             return
         log.info("%s from %s", report.summary(), path)
 
@@ -917,6 +978,14 @@ class Gateway:
             out: dict[str, Any] = {"counters": self._counters()}
             if off is not None:
                 out["offload"] = off.status()
+            out["limits"] = {
+                "pool": self.engine.pool.as_dict(),
+                "per_host": self.engine.host_limits.as_dict(),
+                "text": [
+                    f"port pool: {self.engine.pool.describe()}",
+                    self.engine.host_limits.describe(),
+                ],
+            }
             if self.sync is not None:
                 out["sync"] = {
                     **self.sync.status(self.engine.public_ip is not None, now),
@@ -939,6 +1008,10 @@ class Gateway:
         for (_, kind), n in list(self.engine.table.by_proto_kind.items()):
             if n:
                 c["entries:" + kind] = c.get("entries:" + kind, 0) + n
+        c["port_pool_size"] = self.engine.pool.size
+        for host, hits in self.engine.limit_hits.snapshot().items():
+            for limit, n in hits.items():
+                c[f"host_limit:{int_to_ip(host)}:{limit}"] = n
         if self.nfq is not None:
             for k, v in self.nfq.counters.as_dict().items():
                 c["nfq_" + k] = v
@@ -1098,6 +1171,7 @@ class Gateway:
             if not self.config.public_address or self.sync is not None:
                 self._follow_address(now)
             self._refresh_local_consumers()  # a local charon/pptpd may have started
+            self._follow_listening_ports()  # a local service may have started
         if self.rulewatch is not None and self.rulewatch.due(now):
             self._check_rules(now)
         events = self.engine.drain_events()
@@ -1129,6 +1203,36 @@ class Gateway:
         if now >= self.next_status:
             self.next_status = now + STATUS_INTERVAL_S
             self._notify_status()
+
+    def _follow_listening_ports(self) -> None:
+        """An "auto" pool leaves out the ports local services listen on: one that started
+        since is taken out of the pool, and the rules stop queueing it (atomically)."""
+        if self.pool.source != "auto" or self.config.mode != "userspace":
+            return
+        gone = self.engine.exclude_ports(sorted(listening_ports()))
+        if not gone:
+            return
+        self.pool = self.pool.without(gone)
+        log.warning(
+            "port pool: a local service now listens on %s; taken out of the pool (%d ports "
+            "left; a mapping that holds such a port keeps it until it ends)",
+            ", ".join(str(p) for p in gone), self.engine.pool.size,
+        )
+        cfg = self.config
+        spec = rule_spec(
+            cfg,
+            cfg.public_address,
+            hairpin_address=self.public,
+            guard=self.hairpin_sysctls.guard,
+            pool=self.pool,
+        )
+        try:
+            rules.replace(spec)
+        except rules.RuleError as exc:
+            log.error("updating the rules for the port pool failed: %s", exc)
+            return
+        self.spec = spec
+        self._rebaseline()
 
     def _refresh_local_consumers(self) -> None:
         """``local_vpn = "auto"``: tell the engine which VPN protocols have an endpoint on
@@ -1186,7 +1290,7 @@ class Gateway:
             new,
             rep.summary() if rep is not None else "no replicated table (starting empty)",
         )
-        if self.config.offload and self.offloader is None:
+        if self.config.offload_on and self.offloader is None:
             self._start_offload()
             self._rebaseline()  # the offload table is ours to watch from now on
 
@@ -1219,10 +1323,12 @@ class Gateway:
         configured and something hairpins or offload is on."""
         cfg = self.config
         if cfg.public_address or not (
-            rules.hairpins(cfg.mode, hairpin_forwards(cfg)) or cfg.offload
+            rules.hairpins(cfg.mode, hairpin_forwards(cfg)) or cfg.offload_on
         ):
             return
-        spec = rule_spec(cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard)
+        spec = rule_spec(
+            cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard, pool=self.pool
+        )
         try:
             rules.replace(spec)
         except rules.RuleError as exc:
@@ -1302,7 +1408,8 @@ class Gateway:
                 "restart vpnmasq to apply (the standby takes over meanwhile)"
             )
         now, wall = time.monotonic(), time.time()
-        engine, report = config_reload.rebuild(self.engine, new, now, wall)
+        pool = discover_pool(new)
+        engine, report = config_reload.rebuild(self.engine, new, now, wall, pool)
         hairpin_ifs: list[str] = []
         if rules.hairpins(new.mode, hairpin_forwards(new)):
             hairpin_ifs = rules.interfaces_towards(
@@ -1310,7 +1417,11 @@ class Gateway:
             )
         self.hairpin_sysctls.plan(hairpin_ifs)
         spec = rule_spec(
-            new, new.public_address, hairpin_address=self.public, guard=self.hairpin_sysctls.guard
+            new,
+            new.public_address,
+            hairpin_address=self.public,
+            guard=self.hairpin_sysctls.guard,
+            pool=pool,
         )
         if spec != self.spec:
             try:
@@ -1324,7 +1435,7 @@ class Gateway:
         # commit: from here on the new configuration is in force
         for tok, v in self.engine.release_held():
             self._apply(tok, v)
-        self.engine, self.config, self.spec = engine, new, spec
+        self.engine, self.config, self.spec, self.pool = engine, new, spec, pool
         self.full_config = self.engine_config = new  # no [sync] (restart_needed refuses it)
         if old.routes != new.routes:
             if self.routes_applied is not None:

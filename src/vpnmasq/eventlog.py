@@ -5,7 +5,9 @@ Owns :class:`RateLimitedLog`: at most ``burst`` lines per key (``drop:<reason>``
 other events of the window are counted, and that count is written as one line ("drop:x: 37
 more like this suppressed") when the window ends or at stop, whichever comes first. So for
 every key, the lines plus the suppressed counts add up to the events, e.g. to a drop
-counter of ``vpnmasq status``. The clock is passed in (``now``); the caller calls
+counter of ``vpnmasq status``. Drops because a LAN host hit a per-host limit are the
+exception: one line per host and interval (``HostLimited``, with the drops since the last
+one), and exact counts per host in ``vpnmasq status``. The clock is passed in (``now``); the caller calls
 :meth:`RateLimitedLog.flush_due` when :meth:`RateLimitedLog.next_deadline` has passed and
 :meth:`RateLimitedLog.close` at stop.
 """
@@ -15,7 +17,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vpnmasq.events import AddressChanged, EntryCreated, EntryExpired, Event, Notice, PacketDropped
+from vpnmasq.conntrack.hostlimits import HOST_LIMIT_LOG_INTERVAL_S
+from vpnmasq.events import (
+    AddressChanged,
+    EntryCreated,
+    EntryExpired,
+    Event,
+    HostLimited,
+    Notice,
+    PacketDropped,
+)
+from vpnmasq.verdict import DropReason
+
+#: drops of this reason are reported per host (HostLimited), once per interval
+HOST_LIMIT = DropReason.HOST_LIMIT.value
 
 #: log at most this many lines per key and window; the rest are counted and summarised
 LOG_BURST = 5
@@ -90,7 +105,16 @@ class RateLimitedLog:
         self._due = None
 
     def event(self, ev: Event, now: float) -> None:
-        if isinstance(ev, PacketDropped):
+        if isinstance(ev, PacketDropped) and ev.reason == HOST_LIMIT:
+            return  # reported per host and interval (HostLimited), counted per host
+        if isinstance(ev, HostLimited):
+            self.log.warning(
+                "host %s hit its %s limit: %s (%d drop%s since the last report; the next "
+                "report comes %g s later at the earliest)",
+                ev.host, ev.limit, ev.detail, ev.drops, "" if ev.drops == 1 else "s",
+                HOST_LIMIT_LOG_INTERVAL_S,
+            )
+        elif isinstance(ev, PacketDropped):
             self.emit(
                 "drop:" + ev.reason, logging.INFO, f"drop {ev.reason}: {ev.flow} ({ev.detail})", now
             )

@@ -65,10 +65,23 @@ class Notice:
 
 
 @dataclass(frozen=True, slots=True)
+class HostLimited:
+    """An inside host hit a per-host limit (reported once per host and interval; ``drops``
+    counts the drops since the last report, this one included)."""
+
+    host: str
+    limit: str  # "ports", "entries", "rate", "esp-pending"
+    detail: str
+    drops: int
+
+
+@dataclass(frozen=True, slots=True)
 class AddressChanged:
     old: str | None
     new: str | None
     entries_dropped: int
 
 
-Event = EntryCreated | EntryUpdated | EntryExpired | PacketDropped | Notice | AddressChanged
+Event = (
+    EntryCreated | EntryUpdated | EntryExpired | PacketDropped | Notice | HostLimited | AddressChanged
+)

@@ -7,8 +7,8 @@ conventions: one metric per quantity (a label only splits one quantity, so summi
 makes sense), base units (seconds, bytes, packets), ``_total`` on counters. A counter no
 table names is still exported, as ``vpnmasq_<name>_total`` (and the metrics test fails until
 it gets a proper name). Gauges: table entries by protocol and kind, the configured maximum,
-the kernel queue's backlog, ``vpnmasq_build_info``; the process and platform collectors
-come with the registry. ``packaging/grafana`` and ``packaging/prometheus`` query these names.
+the kernel queue's backlog, the port pool's size, ``vpnmasq_build_info``; the process and
+platform collectors come with the registry. ``packaging/grafana`` and ``packaging/prometheus`` query these names.
 """
 
 from __future__ import annotations
@@ -250,6 +250,14 @@ COUNTERS: dict[str, tuple[Family, tuple[str, ...]]] = {
         (),
     ),
 }
+HOST_LIMITED = Family(
+    "vpnmasq_host_limit_dropped_packets",
+    "Packets dropped because an inside host hit a per-host limit (ports, entries, rate), "
+    "by host and limit",
+    ("host", "limit"),
+)
+#: ``host_limit:<host>:<limit>``: drops per inside host and limit (HOST_LIMITED)
+HOST_LIMIT_PREFIX = "host_limit:"
 #: counter key prefix -> family; the rest of the key is the label value (REMOVED: two)
 PREFIXES: dict[str, Family] = {
     "drop:": DROPPED,
@@ -262,13 +270,14 @@ PREFIXES: dict[str, Family] = {
 }
 #: kept by the daemon but exported otherwise: ``dropped`` is the sum of the drop reasons,
 #: ``entries`` the table gauge, ``kernel_queue_waiting`` a gauge of its own
-NOT_COUNTERS = frozenset({"dropped", "entries", "kernel_queue_waiting"})
+NOT_COUNTERS = frozenset({"dropped", "entries", "kernel_queue_waiting", "port_pool_size"})
 #: ``entries:<kind>``: live entries by kind for status and top (the table gauge has them)
 GAUGE_PREFIX = "entries:"
 
 ENTRIES = "vpnmasq_table_entries"
 MAX_ENTRIES = "vpnmasq_table_max_entries"
 WAITING = "vpnmasq_kernel_queue_waiting_packets"
+POOL = "vpnmasq_port_pool_ports"
 BUILD_INFO = "vpnmasq_build_info"
 
 
@@ -279,6 +288,9 @@ def family_of(key: str) -> tuple[Family, tuple[str, ...]] | None:
     hit = COUNTERS.get(key)
     if hit is not None:
         return hit
+    if key.startswith(HOST_LIMIT_PREFIX):
+        host, _, limit = key[len(HOST_LIMIT_PREFIX) :].rpartition(":")
+        return HOST_LIMITED, (host, limit)
     for kind in ("expired:", "removed:"):
         if key.startswith(kind):
             return REMOVED, (key[len(kind) :], "idle" if kind == "expired:" else "other")
@@ -331,7 +343,7 @@ class VpnmasqCollector(Collector):
                 family(fam).add_metric(list(values), value * fam.scale)
             elif key not in NOT_COUNTERS and not key.startswith(GAUGE_PREFIX):
                 family(Family(fallback_name(key), f"engine counter {key}")).add_metric([], value)
-        for fam in (DROPPED, CREATED, REMOVED, ESP_ASSOC):  # present even before the first
+        for fam in (DROPPED, CREATED, REMOVED, ESP_ASSOC, HOST_LIMITED):  # even before the first
             family(fam)
         yield from families.values()
 
@@ -346,6 +358,10 @@ class VpnmasqCollector(Collector):
         yield GaugeMetricFamily(
             WAITING, "Packets waiting in the kernel queue for a verdict",
             value=c.get("kernel_queue_waiting", 0),
+        )
+        yield GaugeMetricFamily(
+            POOL, "Outside ports vpnmasq hands out for source ports >= 1024 (the port pool)",
+            value=c.get("port_pool_size", 0),
         )
         info = GaugeMetricFamily(
             BUILD_INFO, "vpnmasq version, Python version and mode (value 1)",

@@ -14,6 +14,7 @@ from dataclasses import fields
 
 from vpnmasq import state
 from vpnmasq.config import Config
+from vpnmasq.conntrack.pool import PortPool
 from vpnmasq.conntrack.table import Entry
 from vpnmasq.engine import Engine
 from vpnmasq.events import EntryExpired
@@ -48,17 +49,18 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 def restart_needed(old: Config, new: Config) -> list[str]:
     """The changed keys a reload cannot apply (empty: the reload can go ahead)."""
     out = [k for k in changed_keys(old, new) if k in RESTART_KEYS]
-    if new.offload and new.mode == "userspace" and old.filtering != new.filtering:
+    if new.offload_on and new.mode == "userspace" and old.filtering != new.filtering:
         out.append("filtering (with offload in userspace mode)")
     return out
 
 
 def rebuild(
-    engine: Engine, config: Config, now: float, wall: float
+    engine: Engine, config: Config, now: float, wall: float, pool: PortPool | None = None
 ) -> tuple[Engine, state.RestoreReport]:
-    """A new engine for ``config`` holding what still applies of ``engine``'s table, and the
-    report of what was dropped. Counters carry on (they are totals since start)."""
-    fresh = Engine(config, engine.public_ip)
+    """A new engine for ``config`` (and its port ``pool``) holding what still applies of
+    ``engine``'s table, and the report of what was dropped. Counters carry on (they are
+    totals since start)."""
+    fresh = Engine(config, engine.public_ip, pool=pool)
     data = state.export_state(engine, now, wall)
     report = state.import_state(fresh, data, now, wall)
     for why, n in data.get("skipped", {}).items():  # what could not even be exported

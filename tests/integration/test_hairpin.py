@@ -44,15 +44,20 @@ from harness import (
     udp_echo,
     wait_for,
 )
-from tests.waiting import ANSWER_TIMEOUT
+from tests.waiting import ANSWER_TIMEOUT, DEADLINE
 
-from vpnmasq.daemon import HAIRPIN_SYSCTL_FILE
+from vpnmasq.daemon import ADDRESS_POLL_S, HAIRPIN_SYSCTL_FILE
 from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 MODES = ["hybrid", "userspace"]
 
-ALIAS_RANGE = range(61000, 65536)  # Config.port_range default
+
+def in_pool(d: Daemon, port: int) -> bool:
+    """``port`` is one the engine hands out (the pool status reports)."""
+    pool = d.status()["limits"]["pool"]
+    return any(lo <= port <= hi for lo, hi in [*pool["ranges"], pool["low"]])
+
 FORWARDS = f"""
 [[forward]]
 protocol = "tcp"
@@ -145,7 +150,7 @@ def test_lan_hosts_reach_forwarded_lan_servers_through_the_public_address(
     for kind in ("tcp", "udp"):
         seen = lan_server.saw(kind)
         assert {a for a, _ in seen} == {PUBLIC}, seen
-        assert len({p for _, p in seen}) == 2 and all(p in ALIAS_RANGE for _, p in seen)
+        assert len({p for _, p in seen}) == 2 and all(in_pool(d, p) for _, p in seen)
     # PPTP to the LAN server through the public address: both hosts use Call ID 7
     calls = [PptpCall(topo, h, call_id=7, dst=PUBLIC) for h in ("h1", "h2")]
     try:
@@ -188,6 +193,14 @@ def test_only_forwarded_ports_hairpin_and_the_gateways_own_services_stay_local(
         srv.settimeout(ANSWER_TIMEOUT)
         usrv.bind((PUBLIC, 5300))
         usrv.settimeout(ANSWER_TIMEOUT)
+        # both ports lie in userspace mode's "auto" pool: the daemon takes them out when it
+        # sees them listening (every ADDRESS_POLL_S), and the rules stop queueing them
+        wait_for(
+            lambda: not in_pool(d, 2222) and not in_pool(d, 5300),
+            "the new services taken out of the port pool",
+            timeout=2 * ADDRESS_POLL_S + DEADLINE,
+        )
+        assert "now listens on" in d.log()
         c = sock(topo, "h1", socket.AF_INET, socket.SOCK_STREAM)
         c.settimeout(ANSWER_TIMEOUT)
         c.connect((PUBLIC, 2222))

@@ -56,10 +56,12 @@ class Gateway(QueuedEngine):
             helpers=tuple(h for h in Config().helpers if h in available()),
         )
         self.off = Offloader(t.public, t.gw_wan_if, MARK, netns=lab.ns(t.gw), filtering=filtering)
+        engine = Engine(cfg, rng_seed=7)
         spec = rules.RuleSpec(t.gw_wan_if, [t.inside_net], t.public, mode="userspace",
-                              queue_num=QUEUE, extra=self.off.rules())  # fmt: skip
+                              queue_num=QUEUE, extra=self.off.rules(),
+                              alias_ranges=engine.pool.alias_ranges)  # fmt: skip
         rules.install(spec, netns=lab.ns(t.gw))
-        super().__init__(lab, t.gw, QUEUE, Engine(cfg, rng_seed=7), MARK)
+        super().__init__(lab, t.gw, QUEUE, engine, MARK)
         self.off.attach(self.engine.table)
 
     def offload(self) -> int:

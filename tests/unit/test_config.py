@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -256,7 +257,7 @@ BAD = [
     ('port_range = "61000:65535"\n', "port_range", 1, 'such as "61000-65535"'),
     ('low_port_range = "900-800"\n', "low_port_range", 1, "low <= high"),
     (
-        'low_port_range = "600-61500"\nmode = "userspace"\n',
+        'low_port_range = "600-61500"\nmode = "userspace"\nport_range = "61000-65535"\n',
         "low_port_range",
         1,
         "overlaps port_range 61000-65535",
@@ -376,7 +377,8 @@ def test_explain_documents_every_key() -> None:
             assert f"\n{prefix}{spec.key}  (" in text
     for spec in FORWARD_KEYS:
         assert f"\n{spec.key}  (" in text
-    assert 'port_range  (port range "lo-hi" or [lo, hi]; default "61000-65535")' in text
+    assert 'port_range  (port range "lo-hi" or [lo, hi], or "auto"; default "auto")' in text
+    assert 'limits.max_ports_per_host  (integer >= 0 (0 = unlimited) or "auto"; default "auto")' in text
     assert "mark  (integer 1..0xFFFFFFFF; default 0x564D)" in text
     assert "\nto  (IPv4 address; required)" in text
 
@@ -506,3 +508,95 @@ def test_explain_documents_sync() -> None:
     text = explain()
     for spec in cfgmod.SYNC_KEYS:
         assert f"\nsync.{spec.key}  (" in text
+
+
+# --------------------------------------------------------------------- interface names
+#: (name, words of the error): the kernel's dev_valid_name() rules, then what the rule text
+#: can carry (a '"' ends an nft string, '+' is an iptables wildcard, '!' a negation)
+BAD_IFNAMES = [
+    ("a" * 16, "is 16 bytes; the kernel allows at most 15"),
+    ("wän0123456789ab", "is 16 bytes"),  # 15 characters, 16 bytes
+    (".", "reserved by the kernel"),
+    ("..", "reserved by the kernel"),
+    ("wan/0", "contains '/'"),
+    ("wan:0", "contains ':'"),
+    ("wan 0", "whitespace (' ')"),
+    ("wan\t0", "whitespace ('\\t')"),
+    ("wan\n0", "whitespace ('\\n')"),
+    ("wan\u00a00", "whitespace ('\\xa0')"),
+    ("wan\x000", "NUL byte"),
+    ('wan0"', "contains '\"': vpnmasq writes interface names into nftables/iptables rules"),
+    ("wan+", "contains '+'"),
+    ("!wan0", "contains '!'"),
+    ("wan;0", "contains ';'"),
+    ("wan\\0", "contains '\\\\'"),
+    ("wän0", "contains 'ä'"),
+    ("wan{0}", "contains '{' '}'"),
+]
+
+
+@pytest.mark.parametrize(("name", "words"), BAD_IFNAMES)
+def test_bad_interface_names_are_refused_with_the_reason(name: str, words: str) -> None:
+    toml = f"outside_interface = {json.dumps(name)}\n"  # line 1: the rest follows
+    with pytest.raises(ConfigError, match="line 1: outside_interface: ") as err:
+        load_config(toml + 'inside_networks = ["10.77.0.0/24"]\n')
+    assert words in str(err.value)
+    assert cfgmod.interface_name_problem(name) is not None
+
+
+def test_an_empty_interface_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="outside_interface: must not be empty"):
+        load_config('outside_interface = ""\ninside_networks = ["10.77.0.0/24"]\n')
+
+
+@pytest.mark.parametrize("name", ["a" * 15, "wan0", "eth0.100", "br-lan", "ppp_0", "veth@if3", "x"])
+def test_good_interface_names_load_and_reach_the_rules(name: str) -> None:
+    from vpnmasq.datapath.rules import RuleSpec, iptables_rules
+
+    c = load_config(with_required(f'outside_interface = "{name}"\n'))
+    assert c.outside_interface == name
+    assert f"-o {name} " in iptables_rules(RuleSpec(name, ["10.0.0.0/8"]))
+
+
+def test_the_rule_layer_refuses_what_the_config_refuses() -> None:
+    from vpnmasq.datapath.rules import RuleSpec
+
+    for name, _ in BAD_IFNAMES:
+        with pytest.raises(ValueError, match="invalid interface name"):
+            RuleSpec(name, ["10.0.0.0/8"])
+
+
+# --------------------------------------------------------------------- defaults
+def test_defaults_limits_auto_and_port_range_auto() -> None:
+    c = load_config(with_required(""))
+    assert c.port_range is None
+    assert c.limits.max_entries_per_host is None and c.limits.max_ports_per_host is None
+    assert c.limits.max_new_per_host_per_second == cfgmod.DEFAULT_NEW_PER_HOST_PER_SECOND
+    again = load_config(with_required('port_range = "auto"\n[limits]\nmax_ports_per_host = "auto"\n'
+                                      'max_entries_per_host = "auto"\n'))
+    assert again == c
+    off = load_config(with_required("[limits]\nmax_ports_per_host = 0\nmax_entries_per_host = 0\n"
+                                    "max_new_per_host_per_second = 0\n"))
+    assert (off.limits.max_ports_per_host, off.limits.max_entries_per_host) == (0, 0)
+    with pytest.raises(ConfigError, match='limits.max_ports_per_host: expected "auto" or an integer'):
+        load_config(with_required('[limits]\nmax_ports_per_host = "some"\n'))
+
+
+def test_explain_says_how_auto_limits_are_sized() -> None:
+    text = explain()
+    assert "limits.max_new_per_host_per_second  (number >= 0 (0 = unlimited); default 500)" in text
+
+
+def test_offload_is_auto_on_in_hybrid_mode_only_and_explain_says_why() -> None:
+    hybrid = load_config(with_required(""))
+    assert hybrid.offload is None and hybrid.offload_on is True
+    userspace = load_config(with_required('mode = "userspace"\n'))
+    assert userspace.offload_on is False
+    assert load_config(with_required('mode = "userspace"\noffload = true\n')).offload_on is True
+    assert load_config(with_required("offload = false\n")).offload_on is False
+    assert load_config(with_required('offload = "auto"\n')) == hybrid
+    with pytest.raises(ConfigError, match="offload: expected true or false"):
+        load_config(with_required('offload = "yes"\n'))
+    text = " ".join(explain().split())
+    assert 'offload (true | false | "auto"; default "auto")' in text
+    assert "changes nothing but speed" in text and "docs/SECURITY.md lists the tests" in text

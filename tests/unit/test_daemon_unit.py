@@ -359,9 +359,86 @@ def test_rule_spec_carries_both_alias_ranges_and_hybrid_overlap_is_a_config_erro
     from tests.config_text import with_required
     from vpnmasq.config import ConfigError, load_config
 
+    spec = daemon.rule_spec(config(tmp_path, mode="hybrid"), None)
+    assert spec.alias_ranges == ((61000, 65535), (600, 1023)) and spec.low_port_range == (600, 1023)
+    # userspace mode's "auto" pool (a default system: every port >= 1024 but 32768-60999)
     spec = daemon.rule_spec(config(tmp_path), None)
-    assert spec.alias_port_range == (61000, 65535) and spec.low_port_range == (600, 1023)
+    assert spec.alias_ranges == ((1024, 32767), (61000, 65535), (600, 1023))
     assert spec.public_address is None  # follow the interface: "an address of wan0"
     with pytest.raises(ConfigError, match="line 4: low_port_range: .* overlaps kernel_port_range"):
         load_config(with_required('kernel_port_range = "1000-60999"\nlow_port_range = "600-1023"\n'))
     load_config(with_required('mode = "userspace"\nkernel_port_range = "1000-60999"\n'))
+
+
+# ------------------------------------------------------------------------------ port pool
+PROC_TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
+   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
+   1: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
+   2: 0B004D0A:D431 0500004D:0050 01 00000000:00000000 00:00000000 00000000  1000
+"""
+PROC_TCP6 = """  sl  local_address                         remote_address                        st
+   0: 00000000000000000000000000000000:0BB8 00000000000000000000000000000000:0000 0A
+"""
+PROC_UDP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
+  1: 00000000:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000   104
+"""
+
+
+def test_listening_ports_and_the_ephemeral_range_are_read_from_proc(tmp_path: Path) -> None:
+    (tmp_path / "tcp").write_text(PROC_TCP)
+    (tmp_path / "tcp6").write_text(PROC_TCP6)
+    (tmp_path / "udp").write_text(PROC_UDP)  # udp6 missing: adds nothing
+    # 22 and 8080 listen, 3000 on IPv6, 5353 bound; the connected socket's port is not a service
+    assert daemon.listening_ports(str(tmp_path)) == {22, 8080, 3000, 5353}
+    rng = tmp_path / "ip_local_port_range"
+    rng.write_text("40000\t50000\n")
+    assert daemon.read_local_port_range(str(rng)) == (40000, 50000)
+    rng.write_text("junk\n")
+    assert daemon.read_local_port_range(str(rng)) is None
+    assert daemon.read_local_port_range(str(tmp_path / "missing")) is None
+
+
+def test_the_gateway_hands_the_engine_and_the_rules_the_discovered_pool(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str], logs: Records
+) -> None:
+    monkeypatch.setattr(daemon, "read_local_port_range", lambda: (40000, 60999))
+    monkeypatch.setattr(daemon, "listening_ports", lambda: {22, 8080})
+    specs: list[Any] = []
+    monkeypatch.setattr(daemon.rules, "install", specs.append)
+    monkeypatch.setattr(daemon, "NfQueue", lambda *a, **kw: FakeQueue())
+    monkeypatch.setattr(daemon, "ControlServer", _NoControl)
+    gw = daemon.Gateway(config(tmp_path))
+    assert gw.engine.pool is gw.pool and gw.pool.ranges == ((1024, 8079), (8081, 39999), (61000, 65535))
+    gw.start()
+    assert specs[0].alias_ranges == gw.pool.alias_ranges
+    started = logs.text()
+    assert f"port pool: {gw.pool.size} ports (1024-8079, 8081-39999, 61000-65535; auto" in started
+    assert f"per host: {(gw.pool.size + 424) // 4} ports, 16383 ICMP ids, 25000 entries, 500 new" in started
+    # a host at its limit: one warning, counted per host in status and the counters
+    eng = gw.engine
+    for i in range(600):
+        eng.handle(build_udp(PRV1, EXT, 10000 + i, 53), OUT, 5.0)
+    for ev in eng.drain_events():
+        gw.rl.event(ev, 5.0)
+    limited = [m for lvl, m in logs.lines if "hit its rate limit" in m]
+    assert len(limited) == 1 and limited[0].startswith("host 10.77.0.11 hit its rate limit")
+    assert not any(m.startswith("drop host-limit") for _, m in logs.lines)
+    gw.stop()  # the queue's own counters go with it; the engine's stay
+    c = gw._counters()
+    assert c["host_limit:10.77.0.11:rate"] == 100 and c["port_pool_size"] == gw.pool.size
+
+
+def test_metrics_export_host_limit_drops_per_host_and_the_pool_size() -> None:
+    from prometheus_client import generate_latest
+
+    from vpnmasq import metrics
+
+    counters = {"host_limit:10.77.0.11:rate": 7, "host_limit:10.77.0.12:ports": 2,
+                "port_pool_size": 36280}
+    reg = metrics.registry_for(lambda: counters, dict, max_entries=200_000)
+    text = generate_latest(reg).decode()
+    fam = "vpnmasq_host_limit_dropped_packets_total"
+    assert f'{fam}{{host="10.77.0.11",limit="rate"}} 7.0' in text
+    assert f'{fam}{{host="10.77.0.12",limit="ports"}} 2.0' in text
+    assert "vpnmasq_port_pool_ports 36280.0" in text
+    assert "vpnmasq_host_limit" not in text.replace(fam, "")  # no fallback name

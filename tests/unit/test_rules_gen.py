@@ -618,7 +618,7 @@ def test_hybrid_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_p
 def test_userspace_hairpins_the_whole_port_pool_and_the_forwards() -> None:
     """Userspace mode: TCP/UDP from the LAN to any port of the engine's pool (every mapping;
     a forwarded server's answers go there too) and to the forwarded ports (GRE too). The
-    pool is the one the daemon passes from Config.alias_port_ranges, every range of it."""
+    pool is the one the daemon passes from PortPool.alias_ranges, every range of it."""
     s = spec(mode="userspace", hairpin_forwards=HAIRPINS, alias_ranges=[(61000, 65535), (600, 1023)])
     assert nft_chain(nft_rules(s), "raw_hp") == [
         "fib saddr type local return",
@@ -774,7 +774,7 @@ def test_daemon_hairpins_forwards_without_a_remote_restriction(tmp_path: Path) -
 
 
 def test_the_rules_queue_the_engines_port_pool(tmp_path: Path) -> None:
-    """One home: the daemon passes Config.alias_port_ranges, the pool the engine allocates
+    """One home: the daemon passes PortPool.alias_ranges, the pool the engine allocates
     from, so the inbound and hairpin rules follow any change of it."""
     from vpnmasq import daemon
     from vpnmasq.config import Config, PortRange
@@ -787,13 +787,13 @@ def test_the_rules_queue_the_engines_port_pool(tmp_path: Path) -> None:
         low_port_range=PortRange(700, 799),
         control_socket=str(tmp_path / "ctl.sock"),
     )
-    assert cfg.alias_port_ranges == ((40000, 40999), (700, 799))
-    s = daemon.rule_spec(cfg, PUBLIC)
-    assert s.alias_ranges == cfg.alias_port_ranges
+    eng = Engine(cfg, rng_seed=1)
+    assert eng.pool.alias_ranges == ((40000, 40999), (700, 799))
+    s = daemon.rule_spec(cfg, PUBLIC, pool=eng.pool)
+    assert s.alias_ranges == eng.pool.alias_ranges
     hp = nft_chain(nft_rules(s), "raw_hp")
     assert "udp dport 40000-40999 notrack" in hp and "tcp dport 700-799 notrack" in hp
     assert "udp dport 40000-40999 notrack" in nft_chain(nft_rules(s), "raw_in")
-    eng = Engine(cfg, rng_seed=1)
     assert [a.ranges for a in eng.ports.values()] == [[(40000, 40999), (700, 799)]] * 2
 
 

@@ -4,11 +4,11 @@ of small slices (each ``next()`` of the stream is one bounded piece of work)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from tests.packets import IN, OUT, PRV1, PRV2, accepted, build_udp, make_engine
-from vpnmasq.config import Limits
+from tests.packets import IN, NO_HOST_LIMITS, OUT, PRV1, PRV2, accepted, build_udp, make_engine
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import ip_to_int
 from vpnmasq.status import (
@@ -25,7 +25,8 @@ OTHER = ip_to_int("203.0.113.77")
 
 def filled(n: int, *, now: float = 1.0) -> Engine:
     """``n`` UDP mappings from PRV1 (ports 20000...) to REMOTE, one more from PRV2 to OTHER."""
-    eng = make_engine(limits=Limits(max_entries=n + 10))
+    # one host with many mappings at once: without the per-host limits on by default
+    eng = make_engine(limits=replace(NO_HOST_LIMITS, max_entries=n + 10))
     for i in range(n):
         accepted(eng.handle(build_udp(PRV1, REMOTE, 20000 + i, 53), OUT, now))
     accepted(eng.handle(build_udp(PRV2, OTHER, 5000, 4444), OUT, now))

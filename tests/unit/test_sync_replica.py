@@ -20,7 +20,7 @@ from tests.packets import (
 )
 from tests.pptp_wire import ControlLink, gre_call_id, gre_in, gre_out
 from vpnmasq import state
-from vpnmasq.config import Config
+from vpnmasq.config import Config, PortRange
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 from vpnmasq.sync.codec import Kind, Opener, Sealer
@@ -171,8 +171,12 @@ def test_held_time_ages_the_records_at_takeover() -> None:
 
 # ------------------------------------------------------------------------------ split brain
 def test_split_ranges_halves_every_identifier_range_disjointly() -> None:
-    c = Config()
+    c = Config(port_range=PortRange(61000, 65535))
     one, two = split_ranges(c, 1), split_ranges(c, 2)
+    # port_range = "auto" is split as the one range it stands for in that mode
+    auto = split_ranges(Config(), 1).port_range
+    assert auto is not None and (auto.low, auto.high) == (61000, 63267)
+    assert split_ranges(Config(mode="userspace"), 2).port_range == PortRange(16896, 32767)
     for name in (
         "port_range",
         "low_port_range",

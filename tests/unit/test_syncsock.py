@@ -15,6 +15,7 @@ from tests.packets import (
     EXT,
     IN,
     MASQ,
+    NO_HOST_LIMITS,
     OUT,
     PRV1,
     PRV2,
@@ -56,7 +57,7 @@ def esp(src: int, dst: int, spi: int) -> bytearray:
 
 
 def busy_engine(n: int) -> Engine:
-    e = make_engine()
+    e = make_engine(limits=NO_HOST_LIMITS)  # n mappings from one host at once
     eng = Engine(split_ranges(e.config, 1), e.public_ip)
     for i in range(n):
         accepted(eng.handle(build_udp(PRV1, EXT, 2000 + i, 53, b"q"), OUT, 1.0))

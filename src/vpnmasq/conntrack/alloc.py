@@ -9,6 +9,7 @@ The random source is injected, so tests are deterministic.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Iterator
 
 
@@ -48,10 +49,37 @@ class IdSet:
         return f"IdSet({sorted(self)!r})"
 
 
-class IdAllocator:
-    """Hands out 16-bit identifiers from ranges, preserving the requested one when allowed."""
+class _Class:
+    """Ranges handed out together (the ports for source ports >= 1024, or below): a random
+    index over their total size maps to a port, so a pool with holes is probed evenly."""
 
-    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve", "_in_range")
+    __slots__ = ("ranges", "starts", "size", "n")
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        self.ranges = ranges
+        self.starts: list[int] = []
+        total = 0
+        for lo, hi in ranges:
+            self.starts.append(total)
+            total += hi - lo + 1
+        self.size = total
+        self.n = 0  # used + reserved ids inside these ranges
+
+    def port(self, k: int) -> int:
+        i = bisect_right(self.starts, k) - 1
+        return self.ranges[i][0] + k - self.starts[i]
+
+    def __contains__(self, ident: int) -> bool:
+        return any(lo <= ident <= hi for lo, hi in self.ranges)
+
+
+class IdAllocator:
+    """Hands out 16-bit identifiers from ranges, preserving the requested one when allowed.
+
+    Ranges entirely below 1024 serve requests for a port below 1024 (RFC 4787 REQ-3), the
+    others every other request; with only one kind, it serves all."""
+
+    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve", "_high", "_low")
 
     def __init__(
         self,
@@ -67,22 +95,23 @@ class IdAllocator:
         self.rng = rng
         self.preserve = preserve
         self.always_preserve = always_preserve
-        self._in_range = [0] * len(self.ranges)  # used + reserved ids per range
+        self._high = _Class(sorted(r for r in self.ranges if r[1] >= 1024))
+        self._low = _Class(sorted(r for r in self.ranges if r[1] < 1024))
+
+    @property
+    def size(self) -> int:
+        return self._high.size + self._low.size
 
     def _count(self, ident: int, delta: int) -> None:
-        for i, (lo, hi) in enumerate(self.ranges):
-            if lo <= ident <= hi:
-                self._in_range[i] += delta
+        for c in (self._high, self._low):
+            if ident in c:
+                c.n += delta
+                return
 
-    def _range_for(self, preferred: int | None) -> tuple[int, int]:
-        if preferred is not None and preferred < 1024:
-            for r in self.ranges:
-                if r[1] < 1024:
-                    return r
-        for r in self.ranges:
-            if r[0] >= 1024 or len(self.ranges) == 1:
-                return r
-        return self.ranges[0]
+    def _class_for(self, preferred: int | None) -> _Class:
+        if preferred is not None and preferred < 1024 and self._low.size:
+            return self._low
+        return self._high if self._high.size else self._low
 
     def free(self, ident: int) -> bool:
         return ident not in self.used and ident not in self.reserved
@@ -96,23 +125,23 @@ class IdAllocator:
                 self.used.add(preferred)
                 self._count(preferred, 1)
                 return preferred
-        lo, hi = self._range_for(preferred)
-        size = hi - lo + 1
-        if self._in_range[self.ranges.index((lo, hi))] >= size:
+        c = self._class_for(preferred)
+        size = c.size
+        if c.n >= size:
             return None  # exhausted: O(1) refusal
         start = self.rng.randrange(size)
-        # random probing first (cheap when the range is sparse), then a full scan
+        # random probing first (cheap when the pool is sparse), then a full scan
         for _ in range(16):
-            cand = lo + self.rng.randrange(size)
+            cand = c.port(self.rng.randrange(size))
             if self.free(cand):
                 self.used.add(cand)
-                self._count(cand, 1)
+                c.n += 1
                 return cand
         for i in range(size):
-            cand = lo + (start + i) % size
+            cand = c.port((start + i) % size)
             if self.free(cand):
                 self.used.add(cand)
-                self._count(cand, 1)
+                c.n += 1
                 return cand
         return None
 

@@ -509,6 +509,8 @@ class MasqTable:
         self.index: dict[Hashable, Entry] = {}
         self.bindings: dict[tuple[int, int, int], Binding] = {}  # (proto, inside ip, port)
         self.alias_bindings: dict[tuple[int, int], Binding] = {}  # (proto, alias port)
+        #: (proto, inside ip) -> outside ports (ICMP: ids) its dynamic bindings hold
+        self.host_ports: dict[tuple[int, int], int] = {}
         self._lru: dict[str, LruList] = {}
         self.per_host: dict[int, int] = {}
         self.count = 0
@@ -736,12 +738,29 @@ class MasqTable:
             b.inside_port = _PORTS[b.inside_port]
         if 0 <= b.alias_port <= 0xFFFF:
             b.alias_port = _PORTS[b.alias_port]
-        self.bindings[(b.proto, b.inside_ip, b.inside_port)] = b
+        key = (b.proto, b.inside_ip, b.inside_port)
+        old = self.bindings.get(key)
+        if old is not None and old is not b:
+            self._count_port(old, -1)
+        if old is not b:
+            self._count_port(b, 1)
+        self.bindings[key] = b
         self.alias_bindings[(b.proto, b.alias_port)] = b
+
+    def _count_port(self, b: Binding, delta: int) -> None:
+        if b.static:
+            return
+        key = (b.proto, b.inside_ip)
+        n = self.host_ports.get(key, 0) + delta
+        if n > 0:
+            self.host_ports[key] = n
+        else:
+            self.host_ports.pop(key, None)
 
     def drop_binding(self, b: Binding) -> None:
         if self.bindings.get((b.proto, b.inside_ip, b.inside_port)) is b:
             del self.bindings[(b.proto, b.inside_ip, b.inside_port)]
+            self._count_port(b, -1)
         if self.alias_bindings.get((b.proto, b.alias_port)) is b:
             del self.alias_bindings[(b.proto, b.alias_port)]
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from vpnmasq.config import Mode
+from vpnmasq.config import Mode, interface_name_problem
 from vpnmasq.packet.ipv4 import (
     PROTO_AH,
     PROTO_ESP,
@@ -96,7 +96,6 @@ TCP_TIMEOUTS = {
     "last_ack": 240,
 }
 
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 
 
 class RuleError(RuntimeError):
@@ -147,7 +146,7 @@ class RuleSpec:
     #: where vpnmasq maps inside source ports below 1024 (Config.low_port_range); replies
     #: to those aliases are owned like replies to alias_port_range. None: not used.
     low_port_range: tuple[int, int] | None = None
-    #: every range the engine allocates TCP/UDP ports from (Config.alias_port_ranges, the
+    #: every range the engine allocates TCP/UDP ports from (PortPool.alias_ranges, the
     #: one home of that pool); empty: alias_port_range and low_port_range. Inbound and
     #: hairpinned packets to these ports are the ones vpnmasq owns.
     alias_ranges: Sequence[tuple[int, int]] = field(default_factory=tuple)
@@ -193,7 +192,7 @@ class RuleSpec:
     extra: ExtraRules | None = None
 
     def __post_init__(self) -> None:  # noqa: C901 - one validation per RuleSpec field
-        if not _IFNAME.match(self.outside_if) or self.outside_if in (".", ".."):
+        if interface_name_problem(self.outside_if) is not None:
             raise ValueError(f"invalid interface name: {self.outside_if!r}")
         nets = tuple(str(ipaddress.IPv4Network(n, strict=False)) for n in self.inside_networks)
         if not nets:
@@ -268,7 +267,7 @@ class RuleSpec:
                 self, "hairpin_address", str(ipaddress.IPv4Address(self.hairpin_address))
             )
         for ifname in self.local_source_guard:
-            if not _IFNAME.match(ifname) or ifname in (".", "..", "lo", self.outside_if):
+            if interface_name_problem(ifname) is not None or ifname in ("lo", self.outside_if):
                 raise ValueError(f"invalid interface for the local source guard: {ifname!r}")
         object.__setattr__(
             self, "local_source_guard", tuple(dict.fromkeys(self.local_source_guard))
@@ -1015,7 +1014,7 @@ def main_routes(*, netns: str | None = None) -> list[dict[str, Any]]:
 
 
 def _conf_key(ifname: str, key: str) -> str:
-    if not _IFNAME.match(ifname) or ifname in (".", "..") or not re.fullmatch(r"[a-z_]+", key):
+    if interface_name_problem(ifname) is not None or not re.fullmatch(r"[a-z_]+", key):
         raise ValueError(f"invalid sysctl: {ifname!r} {key!r}")
     return f"net/ipv4/conf/{ifname}/{key}"  # slashes: interface names may contain dots
 

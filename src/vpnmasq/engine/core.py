@@ -21,6 +21,8 @@ from dataclasses import replace
 
 from vpnmasq.config import Config, Forward
 from vpnmasq.conntrack.alloc import IdAllocator
+from vpnmasq.conntrack.hostlimits import LimitHits, host_limits
+from vpnmasq.conntrack.pool import PortPool, port_pool
 from vpnmasq.conntrack.table import PERMANENT, Binding, Entry, MasqTable, TableFull
 from vpnmasq.engine.fast import fast
 from vpnmasq.engine.fragments import Fragments
@@ -41,6 +43,7 @@ from vpnmasq.events import (
     EntryExpired,
     EntryUpdated,
     Event,
+    HostLimited,
     Notice,
     PacketDropped,
     Row,
@@ -70,15 +73,19 @@ MAX_PACKET = 65531
 class Engine:
     """The pure masquerading engine. See the module docstring."""
 
-    def __init__(
+    def __init__(  # long: wires every part (table, allocators, limits, translators, helpers)
         self,
         config: Config,
         public_ip: int | None = None,
         *,
         rng_seed: int | None = None,
         registry: HelperRegistry | None = None,
+        pool: PortPool | None = None,
     ) -> None:
         self.config = config
+        self.pool = pool if pool is not None else port_pool(config)  # None: a default system
+        self.host_limits = host_limits(config, self.pool)
+        self.limit_hits = LimitHits()
         if public_ip is None and config.public_address:
             public_ip = ip_to_int(config.public_address)
         self.public_ip = public_ip
@@ -100,11 +107,11 @@ class Engine:
         self.table = MasqTable(
             self.timeouts,
             config.limits.max_entries,
-            config.limits.max_entries_per_host,
+            self.host_limits.max_entries,
             on_remove=self._on_remove,
         )
         self.rng = random.Random(rng_seed)
-        ranges = list(config.alias_port_ranges)
+        ranges = list(self.pool.alias_ranges)
         self.ports: dict[int, IdAllocator] = {
             PROTO_TCP: IdAllocator(ranges, self.rng, preserve=config.preserve_ports),
             PROTO_UDP: IdAllocator(
@@ -125,7 +132,7 @@ class Engine:
         self.is_inside = self.nets.is_inside
         self.is_exempt = self.nets.is_exempt
         self.is_routed = self.nets.is_routed
-        self.rate = NewMappingRate(config.limits.max_new_per_host_per_second)
+        self.rate = NewMappingRate(self.host_limits.new_per_second)
         # source of the outbound packet being handled: the host new entries are charged to
         self._charge_to: int | None = None
         self.mss_clamp = config.mss_clamp
@@ -229,18 +236,26 @@ class Engine:
         what = PROTO_NAMES.get(entry.proto, entry.proto)
         if charged and not rate.has_token(entry.inside_ip, now):
             self.count("rate_limited")
-            return self.drop(
-                DropReason.HOST_LIMIT,
-                f"{int_to_ip(entry.inside_ip)} opens new mappings faster than "
-                f"limits.max_new_per_host_per_second = {rate.rate:g}: no new "
-                f"{what} flow to {int_to_ip(entry.remote_ip)}",
+            return self.host_limit(
+                entry.inside_ip,
+                "rate",
+                f"opens new mappings faster than limits.max_new_per_host_per_second = "
+                f"{rate.rate:g}: no new {what} flow to {int_to_ip(entry.remote_ip)}",
+                now,
             )
         try:
             self.table.add(entry, now, keys)
         except TableFull as exc:
-            reason = DropReason.HOST_LIMIT if "host" in str(exc) else DropReason.TABLE_FULL
+            if "host" in str(exc):
+                return self.host_limit(
+                    entry.inside_ip,
+                    "entries",
+                    f"holds {self.table.max_per_host} entries (limits.max_entries_per_host): "
+                    f"no new {what} flow",
+                    now,
+                )
             return self.drop(
-                reason,
+                DropReason.TABLE_FULL,
                 f"{exc}: {self.table.count} entries, no new {what}"
                 f" flow for {int_to_ip(entry.inside_ip)}",
             )
@@ -248,6 +263,40 @@ class Engine:
             rate.spend(entry.inside_ip)
         self.created(entry, now)
         return None
+
+    def host_limit(self, host: int, limit: str, detail: str, now: float) -> Verdict:
+        """Drop a packet because ``host`` hit a per-host ``limit`` (hostlimits.LIMIT_NAMES):
+        counted per host, reported once per host and interval (HostLimited)."""
+        drops = self.limit_hits.hit(host, limit, now)
+        if drops is not None:
+            self.events.append(HostLimited(int_to_ip(host), limit, detail, drops))
+        return self.drop(DropReason.HOST_LIMIT, f"{int_to_ip(host)} {detail}")
+
+    def port_share_left(self, proto: int, host: int, now: float) -> Verdict | None:
+        """None if ``host`` may take one more outside port (ICMP: id) of ``proto``, else the
+        drop (limits.max_ports_per_host)."""
+        cap = self.host_limits.max_icmp_ids if proto == PROTO_ICMP else self.host_limits.max_ports
+        if not cap or self.table.host_ports.get((proto, host), 0) < cap:
+            return None
+        return self.host_limit(
+            host,
+            "ports",
+            f"holds {cap} {PROTO_NAMES[proto]} {'ids' if proto == PROTO_ICMP else 'ports'} "
+            "(limits.max_ports_per_host): no new mapping",
+            now,
+        )
+
+    def exclude_ports(self, ports: Iterable[int]) -> list[int]:
+        """Operator input (the daemon, from what listens on the gateway): no new mapping gets
+        these TCP/UDP ports. Returns those that were in the pool."""
+        wanted = sorted(set(ports))
+        pool = self.pool.without(wanted)
+        gone = [p for p in wanted if p in self.pool and p not in pool]
+        for p in gone:
+            for alloc in self.ports.values():
+                alloc.reserve(p)
+        self.pool = pool
+        return gone
 
     def created(self, entry: Entry, now: float) -> None:
         self.count("created:" + entry.kind)

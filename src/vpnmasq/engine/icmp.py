@@ -59,7 +59,7 @@ class Icmp:
             b = self.table.binding(PROTO_ICMP, ip.src, ident)
             fresh = b is None
             if b is None:
-                nb = new_binding(eng, eng.icmp_ids, PROTO_ICMP, ip, ident, "no free ICMP id")
+                nb = new_binding(eng, eng.icmp_ids, PROTO_ICMP, ip, ident, "no free ICMP id", now)
                 if isinstance(nb, Verdict):
                     return nb
                 b = nb
@@ -207,7 +207,7 @@ class Icmp:
             return True
         ib = inner.buf
         sport = (ib[inner.ihl] << 8) | ib[inner.ihl + 1]
-        return not any(lo <= sport <= hi for lo, hi in self.eng.config.alias_port_ranges)
+        return sport not in self.eng.pool
 
     def error_out(self, ip: IPv4, off: int, now: float, *, local: bool = False) -> Verdict:
         """A LAN host's ICMP error about a packet it received through us (RFC 5508 REQ-4).

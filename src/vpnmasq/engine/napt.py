@@ -37,9 +37,13 @@ FAST_KINDS = frozenset({"napt", "fwd"})
 
 
 def new_binding(
-    eng: Engine, alloc: IdAllocator, proto: int, ip: IPv4, port: int, what: str
+    eng: Engine, alloc: IdAllocator, proto: int, ip: IPv4, port: int, what: str, now: float
 ) -> Binding | Verdict:
-    """A fresh endpoint-independent binding for (proto, ip.src, port), or the drop."""
+    """A fresh endpoint-independent binding for (proto, ip.src, port), or the drop (the
+    host holds its share of the pool, or the pool is exhausted)."""
+    refused = eng.port_share_left(proto, ip.src, now)
+    if refused is not None:
+        return refused
     alias = alloc.allocate(port)
     if alias is None:
         return eng.drop(DropReason.PORTS_EXHAUSTED, what, ip)
@@ -90,7 +94,7 @@ class Napt:
         fresh = b is None
         if b is None:
             what = f"no free {PROTO_NAMES[proto]} port for {int_to_ip(src)}:{sport}"
-            nb = new_binding(eng, self.alloc, proto, ip, sport, what)
+            nb = new_binding(eng, self.alloc, proto, ip, sport, what, now)
             if isinstance(nb, Verdict):
                 return nb
             b = nb

@@ -24,7 +24,8 @@ import json
 from collections.abc import Mapping, Set
 from typing import Any
 
-from vpnmasq.config import Config, PortRange
+from vpnmasq.config import DEFAULT_LOCAL_PORT_RANGE, HYBRID_PORT_RANGE, Config, PortRange
+from vpnmasq.conntrack.pool import FIRST_HIGH_PORT
 from vpnmasq.conntrack.table import Entry
 from vpnmasq.state import STATE_FORMAT, STATE_VERSION
 from vpnmasq.sync.codec import Kind, Message, SyncError
@@ -49,11 +50,20 @@ def _half(r: PortRange, node: int) -> PortRange:
     return PortRange(r.low, mid) if node == 1 else PortRange(mid + 1, r.high)
 
 
+def _auto_span(config: Config) -> PortRange:
+    """port_range = "auto" as one range that both nodes can halve: hybrid mode's range, or
+    in userspace mode the largest block of a default system's pool (below the ephemeral
+    range). The rest of the auto pool goes unused on a pair of nodes."""
+    if config.mode == "hybrid":
+        return HYBRID_PORT_RANGE
+    return PortRange(FIRST_HIGH_PORT, DEFAULT_LOCAL_PORT_RANGE.low - 1)
+
+
 def split_ranges(config: Config, node: int) -> Config:
     """``config`` with node 1's lower or node 2's upper half of each identifier range."""
     return dataclasses.replace(
         config,
-        port_range=_half(config.port_range, node),
+        port_range=_half(config.port_range or _auto_span(config), node),
         low_port_range=_half(config.low_port_range, node),
         icmp_id_range=_half(config.icmp_id_range, node),
         call_id_range=_half(config.call_id_range, node),

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpnmasq.config import Config, upstream_nat_reason, upstream_nat_warning
+from vpnmasq.config import HYBRID_PORT_RANGE, Config, upstream_nat_reason, upstream_nat_warning
 from vpnmasq.datapath.rules import (
     NFT_TABLE,
     forward_mark_hint,
@@ -304,7 +304,7 @@ def check_competing_nat(f: Facts) -> list[Finding]:
     out: list[Finding] = []
     if rules:
         kr = f.config.kernel_port_range
-        pr = f.config.port_range
+        pr = f.config.port_range or HYBRID_PORT_RANGE
         how = (
             f"in hybrid mode vpnmasq's own nft table already masquerades ordinary traffic into "
             f"ports {kr.low}-{kr.high}; a second masquerade may hand out ports in vpnmasq's range "

@@ -136,10 +136,11 @@ def render_text(
     host: str | None = None,
     total: int | None = None,
     sync: Mapping[str, Any] | None = None,
+    limits: Sequence[str] = (),
 ) -> str:
-    """The masquerade table as aligned text columns, then the counters. ``total``: the
-    entries in the daemon's table when ``rows`` is already a selection (server-side filters,
-    ``--limit``)."""
+    """The masquerade table as aligned text columns, then ``limits`` (the port pool and the
+    per-host limits in force, one line each) and the counters. ``total``: the entries in the
+    daemon's table when ``rows`` is already a selection (server-side filters, ``--limit``)."""
     all_rows = list(rows)
     shown = filter_rows(all_rows, proto=proto, host=host)
     lines: list[str] = []
@@ -161,6 +162,9 @@ def render_text(
     lines.append(summary)
     if sync:
         lines.append(sync_line(sync))
+    if limits:
+        lines.append("")
+        lines += list(limits)
     if counters:
         lines.append("")
         lines.append("counters:")
@@ -177,6 +181,7 @@ def render_json(
     host: str | None = None,
     total: int | None = None,
     sync: Mapping[str, Any] | None = None,
+    limits: Sequence[str] = (),
 ) -> str:
     """``{"entries": [...], "counters": {...}}``; ``expires_in`` is null for permanent entries."""
     all_rows = list(rows)
@@ -188,6 +193,8 @@ def render_json(
     }
     if sync:
         doc["sync"] = dict(sync)
+    if limits:
+        doc["limits"] = list(limits)
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
