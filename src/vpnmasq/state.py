@@ -21,7 +21,7 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vpnmasq.conntrack.record import Record
+from vpnmasq.conntrack.record import Record, as_int, as_num
 from vpnmasq.conntrack.table import PERMANENT, Binding, Entry, standard_keys
 from vpnmasq.engine import Engine
 from vpnmasq.packet.ipv4 import PROTO_ICMP, int_to_ip, ip_to_int
@@ -409,15 +409,7 @@ def _parse_ip(v: str) -> int:  # a table has few distinct addresses; parsing the
 
 
 def _int(v: object, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"bad integer {v!r}")
-    return v
-
-
-def _num(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ValueError(f"bad number {v!r}")
-    return float(v)
+    return as_int(v, lo, hi)  # counters and ports: never negative unless told
 
 
 def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _Cand | str:
@@ -443,7 +435,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
     if tclass == PERMANENT:
         expires = float("inf")
     else:
-        left = _num(rec["expires_in"]) - elapsed
+        left = as_num(rec["expires_in"]) - elapsed
         if left <= 0:
             return "expired"
         expires = now + min(left, timeouts[tclass])
@@ -458,7 +450,7 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
         _int(rec["remote_port"], 0, 0xFFFF),
         pub,
         _int(rec["alias_port"], 0, 0xFFFF),
-        now - _num(rec["age"]) - elapsed,
+        now - as_num(rec["age"]) - elapsed,
     )
     e.state = _int(rec["state"], 0, 255)
     name = rec["state_name"]
@@ -470,8 +462,8 @@ def _build(engine: Engine, rec: Any, now: float, elapsed: float, pub: int) -> _C
     last = rec.get("last")
     if isinstance(last, list) and len(last) == 2:
         lo, li = last
-        e.last_out = None if lo is None else now - _num(lo) - elapsed
-        e.last_in = None if li is None else now - _num(li) - elapsed
+        e.last_out = None if lo is None else now - as_num(lo) - elapsed
+        e.last_in = None if li is None else now - as_num(li) - elapsed
     if raw_keys is None:  # the standard keys of its kind, from the fields just read
         std = standard_keys(e)
         if std is None:
