@@ -1015,6 +1015,8 @@ class Gateway:
         if self.nfq is not None:
             for k, v in self.nfq.counters.as_dict().items():
                 c["nfq_" + k] = v
+        if self.offloader is not None:  # what the kernel forwarded for the engine's entries
+            c.update(self.offloader.forwarded)
         c["queue_batches"] = self.queue_batches
         c["rules_restored"] = self.rules_restored
         c["rules_restore_failed"] = self.rules_restore_failed

@@ -42,6 +42,16 @@ class Family:
 
 
 PACKETS = Family("vpnmasq_packets", "Packets the engine handled, by direction", ("direction",))
+OFFLOADED = Family(
+    "vpnmasq_offloaded_packets",
+    "Packets the kernel forwarded through the offload maps (read back every sync), by direction",
+    ("direction",),
+)
+OFFLOADED_BYTES = Family(
+    "vpnmasq_offloaded_bytes",
+    "Bytes the kernel forwarded through the offload maps (read back every sync), by direction",
+    ("direction",),
+)
 DROPPED = Family("vpnmasq_dropped_packets", "Packets vpnmasq dropped, by reason", ("reason",))
 CREATED = Family("vpnmasq_entries_created", "Table entries created, by kind", ("kind",))
 REMOVED = Family(
@@ -116,6 +126,10 @@ def _f(name: str, help_: str, *, scale: float = 1.0) -> Family:
 COUNTERS: dict[str, tuple[Family, tuple[str, ...]]] = {
     "packets_out": (PACKETS, ("out",)),
     "packets_in": (PACKETS, ("in",)),
+    "offload_packets_out": (OFFLOADED, ("out",)),
+    "offload_packets_in": (OFFLOADED, ("in",)),
+    "offload_bytes_out": (OFFLOADED_BYTES, ("out",)),
+    "offload_bytes_in": (OFFLOADED_BYTES, ("in",)),
     "rate_limited": (
         _f("vpnmasq_new_mappings_rate_limited", "New mappings refused by the per-host rate"),
         (),

@@ -143,11 +143,15 @@ def queued(d: Daemon) -> int:
 
 
 def kernel_carries(d: Daemon, s: Sessions, rounds: int = 5) -> None:
-    """``rounds`` more rounds, none of whose packets take the queue (the maps rewrite them)."""
-    q = queued(d)
+    """``rounds`` more rounds, none of whose packets take the queue (the maps rewrite them),
+    all of which the daemon counts as forwarded by the kernel (top, metrics)."""
+    q, c = queued(d), d.counters()
     for _ in range(rounds):
         assert s.round()
     assert queued(d) == q, "offloaded packets took the queue"
+    for way in ("out", "in"):  # a UDP datagram and a TCP segment (at least) each round
+        key = "offload_packets_" + way
+        wait_for(lambda k=key: d.counters()[k] >= c[k] + 2 * rounds, f"{key} counted")
 
 
 def test_firewall_reload_refills_the_napt_offload_maps(

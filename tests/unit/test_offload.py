@@ -194,6 +194,11 @@ def test_sync_credits_traffic_and_follows_the_table_through_a_fake_nft() -> None
     kernel[Element("esp_in", (EXT, 0x2001), PRV1)] = (10, 1000)
     rep = off.sync(eng, 50.0)
     assert rep.credited == 1 and e.pkts_in == pk_in + 10 and e.last_in == 50.0
+    # the totals the daemon reports next to the engine's packets (top, metrics)
+    assert off.forwarded == {"offload_packets_out": 0, "offload_packets_in": 10,
+                             "offload_bytes_out": 0, "offload_bytes_in": 1000}
+    off.sync(eng, 50.5)  # nothing new: nothing counted twice
+    assert off.forwarded["offload_packets_in"] == 10
     # the class timeout from the read, plus the margin for traffic not read yet
     assert e.expires_at == 50.0 + eng.timeouts["esp"] + CREDIT_MARGIN_S
     eng.flush()

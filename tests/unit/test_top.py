@@ -51,6 +51,16 @@ def test_rates_come_from_two_answers_and_the_busiest_leads() -> None:
     assert f.batch_ms == 0.5  # 55 ms over 110 batches
 
 
+def test_the_header_counts_what_the_kernel_forwarded_through_the_offload_maps() -> None:
+    """With offload, most packets never reach the engine: the header's rates add what the
+    daemon read back from the maps, as the session lines do."""
+    s = Sampler()
+    s.update(answer([], packets_out=100, offload_packets_out=1000, offload_packets_in=0), 0.0)
+    f = s.update(answer([], packets_out=300, packets_in=10, offload_packets_out=21_000,
+                        offload_packets_in=4000), 2.0)
+    assert (f.pps_out, f.pps_in) == (10_100.0, 2005.0)
+
+
 def test_batch_time_and_kernel_drop_rate() -> None:
     s = Sampler()
     s.update(answer([], queue_batches=100, queue_latency_us_total=50_000,

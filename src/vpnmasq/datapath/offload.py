@@ -150,6 +150,8 @@ _PROTO_NAMES = {"tcp": 6, "udp": 17}
 CREDIT_MARGIN_S = 10.0
 #: the longest the daemon waits between two reads of the counters (see SYNC_INTERVAL_S)
 MAX_SYNC_INTERVAL_S = CREDIT_MARGIN_S / 2
+#: the counters of what the kernel forwarded (:attr:`Offloader.forwarded`)
+FORWARDED = ("offload_packets_out", "offload_packets_in", "offload_bytes_out", "offload_bytes_in")
 #: how soon newly eligible NAPT sessions are added (batched: one nft run per interval)
 ADD_INTERVAL_S = 0.05
 #: sessions waiting for that at most (more are found by the periodic sync)
@@ -505,6 +507,9 @@ class Offloader:
     errors: int = 0
     last_error: str | None = None
     syncs: int = 0
+    #: what the kernel forwarded through the maps since start, as read back by the syncs
+    #: (``offload_packets_out`` ...: the daemon's counters, next to the engine's own)
+    forwarded: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FORWARDED, 0))
     #: seconds between two reads of the counters (adapts to what a read costs)
     interval: float = SYNC_INTERVAL_S
     last_read_s: float = 0.0  # CPU time of the last read (nft and parsing)
@@ -647,6 +652,9 @@ class Offloader:
             users = [u for u in self.offloaded.get(el, ()) if u.live] or desired.get(el)
             if base is not None and users and pk > base[0]:
                 d = _DIRECTION.get(el.set, "")
+                if d:
+                    self.forwarded["offload_packets_" + d] += pk - base[0]
+                    self.forwarded["offload_bytes_" + d] += max(0, by - base[1])
                 _credit(engine, users[0], d, pk - base[0], by - base[1], now)
                 for other in users[1:]:  # a shared inbound element: each session lives on
                     _credit(engine, other, d, 0, 0, now)

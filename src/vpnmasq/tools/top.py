@@ -80,6 +80,12 @@ class Frame:
     error: str | None = None
 
 
+def _packets(c: Mapping[str, int], way: str) -> int:
+    """Packets forwarded one way: those the engine handled and those the kernel forwarded
+    through the offload maps (credited at each offload sync)."""
+    return int(c.get("packets_" + way, 0)) + int(c.get("offload_packets_" + way, 0))
+
+
 def _rate(new: float, old: float, dt: float) -> float:
     return max(0.0, new - old) / dt if dt > 0 else 0.0
 
@@ -126,8 +132,8 @@ class Sampler:
         )
         p = self.prev_counters
         if p is not None and dt > 0:
-            f.pps_out = _rate(c.get("packets_out", 0), p.get("packets_out", 0), dt)
-            f.pps_in = _rate(c.get("packets_in", 0), p.get("packets_in", 0), dt)
+            f.pps_out = _rate(_packets(c, "out"), _packets(p, "out"), dt)
+            f.pps_in = _rate(_packets(c, "in"), _packets(p, "in"), dt)
             f.drops_ps = _rate(c.get("dropped", 0), p.get("dropped", 0), dt)
             old_kd = int(p.get("kernel_queue_dropped", 0)) + int(p.get("kernel_queue_user_dropped", 0))
             f.kernel_drops_ps = _rate(f.kernel_drops, old_kd, dt)
