@@ -9,7 +9,7 @@ from vpnmasq.config import Config, Limits, PortRange
 from vpnmasq.engine import Engine
 from vpnmasq.helpers import available
 from vpnmasq.packet.checksum import checksum, pseudo_header_sum
-from vpnmasq.packet.ipv4 import IPv4, ip_to_int
+from vpnmasq.packet.ipv4 import PROTO_ESP, IPv4, build_ipv4, ip_to_int
 from vpnmasq.packet.l4 import build_esp, build_gre_v1, build_icmp, build_tcp, build_udp
 from vpnmasq.verdict import Action, Direction, Verdict
 
@@ -29,12 +29,18 @@ __all__ = [
     "MASQ", "PRV1", "PRV2", "PRV3", "SRV_LAN", "EXT", "EXT2", "ATTACKER", "OUT", "IN",
     "make_engine", "build_tcp", "build_udp", "build_icmp", "build_esp", "build_gre_v1",
     "ip_of", "l4_ports", "assert_checksums_ok", "accepted", "dropped", "NO_HOST_LIMITS",
+    "esp_packet",
 ]
 
 
 #: the per-host limits off (they are on by default): for tests that make many mappings from
 #: one host at one instant
 NO_HOST_LIMITS = Limits(max_entries_per_host=0, max_ports_per_host=0, max_new_per_host_per_second=0)
+
+
+def esp_packet(src: int, dst: int, spi: int, seq: int = 1) -> bytearray:
+    """An IPv4 packet carrying ESP (raw, IP protocol 50) with this SPI and sequence number."""
+    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, seq))
 
 
 def make_engine(**overrides: object) -> Engine:

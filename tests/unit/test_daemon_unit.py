@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
-from tests.packets import EXT, IN, OUT, PRV1, accepted, build_esp, build_udp
+from tests.packets import EXT, IN, OUT, PRV1, accepted, build_udp, esp_packet
 from tests.unit.conftest import Records
 from vpnmasq import daemon, state
 from vpnmasq.config import Config
 from vpnmasq.datapath.nfqueue import NfQueueError
 from vpnmasq.eventlog import LOG_BURST
-from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 
 
 def config(tmp_path: Path, **kw: Any) -> Config:
@@ -64,9 +63,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(daemon.rules, "forward_mark_rule_present", lambda mark: True)
     return seen
 
-
-def esp(src: int, dst: int, spi: int) -> bytearray:
-    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, 1))
 
 
 # ------------------------------------------------------------------------------ environment
@@ -168,8 +164,8 @@ class _NoControl:
 def _gateway_with_traffic(tmp_path: Path, **kw: Any) -> daemon.Gateway:
     gw = daemon.Gateway(config(tmp_path, **kw))
     eng = gw.engine
-    accepted(eng.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
-    accepted(eng.handle(esp(EXT, eng.public_ip, 0x2001), daemon.Direction.INBOUND, 1.0))  # type: ignore[arg-type]
+    accepted(eng.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 1.0))
+    accepted(eng.handle(esp_packet(EXT, eng.public_ip, 0x2001), daemon.Direction.INBOUND, 1.0))  # type: ignore[arg-type]
     accepted(eng.handle(build_udp(PRV1, EXT, 5000, 53), OUT, 1.0))
     return gw
 

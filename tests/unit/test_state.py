@@ -25,11 +25,11 @@ from tests.packets import (
     PRV2,
     SRV_LAN,
     accepted,
-    build_esp,
     build_icmp,
     build_tcp,
     build_udp,
     dropped,
+    esp_packet,
     make_engine,
 )
 from tests.pptp_wire import (
@@ -47,16 +47,13 @@ from vpnmasq import state
 from vpnmasq.config import Limits, PortRange, Timeouts
 from vpnmasq.engine import Engine
 from vpnmasq.helpers.isakmp import build_header
-from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4, ip_to_int
+from vpnmasq.packet.ipv4 import ip_to_int
 from vpnmasq.packet.l4 import TCP_ACK, TCP_SYN
 from vpnmasq.verdict import DropReason
 
 WALL = 1_700_000_000.0
 NEW_PUBLIC = ip_to_int("198.51.100.2")
 
-
-def esp(src: int, dst: int, spi: int, seq: int = 1) -> bytearray:
-    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, seq))
 
 
 def moved(
@@ -150,11 +147,11 @@ def test_restored_entries_expire_in_order() -> None:
 # ------------------------------------------------------------------------------ ESP
 def test_established_esp_association_survives_and_pending_init_is_not_saved() -> None:
     a = make_engine()
-    accepted(a.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
-    v = accepted(a.handle(esp(EXT, MASQ, 0x2001), IN, 1.5))
+    accepted(a.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 1.0))
+    v = accepted(a.handle(esp_packet(EXT, MASQ, 0x2001), IN, 1.5))
     assert v.dst == PRV1
     # PRV2 starts an SA with EXT that nobody answers: a pending init
-    accepted(a.handle(esp(PRV2, EXT, 0x3001), OUT, 2.0))
+    accepted(a.handle(esp_packet(PRV2, EXT, 0x3001), OUT, 2.0))
     assert sum(1 for e in a.table if e.kind == "esp") == 2
     data = state.export_state(a, 3.0, WALL)
     assert data["skipped"] == {"not-saved": 1}
@@ -165,20 +162,20 @@ def test_established_esp_association_survives_and_pending_init_is_not_saved() ->
     assert rep.restored == {"esp": 1}
     # the remote speaks first after the restart: delivered by the restored association,
     # no new association is made (a fresh engine would drop it: ESP_UNASSOCIATED)
-    v = accepted(b.handle(esp(EXT, MASQ, 0x2001, 2), IN, 50.0))
+    v = accepted(b.handle(esp_packet(EXT, MASQ, 0x2001, 2), IN, 50.0))
     assert v.dst == PRV1
-    accepted(b.handle(esp(PRV1, EXT, 0x1001, 2), OUT, 50.1))
+    accepted(b.handle(esp_packet(PRV1, EXT, 0x1001, 2), OUT, 50.1))
     assert not any(k.startswith("esp:associated") for k in b.counters)
     e = entry_for(b, "esp")
     d = b.row(e, 50.1).detail
     assert (d["spi_out"], d["spi_in"], d["assoc"]) == ("0x00001001", "0x00002001", "established")
     assert (e.pkts_out, e.pkts_in) == (2, 2)  # counts carried over
     # PRV2's init was not carried over: its next packet starts a new claim
-    accepted(b.handle(esp(PRV2, EXT, 0x3001, 2), OUT, 50.2))
+    accepted(b.handle(esp_packet(PRV2, EXT, 0x3001, 2), OUT, 50.2))
     assert b.counters.get("created:esp") == 1
 
     fresh = make_engine()
-    dropped(fresh.handle(esp(EXT, MASQ, 0x2001, 2), IN, 50.0), DropReason.ESP_UNASSOCIATED)
+    dropped(fresh.handle(esp_packet(EXT, MASQ, 0x2001, 2), IN, 50.0), DropReason.ESP_UNASSOCIATED)
 
 
 # ------------------------------------------------------------------------------ ISAKMP
@@ -252,8 +249,8 @@ def test_pptp_control_connection_and_calls_survive_mid_message() -> None:
 # ------------------------------------------------------------------------------ what no longer applies
 def test_restore_onto_a_changed_public_address() -> None:
     a = make_engine()
-    accepted(a.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
-    accepted(a.handle(esp(EXT, MASQ, 0x2001), IN, 1.0))
+    accepted(a.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 1.0))
+    accepted(a.handle(esp_packet(EXT, MASQ, 0x2001), IN, 1.0))
     accepted(a.handle(build_udp(PRV1, EXT, 5000, 53), OUT, 1.0))
 
     flush = make_engine(public_address="198.51.100.2")  # on_address_change = "flush"
@@ -263,8 +260,8 @@ def test_restore_onto_a_changed_public_address() -> None:
     rewrite = make_engine(public_address="198.51.100.2", on_address_change="rewrite")
     rep = moved(a, rewrite, now_a=2.0, now_b=2.0)
     assert rep.n_restored == 2
-    assert accepted(rewrite.handle(esp(PRV1, EXT, 0x1001, 2), OUT, 2.0)).src == NEW_PUBLIC
-    v = accepted(rewrite.handle(esp(EXT, NEW_PUBLIC, 0x2001, 2), IN, 2.0))
+    assert accepted(rewrite.handle(esp_packet(PRV1, EXT, 0x1001, 2), OUT, 2.0)).src == NEW_PUBLIC
+    v = accepted(rewrite.handle(esp_packet(EXT, NEW_PUBLIC, 0x2001, 2), IN, 2.0))
     assert v.dst == PRV1
 
     no_addr = Engine(make_engine().config, None)
@@ -275,8 +272,8 @@ def test_restore_onto_a_changed_public_address() -> None:
 
 def test_restore_into_a_changed_config_drops_what_no_longer_applies() -> None:
     a = make_engine()
-    accepted(a.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
-    accepted(a.handle(esp(EXT, MASQ, 0x2001), IN, 1.0))
+    accepted(a.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 1.0))
+    accepted(a.handle(esp_packet(EXT, MASQ, 0x2001), IN, 1.0))
     accepted(a.handle(build_udp(PRV1, EXT, 5000, 53), OUT, 1.0))
     accepted(a.handle(build_udp(PRV2, EXT, 62000, 53), OUT, 1.0))  # preserved: in range
     saved = json.loads(json.dumps(state.export_state(a, 2.0, WALL)))

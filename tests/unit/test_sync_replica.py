@@ -14,24 +14,20 @@ from tests.packets import (
     PRV1,
     PRV2,
     accepted,
-    build_esp,
     build_udp,
+    esp_packet,
     make_engine,
 )
 from tests.pptp_wire import ControlLink, gre_call_id, gre_in, gre_out
 from vpnmasq import state
 from vpnmasq.config import Config, PortRange
 from vpnmasq.engine import Engine
-from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 from vpnmasq.sync.codec import Kind, Opener, Sealer
 from vpnmasq.sync.replica import Publisher, Replica, split_ranges, stable_id
 
 KEY = b"k" * 32
 WALL = 1_700_000_000.0
 
-
-def esp(src: int, dst: int, spi: int, seq: int = 1) -> bytearray:
-    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, seq))
 
 
 def node_engine(node: int) -> Engine:
@@ -71,8 +67,8 @@ class Link:
 
 
 def vpn_traffic(a: Engine) -> tuple[ControlLink, int]:
-    accepted(a.handle(esp(PRV1, EXT, 0x1001), OUT, 1.0))
-    assert accepted(a.handle(esp(EXT, MASQ, 0x2001), IN, 1.5)).dst == PRV1
+    accepted(a.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 1.0))
+    assert accepted(a.handle(esp_packet(EXT, MASQ, 0x2001), IN, 1.5)).dst == PRV1
     link = ControlLink(a, PRV1, 1025, EXT).open(1.0)
     link.start_session(1.1)
     out_id = link.outgoing_call(7, 99, 1.2)
@@ -88,14 +84,14 @@ def test_standby_takes_over_esp_pptp_and_napt_sessions_with_the_same_ids() -> No
     assert ln.tick(2.0) == [Kind.FULL]
     assert ln.replica.synced and len(ln.replica.records) == 4  # esp, napt 1723, gre, udp
     assert ln.tick(2.5) == []  # nothing changed (packets alone are not a change)
-    accepted(a.handle(esp(PRV1, EXT, 0x1001, 2), OUT, 2.6))
+    accepted(a.handle(esp_packet(PRV1, EXT, 0x1001, 2), OUT, 2.6))
     assert ln.tick(2.7) == []
 
     b = node_engine(2)
     rep = ln.take_over(b, 200.0)
     assert rep.n_dropped == 0 and rep.restored == {"esp": 1, "napt": 2, "gre": 1}
     # inbound ESP by SPI, GRE by Call ID, and the UDP reply all reach the same hosts
-    assert accepted(b.handle(esp(EXT, MASQ, 0x2001, 2), IN, 200.1)).dst == PRV1
+    assert accepted(b.handle(esp_packet(EXT, MASQ, 0x2001, 2), IN, 200.1)).dst == PRV1
     g = accepted(gre_in(b, EXT, out_id, 200.1))
     assert (g.dst, gre_call_id(g)) == (PRV1, 7)
     assert accepted(gre_out(b, PRV1, EXT, 99, 200.2)).src == MASQ
@@ -112,8 +108,8 @@ def test_changes_and_removals_go_as_deltas() -> None:
     vpn_traffic(a)
     ln = Link(a)
     ln.tick(2.0)
-    accepted(a.handle(esp(PRV2, EXT, 0x3001), OUT, 3.0))
-    accepted(a.handle(esp(EXT, MASQ, 0x4001), IN, 3.5))  # PRV2's SA answered
+    accepted(a.handle(esp_packet(PRV2, EXT, 0x3001), OUT, 3.0))
+    accepted(a.handle(esp_packet(EXT, MASQ, 0x4001), IN, 3.5))  # PRV2's SA answered
     assert ln.tick(4.0) == [Kind.DELTA]
     assert sum(r["kind"] == "esp" for r, _ in ln.replica.records.values()) == 2
     a.flush()
@@ -128,8 +124,8 @@ def test_a_lost_message_makes_the_standby_ask_for_a_full_sync() -> None:
     ln.tick(1.0)
     vpn_traffic(a)
     ln.tick(2.0, drop=frozenset({0}))  # the delta with the new sessions is lost
-    accepted(a.handle(esp(PRV2, EXT, 0x3001), OUT, 3.0))
-    accepted(a.handle(esp(EXT, MASQ, 0x4001), IN, 3.5))
+    accepted(a.handle(esp_packet(PRV2, EXT, 0x3001), OUT, 3.0))
+    accepted(a.handle(esp_packet(EXT, MASQ, 0x4001), IN, 3.5))
     ln.tick(4.0)
     assert ln.replica.want_full and ln.replica.counters["sync_gap"] == 1
     assert len(ln.replica.records) == 1  # best effort: the next delta was applied

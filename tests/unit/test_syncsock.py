@@ -20,8 +20,8 @@ from tests.packets import (
     PRV1,
     PRV2,
     accepted,
-    build_esp,
     build_udp,
+    esp_packet,
     make_engine,
 )
 from tests.pptp_wire import ControlLink
@@ -29,7 +29,6 @@ from vpnmasq import state
 from vpnmasq.config import Sync
 from vpnmasq.datapath.syncsock import PEER_CLAIM_S, ROLL_PER_TICK, SyncEndpoint, read_key
 from vpnmasq.engine import Engine
-from vpnmasq.packet.ipv4 import PROTO_ESP, build_ipv4
 from vpnmasq.sync.replica import split_ranges
 
 KEY = b"a-key-of-at-least-16-bytes"
@@ -51,9 +50,6 @@ def pair() -> Iterator[tuple[SyncEndpoint, SyncEndpoint]]:
     a.close()
     b.close()
 
-
-def esp(src: int, dst: int, spi: int) -> bytearray:
-    return build_ipv4(src, dst, PROTO_ESP, build_esp(spi, 1))
 
 
 def busy_engine(n: int) -> Engine:
@@ -190,8 +186,8 @@ def test_a_delta_tick_exports_vpn_entries_new_ones_and_a_slice_of_the_rest(
         return out
 
     monkeypatch.setattr(state, "export_state", spy)
-    accepted(eng.handle(esp(PRV1, EXT, 0x1001), OUT, 2.1))
-    accepted(eng.handle(esp(EXT, MASQ, 0x2001), IN, 2.2))  # a new association
+    accepted(eng.handle(esp_packet(PRV1, EXT, 0x1001), OUT, 2.1))
+    accepted(eng.handle(esp_packet(EXT, MASQ, 0x2001), IN, 2.2))  # a new association
     eng.table.remove(next(e for e in eng.table if e.kind == "napt" and e.inside_port == 2000), "flush")
     a.tick(eng, True, a.next_tick, WALL, time.monotonic)
     # the control connection + its call + the new association, and 256 plain ones in turn
