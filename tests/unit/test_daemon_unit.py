@@ -19,7 +19,7 @@ from tests.packets import EXT, IN, OUT, PRV1, accepted, build_udp, esp_packet
 from tests.unit.conftest import Records
 from vpnmasq import daemon, state
 from vpnmasq.config import Config
-from vpnmasq.datapath.nfqueue import NfQueueError
+from vpnmasq.datapath.nfqueue import Hook, NfQueueError, QueuedPacket
 from vpnmasq.eventlog import LOG_BURST
 
 
@@ -438,3 +438,49 @@ def test_metrics_export_host_limit_drops_per_host_and_the_pool_size() -> None:
     assert f'{fam}{{host="10.77.0.12",limit="ports"}} 2.0' in text
     assert "vpnmasq_port_pool_ports 36280.0" in text
     assert "vpnmasq_host_limit" not in text.replace(fam, "")  # no fallback name
+
+
+class FloodQueue(FakeQueue):
+    """A queue that is never empty (a flood): every receive returns a full batch of one UDP
+    flow's datagrams, outbound; verdicts are counted."""
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__()
+        self._pair[1].send(b"x")  # readable for select
+        self.packets = bytes(build_udp(PRV1, EXT, 40000, 7777, b"flood"))
+        self.next_id = 1
+        self.verdicts = 0
+
+    def recv_batch(self, n: int = 256) -> list[QueuedPacket]:
+        out = []
+        for _ in range(n):
+            p = self.packets
+            out.append(QueuedPacket(self.next_id, int(Hook.POST_ROUTING), 0x0800, p, len(p), len(p)))
+            self.next_id += 1
+        return out
+
+    def accept(self, pid: object, payload: object = None, mark: object = None) -> None:
+        self.verdicts += 1
+
+    drop = accept
+
+
+def test_a_flood_does_not_keep_the_loop_from_its_other_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str]
+) -> None:
+    """With the queue never empty, one step still ends after QUEUE_SLICE_S and goes on to
+    timers, events and the offload (which would otherwise leave a flooding flow in the slow
+    path for as long as the flood lasts)."""
+    q = FloodQueue()
+    monkeypatch.setattr(daemon, "NfQueue", lambda *a, **kw: q)
+    monkeypatch.setattr(daemon, "ControlServer", _NoControl)
+    monkeypatch.setattr(daemon, "QUEUE_SLICE_S", 0.05)
+    gw = daemon.Gateway(config(tmp_path, offload=True))
+    gw.start()
+    offloaded: list[float] = []
+    assert gw.offloader is not None
+    monkeypatch.setattr(gw.offloader, "quick", lambda now: offloaded.append(now))
+    monkeypatch.setattr(gw.offloader, "sync", lambda eng, now: daemon.offload.SyncReport())
+    gw.step(0.0)
+    assert q.verdicts >= 256 and offloaded  # the step ended, and the offload had its turn
+    gw.stop()
