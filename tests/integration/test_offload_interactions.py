@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -364,4 +365,75 @@ def test_handover_and_restart_with_napt_offload_and_hairpin(
     finally:
         if d.proc is not None and d.proc.poll() is None:
             assert d.stop() == 0
+    assert not rules.installed(netns=topo.ns("gw"))
+
+
+@pytest.fixture
+def legacy_path(workdir: Path) -> dict[str, str]:
+    """An environment whose ``iptables`` tools are iptables-legacy (as after
+    ``update-alternatives --set iptables /usr/sbin/iptables-legacy``)."""
+    bin_dir = workdir / "legacy-bin"
+    bin_dir.mkdir()
+    multi = shutil.which("xtables-legacy-multi")
+    if multi is None:
+        pytest.skip("xtables-legacy-multi (iptables-legacy) not installed")
+    for tool in ("iptables", "iptables-save", "iptables-restore"):
+        (bin_dir / tool).symlink_to(multi)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+
+
+def legacy_save(topo: Topology) -> str:
+    return gw_run(topo, "iptables-legacy-save").stdout
+
+
+@pytest.mark.parametrize("mode", ["userspace", "hybrid"])
+def test_iptables_legacy_firewall_changes_are_repaired(
+    topo: Topology,
+    remote: Remote,
+    wan: Sniffer,
+    workdir: Path,
+    legacy_path: dict[str, str],
+    mode: str,
+) -> None:
+    """With iptables-legacy (no nftables notifications for its tables: the daemon checks
+    every CANARY_INTERVAL_S), ``iptables -t mangle -F`` and ``iptables-restore`` of the
+    admin's own rules are repaired, and so is an nft flush of vpnmasq's table; offloaded
+    sessions (userspace mode) carry on and nothing LAN-sourced leaves after each repair."""
+    d = Daemon(topo, mode, workdir, extra="offload = true\n", env=legacy_path).start()
+    conf = workdir / "nftables.conf"
+    conf.write_text(NFTABLES_CONF)
+    ipt = workdir / "mangle.rules"  # the admin's saved rules, without vpnmasq's
+    ipt.write_text(
+        "*mangle\n:PREROUTING ACCEPT [0:0]\n"
+        "-A PREROUTING -p tcp --dport 25 -j MARK --set-mark 7\nCOMMIT\n"
+    )
+    try:
+        assert "-j VPNMASQ_OUT" in legacy_save(topo)
+        assert "VPNMASQ" not in gw_run(topo, "iptables-nft-save").stdout  # one family only
+        with sessions(topo) as s:
+            assert s.round() and s.round()
+            if mode == "userspace":
+                wait_for(lambda: offloaded(topo), "both sessions offloaded")
+            for cmd in (
+                "iptables-legacy -t mangle -F",
+                f"iptables-legacy-restore < {ipt}",
+                f"nft flush ruleset; nft -f {conf}",
+            ):
+                n = d.counters()["rules_restored"]
+                r = gw_run(topo, "sh", "-c", cmd)
+                assert r.returncode == 0, r.stderr
+                wait_for(lambda n=n: d.counters()["rules_restored"] > n, f"restore after {cmd}")
+                t_restored = time.time()
+                save = legacy_save(topo)
+                assert "-j VPNMASQ_IN" in save and "-j VPNMASQ_OUT" in save, (cmd, save)
+                assert gw_run(topo, "nft", "list", "table", "ip", rules.NFT_TABLE).returncode == 0
+                if mode == "userspace":
+                    wait_for(lambda: offloaded(topo), f"the maps refilled after {cmd}")
+                    kernel_carries(d, s)
+                else:
+                    assert s.round() and s.round()
+                assert leaked(wan, t_restored) == [], cmd
+    finally:
+        assert d.stop() == 0
+    assert "VPNMASQ" not in legacy_save(topo)
     assert not rules.installed(netns=topo.ns("gw"))
