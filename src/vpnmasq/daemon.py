@@ -649,10 +649,16 @@ class Gateway:
                         rulewatch.CANARY_INTERVAL_S)
         self._rebaseline()
 
-    def _fingerprint(self) -> dict[str, str]:
-        tables = [rules.NFT_TABLE]
-        nft, save = rulewatch.snapshot(tables, iptables_tables=tuple(rules.CHAINS))
-        return rulewatch.fingerprint(nft, save, rules.CHAIN_PREFIX)
+    def _fingerprint(self, nft: bool = True) -> dict[str, str]:
+        """What is installed now. Without ``nft`` (nftables says nothing changed: only the
+        iptables-legacy poll asks) our nft table is taken as last read, not listed again
+        with every offload element in it."""
+        tables = [rules.NFT_TABLE] if nft else []
+        text, save = rulewatch.snapshot(tables, iptables_tables=tuple(rules.CHAINS))
+        fp = rulewatch.fingerprint(text, save, rules.CHAIN_PREFIX)
+        if not nft:
+            fp.update((k, v) for k, v in self.rule_baseline.items() if k.startswith("nft "))
+        return fp
 
     def _rebaseline(self) -> None:
         """Our own change of the rules is the new reference."""
@@ -663,7 +669,9 @@ class Gateway:
     def _check_rules(self, now: float) -> None:
         """Compare what is installed with what we installed; put back what is missing."""
         assert self.rulewatch is not None
-        what = rulewatch.differences(self.rule_baseline, self._fingerprint())
+        what = rulewatch.differences(
+            self.rule_baseline, self._fingerprint(nft=self.rulewatch.nft_changed)
+        )
         if what:
             self._restore_rules(what, now)
         else:

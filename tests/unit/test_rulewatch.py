@@ -8,6 +8,7 @@ import ipaddress
 import json
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -178,11 +179,63 @@ def test_the_canary_schedules_a_check_when_the_generation_moved_unnoticed() -> N
 
 
 def test_iptables_legacy_is_checked_every_interval() -> None:
-    w = rulewatch.RuleWatch(("vpnmasq",), 0.0, read_gen=FakeGen(), poll_every_interval=True)
+    gen = FakeGen()
+    w = rulewatch.RuleWatch(("vpnmasq",), 0.0, read_gen=gen, poll_every_interval=True)
     try:
         assert w.due(rulewatch.CANARY_INTERVAL_S)
+        w.checked()
+        # the poll alone: iptables is read again, our nft table need not be (nothing in
+        # nftables moved; reading it lists every offload map element)
+        assert w.due(2 * rulewatch.CANARY_INTERVAL_S) and not w.nft_changed
+        w.checked()
+        gen.gen = 2  # an nft commit: the same poll now reads nftables too
+        assert w.due(3 * rulewatch.CANARY_INTERVAL_S) and w.nft_changed
+        w.checked()
+        w.schedule(4.0)  # a relevant notification
+        assert w.nft_changed
     finally:
         w.close()
+
+
+def test_the_legacy_poll_reads_iptables_only_and_still_finds_a_flushed_chain(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The daemon's check with iptables-legacy (CANARY_INTERVAL_S apart): without an nft
+    change it lists only iptables, compares our nft pieces as last read, and still repairs
+    an ``iptables -t mangle -F``."""
+    from vpnmasq import daemon
+    from vpnmasq.config import load_config
+
+    read: list[list[str]] = []
+    state = {"save": SAVE}
+
+    def snapshot(tables: list[str], **_kw: object) -> tuple[dict[str, str], str]:
+        read.append(list(tables))
+        return {t: TABLES[t] for t in tables}, state["save"]
+
+    restored: list[object] = []
+    monkeypatch.setattr(daemon.rulewatch, "snapshot", snapshot)
+    monkeypatch.setattr(daemon.rules, "replace", lambda spec: restored.append(spec))
+    cfg = load_config(
+        'outside_interface = "wan0"\ninside_networks = ["10.77.0.0/24"]\n'
+        f'public_address = "198.51.100.1"\ncontrol_socket = "{tmp_path}/ctl.sock"\n'
+    )
+    gw = daemon.Gateway(cfg)
+    gw.spec = daemon.rule_spec(cfg, cfg.public_address)
+    gw.rulewatch = rulewatch.RuleWatch(("vpnmasq",), 0.0, read_gen=FakeGen(), poll_every_interval=True)
+    try:
+        gw._rebaseline()
+        assert read == [["vpnmasq"]] and "nft table ip vpnmasq chain raw" in gw.rule_baseline
+        for i in range(1, 4):  # quiet polls
+            assert gw.rulewatch.due(i * rulewatch.CANARY_INTERVAL_S)
+            gw._check_rules(i * rulewatch.CANARY_INTERVAL_S)
+        assert read[1:] == [[], [], []] and restored == []
+        state["save"] = "\n".join(ln for ln in SAVE.splitlines() if not ln.startswith("-A"))
+        assert gw.rulewatch.due(4 * rulewatch.CANARY_INTERVAL_S)
+        gw._check_rules(4 * rulewatch.CANARY_INTERVAL_S)
+        assert restored == [gw.spec] and gw.rules_restored == 1
+    finally:
+        gw.rulewatch.close()
 
 
 N = ipaddress.IPv4Network
