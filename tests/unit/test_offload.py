@@ -4,6 +4,8 @@ engine entries become map elements, the nft text, and reading the maps back."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, ip_of, make_engine
 from tests.pptp_wire import ControlLink
@@ -485,3 +487,19 @@ def test_the_way_back_is_offloaded_whenever_its_first_packet_comes() -> None:
     rep = off.quick(200.0)
     assert rep is not None and rep.added == 2
     assert {el.set for el in kernel} == {"napt_out", "napt_out_pre", "napt_in_addr", "napt_in_port"}
+
+
+def test_the_sync_interval_counts_the_cpu_time_of_the_nft_it_runs() -> None:
+    """What a sync costs is mostly its ``nft`` child (listing 20,000 elements takes about
+    0.4 s of CPU): the adaptive interval must see that time, not only the parsing."""
+    eng = make_engine()
+
+    def run(argv: list[str], stdin: str | None) -> str:
+        burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.15: pass"
+        subprocess.run([sys.executable, "-c", burn], check=True)
+        return json.dumps({"nftables": []})
+
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=run)
+    off.sync(eng, 1.0)
+    assert off.last_read_s >= 0.15
+    assert off.interval >= 20 * 0.15  # read less often (at most MAX_SYNC_INTERVAL_S apart)

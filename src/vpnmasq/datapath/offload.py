@@ -16,8 +16,8 @@ Design notes, kernel facts and measurements: docs/internals/datapath-offload.md.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -634,7 +634,7 @@ class Offloader:
     def sync(self, engine: Any, now: float) -> SyncReport:
         """Credit kernel-forwarded traffic to entries, then make the maps match the table."""
         rep = SyncReport()
-        t0 = time.process_time()
+        t0 = _cpu_time()
         try:
             actual = self.read()
         except (OffloadError, ValueError) as exc:
@@ -681,7 +681,7 @@ class Offloader:
                 self._link(u, el)
         rep.added, rep.removed, rep.offloaded = len(new), len(stale), len(self.offloaded)
         # a read of many elements costs: read less often (never less than the margin allows)
-        self.last_read_s = time.process_time() - t0
+        self.last_read_s = _cpu_time() - t0
         self.interval = min(MAX_SYNC_INTERVAL_S, max(SYNC_INTERVAL_S, 20 * self.last_read_s))
         return rep
 
@@ -759,6 +759,14 @@ _PRE_ONLY = frozenset(_PRE_COPY.values())
 #: timeout classes holding entries that may be offloaded
 _VPN_CLASSES = ("esp", "gre")
 _NAPT_CLASSES = ("udp", "tcp_established", "icmp")
+
+
+def _cpu_time() -> float:
+    """CPU seconds of this process and of its finished children: a sync's cost is mostly
+    the ``nft`` it runs (listing 20,000 elements: 0.4 s), which ``time.process_time()``
+    does not see."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _candidates(table: Any, filtering: str | None = None) -> Iterator[Entry]:
