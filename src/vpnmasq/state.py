@@ -544,7 +544,7 @@ def _claim_binding(
             if proto == PROTO_ICMP
             else [ranges_of.port_range, ranges_of.low_port_range]
         )
-        in_range = any(r.low <= alias <= r.high for r in wide)
+        in_range = any(r is not None and r.low <= alias <= r.high for r in wide)
     if not in_range and not all(_forwarded(engine, c.entry, alias) for c in sessions):
         return None, False
     if not alloc.take(alias):

@@ -23,7 +23,7 @@ from vpnmasq import state
 from vpnmasq.config import Config, PortRange
 from vpnmasq.engine import Engine
 from vpnmasq.sync.codec import Kind, Opener, Sealer
-from vpnmasq.sync.replica import Publisher, Replica, split_ranges, stable_id
+from vpnmasq.sync.replica import Publisher, Replica, pair_ranges, split_ranges, stable_id
 
 KEY = b"k" * 32
 WALL = 1_700_000_000.0
@@ -63,7 +63,7 @@ class Link:
 
     def take_over(self, standby: Engine, now: float) -> state.RestoreReport:
         data = self.replica.state(now, WALL)
-        return state.import_state(standby, data, now, WALL, ranges_of=make_engine().config)
+        return state.import_state(standby, data, now, WALL, ranges_of=pair_ranges(make_engine().config))
 
 
 def vpn_traffic(a: Engine) -> tuple[ControlLink, int]:
@@ -156,12 +156,12 @@ def test_held_time_ages_the_records_at_takeover() -> None:
     ln.tick(1.0)  # received at the standby's 101.0 with 300 s left
     b = node_engine(2)
     data = ln.replica.state(351.0, WALL)  # held 250 s
-    state.import_state(b, data, 351.0, WALL, ranges_of=make_engine().config)
+    state.import_state(b, data, 351.0, WALL, ranges_of=pair_ranges(make_engine().config))
     (e,) = list(b.table)
     assert abs(e.expires_at - (351.0 + 50.0)) < 1e-6
     data = ln.replica.state(402.0, WALL)  # held past its lifetime
     c = node_engine(2)
-    rep = state.import_state(c, data, 402.0, WALL, ranges_of=make_engine().config)
+    rep = state.import_state(c, data, 402.0, WALL, ranges_of=pair_ranges(make_engine().config))
     assert rep.dropped == {"expired": 1}
 
 
@@ -215,3 +215,22 @@ def test_replica_state_is_an_importable_state_file() -> None:
     data: Any = ln.replica.state(3.0, WALL)
     assert state.check_header(data) is data
     assert data["public_address"] == "198.51.100.1" and len(data["bindings"]) == 1
+
+
+def test_an_auto_port_range_is_halved_and_the_peers_half_accepted_at_takeover() -> None:
+    """port_range = "auto" (the default): node 1's mappings come from the lower half of the
+    auto span, and node 2 restores them although they are outside its own half."""
+    auto = make_engine(port_range=None, mode="hybrid").config
+    a = Engine(split_ranges(auto, 1), make_engine().public_ip, rng_seed=1)
+    link = ControlLink(a, PRV1, 1025, EXT).open(1.0)  # PPTP control: a NAPT mapping of ours
+    link.start_session(1.1)
+    ln = Link(a)
+    ln.tick(2.0)
+    (rec,) = [r for r, _ in ln.replica.records.values() if r["kind"] == "napt"]
+    node1, node2 = split_ranges(auto, 1).port_range, split_ranges(auto, 2).port_range
+    assert node1 is not None and node2 is not None
+    assert node1.low <= rec["alias_port"] <= node1.high < node2.low
+    b = Engine(split_ranges(auto, 2), make_engine().public_ip, rng_seed=2)
+    data = ln.replica.state(10.0, WALL)
+    rep = state.import_state(b, data, 10.0, WALL, ranges_of=pair_ranges(auto))
+    assert rep.restored == {"napt": 1} and rep.n_dropped == 0

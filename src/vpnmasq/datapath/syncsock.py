@@ -34,7 +34,7 @@ from vpnmasq import state
 from vpnmasq.config import Config, Sync
 from vpnmasq.engine import Engine
 from vpnmasq.sync.codec import Kind, Opener, Sealer, SyncError, check_key
-from vpnmasq.sync.replica import Publisher, Replica, stable_id
+from vpnmasq.sync.replica import Publisher, Replica, pair_ranges, stable_id
 
 #: the active gateway sends changes this often (a change is on the standby within a tick)
 TICK_S = 0.2
@@ -214,7 +214,9 @@ class SyncEndpoint:
                 self._send(kind, body, wall)
         self.flush()
 
-    def _changes(self, engine: Engine, now: float, wall: float) -> list[tuple[Kind, dict[str, Any]]]:
+    def _changes(
+        self, engine: Engine, now: float, wall: float
+    ) -> list[tuple[Kind, dict[str, Any]]]:
         """One pass over the table (ids only), then an export of what may have changed:
         every VPN entry (helper kinds, ALGs: few, and what a takeover needs exactly), every
         entry the standby does not have yet, and the next :data:`ROLL_PER_TICK` plain
@@ -262,7 +264,11 @@ class SyncEndpoint:
                 engine.flush()
             with contextlib.suppress(state.StateError):
                 rep = state.import_state(
-                    engine, self.replica.state(now, wall), now, wall, ranges_of=full_config
+                    engine,
+                    self.replica.state(now, wall),
+                    now,
+                    wall,
+                    ranges_of=pair_ranges(full_config),
                 )
         self.replica.clear()
         self.publisher.request_full()

@@ -59,6 +59,12 @@ def _auto_span(config: Config) -> PortRange:
     return PortRange(FIRST_HIGH_PORT, DEFAULT_LOCAL_PORT_RANGE.low - 1)
 
 
+def pair_ranges(config: Config) -> Config:
+    """``config`` with the port range the two nodes' halves come from spelled out (what a
+    takeover accepts from the peer)."""
+    return dataclasses.replace(config, port_range=config.port_range or _auto_span(config))
+
+
 def split_ranges(config: Config, node: int) -> Config:
     """``config`` with node 1's lower or node 2's upper half of each identifier range."""
     return dataclasses.replace(
