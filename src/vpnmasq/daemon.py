@@ -1298,7 +1298,9 @@ class Gateway:
         log.warning(
             "sync: took over %s: %s",
             new,
-            rep.summary() if rep is not None else "no replicated table (starting empty)",
+            rep.summary()
+            if rep is not None
+            else self.sync.last_error or "no replicated table (starting empty)",
         )
         if self.config.offload_on and self.offloader is None:
             self._start_offload()

@@ -245,7 +245,7 @@ COUNTERS: dict[str, tuple[Family, tuple[str, ...]]] = {
         f"sync_{k}": (SYNC_MSGS, (k.replace("_", "-"),))
         for k in (
             "sent", "received", "full_applied", "delta_applied", "send_dropped",
-            "send_blocked", "send_failed", "too_large",
+            "send_blocked", "send_failed", "too_large", "takeover_failed",
         )
     },
     **{

@@ -196,3 +196,20 @@ def test_a_delta_tick_exports_vpn_entries_new_ones_and_a_slice_of_the_rest(
     assert len(b.replica.records) == n_full  # +1 esp, -1 napt
     kinds = [r["kind"] for r, _ in b.replica.records.values()]
     assert kinds.count("esp") == 1 and b.replica.synced
+
+
+def test_a_takeover_that_cannot_use_the_replica_starts_empty_and_says_why(
+    pair: tuple[SyncEndpoint, SyncEndpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    a.tick(busy_engine(3), True, 2.0, WALL, time.monotonic)
+    drain(b, False, 2.0, lambda: b.replica.synced)
+
+    def broken(*args: Any, **kw: Any) -> Any:
+        raise AttributeError("'NoneType' object has no attribute 'low'")
+
+    monkeypatch.setattr(state, "import_state", broken)
+    standby = Engine(split_ranges(make_engine().config, 2), MASQ)
+    assert b.take_over(standby, 3.0, WALL, make_engine().config) is None
+    assert len(standby.table) == 0 and b.counters["sync_takeover_failed"] == 1
+    assert b.last_error is not None and "no attribute 'low'" in b.last_error

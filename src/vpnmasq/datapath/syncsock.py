@@ -20,7 +20,6 @@ ticks and full syncs are spaced to keep their cost under :data:`MAX_EXPORT_SHARE
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import secrets
@@ -257,12 +256,13 @@ class SyncEndpoint:
         self, engine: Engine, now: float, wall: float, full_config: Config
     ) -> state.RestoreReport | None:
         """This gateway just became active: import the replicated table (None if it never
-        received one). The replica is emptied; this side now publishes."""
+        received one, or could not use it: ``last_error`` says why, and the table is left
+        empty rather than half restored). The replica is emptied; this side now publishes."""
         rep = None
         if self.replica.have_table:
             if len(engine.table):
                 engine.flush()
-            with contextlib.suppress(state.StateError):
+            try:
                 rep = state.import_state(
                     engine,
                     self.replica.state(now, wall),
@@ -270,6 +270,10 @@ class SyncEndpoint:
                     wall,
                     ranges_of=pair_ranges(full_config),
                 )
+            except Exception as exc:  # a takeover must never stop the datapath
+                engine.flush()
+                self.count("sync_takeover_failed")
+                self.last_error = f"takeover: {type(exc).__name__}: {exc}"
         self.replica.clear()
         self.publisher.request_full()
         self.next_tick = 0.0
