@@ -609,6 +609,16 @@ def speed_notes(results: dict[str, Any]) -> str:
             "then swap two tunnels until their rekey), or hosts that do not all start within "
             "the same round trip."
         )
+    kernel = [v for n in cells if n.endswith("_pps") and not n.endswith("_bare_pps")
+              if (v := med(cells, n, "kernel"))]  # fmt: skip
+    if kernel:
+        out.append(
+            f"- Conditions: load average at the end {results.get('load_end', '?')} on "
+            f"{(results.get('machine') or {}).get('cpus', '?')} CPUs; the kernel's own rates in "
+            f"this run span {_span(min(kernel), max(kernel))} packets/s across the cells (the "
+            "same flood each time), so a single cell's ratio moves by tenths between runs. The "
+            "rounds' values are in bench-results.json."
+        )
     return "\n".join(out) if out else "Every target of this table was met in this run."
 
 
