@@ -1,48 +1,14 @@
-"""Raw ESP (IP protocol 50) and ISAKMP (udp/500) test peers, which strongSwan here cannot be.
+"""Raw ESP (IP protocol 50), ISAKMP (udp/500) and AH test peers, which strongSwan here cannot be.
 
-strongSwan's kernel-libipsec only speaks ESP-in-UDP (NAT-T), and this kernel has no ESP at
-all, so the 1990s case the VPN-masquerade HOWTO is about, raw ESP plus ISAKMP from source
-port 500, needs its own peers. They run as subprocesses in a namespace and print JSON lines
-on stdout: events as they happen, then one ``{"event": "summary", ...}`` (clients: when
-done; servers: on SIGTERM/SIGINT or after ``--duration``).
+strongSwan's kernel-libipsec only speaks ESP-in-UDP and this kernel has no ESP, so the
+HOWTO's case (raw ESP plus ISAKMP from source port 500) needs its own peers. Each runs as a
+subprocess in a namespace (``python -m vpnmasq_lab.rawpeers esp-server|esp-client|
+isakmp-server|isakmp-client|ah-send|raw-listen ...``) and prints JSON lines: events as they
+happen, then one ``{"event": "summary", ...}``. ESP is real (scapy's SecurityAssociation,
+keys derived from the SPI and a seed); clients verify every echo and count cross-talk as
+``foreign``.
 
-ESP (real ESP from :class:`scapy.layers.ipsec.SecurityAssociation`: AES-CBC + HMAC-SHA1-96,
-transport mode, next header 253 "experimental", keys derived from the SPI and a seed so the
-two ends need only agree on SPIs)::
-
-    python -m vpnmasq_lab.rawpeers esp-server --bind 198.51.100.20 --sa 0x1001:0x2001 --sa 0x1002:0x2002
-    python -m vpnmasq_lab.rawpeers esp-client --server 198.51.100.20 --spi-out 0x1001 --spi-in 0x2001 --token h1
-
-``--sa IN:OUT``: the server receives on SPI IN and answers on SPI OUT, to whatever source
-address the packet came from (the gateway's public address behind a NAT). It echoes the
-decrypted payload with `` ECHO src=<addr>`` appended. ``--send-first TARGET`` makes the
-server send first, on every OUT SPI, to TARGET (the case where the remote speaks first).
-The client verifies every echo (token, sequence, SPI); packets on an SPI that is not its own
-are counted as ``foreign`` (that is cross-talk: another client's traffic delivered here).
-
-ISAKMP (plain ``struct`` encoding of the RFC 2408 / RFC 7296 header plus one Vendor ID
-payload that carries a token)::
-
-    python -m vpnmasq_lab.rawpeers isakmp-server --bind 198.51.100.20
-    python -m vpnmasq_lab.rawpeers isakmp-client --server 198.51.100.20 --version 1 --token h1
-
-The client sends from source port 500 (``--sport``) with a random initiator cookie; the
-server answers each initiator cookie with a stable responder cookie and reports the source
-address and port it saw (a masquerading NAT may change port 500). The client checks it got
-its own initiator cookie and token back. ``--child N`` then runs N child-SA exchanges with
-both cookies (IKEv1 Quick Mode, IKEv2 IKE_AUTH), answered in kind by the server: the
-cleartext exchange type a gateway watches to learn that ESP SAs with that remote follow.
-
-More ESP client options: ``--listen-first S --first-wanted K`` listens before sending (the
-remote speaks first) and emits ``{"event": "listening"}`` once its socket is open;
-``--resend`` re-sends unanswered packets every ``--interval`` until ``--timeout``, as traffic
-inside a real tunnel would be (a gateway may hold a host's first ESP back while another
-host's SA is being associated).
-
-AH (IP protocol 51), which no NAT can rewrite::
-
-    python -m vpnmasq_lab.rawpeers ah-send --dst 198.51.100.20 --count 3
-    python -m vpnmasq_lab.rawpeers raw-listen --proto 51 --bind 198.51.100.20   # counts arrivals
+Every option, and what each peer checks: docs/internals/lab-rawpeers.md.
 """
 
 from __future__ import annotations
