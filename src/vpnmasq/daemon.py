@@ -556,13 +556,7 @@ class Gateway:
         # The rules match "an address of outside_interface" unless public_address is set,
         # so following the address needs no rule change (and leaves no gap), except for
         # the hairpin rules (_follow_hairpin_address).
-        spec = rule_spec(
-            cfg,
-            cfg.public_address,
-            hairpin_address=self.public,
-            guard=self.hairpin_sysctls.guard,
-            pool=self.pool,
-        )
+        spec = self._own_spec()
         if self.handover:
             rules.replace(spec)  # atomic: the predecessor's rules never go away first
         else:
@@ -1214,6 +1208,17 @@ class Gateway:
             self.next_status = now + STATUS_INTERVAL_S
             self._notify_status()
 
+    def _own_spec(self) -> rules.RuleSpec:
+        """The rules for the running configuration, address and port pool."""
+        cfg = self.config
+        return rule_spec(
+            cfg,
+            cfg.public_address,
+            hairpin_address=self.public,
+            guard=self.hairpin_sysctls.guard,
+            pool=self.pool,
+        )
+
     def _follow_listening_ports(self) -> None:
         """An "auto" pool leaves out the ports local services listen on: one that started
         since is taken out of the pool, and the rules stop queueing it (atomically)."""
@@ -1228,14 +1233,7 @@ class Gateway:
             "left; a mapping that holds such a port keeps it until it ends)",
             ", ".join(str(p) for p in gone), self.engine.pool.size,
         )
-        cfg = self.config
-        spec = rule_spec(
-            cfg,
-            cfg.public_address,
-            hairpin_address=self.public,
-            guard=self.hairpin_sysctls.guard,
-            pool=self.pool,
-        )
+        spec = self._own_spec()
         try:
             rules.replace(spec)
         except rules.RuleError as exc:

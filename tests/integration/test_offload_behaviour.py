@@ -88,6 +88,13 @@ def lan_gets_remote_esp(topo: Topology, remote: Remote, spi: int, timeout: float
         lan.close()
 
 
+def remote_esp_is_dropped(topo: Topology, d: Daemon, remote: Remote) -> None:
+    """The remote's next packet on the old SA reaches nobody: the engine drops it, counted."""
+    dropped = d.counters().get("drop:esp-unassociated", 0)
+    assert not lan_gets_remote_esp(topo, remote, SPI_BACK, timeout=0.5)
+    wait_for(lambda: d.counters().get("drop:esp-unassociated", 0) == dropped + 1, "the drop")
+
+
 def offload_flows(d: Daemon) -> list[dict[str, object]]:
     flows: list[dict[str, object]] = d.status().get("offload", {}).get("flows", [])
     return flows
@@ -179,9 +186,7 @@ def test_an_offloaded_flow_lives_while_the_kernel_forwards_it_and_expires_when_i
     # idle: the entry expires by its timeout, and the kernel's map lets go of it
     wait_for(lambda: d.counters().get("expired:esp", 0) == 1, "the idle association to expire")
     wait_for(lambda: offload_flows(d) == [], "the expired flow to leave the kernel's maps")
-    dropped = d.counters().get("drop:esp-unassociated", 0)
-    assert not lan_gets_remote_esp(topo, remote, SPI_BACK, timeout=0.5)
-    wait_for(lambda: d.counters().get("drop:esp-unassociated", 0) == dropped + 1, "the drop")
+    remote_esp_is_dropped(topo, d, remote)
     assert d.stop() == 0
 
 
@@ -198,9 +203,7 @@ def test_flush_takes_offloaded_flows_out_of_the_kernel(
     assert "flushed 1 entry" in out
     wait_for(lambda: offload_flows(d) == [], "the kernel's maps to empty")
     assert d.entries("esp") == []
-    dropped = d.counters().get("drop:esp-unassociated", 0)
-    assert not lan_gets_remote_esp(topo, remote, SPI_BACK, timeout=0.5)
-    wait_for(lambda: d.counters().get("drop:esp-unassociated", 0) == dropped + 1, "the drop")
+    remote_esp_is_dropped(topo, d, remote)
     # and a new association goes the usual way, into the kernel again
     into_the_kernel(topo, d)
     assert d.stop() == 0
