@@ -605,7 +605,7 @@ def read_state(path: str) -> Mapping[str, Any] | None:
         raise StateError(f"{path}: larger than {MAX_STATE_BYTES} bytes; not a vpnmasq state")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise StateError(f"{path}: corrupt (not JSON: {e})") from None
     return check_header(data, path)
 

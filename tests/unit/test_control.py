@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -223,6 +224,38 @@ def test_handle_ready_returns_at_once_when_idle(sock_path: str) -> None:
         finally:
             idle.close()
     finally:
+        server.close()
+
+
+@pytest.mark.parametrize("line", [b"[" * 60000, b'{"a": ' * 9000, b'{"cmd": "events", "x": ' + b"[" * 60000])
+def test_deeply_nested_json_is_refused_and_the_server_carries_on(sock_path: str, line: bytes) -> None:
+    """A request nested deeper than the JSON decoder's recursion limit (well under
+    MAX_REQUEST) is garbage like any other: answered with an error, never raised into the
+    daemon's loop (which would stop the gateway)."""
+    from vpnmasq.eventstream import EventFilter
+
+    server = ControlServer(sock_path, status=dict, counters=dict, flush=lambda: 0,
+                           subscribe=EventFilter.from_request)  # fmt: skip
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(DEADLINE)
+    try:
+        c.connect(sock_path)
+        c.sendall(line + b'\n{"cmd": "ping"}\n')
+        c.setblocking(False)
+        got = bytearray()
+
+        def answered() -> bool:
+            server.handle_ready()  # in this thread: an exception fails the test
+            with contextlib.suppress(BlockingIOError):
+                got.extend(c.recv(65536))
+            return got.count(b"\n") >= 2
+
+        wait_until(answered, what="both answers")
+        bad, ping = (json.loads(x) for x in bytes(got).splitlines())
+        assert bad["ok"] is False and "not JSON" in bad["error"]
+        assert ping["ok"] is True
+    finally:
+        c.close()
         server.close()
 
 

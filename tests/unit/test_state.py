@@ -386,6 +386,9 @@ def test_reading_missing_corrupt_and_incompatible_files(tmp_path: Path) -> None:
     p.write_bytes(b"\x00\xffgarbage")
     with pytest.raises(state.StateError, match="corrupt"):
         state.read_state(str(p))
+    p.write_text("[" * 100_000)  # nested past the decoder's recursion limit: corrupt too
+    with pytest.raises(state.StateError, match="corrupt"):
+        state.read_state(str(p))
     p.write_text('{"format": "vpnmasq-state", "version": 9, "saved_at": 1, "entries": []}')
     with pytest.raises(state.StateError, match="version 9 was written by a newer vpnmasq"):
         state.read_state(str(p))

@@ -227,10 +227,7 @@ class ControlServer:
         :meth:`answer` explains)."""
         if self._subscribe is None:
             return None
-        try:
-            req = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
+        req = _decode(line)
         if not isinstance(req, dict) or req.get("cmd") != "events":
             return None
         try:
@@ -356,9 +353,8 @@ class ControlServer:
     def answer(self, line: bytes) -> Answer:
         """The response for one request line: an object, or the pieces of a streamed
         answer (see :meth:`work`). Public for tests and the daemon."""
-        try:
-            req = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        req = _decode(line)
+        if req is _NOT_JSON:
             return {"ok": False, "error": 'request is not JSON; send {"cmd": "status"}'}
         cmd = req.get("cmd") if isinstance(req, dict) else None
         if cmd not in COMMANDS:
@@ -389,6 +385,19 @@ class ControlServer:
                 "ok": False,
                 "error": f"{cmd} failed inside the daemon: {type(e).__name__}: {e}",
             }
+
+
+_NOT_JSON = object()
+
+
+def _decode(line: bytes) -> Any:
+    """The request on ``line``, or :data:`_NOT_JSON`. Nesting deeper than the decoder's
+    recursion limit (a few thousand brackets, well within MAX_REQUEST) is garbage too: its
+    RecursionError must not reach the daemon's loop."""
+    try:
+        return json.loads(line)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+        return _NOT_JSON
 
 
 def _encode(obj: Mapping[str, Any]) -> bytes:
