@@ -504,6 +504,7 @@ def top(
     kind, inside host, remote, packets and bytes per second out/in, and the association
     or call state (ESP: state/how associated; PPTP: control state and calls). Fits 80
     columns; the daemon picks the most recently active sessions without stalling traffic.
+    Exit status 1 when the last refresh did not reach the daemon (e.g. with -n in a script).
     """
     from rich.console import Console
 
@@ -514,8 +515,17 @@ def top(
 
     path = _socket_path(socket_path, config_path)
     q = StatusQuery(proto.strip().lower() if proto else None, host, FETCH_LIMIT)
-    run_top(lambda: query(path, "status", params=q.to_request()), Console(),
-            interval=interval, iterations=iterations, sort=sort)
+    reached = [True]  # whether the last refresh reached the daemon
+
+    def fetch() -> Any:
+        reached[0] = False
+        answer = query(path, "status", params=q.to_request())
+        reached[0] = True
+        return answer
+
+    run_top(fetch, Console(), interval=interval, iterations=iterations, sort=sort)
+    if not reached[0]:  # -n N in a script: the daemon did not answer the last one
+        sys.exit(1)
 
 
 @cli.command(context_settings=CONTEXT, short_help="Drop all masquerade entries.")

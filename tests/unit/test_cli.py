@@ -192,6 +192,15 @@ def served(server: ControlServer) -> Iterator[None]:
         server.close()
 
 
+def test_top_in_a_script_ends_its_lines_and_fails_without_a_daemon(
+    daemon: str, tmp_path: Path
+) -> None:
+    r = invoke("top", "-n", "1", "--socket", daemon)
+    assert r.exit_code == 0 and "10.77.0.11" in r.output and r.output.endswith("\n")
+    r = invoke("top", "-n", "1", "--socket", str(tmp_path / "none.sock"))
+    assert r.exit_code == 1 and "not running" in r.output and r.output.endswith("\n")
+
+
 def test_status_table(daemon: str) -> None:
     r = invoke("status", "--socket", daemon)
     assert r.exit_code == 0

@@ -114,3 +114,4 @@ def test_run_refreshes_and_reports_a_lost_daemon() -> None:
     text = console.export_text()
     assert "vpnmasq is not running" in text
     assert "10.77.0.12:1" in text  # the last sessions stay on screen
+    assert text.endswith("\n")  # not a terminal (a pipe, a file): whole lines

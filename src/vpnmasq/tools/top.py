@@ -229,4 +229,6 @@ def run(
                     sleep(interval)
         except KeyboardInterrupt:
             pass
+    if not console.is_terminal:  # a pipe or file gets whole lines (Live leaves the last open)
+        console.line()
     return n
