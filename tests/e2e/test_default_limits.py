@@ -172,6 +172,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------- the tests
+def _the_others(topo: Any, r1: str) -> tuple[tuple[dict[str, Any], float], Any, Any]:
+    """At once: h3's new TCP connection (5 echoes; with its duration), h2's running ESP
+    session (20 echoes) and h3's new ESP association (5 echoes)."""
+    from vpnmasq_lab.rawpeers import run_esp_client
+
+    def timed_tcp() -> tuple[dict[str, Any], float]:
+        t = time.monotonic()
+        r = topo.run_json("h3", [
+            sys.executable, "-m", "vpnmasq_lab.plain", "tcp-echo-client", r1, "7",
+            "--count", "5", "--timeout", str(ANSWER_TIMEOUT)], timeout=DEADLINE)
+        return r, time.monotonic() - t
+
+    with ThreadPoolExecutor(3) as ex:
+        tcp = ex.submit(timed_tcp)
+        esp_on = ex.submit(run_esp_client, topo, "h2", r1, 0x1001, 0x2001, count=20,
+                           timeout=ANSWER_TIMEOUT)
+        esp_new = ex.submit(run_esp_client, topo, "h3", r1, 0x1002, 0x2002, count=5,
+                            timeout=ANSWER_TIMEOUT, resend=True)
+        return tcp.result(), esp_on.result(), esp_new.result()
+
+
 @pytest.mark.e2e
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
@@ -212,20 +233,7 @@ def test_a_lan_host_flooding_new_udp_flows_leaves_the_others_alone_with_the_defa
     )
     try:
         time.sleep(1.0)  # the flood is well under way (h1 is at its limits by now)
-        with ThreadPoolExecutor(3) as ex:
-            def timed_tcp() -> tuple[dict[str, Any], float]:
-                t = time.monotonic()
-                r = topo.run_json("h3", [
-                    sys.executable, "-m", "vpnmasq_lab.plain", "tcp-echo-client", r1, "7",
-                    "--count", "5", "--timeout", str(ANSWER_TIMEOUT)], timeout=DEADLINE)
-                return r, time.monotonic() - t
-
-            tcp = ex.submit(timed_tcp)
-            esp_on = ex.submit(run_esp_client, topo, "h2", r1, 0x1001, 0x2001, count=20,
-                               timeout=ANSWER_TIMEOUT)
-            esp_new = ex.submit(run_esp_client, topo, "h3", r1, 0x1002, 0x2002, count=5,
-                                timeout=ANSWER_TIMEOUT, resend=True)
-            (tcp_res, tcp_s), esp_res, new_res = tcp.result(), esp_on.result(), esp_new.result()
+        (tcp_res, tcp_s), esp_res, new_res = _the_others(topo, r1)
         summary = flooder.wait_for(lambda e: "sent" in e, timeout=FLOOD_SECONDS + DEADLINE)
     finally:
         flooder.stop()
