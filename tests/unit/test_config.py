@@ -600,3 +600,8 @@ def test_offload_is_auto_on_in_hybrid_mode_only_and_explain_says_why() -> None:
     text = " ".join(explain().split())
     assert 'offload (true | false | "auto"; default "auto")' in text
     assert "changes nothing but speed" in text and "docs/SECURITY.md lists the tests" in text
+
+
+def test_docs_config_md_is_the_generated_reference() -> None:
+    """docs/CONFIG.md is ``explain("markdown")``: regenerate it when a key changes."""
+    assert (REPO / "docs" / "CONFIG.md").read_text() == explain("markdown") + "\n"
