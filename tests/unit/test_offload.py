@@ -503,3 +503,20 @@ def test_the_sync_interval_counts_the_cpu_time_of_the_nft_it_runs() -> None:
     off.sync(eng, 1.0)
     assert off.last_read_s >= 0.15
     assert off.interval >= 20 * 0.15  # read less often (at most MAX_SYNC_INTERVAL_S apart)
+
+
+def test_after_forget_only_the_table_it_follows_now_is_offloaded() -> None:
+    """A reload swaps the engine (its table rebuilt without the entries that no longer
+    apply) and the offloader forgets: sessions of the old table still waiting for the quick
+    path must not reach the maps, not even until the next sync."""
+    old = make_engine()
+    kernel: set[Element] = set()
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel),
+                    filtering="address-port-dependent")
+    off.attach(old.table)
+    udp_session(old, now=0.0)  # eligible both ways: waiting for the next quick()
+    new = make_engine()  # the reloaded configuration's (empty) table
+    off.forget()
+    off.attach(new.table)
+    assert off.quick(1.0) is None and kernel == set()
+    assert off.next_add() is None

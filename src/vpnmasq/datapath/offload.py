@@ -529,12 +529,16 @@ class Offloader:
         return offload_rules(self.public, self.outside_if, self.mark, self.filtering)
 
     def forget(self) -> None:
-        """The table was (re-)created with empty maps (rules installed or replaced): the next
-        sync adds every element again, with fresh counter baselines."""
+        """The table was (re-)created with empty maps (rules installed or replaced), or the
+        engine was replaced (a reload): the next sync adds every element the table calls for
+        again, with fresh counter baselines. Sessions waiting for :meth:`quick` are dropped
+        too (the sync finds them; after a reload they may be the old table's)."""
         self.seen.clear()
         self.offloaded.clear()
         self._offloaded_ids = set()
         self._of_entry = {}
+        self._pending.clear()
+        self._ended = []
 
     def attach(self, table: Any) -> None:
         """Follow ``table`` (a MasqTable) entry by entry (NAPT offload needs it)."""
