@@ -413,7 +413,7 @@ def test_locator_survives_tricky_toml() -> None:
         "[esp]\n"  # 12
         "max_pending_per_host = 3\n"  # 13
     )
-    loc = cfgmod._Locator(text)
+    loc = cfgmod.Locator(text)
     assert loc.line("outside_interface") == 2
     assert loc.line("state_file") == 3
     assert loc.line("quoted.key") == 6
@@ -425,7 +425,7 @@ def test_locator_survives_tricky_toml() -> None:
 
 
 def test_array_of_tables_elements_are_numbered_from_one() -> None:
-    loc = cfgmod._Locator(BRIEF_EXAMPLE)
+    loc = cfgmod.Locator(BRIEF_EXAMPLE)
     assert loc.line("forward[1]") == 4
     assert loc.line("forward[1].to") == 7
     assert loc.line("forward[2]") == 8
