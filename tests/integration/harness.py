@@ -223,6 +223,8 @@ class Seen:
     dport: int = 0
     #: when it crossed the interface (the kernel's receive timestamp, time.time() clock)
     t: float = 0.0
+    #: the IP header and the first 16 bytes after it (ESP SPI and sequence, GRE header ...)
+    head: bytes = field(default=b"", compare=False, repr=False)
 
 
 class Sniffer:
@@ -276,6 +278,7 @@ class Sniffer:
                     sport,
                     dport,
                     stamp,
+                    bytes(ip[: ihl + 16]),
                 )
             )
 
