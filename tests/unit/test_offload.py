@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.packets import EXT, EXT2, IN, MASQ, OUT, PRV1, PRV2, ip_of, make_engine
 from tests.pptp_wire import ControlLink
 from vpnmasq.config import EspPolicy
@@ -520,3 +522,28 @@ def test_after_forget_only_the_table_it_follows_now_is_offloaded() -> None:
     off.attach(new.table)
     assert off.quick(1.0) is None and kernel == set()
     assert off.next_add() is None
+
+
+def test_refilling_empty_maps_compares_each_element_about_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a firewall reload the maps are empty and every element is new: the sync must
+    stay linear in the table (with 8,000 offloaded sessions, a quadratic membership test
+    held the daemon's loop for over a minute: no verdicts, no SIGTERM)."""
+    eng = make_engine()
+    kernel: set[Element] = set()
+    off = Offloader("198.51.100.1", "wan0", 0x564D, runner=_fake_kernel(kernel),
+                    filtering="address-port-dependent")
+    for i in range(300):
+        udp_session(eng, sport=20000 + i, now=0.0)
+    compared = [0]
+    eq = Element.__eq__
+
+    def counting_eq(a: object, b: object) -> bool:
+        compared[0] += 1
+        return eq(a, b)
+
+    monkeypatch.setattr(Element, "__eq__", counting_eq)
+    rep = off.sync(eng, 1.0)
+    assert rep.added == 900 and len(kernel) == 1200  # 3 per session + the prerouting copy
+    assert compared[0] < 10 * 1200, compared[0]

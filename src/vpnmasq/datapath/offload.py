@@ -676,7 +676,8 @@ class Offloader:
                 self._failed(exc)
                 new = []  # retried next sync; counters below stay consistent
         stale = [el for el in stale if el.set not in _PRE_ONLY]  # report originals
-        self.seen = {el: actual.get(el, (0, 0)) for el in desired if el in actual or el in new}
+        added = set(new)  # a set: after a refill every element is new (a list made this N**2)
+        self.seen = {el: actual.get(el, (0, 0)) for el in desired if el in actual or el in added}
         self.offloaded = {el: desired[el] for el in self.seen}
         self._of_entry = {}
         self._offloaded_ids = set()
