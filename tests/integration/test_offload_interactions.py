@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LAN, PUBLIC, R1, Daemon, Remote, Sniffer, gw_run, sock, wait_for
+from harness import LAN, PUBLIC, R1, Daemon, Remote, Sniffer, esp_exchange, gw_run, sock, wait_for
 from tests.waiting import ANSWER_TIMEOUT
 
 from vpnmasq.datapath import rules
@@ -437,3 +437,32 @@ def test_iptables_legacy_firewall_changes_are_repaired(
         assert d.stop() == 0
     assert "VPNMASQ" not in legacy_save(topo)
     assert not rules.installed(netns=topo.ns("gw"))
+
+
+def test_hybrid_reload_takes_a_removed_hosts_esp_out_of_the_maps(
+    topo: Topology, remote: Remote, wan: Sniffer, workdir: Path
+) -> None:
+    """Hybrid mode, offload on: h1 and h2 each have an offloaded ESP pair. A SIGHUP that
+    takes h2 out of inside_networks takes its ESP elements out of the kernel maps (the
+    kernel must not go on masquerading it); h1's association stays offloaded."""
+    d = Daemon(topo, "hybrid", workdir, extra="offload = true\n").start()
+    try:
+        for host, spi in (("h1", 0x1001), ("h2", 0x1002)):
+            assert esp_exchange(topo, host, spi) and esp_exchange(topo, host, spi, seq=2)
+        wait_for(lambda: len(map_elements(topo).get("esp_out", [])) == 2, "both ESP offloaded")
+        text = d.config_path.read_text().replace('"10.77.0.0/24"', '"10.77.0.8/30"')
+        d.config_path.write_text(text)
+        d.send(signal.SIGHUP)
+        wait_for(lambda: "configuration reloaded" in d.log(), "the reload")
+        assert "1 entries kept, 1 removed (not-inside 1)" in d.log(), d.log()
+        wait_for(
+            lambda: len(map_elements(topo).get("esp_out", [])) == 1, "h2's ESP out of the maps"
+        )
+        els = map_elements(topo)
+        assert not any("10.77.0.12" in el for v in els.values() for el in v), els
+        assert len(els["esp_in"]) == 1
+        q = queued(d)
+        assert esp_exchange(topo, "h1", 0x1001, seq=3)
+        assert queued(d) == q  # h1's ESP: still the kernel's both ways
+    finally:
+        assert d.stop() == 0
