@@ -62,6 +62,17 @@ SO_TIMESTAMPNS = 35  # asm-generic/socket.h (not in the socket module)
 SPI_PAIRS = {0x1001: 0x2001, 0x1002: 0x2002, 0x1003: 0x2003}
 
 
+#: Debian 12's /etc/nftables.conf (a filter table only), as nftables.service loads it
+NFTABLES_CONF = """#!/usr/sbin/nft -f
+flush ruleset
+table inet filter {
+	chain input { type filter hook input priority filter; policy accept; }
+	chain forward { type filter hook forward priority filter; policy accept; }
+	chain output { type filter hook output priority filter; policy accept; }
+}
+"""
+
+
 def unavailable() -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces, iptables, NFQUEUE)"

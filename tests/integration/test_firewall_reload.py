@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 from harness import (
     LAN,
+    NFTABLES_CONF,
     R1,
     Daemon,
     PptpCall,
@@ -48,15 +49,6 @@ from vpnmasq_lab.topology import Topology
 
 pytestmark = pytest.mark.netns
 
-#: Debian 12's /etc/nftables.conf (a filter table only), as nftables.service loads it
-NFTABLES_CONF = """#!/usr/sbin/nft -f
-flush ruleset
-table inet filter {
-	chain input { type filter hook input priority filter; policy accept; }
-	chain forward { type filter hook forward priority filter; policy accept; }
-	chain output { type filter hook output priority filter; policy accept; }
-}
-"""
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -22,7 +22,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LAN, PUBLIC, R1, Daemon, Remote, Sniffer, esp_exchange, gw_run, sock, wait_for
+from harness import (
+    LAN,
+    NFTABLES_CONF,
+    PUBLIC,
+    R1,
+    Daemon,
+    Remote,
+    Sniffer,
+    esp_exchange,
+    gw_run,
+    sock,
+    wait_for,
+)
 from tests.waiting import ANSWER_TIMEOUT
 
 from vpnmasq.datapath import rules
@@ -31,15 +43,6 @@ from vpnmasq_lab.topology import Topology
 pytestmark = pytest.mark.netns
 
 ECHO = 7
-#: Debian 12's /etc/nftables.conf (a filter table only), as nftables.service loads it
-NFTABLES_CONF = """#!/usr/sbin/nft -f
-flush ruleset
-table inet filter {
-	chain input { type filter hook input priority filter; policy accept; }
-	chain forward { type filter hook forward priority filter; policy accept; }
-	chain output { type filter hook output priority filter; policy accept; }
-}
-"""
 
 
 class Sessions:
