@@ -445,7 +445,8 @@ def events(
     socket_path: str | None,
 ) -> None:
     """Follow the running daemon's events, like conntrack -E: entries created, updated
-    (state changes) and removed (with the reason: idle, flush, FIN/RST, replaced...), ESP
+    (state changes) and removed (with the reason: expired, fin-rst, flushed, replaced,
+    address-changed, reload, or the helper's own such as call-disconnect), ESP
     associations made (and how: IKE signal, serialized, guess, forward) or refused, PPTP
     calls up and down, drops by reason (at most 5 per reason and second, then a count).
 

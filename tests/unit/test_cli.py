@@ -429,3 +429,12 @@ def test_sync_ready_exit_status_gates_keepalived(
 
 def test_sync_ready_fails_when_vpnmasq_is_not_running(tmp_path: Path) -> None:
     assert invoke("sync-ready", "--socket", str(tmp_path / "none.sock")).exit_code == 1
+
+
+def test_events_help_names_the_removal_reasons_the_stream_sends() -> None:
+    from vpnmasq import reload
+    from vpnmasq.eventstream import REMOVAL_REASONS
+
+    text = " ".join((cli.commands["events"].help or "").split())
+    for word in {*REMOVAL_REASONS.values(), "fin-rst", reload.RELOAD_WHY}:
+        assert word in text, word
