@@ -37,6 +37,7 @@ from harness import (
     Remote,
     Seen,
     Sniffer,
+    entered,
     esp_exchange,
     gre_v0,
     gw_run,
@@ -123,27 +124,34 @@ class Probes:
 
 
 class Flood:
-    """UDP from h1 to R1, as fast as one thread sends, until closed."""
+    """UDP from h1 to R1, as fast as one thread sends, until closed: one flow, or with
+    ``new_flows`` a new socket (a new source port, a new conntrack entry) per packet."""
 
-    def __init__(self, topo: Topology) -> None:
-        self.s = sock(topo, "h1", socket.AF_INET, socket.SOCK_DGRAM)
+    def __init__(self, topo: Topology, *, new_flows: bool = False) -> None:
+        self.topo = topo
+        self.new_flows = new_flows
         self.sent = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.s.sendto(b"flood", (R1, 9))
-                self.sent += 1
-            except OSError:
-                pass
+        with entered(self.topo, "h1"):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            while not self._stop.is_set():
+                if self.new_flows:
+                    s.close()
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    s.sendto(b"flood", (R1, 9))
+                    self.sent += 1
+                except OSError:
+                    pass
+            s.close()
 
     def close(self) -> None:
         self._stop.set()
         self._t.join(2)
-        self.s.close()
 
 
 def reloads_under_flood(topo: Topology, wan: Sniffer, conf: Path) -> dict[str, int]:
@@ -352,3 +360,39 @@ def test_guard_holds_through_reloads_under_a_flood(
         fig["leaked_with_a_set_of_networks"] = reloads_under_flood(topo, wan, conf)["leaked"]
     _record(record_property, [fig])
     assert fig["leaked"] == 0, fig
+
+
+def test_replacing_vpnmasqs_rules_starts_no_flow_unnatted(
+    topo: Topology, wan: Sniffer, record_property: Callable[[str, object], None]
+) -> None:
+    """vpnmasq replaces its own table in one transaction (a restore, a port pool or address
+    change, a reload, a handover). New flows from two inside networks start all the while;
+    none may leave un-NATed: the masquerade rules name each network, since a set of them
+    created by the replacing transaction matches nothing for an instant (a flow starting
+    then keeps its null binding for its life)."""
+    ns = topo.ns("gw")
+    spec = rules.RuleSpec(
+        outside_if="wan0", inside_networks=[str(LAN), "10.88.0.0/24"], mode="hybrid"
+    )
+    rules.install(spec, netns=ns)
+    try:
+        wan.clear()
+        flood = Flood(topo, new_flows=True)
+        try:
+            mark = flood.sent
+            wait_for(lambda: flood.sent > mark + 1000, "the flood to start")
+            for _ in range(FLOOD_RELOADS):
+                rules.replace(spec, netns=ns)
+        finally:
+            flood.close()
+        leaked = [p for p in wan.seen if p.outgoing and _in_lan(p.src)]
+    finally:
+        rules.remove(netns=ns)
+    fig = {
+        "replaces": FLOOD_RELOADS,
+        "new_flows": flood.sent,
+        "unnatted_packets": len(leaked),
+        "unnatted_flows": len({p.sport for p in leaked}),
+    }
+    _record(record_property, [fig])
+    assert leaked == [], fig

@@ -183,13 +183,19 @@ def test_forwards_and_several_inside_networks() -> None:
     assert [ln for ln in raw_in if ln.startswith("meta l4proto")] == [
         "meta l4proto { 1, 47, 50, 51 } notrack"
     ]
-    nets = "{ 10.77.0.0/24, 192.168.1.0/24 }"
-    assert f"ip saddr {nets} goto raw_out" in nft_chain(nft, "raw")
+    raw = nft_chain(nft, "raw")
+    assert [ln for ln in raw if ln.endswith("goto raw_out")] == [
+        "ip saddr 10.77.0.0/24 goto raw_out", "ip saddr 192.168.1.0/24 goto raw_out"
+    ]
     # LAN-to-LAN and routed networks are left to routing
-    assert nft_chain(nft, "raw_out")[0] == (
-        "ip daddr { 10.77.0.0/24, 192.168.1.0/24, 10.88.0.0/16 } return"
+    assert nft_chain(nft, "raw_out")[:3] == [
+        "ip daddr 10.77.0.0/24 return",
+        "ip daddr 192.168.1.0/24 return",
+        "ip daddr 10.88.0.0/16 return",
+    ]
+    assert "ip saddr != 10.77.0.0/24 ip saddr != 192.168.1.0/24 return" in nft_chain(
+        nft, "forward"
     )
-    assert f"ip saddr != {nets} return" in nft_chain(nft, "forward")
     for net in (INSIDE, "192.168.1.0/24"):
         assert f"-I POSTROUTING 1 -o wan0 -s {net} -j VPNMASQ_OUT" in ls
     # inserted one by one at the top: the last inserted ends up first
@@ -303,7 +309,9 @@ def test_outbound_marks_mirror_outbound_queue_rules() -> None:
                 for ln in marked
             ), m
         assert len(marked) <= len(queued)
-        assert fwd[:2] == ['oifname != "wan0" return', "ip saddr != { 10.77.0.0/24, 192.168.1.0/24 } return"]
+        assert fwd[:2] == [
+            'oifname != "wan0" return', "ip saddr != 10.77.0.0/24 ip saddr != 192.168.1.0/24 return"
+        ]
         for net in (INSIDE, "192.168.1.0/24"):
             assert f"-I POSTROUTING 1 -o wan0 -s {net} -j VPNMASQ_OUT" in mangle
         assert not any("FORWARD" in ln or "MARK" in ln for ln in mangle)
@@ -375,11 +383,29 @@ def test_replacement_swaps_rules_in_one_transaction_per_table() -> None:
     assert [ln for ln in again if ln.startswith(("-F", "-X"))] == []
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "userspace"])
+def test_networks_are_never_a_set(mode: str) -> None:
+    """One rule per network: a set of prefixes created by the transaction that replaces
+    the table matches nothing for an instant after the new rules are live (a new flow
+    would then go un-NATed for its life)."""
+    s = spec(
+        mode=mode,
+        inside_networks=[INSIDE, "192.168.1.0/24"],
+        routed_networks=["10.88.0.0/16"],
+        hairpin_forwards=[("tcp", 443, 443)],
+    )
+    text = nft_rules(s)
+    assert re.findall(r"\{[^{}\n]*/\d+[^{}\n]*\}", text) == []  # no { a/n, b/m } anywhere
+    nat = nft_chain(text, "postrouting") if mode == "hybrid" else []
+    for net in (INSIDE, "192.168.1.0/24") if mode == "hybrid" else ():
+        assert f'oifname "wan0" ip saddr {net} masquerade' in nat
+
+
 def test_hybrid_nft_table() -> None:
     text = nft_rules(spec(mode="hybrid", kernel_port_range=(20000, 29999)))
     ls = [ln.strip() for ln in lines(text)]
     assert ls[:2] == ["table ip vpnmasq {}", "delete table ip vpnmasq"]  # atomic replace
-    match = 'oifname "wan0" ip saddr { 10.77.0.0/24 }'
+    match = 'oifname "wan0" ip saddr 10.77.0.0/24'
     assert f"{match} meta l4proto {{ tcp, udp }} masquerade to :20000-29999" in ls
     assert f"{match} masquerade" in ls
     assert "policy = { unreplied : 120, replied : 300 };" in ls
@@ -664,8 +690,8 @@ def test_hairpin_replies_to_low_port_aliases_and_every_inside_network() -> None:
     )
     nft, ls = nft_rules(s), lines(iptables_rules(s))
     assert "tcp sport 443 tcp dport 600-1023 notrack" in nft_chain(nft, "raw_hp")
-    nets = "{ 10.77.0.0/24, 192.168.1.0/24 }"
-    assert f"ip saddr {nets} ip daddr 198.51.100.1 goto raw_hp" in nft_chain(nft, "raw")
+    for net in (INSIDE, "192.168.1.0/24"):
+        assert f"ip saddr {net} ip daddr 198.51.100.1 goto raw_hp" in nft_chain(nft, "raw")
     for net in (INSIDE, "192.168.1.0/24"):
         assert any(ln.startswith(f"-A VPNMASQ_HP -s {net} -p tcp --dport 443 ") for ln in ls)
 

@@ -557,10 +557,12 @@ def _nft_matches(matches: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _nft_nets(nets: Iterable[str]) -> str:
-    """One network as a prefix (a plain compare), several as an anonymous set."""
-    uniq = list(dict.fromkeys(nets))
-    return uniq[0] if len(uniq) == 1 else "{ " + ", ".join(uniq) + " }"
+def _per_net(nets: Iterable[str], rule: str) -> list[str]:
+    """``rule`` once per network (``{net}`` in it), never one set of them: a set of
+    prefixes created in the transaction that replaces the table matches nothing for an
+    instant after the new rules are live, so a flow starting then would go un-NATed for
+    its life (measured: docs/internals/datapath-rules.md)."""
+    return [rule.format(net=net) for net in dict.fromkeys(nets)]
 
 
 def _chain(name: str, rules: Sequence[str], hook: str | None = None) -> str:
@@ -575,7 +577,7 @@ def nft_rules(spec: RuleSpec) -> str:
     are ordered as they are: an offloaded packet leaves each chain at its first rule or
     two."""
     out_if = spec.outside_if
-    inside = _nft_nets(spec.inside_networks)
+    inside = spec.inside_networks
     mark = f"meta mark set {spec.mark:#x}"
     hp_to = _hairpin_to(spec)
     raw = [  # before anything: the kernel's martian check (RuleSpec.local_source_guard)
@@ -586,8 +588,8 @@ def nft_rules(spec: RuleSpec) -> str:
         raw += spec.extra.prerouting
     raw += ["ct state untracked return", f'iifname "{out_if}" goto raw_in']
     if hp_to is not None:  # before raw_out, which returns on local destinations
-        raw.append(f"ip saddr {inside} ip daddr {hp_to} goto raw_hp")
-    raw.append(f"ip saddr {inside} goto raw_out")
+        raw += _per_net(inside, f"ip saddr {{net}} ip daddr {hp_to} goto raw_hp")
+    raw += _per_net(inside, "ip saddr {net} goto raw_out")
     # FIB lookups (``fib``) only after the protocol matches: in hybrid mode most packets are
     # the kernel's (plain TCP/UDP), which then pay a few compares and no lookup
     inbound = _nft_matches(_inbound_owned(spec))
@@ -596,7 +598,7 @@ def nft_rules(spec: RuleSpec) -> str:
         raw_in += [f"{m} notrack" for m in inbound]
     else:  # an address of outside_if (addrtype LOCAL --limit-iface-in)
         raw_in = [f"{m} fib daddr . iif type local notrack" for m in inbound]
-    raw_out = [f"ip daddr {_nft_nets((*spec.inside_networks, *spec.routed_networks))} return"]
+    raw_out = _per_net((*inside, *spec.routed_networks), "ip daddr {net} return")
     raw_out += [
         f"{m} fib daddr type != {{ local, broadcast, multicast }} notrack".lstrip()
         for m in _nft_matches(_outbound_owned(spec))
@@ -611,7 +613,7 @@ def nft_rules(spec: RuleSpec) -> str:
         raw_hp += [f"{m} notrack" for m in _nft_matches(_hairpin_owned(spec))]
         chains.append(_chain("raw_hp", raw_hp))
     forward = _nft_mss(spec)
-    forward += [f'oifname != "{out_if}" return', f"ip saddr != {inside} return"]
+    forward += [f'oifname != "{out_if}" return', " ".join(f"ip saddr != {n}" for n in inside) + " return"]
     forward += [  # return: nothing below applies to an untracked packet
         f"{m} ct state untracked {mark} return".lstrip()
         for m in _nft_matches(_outbound_owned(spec))
@@ -631,10 +633,10 @@ def nft_rules(spec: RuleSpec) -> str:
             f"\t\tpolicy = {{ {tcp} }};\n\t}}\n"
         )
         klo, khi = spec.kernel_port_range
-        match = f'oifname "{out_if}" ip saddr {{ {", ".join(spec.inside_networks)} }}'
+        match = f'oifname "{out_if}" ip saddr {{net}}'
         nat = [
-            f"{match} meta l4proto {{ tcp, udp }} masquerade to :{klo}-{khi}",
-            f"{match} masquerade",
+            *_per_net(inside, f"{match} meta l4proto {{{{ tcp, udp }}}} masquerade to :{klo}-{khi}"),
+            *_per_net(inside, f"{match} masquerade"),
         ]
         chains.append(_chain("postrouting", nat, "type nat hook postrouting priority srcnat"))
     chains.append(_chain("forward", forward, "type filter hook forward priority mangle - 1"))
