@@ -156,7 +156,8 @@ _TCP_LISTEN = "0A"
 
 
 def listening_ports(proc_net: str = "/proc/net") -> set[int]:
-    """Ports local services hold: TCP sockets listening and UDP sockets bound, IPv4 and
+    """Ports local services hold: TCP sockets listening and UDP sockets bound but not
+    connected (a connected one is a client's: its answers come from its one peer), IPv4 and
     IPv6 (a dual-stack socket also takes the IPv4 port). Read from this network
     namespace's /proc/net tables; a table that cannot be read adds nothing."""
     ports: set[int] = set()
@@ -168,6 +169,8 @@ def listening_ports(proc_net: str = "/proc/net") -> set[int]:
                     fields = line.split()
                     if len(fields) < 4 or (listen_only and fields[3] != _TCP_LISTEN):
                         continue
+                    if not listen_only and int(fields[2].rpartition(":")[2], 16):
+                        continue  # a connected UDP socket
                     port = int(fields[1].rpartition(":")[2], 16)
                     if port:
                         ports.add(port)

@@ -377,6 +377,7 @@ PROC_TCP6 = """  sl  local_address                         remote_address       
 """
 PROC_UDP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
   1: 00000000:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000   104
+  2: 0100007F:2EE0 0100007F:0035 01 00000000:00000000 00:00000000 00000000     0
 """
 
 
@@ -384,7 +385,8 @@ def test_listening_ports_and_the_ephemeral_range_are_read_from_proc(tmp_path: Pa
     (tmp_path / "tcp").write_text(PROC_TCP)
     (tmp_path / "tcp6").write_text(PROC_TCP6)
     (tmp_path / "udp").write_text(PROC_UDP)  # udp6 missing: adds nothing
-    # 22 and 8080 listen, 3000 on IPv6, 5353 bound; the connected socket's port is not a service
+    # 22 and 8080 listen, 3000 on IPv6, 5353 bound; the connected TCP and UDP sockets' ports
+    # (54321, 12000) are clients', not services
     assert daemon.listening_ports(str(tmp_path)) == {22, 8080, 3000, 5353}
     rng = tmp_path / "ip_local_port_range"
     rng.write_text("40000\t50000\n")
