@@ -663,6 +663,12 @@ class Gateway:
             self.rule_baseline = self._fingerprint()
             self.rulewatch.checked()
 
+    def _catch_up_rules(self, now: float) -> None:
+        """Repair a firewall change not looked at yet, against the current baseline, before
+        our own rule change takes a new one (see :meth:`rulewatch.RuleWatch.catch_up`)."""
+        if self.rulewatch is not None and self.rule_baseline and self.rulewatch.catch_up(now):
+            self._check_rules(now)
+
     def _check_rules(self, now: float) -> None:
         """Compare what is installed with what we installed; put back what is missing."""
         assert self.rulewatch is not None
@@ -1339,6 +1345,7 @@ class Gateway:
             rules.hairpins(cfg.mode, hairpin_forwards(cfg)) or cfg.offload_on
         ):
             return
+        self._catch_up_rules(time.monotonic())
         spec = rule_spec(
             cfg, None, hairpin_address=self.public, guard=self.hairpin_sysctls.guard, pool=self.pool
         )
@@ -1421,6 +1428,7 @@ class Gateway:
                 "restart vpnmasq to apply (the standby takes over meanwhile)"
             )
         now, wall = time.monotonic(), time.time()
+        self._catch_up_rules(now)  # a firewall reload just before this one: repaired first
         pool = discover_pool(new)
         engine, report = config_reload.rebuild(self.engine, new, now, wall, pool)
         hairpin_ifs: list[str] = []

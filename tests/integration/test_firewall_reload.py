@@ -42,6 +42,7 @@ from harness import (
     gre_v0,
     gw_run,
     sock,
+    udp_echo,
     wait_for,
 )
 
@@ -396,3 +397,31 @@ def test_replacing_vpnmasqs_rules_starts_no_flow_unnatted(
     }
     _record(record_property, [fig])
     assert leaked == [], fig
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "userspace"])
+def test_a_firewall_reload_right_before_a_vpnmasq_reload_is_repaired(
+    topo: Topology, remote: Remote, wan: Sniffer, workdir: Path, mode: str
+) -> None:
+    """What a configuration management run does: the firewall reloaded, then
+    ``systemctl reload vpnmasq`` for a changed vpnmasq.toml, in one go. The reload must not
+    take the flushed ruleset for its new baseline (then nothing was ever repaired and the
+    LAN leaked for good): the rules come back, the new configuration is in force."""
+    d = Daemon(topo, mode, workdir).start()
+    conf = workdir / "nftables.conf"
+    conf.write_text(NFTABLES_CONF)
+    try:
+        assert udp_echo(topo, "h1")
+        d.config_path.write_text(d.config_path.read_text() + "[timeouts]\nudp = 600\n")
+        assert d.proc is not None
+        cmd = f"nft flush ruleset; nft -f {conf}; kill -HUP {d.proc.pid}"
+        assert gw_run(topo, "sh", "-c", cmd).returncode == 0
+        wait_for(lambda: "configuration reloaded" in d.log(), "the reload")
+        wait_for(lambda: restored(topo), "vpnmasq's rules back")
+        assert d.counters()["rules_restored"] >= 1
+        assert any("took vpnmasq's rules away" in ln for ln in d.log().splitlines())
+        wan.clear()
+        assert udp_echo(topo, "h1") and udp_echo(topo, "h2")
+        assert [p for p in wan.seen if p.outgoing and _in_lan(p.src)] == []
+    finally:
+        assert d.stop() == 0

@@ -263,3 +263,19 @@ def test_which_conntrack_entries_a_gap_left_unnatted(
         )
         is leaks
     )  # fmt: skip
+
+
+def test_catch_up_says_whether_someone_changed_the_ruleset_since_the_last_look() -> None:
+    gen = FakeGen()
+    w = rulewatch.RuleWatch(("vpnmasq",), 0.0, read_gen=gen)
+    legacy = rulewatch.RuleWatch(("vpnmasq",), 0.0, read_gen=FakeGen(), poll_every_interval=True)
+    try:
+        assert not w.catch_up(0.1)  # quiet: the daemon may take its new baseline
+        gen.gen = 2  # a commit we have not looked at (before the next canary)
+        assert w.catch_up(0.2) and w.nft_changed
+        w.checked()
+        assert not w.catch_up(0.3)
+        assert legacy.catch_up(0.1)  # iptables-legacy tells nobody: always look first
+    finally:
+        w.close()
+        legacy.close()

@@ -346,6 +346,20 @@ class RuleWatch:
             self.last_gen = gen
         return self.check_at is not None and now >= self.check_at
 
+    def catch_up(self, now: float) -> bool:
+        """Before the daemon changes its own rules and takes a new baseline: read the
+        notifications not read yet and the generation, and say whether a check is due first
+        (someone else changed the ruleset since the last look; with iptables-legacy, which
+        tells nobody, always). Otherwise the new baseline would take a firewall reload that
+        came just before (``nft -f /etc/nftables.conf; systemctl reload vpnmasq``) for ours."""
+        if self.sock is not None:
+            self.on_readable(now)
+        gen = self._read_gen()
+        if gen is not None and gen != self.last_gen:
+            self.schedule(now, nft=True)
+        self.last_gen = gen
+        return self.check_at is not None or self.poll_every_interval
+
     def checked(self) -> None:
         """The check ran (and whatever it found was repaired): forget the schedule."""
         self.check_at = None
