@@ -1390,6 +1390,7 @@ class Gateway:
             new = load_config(text)
             for warning in validate(new, text):
                 log.warning("%s: %s", path, warning)
+            self._catch_up_rules(time.monotonic())  # a firewall reload just before: repaired
             self.apply_config(new, path)
             return True
         except ConfigError as exc:
@@ -1428,7 +1429,6 @@ class Gateway:
                 "restart vpnmasq to apply (the standby takes over meanwhile)"
             )
         now, wall = time.monotonic(), time.time()
-        self._catch_up_rules(now)  # a firewall reload just before this one: repaired first
         pool = discover_pool(new)
         engine, report = config_reload.rebuild(self.engine, new, now, wall, pool)
         hairpin_ifs: list[str] = []
