@@ -100,6 +100,15 @@ def test_sample_config_in_packaging_loads_without_warnings() -> None:
             assert re.search(rf"^{spec.key} = ", section, re.M), f"{prefix}.{spec.key}"
 
 
+@pytest.mark.parametrize("mode", ["hybrid", "userspace"])
+def test_sample_config_switched_to_either_mode_has_no_warnings(mode: str) -> None:
+    """An admin who only changes `mode` in the sample gets no warning about keys they never set."""
+    text = (REPO / "packaging" / "vpnmasq.toml").read_text()
+    text = re.sub(r'^mode = "[a-z]+"', f'mode = "{mode}"', text, count=1, flags=re.M)
+    c = load_config(text)
+    assert c.mode == mode and validate(c, text) == []
+
+
 def test_sample_config_sets_the_defaults_it_claims() -> None:
     """Where the sample sets a key, the value is the default (the comments say so)."""
     c = load_config((REPO / "packaging" / "vpnmasq.toml").read_text())
@@ -318,6 +327,8 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
         load_config_file(p)
     p.write_text(BRIEF_EXAMPLE)
     assert load_config_file(p).mode == "hybrid"
+    p.write_bytes(b"\xef\xbb\xbf" + BRIEF_EXAMPLE.encode())  # saved by an editor that writes a BOM
+    assert load_config_file(p) == load_config(BRIEF_EXAMPLE)
 
 
 # ------------------------------------------------------------------------------ warnings

@@ -51,7 +51,7 @@ def load_config_file(path: str | os.PathLike[str]) -> Config:
 
 def read_config_text(path: str | os.PathLike[str]) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (some Windows editors) is not TOML
             return f.read()
     except UnicodeDecodeError as e:
         raise ConfigError(f"{os.fspath(path)} is not UTF-8 text ({e.reason})") from None
