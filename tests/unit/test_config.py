@@ -616,3 +616,11 @@ def test_offload_is_auto_on_in_hybrid_mode_only_and_explain_says_why() -> None:
 def test_docs_config_md_is_the_generated_reference() -> None:
     """docs/CONFIG.md is ``explain("markdown")``: regenerate it when a key changes."""
     assert (REPO / "docs" / "CONFIG.md").read_text() == explain("markdown") + "\n"
+
+
+def test_the_config_knows_exactly_the_helpers_the_registry_ships() -> None:
+    """config sits below helpers (it cannot import the registry), so the two name lists are
+    kept in step here: a helper added to helpers.SHIPPED must be named in KNOWN_HELPERS."""
+    from vpnmasq.helpers import available
+
+    assert sorted(cfgmod.KNOWN_HELPERS) == available()
