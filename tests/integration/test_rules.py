@@ -3,8 +3,10 @@ installed rules do to packets (nobody listens on the queue here: owned traffic i
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import time
 
 import pytest
 from netns import GatewayTopology, Lab
@@ -176,6 +178,18 @@ def _recv(s: socket.socket, timeout: float) -> tuple[bytes, tuple[str, int]] | N
         return None
 
 
+def _recv_raw_udp(s: socket.socket, payload: bytes, timeout: float) -> bool:
+    """Whether a UDP datagram carrying ``payload`` arrives on raw socket ``s`` in time."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        got = _recv(s, left)
+        if got is None:
+            return False
+        if got[0][(got[0][0] & 0x0F) * 4 + 8 :] == payload:
+            return True
+    return False
+
+
 def test_hybrid_kernel_masquerade_owned_traffic_and_timeouts(
     lab: Lab, gw_topo: GatewayTopology
 ) -> None:
@@ -236,13 +250,15 @@ def test_userspace_queues_only_owned_traffic_to_the_gateway(
     rules.install(spec_for(t, "userspace", public=public), netns=lab.ns(t.gw))
 
     def reaches_gw(src_role: str, src: str, dst: str, port: int, expected: bool) -> bool:
-        """Whether a datagram arrives; waits long only where one is ``expected``."""
-        sink = lab.socket(t.gw, socket.AF_INET, socket.SOCK_DGRAM)
-        sink.bind((dst, port))
+        """Whether a datagram is delivered to the gateway; waits long only where one is
+        ``expected``. Seen on a raw socket: a UDP socket on the port would own the packet,
+        and a packet a local socket owns is never queued (rules.LOCAL_SOCKET)."""
+        sink = lab.socket(t.gw, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
         s = lab.socket(src_role, socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((src, 0))
-        s.sendto(b"hi", (dst, port))
-        ok = _recv(sink, ANSWER_TIMEOUT if expected else 0.3) is not None
+        token = os.urandom(8)
+        s.sendto(token, (dst, port))
+        ok = _recv_raw_udp(sink, token, ANSWER_TIMEOUT if expected else 0.3)
         sink.close()
         s.close()
         return ok
@@ -258,6 +274,17 @@ def test_userspace_queues_only_owned_traffic_to_the_gateway(
     assert reaches_gw(t.inside, t.inside_host, t.public, 5353, expected=True)
     hairpins = public is not None
     assert reaches_gw(t.inside, t.inside_host, t.public, 61500, expected=not hairpins) is not hairpins
+    # a socket of the gateway's own on a pool port keeps its packets, from either side
+    own = lab.socket(t.gw, socket.AF_INET, socket.SOCK_DGRAM)
+    own.bind(("0.0.0.0", 61500))
+    for role, src in ((t.remote, t.remote_host), (t.inside, t.inside_host)):
+        c = lab.socket(role, socket.AF_INET, socket.SOCK_DGRAM)
+        c.bind((src, 0))
+        c.sendto(b"mine", (t.public, 61500))
+        got = _recv(own, ANSWER_TIMEOUT)
+        assert got is not None and got[0] == b"mine" and got[1][0] == src, (role, got)
+        c.close()
+    own.close()
     # forwarded traffic from inside leaving via outside_if: queued
     server = lab.socket(t.remote, socket.AF_INET, socket.SOCK_DGRAM)
     server.bind((t.remote_host, 9))

@@ -112,11 +112,15 @@ def test_userspace_untracks_in_native_nft_chains() -> None:
     ]
     assert nft_chain(text, "raw_hp") == [
         "fib saddr type local return",
+        "tcp dport 61000-65535 socket transparent { 0, 1 } return",  # the gateway's own
+        "udp dport 61000-65535 socket transparent { 0, 1 } return",
         "tcp dport 61000-65535 notrack",
         "udp dport 61000-65535 notrack",
     ]
     assert nft_chain(text, "raw_in") == [
         "ip daddr != 198.51.100.1 return",
+        "tcp dport 61000-65535 socket transparent { 0, 1 } return",
+        "udp dport 61000-65535 socket transparent { 0, 1 } return",
         "tcp dport 61000-65535 notrack",
         "udp dport 61000-65535 notrack",
         "udp dport { 500, 4500 } notrack",
@@ -207,9 +211,12 @@ def test_forwards_and_several_inside_networks() -> None:
 def test_no_public_address_uses_the_addresses_of_the_outside_interface() -> None:
     s = spec(public_address=None)
     raw_in = nft_chain(nft_rules(s), "raw_in")
+    # the gateway's own sockets first (no FIB lookup needed: a socket owns the packet)
+    assert raw_in[0] == "udp sport 500 udp dport 61000-65535 socket transparent { 0, 1 } return"
+    assert raw_in[1] == "tcp sport 1723 tcp dport 61000-65535 socket transparent { 0, 1 } return"
     # the FIB lookup after the protocol match: the kernel's own replies never pay for it
-    assert raw_in[0] == "udp dport 500 fib daddr . iif type local notrack"
-    assert raw_in and all(ln.endswith(" fib daddr . iif type local notrack") for ln in raw_in)
+    assert raw_in[2] == "udp dport 500 fib daddr . iif type local notrack"
+    assert all(ln.endswith(" fib daddr . iif type local notrack") for ln in raw_in[2:])
     ls = lines(iptables_rules(s))
     assert "-A VPNMASQ_IN -m addrtype ! --dst-type LOCAL --limit-iface-in -j RETURN" in ls
 
@@ -247,6 +254,8 @@ def test_hybrid_owns_only_vpn_traffic() -> None:
     text = nft_rules(spec(mode="hybrid", alias_port_range=(62000, 62999)))
     assert nft_chain(text, "raw_in") == [
         "ip daddr != 198.51.100.1 return",
+        "udp sport 500 udp dport 62000-62999 socket transparent { 0, 1 } return",
+        "tcp sport 1723 tcp dport 62000-62999 socket transparent { 0, 1 } return",
         "udp dport 500 notrack",
         "udp sport 500 udp dport 62000-62999 notrack",
         "tcp sport 1723 tcp dport 62000-62999 notrack",
@@ -621,6 +630,8 @@ def test_hybrid_hairpin_chains_queue_only_forwarded_traffic_from_inside_to_the_p
     ]
     assert nft_chain(nft, "raw_hp") == [
         "fib saddr type local return",
+        "tcp sport 80 tcp dport 61000-65535 socket transparent { 0, 1 } return",  # a local socket on an alias port
+        "udp sport 53 udp dport 61000-65535 socket transparent { 0, 1 } return",
         "tcp dport 8080 notrack",
         "tcp sport 80 tcp dport 61000-65535 notrack",
         "udp dport 53 notrack",
@@ -648,6 +659,10 @@ def test_userspace_hairpins_the_whole_port_pool_and_the_forwards() -> None:
     s = spec(mode="userspace", hairpin_forwards=HAIRPINS, alias_ranges=[(61000, 65535), (600, 1023)])
     assert nft_chain(nft_rules(s), "raw_hp") == [
         "fib saddr type local return",
+        "tcp dport 61000-65535 socket transparent { 0, 1 } return",  # the gateway's own sockets, pool ports only
+        "udp dport 61000-65535 socket transparent { 0, 1 } return",
+        "tcp dport 600-1023 socket transparent { 0, 1 } return",
+        "udp dport 600-1023 socket transparent { 0, 1 } return",
         "tcp dport 61000-65535 notrack",
         "udp dport 61000-65535 notrack",
         "tcp dport 600-1023 notrack",
@@ -909,3 +924,26 @@ def test_our_own_forward_chain_is_not_taken_for_the_admins_mark_rule() -> None:
         listed = ours.replace("meta mark set 0x564d", "meta mark set 0x0000564d")  # as nft prints
         assert not mark_rule_in_ruleset("", ours) and not mark_rule_in_ruleset("", listed)
         assert mark_rule_in_ruleset("", listed + NFT.replace("MARKRULE", "meta mark 0x0000564d accept"))
+
+
+@pytest.mark.parametrize("mode", ["userspace", "hybrid"])
+def test_a_local_socket_keeps_its_packets_before_any_untracking(mode: str) -> None:
+    """A packet to a pool port that a socket of the gateway owns (a resolver's query port,
+    an explicit bind) is left tracked, so the UNTRACKED-only queue rules never take it: the
+    socket test comes before every notrack of the chain, and only pool ports pay for it
+    (not forwards, ISAKMP, ESP, GRE or ICMP)."""
+    s = spec(mode=mode, public_address=None, hairpin_address="198.51.100.1",
+             forwards=[("udp", 53)], alias_ranges=[(61000, 61999), (64000, 65535)])  # fmt: skip
+    text = nft_rules(s)
+    assert ("chain raw_hp" in text) == (mode == "userspace")  # hybrid: no hairpin forwards
+    for chain in ("raw_in", "raw_hp") if mode == "userspace" else ("raw_in",):
+        rules = nft_chain(text, chain)
+        sockets = [i for i, r in enumerate(rules) if "socket" in r]
+        untracks = [i for i, r in enumerate(rules) if r.endswith("notrack")]
+        assert sockets and untracks and max(sockets) < min(untracks), rules
+        for i in sockets:
+            assert rules[i].endswith(" socket transparent { 0, 1 } return")
+            assert "61000-61999" in rules[i] or "64000-65535" in rules[i]
+            assert "dport 53 " not in rules[i] and "dport 500 " not in rules[i]
+    ipt = iptables_rules(s)
+    assert "-m socket" not in ipt  # the queue rules need UNTRACKED: nft decides alone

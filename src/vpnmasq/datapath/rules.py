@@ -37,6 +37,7 @@ from vpnmasq.packet.l4 import ISAKMP_PORT, NATT_PORT, PPTP_PORT
 __all__ = [
     "CHAINS",
     "DEFAULT_MARK",
+    "LOCAL_SOCKET",
     "ExtraRules",
     "HAIRPIN_CHAINS",
     "NFT_TABLE",
@@ -96,6 +97,14 @@ TCP_TIMEOUTS = {
     "last_ack": 240,
 }
 
+
+#: nft: the packet belongs to a socket of the gateway, in any state: listening, connected,
+#: bound to 0.0.0.0 and unconnected (a resolver's query socket), time-wait, transparent or
+#: not. The ``socket`` expression looks the socket up itself at prerouting and does not
+#: match when there is none; ``transparent`` is the one key every kind of socket has
+#: (``wildcard`` and ``mark`` need a full socket). iptables' ``-m socket`` would need
+#: ``--nowildcard`` to see sockets bound to 0.0.0.0.
+LOCAL_SOCKET = "socket transparent { 0, 1 }"
 
 
 class RuleError(RuntimeError):
@@ -306,6 +315,27 @@ def _inbound_owned(spec: RuleSpec) -> list[str]:
     for proto, port in spec.forwards:
         m.append(f"-p {proto} --dport {port}" if port is not None else f"-p {PROTO_NUM[proto]}")
     return list(dict.fromkeys(m))
+
+
+def _to_pool(spec: RuleSpec, matches: Sequence[str]) -> list[str]:
+    """Those of ``matches`` that name a destination port of the engine's pool: where a
+    socket of the gateway's own (a port a program chose or bound itself) and a mapping can
+    meet, so where :data:`LOCAL_SOCKET` is asked before a packet is untracked."""
+    pool = {f"--dport {a}" for a in _aliases(spec)}
+    out = []
+    for m in matches:
+        toks = m.split()
+        if any(" ".join(toks[i : i + 2]) in pool for i in range(len(toks) - 1)):
+            out.append(m)
+    return out
+
+
+def _local_socket_returns(spec: RuleSpec, matches: Sequence[str]) -> list[str]:
+    """nft rules leaving to the kernel (tracked, so never queued) the packets to pool ports
+    that a local socket owns: a resolver or NTP client sending from a port of its own
+    choosing, a connect() from an explicitly bound port. Asked only for pool ports, after
+    the port match, so other packets pay no socket lookup."""
+    return [f"{_nft_match(m)} {LOCAL_SOCKET} return" for m in _to_pool(spec, matches)]
 
 
 def hairpins(mode: Mode, hairpin_forwards: Sequence[object]) -> bool:
@@ -592,12 +622,6 @@ def nft_rules(spec: RuleSpec) -> str:
     raw += _per_net(inside, "ip saddr {net} goto raw_out")
     # FIB lookups (``fib``) only after the protocol matches: in hybrid mode most packets are
     # the kernel's (plain TCP/UDP), which then pay a few compares and no lookup
-    inbound = _nft_matches(_inbound_owned(spec))
-    if spec.public_address is not None:
-        raw_in = [f"ip daddr != {spec.public_address} return"]
-        raw_in += [f"{m} notrack" for m in inbound]
-    else:  # an address of outside_if (addrtype LOCAL --limit-iface-in)
-        raw_in = [f"{m} fib daddr . iif type local notrack" for m in inbound]
     raw_out = _per_net((*inside, *spec.routed_networks), "ip daddr {net} return")
     raw_out += [
         f"{m} fib daddr type != {{ local, broadcast, multicast }} notrack".lstrip()
@@ -605,11 +629,12 @@ def nft_rules(spec: RuleSpec) -> str:
     ]
     chains = [
         _chain("raw", raw, "type filter hook prerouting priority raw - 1"),
-        _chain("raw_in", raw_in),
+        _chain("raw_in", _nft_raw_in(spec)),
         _chain("raw_out", raw_out),
     ]
     if hp_to is not None:
         raw_hp = ["fib saddr type local return"]
+        raw_hp += _local_socket_returns(spec, _hairpin_owned(spec))
         raw_hp += [f"{m} notrack" for m in _nft_matches(_hairpin_owned(spec))]
         chains.append(_chain("raw_hp", raw_hp))
     forward = _nft_mss(spec)
@@ -651,6 +676,18 @@ def nft_rules(spec: RuleSpec) -> str:
         + "\n".join(chains)
         + "\n}\n"
     )
+
+
+def _nft_raw_in(spec: RuleSpec) -> list[str]:
+    """Chain ``raw_in``: untrack what vpnmasq owns of the packets to the public address,
+    but not what a socket of the gateway owns."""
+    inbound = _nft_matches(_inbound_owned(spec))
+    raw_in = [] if spec.public_address is None else [f"ip daddr != {spec.public_address} return"]
+    raw_in += _local_socket_returns(spec, _inbound_owned(spec))  # the gateway's own
+    if spec.public_address is not None:
+        return raw_in + [f"{m} notrack" for m in inbound]
+    # an address of outside_if (addrtype LOCAL --limit-iface-in)
+    return raw_in + [f"{m} fib daddr . iif type local notrack" for m in inbound]
 
 
 def _nft_mss(spec: RuleSpec) -> list[str]:
@@ -833,9 +870,10 @@ def forward_mark_hint(mark: int = DEFAULT_MARK) -> str:
 def port_range_warnings(spec: RuleSpec, local_port_range: tuple[int, int]) -> list[str]:
     """Warnings about port ranges (pure; pass ``net.ipv4.ip_local_port_range``).
 
-    Inbound packets to the alias range are NOTRACKed and queued, so a local socket of the
-    gateway bound to such a port would get untracked replies that a stateful INPUT policy
-    drops. Reserving the range (``net.ipv4.ip_local_reserved_ports``) avoids this.
+    The kernel picks ephemeral ports without knowing the engine's mappings, so a local
+    connection could take a port a mapping holds (its replies reach its socket,
+    :data:`LOCAL_SOCKET`; the mapping loses those the socket owns). Reserving the range
+    (``net.ipv4.ip_local_reserved_ports``) avoids this.
     """
     warnings = []
     loc = local_port_range
