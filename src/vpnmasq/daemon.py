@@ -54,7 +54,7 @@ from vpnmasq.eventlog import RateLimitedLog
 from vpnmasq.events import Row
 from vpnmasq.eventstream import EventFilter, EventStream
 from vpnmasq.packet.checksum import checksum
-from vpnmasq.packet.ipv4 import PROTO_NAMES, int_to_ip, ip_to_int
+from vpnmasq.packet.ipv4 import PROTO_NAMES, PROTO_TCP, int_to_ip, ip_to_int
 from vpnmasq.sync.replica import split_ranges
 from vpnmasq.verdict import Action, Direction, DropReason, Verdict
 
@@ -177,6 +177,21 @@ def listening_ports(proc_net: str = "/proc/net") -> set[int]:
         except (OSError, ValueError):
             continue
     return ports
+
+
+def local_port_bound(proto: int, port: int) -> bool:
+    """Whether a socket of the gateway holds TCP or UDP ``port`` now (any address, IPv4 or
+    dual-stack IPv6, any state, time-wait included): a bind to 0.0.0.0:port without
+    SO_REUSEADDR fails then. The engine asks before it hands out a port (one socket, bind,
+    close; only candidates free in its own table), so a mapping never starts on the port of
+    a resolver's query or an explicitly bound connect. A program binding later is not seen."""
+    kind = socket.SOCK_STREAM if proto == PROTO_TCP else socket.SOCK_DGRAM
+    try:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("0.0.0.0", port))
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def discover_pool(config: Config) -> PortPool:
@@ -511,7 +526,10 @@ class Gateway:
         self.pool = discover_pool(config)  # the rules queue all of it
         engine_pool = self.pool if engine_config is config else port_pool(engine_config)
         self.engine = Engine(
-            engine_config, ip_to_int(self.public) if self.public else None, pool=engine_pool
+            engine_config,
+            ip_to_int(self.public) if self.public else None,
+            pool=engine_pool,
+            port_in_use=local_port_bound,
         )
         self.sel = selectors.DefaultSelector()
         self.nfq: NfQueue | None = None
@@ -838,7 +856,12 @@ class Gateway:
             report = state.import_state(self.engine, data, time.monotonic(), time.time())
         except Exception as exc:  # a half-restored table is not to be trusted: start empty
             log.warning("ignoring the saved table %s: %s; starting with an empty table", path, exc)
-            self.engine = Engine(self.engine_config, self.engine.public_ip, pool=self.engine.pool)
+            self.engine = Engine(
+                self.engine_config,
+                self.engine.public_ip,
+                pool=self.engine.pool,
+                port_in_use=local_port_bound,
+            )
             return
         log.info("%s from %s", report.summary(), path)
 

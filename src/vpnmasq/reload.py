@@ -60,7 +60,7 @@ def rebuild(
     """A new engine for ``config`` (and its port ``pool``) holding what still applies of
     ``engine``'s table, and the report of what was dropped. Counters carry on (they are
     totals since start)."""
-    fresh = Engine(config, engine.public_ip, pool=pool)
+    fresh = Engine(config, engine.public_ip, pool=pool, port_in_use=engine.port_in_use)
     data = state.export_state(engine, now, wall)
     report = state.import_state(fresh, data, now, wall)
     for why, n in data.get("skipped", {}).items():  # what could not even be exported

@@ -174,3 +174,36 @@ def test_a_service_that_starts_listening_later_is_taken_out_of_the_pool() -> Non
     v = accepted(eng.handle(build_udp(PRV1, EXT, 8443, 53, b"q"), OUT, 1.0))
     assert v.u16(0) != 8443
     assert eng.exclude_ports([8443]) == []  # already out
+
+
+def test_a_port_a_local_socket_holds_is_never_handed_out() -> None:
+    """The daemon's probe (``port_in_use``) is asked per protocol before a port is handed
+    out: a held port is neither kept (port preservation) nor picked at random, and a port
+    the table already holds or that is not eligible for preservation costs no probe."""
+    asked: list[tuple[int, int]] = []
+    held = {(17, 20053), (6, 20054)} | {(17, p) for p in range(1024, 20053)}
+
+    def in_use(proto: int, port: int) -> bool:
+        asked.append((proto, port))
+        return (proto, port) in held
+
+    eng = Engine(cfg(mode="userspace", preserve_ports=True), rng_seed=5, port_in_use=in_use)
+    v = accepted(eng.handle(build_udp(PRV1, EXT, 20053, 53, b"q"), OUT, 1.0))
+    assert v.u16(0) != 20053 and (17, v.u16(0)) not in held and (17, 20053) in asked
+    # TCP 20053 is not held: kept; UDP 20054 is not held either
+    v = accepted(eng.handle(build_udp(PRV1, EXT, 20054, 53, b"q"), OUT, 1.0))
+    assert v.u16(0) == 20054
+    asked.clear()
+    v = accepted(eng.handle(build_udp(PRV2, EXT2, 40000, 53, b"q"), OUT, 1.0))  # ephemeral
+    assert (17, 40000) not in asked and (17, v.u16(0)) not in held
+    # the allocator alone: only candidates free in its own table are asked about
+    seen: list[int] = []
+
+    def outside(port: int) -> bool:
+        seen.append(port)
+        return port != 2003
+
+    alloc = IdAllocator([(2000, 2003)], random.Random(1), in_use=outside)
+    alloc.take(2000)
+    assert alloc.allocate() == 2003 and 2000 not in seen
+    assert alloc.allocate() is None  # 2001 and 2002 held outside, 2003 handed out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class IdSet:
@@ -79,7 +79,9 @@ class IdAllocator:
     Ranges entirely below 1024 serve requests for a port below 1024 (RFC 4787 REQ-3), the
     others every other request; with only one kind, it serves all."""
 
-    __slots__ = ("ranges", "used", "reserved", "rng", "preserve", "always_preserve", "_high", "_low")
+    __slots__ = (
+        "ranges", "used", "reserved", "rng", "preserve", "always_preserve", "in_use", "_high", "_low"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class IdAllocator:
         *,
         preserve: bool = True,
         always_preserve: frozenset[int] = frozenset(),
+        in_use: Callable[[int], bool] | None = None,
     ) -> None:
         self.ranges = [r for r in ranges if r[0] <= r[1]]
         self.used = IdSet()  # 64 KB bitmap: no per-mapping cost
@@ -95,6 +98,9 @@ class IdAllocator:
         self.rng = rng
         self.preserve = preserve
         self.always_preserve = always_preserve
+        #: asked before an identifier is handed out: whether something outside this
+        #: allocator holds it now (the daemon: a socket of the gateway bound to the port)
+        self.in_use = in_use
         self._high = _Class(sorted(r for r in self.ranges if r[1] >= 1024))
         self._low = _Class(sorted(r for r in self.ranges if r[1] < 1024))
 
@@ -116,12 +122,20 @@ class IdAllocator:
     def free(self, ident: int) -> bool:
         return ident not in self.used and ident not in self.reserved
 
+    def _held_elsewhere(self, ident: int) -> bool:
+        return self.in_use is not None and self.in_use(ident)
+
+    def _usable(self, ident: int) -> bool:
+        return self.free(ident) and not self._held_elsewhere(ident)
+
     def allocate(self, preferred: int | None = None) -> int | None:
-        """An unused identifier, ``preferred`` if allowed and free; None when exhausted."""
+        """An unused identifier, ``preferred`` if allowed and free; None when exhausted.
+        Identifiers :attr:`in_use` names are skipped (asked only of candidates free here)."""
         if preferred is not None and self.free(preferred):
-            if preferred in self.always_preserve or (
-                self.preserve and any(lo <= preferred <= hi for lo, hi in self.ranges)
-            ):
+            if (
+                preferred in self.always_preserve
+                or (self.preserve and any(lo <= preferred <= hi for lo, hi in self.ranges))
+            ) and not self._held_elsewhere(preferred):
                 self.used.add(preferred)
                 self._count(preferred, 1)
                 return preferred
@@ -133,13 +147,13 @@ class IdAllocator:
         # random probing first (cheap when the pool is sparse), then a full scan
         for _ in range(16):
             cand = c.port(self.rng.randrange(size))
-            if self.free(cand):
+            if self._usable(cand):
                 self.used.add(cand)
                 c.n += 1
                 return cand
         for i in range(size):
             cand = c.port((start + i) % size)
-            if self.free(cand):
+            if self._usable(cand):
                 self.used.add(cand)
                 c.n += 1
                 return cand

@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import replace
+from functools import partial
 
 from vpnmasq.config import Config, Forward
 from vpnmasq.conntrack.alloc import IdAllocator
@@ -81,8 +82,12 @@ class Engine:
         rng_seed: int | None = None,
         registry: HelperRegistry | None = None,
         pool: PortPool | None = None,
+        port_in_use: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.config = config
+        #: (protocol, port) -> whether a socket of the gateway holds it now: such a port is
+        #: never handed out (the daemon's probe; None: nothing outside the engine is asked)
+        self.port_in_use = port_in_use
         self.pool = pool if pool is not None else port_pool(config)  # None: a default system
         self.host_limits = host_limits(config, self.pool)
         self.limit_hits = LimitHits()
@@ -112,13 +117,19 @@ class Engine:
         )
         self.rng = random.Random(rng_seed)
         ranges = list(self.pool.alias_ranges)
+        def held(proto: int) -> Callable[[int], bool] | None:
+            return None if port_in_use is None else partial(port_in_use, proto)
+
         self.ports: dict[int, IdAllocator] = {
-            PROTO_TCP: IdAllocator(ranges, self.rng, preserve=config.preserve_ports),
+            PROTO_TCP: IdAllocator(
+                ranges, self.rng, preserve=config.preserve_ports, in_use=held(PROTO_TCP)
+            ),
             PROTO_UDP: IdAllocator(
                 ranges,
                 self.rng,
                 preserve=config.preserve_ports,
                 always_preserve=frozenset({NATT_PORT}) if "natt" in config.helpers else frozenset(),
+                in_use=held(PROTO_UDP),
             ),
         }
         ir = config.icmp_id_range
