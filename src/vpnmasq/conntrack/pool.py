@@ -5,8 +5,10 @@ services listen on) and passes plain numbers to :func:`port_pool`; check-config,
 tests get the answer for a default Linux system (:data:`vpnmasq.config.DEFAULT_LOCAL_PORT_RANGE`,
 nothing listening). The engine's allocators take :attr:`PortPool.ranges`.
 
-TODO: the pool is read once at start; a service that starts listening later on a pool port
-shares it with masqueraded flows until vpnmasq restarts.
+A service that starts listening later is taken out by the daemon (:meth:`PortPool.without`).
+Ports the gateway's programs use without listening (a resolver's query ports) stay in the
+pool: the rules leave packets a local socket owns to the kernel, and the engine skips a port
+a socket holds when it allocates (``Engine(port_in_use=...)``).
 """
 
 from __future__ import annotations
