@@ -155,6 +155,23 @@ def read_local_port_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") 
 _TCP_LISTEN = "0A"
 
 
+def _proc_sockets(proc_net: str, name: str) -> list[tuple[int, int, str]]:
+    """(local port, remote port, state) of each socket in /proc/net/<name> (``tcp``,
+    ``udp6`` ...) of this network namespace; empty if the table cannot be read."""
+    out: list[tuple[int, int, str]] = []
+    try:
+        with open(os.path.join(proc_net, name), encoding="ascii") as f:
+            next(f, None)  # header
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 4:
+                    local, remote = fields[1].rpartition(":")[2], fields[2].rpartition(":")[2]
+                    out.append((int(local, 16), int(remote, 16), fields[3]))
+    except (OSError, ValueError):
+        return out
+    return out
+
+
 def listening_ports(proc_net: str = "/proc/net") -> set[int]:
     """Ports local services hold: TCP sockets listening and UDP sockets bound but not
     connected (a connected one is a client's: its answers come from its one peer), IPv4 and
@@ -162,21 +179,16 @@ def listening_ports(proc_net: str = "/proc/net") -> set[int]:
     namespace's /proc/net tables; a table that cannot be read adds nothing."""
     ports: set[int] = set()
     for name, listen_only in (("tcp", True), ("tcp6", True), ("udp", False), ("udp6", False)):
-        try:
-            with open(os.path.join(proc_net, name), encoding="ascii") as f:
-                next(f, None)  # header
-                for line in f:
-                    fields = line.split()
-                    if len(fields) < 4 or (listen_only and fields[3] != _TCP_LISTEN):
-                        continue
-                    if not listen_only and int(fields[2].rpartition(":")[2], 16):
-                        continue  # a connected UDP socket
-                    port = int(fields[1].rpartition(":")[2], 16)
-                    if port:
-                        ports.add(port)
-        except (OSError, ValueError):
-            continue
+        for port, remote, state in _proc_sockets(proc_net, name):
+            if (state == _TCP_LISTEN if listen_only else not remote) and port:
+                ports.add(port)
     return ports
+
+
+def bound_ports(proto: int, proc_net: str = "/proc/net") -> set[int]:
+    """Every local port a TCP or UDP socket of this namespace holds, in any state."""
+    names = ("tcp", "tcp6") if proto == PROTO_TCP else ("udp", "udp6")
+    return {port for name in names for port, _, _ in _proc_sockets(proc_net, name) if port}
 
 
 def local_port_bound(proto: int, port: int) -> bool:
@@ -184,12 +196,16 @@ def local_port_bound(proto: int, port: int) -> bool:
     dual-stack IPv6, any state, time-wait included): a bind to 0.0.0.0:port without
     SO_REUSEADDR fails then. The engine asks before it hands out a port (one socket, bind,
     close; only candidates free in its own table), so a mapping never starts on the port of
-    a resolver's query or an explicitly bound connect. A program binding later is not seen."""
+    a resolver's query or an explicitly bound connect. A program binding later is not seen.
+    Without CAP_NET_BIND_SERVICE (the shipped unit) a port below 1024 cannot be bound: those
+    are looked up in /proc/net instead (rare: only LAN source ports below 1024 map there)."""
     kind = socket.SOCK_STREAM if proto == PROTO_TCP else socket.SOCK_DGRAM
     try:
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("0.0.0.0", port))
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return port in bound_ports(proto)
         return exc.errno == errno.EADDRINUSE
     return False
 

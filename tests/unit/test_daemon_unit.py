@@ -396,6 +396,37 @@ def test_listening_ports_and_the_ephemeral_range_are_read_from_proc(tmp_path: Pa
     assert daemon.read_local_port_range(str(tmp_path / "missing")) is None
 
 
+def test_every_bound_port_is_read_from_proc_in_any_state(tmp_path: Path) -> None:
+    (tmp_path / "tcp").write_text(PROC_TCP)
+    (tmp_path / "tcp6").write_text(PROC_TCP6)
+    (tmp_path / "udp").write_text(PROC_UDP)
+    assert daemon.bound_ports(6, str(tmp_path)) == {22, 8080, 54321, 3000}  # connected too
+    assert daemon.bound_ports(17, str(tmp_path)) == {5353, 12000}
+    assert daemon.bound_ports(17, str(tmp_path / "missing")) == set()
+
+
+def test_a_port_the_daemon_may_not_bind_is_looked_up_in_proc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The probe binds 0.0.0.0:port; where that is refused (a low port without
+    CAP_NET_BIND_SERVICE, as in the shipped unit) /proc/net answers instead."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        assert daemon.local_port_bound(17, port) and not daemon.local_port_bound(6, port)
+
+        class Refused(socket.socket):
+            def bind(self, address: object) -> None:
+                raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(daemon.socket, "socket", Refused)
+        monkeypatch.setattr(daemon, "bound_ports", lambda proto: {port} if proto == 17 else set())
+        assert daemon.local_port_bound(17, port) and not daemon.local_port_bound(6, port)
+    finally:
+        held.close()
+
+
 def test_the_gateway_hands_the_engine_and_the_rules_the_discovered_pool(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, calls: list[str], logs: Records
 ) -> None:
