@@ -60,12 +60,17 @@ PLUGIN_PACKAGES = {
 }
 
 
+def plugin_path(plugin: str) -> str:
+    """Where charon loads ``plugin`` from (Debian's layout)."""
+    return f"{PLUGIN_DIR}/libstrongswan-{plugin}.so"
+
+
 def missing_plugins() -> list[str]:
     """The plugins of PLUGINS not installed, each with the package that provides it."""
     return [
         f"{p} (Debian package {PLUGIN_PACKAGES.get(p, 'libstrongswan')})"
         for p in PLUGINS.split()
-        if not os.path.exists(f"{PLUGIN_DIR}/libstrongswan-{p}.so")
+        if not os.path.exists(plugin_path(p))
     ]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from vpnmasq_lab.strongswan import CHARON, PLUGIN_DIR, PLUGINS
+from vpnmasq_lab.strongswan import CHARON, PLUGINS, plugin_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE_DIRS = ("src", "lab", "tests", "bench", "fuzz", "scripts")
@@ -76,7 +76,7 @@ def system_files() -> dict[str, str | None]:
     files: dict[str, str | None] = {b: shutil.which(b) for b in BINARIES}
     files.update({p: p if os.path.exists(p) else None for p in PATHS})
     for plugin in PLUGINS.split():
-        path = f"{PLUGIN_DIR}/libstrongswan-{plugin}.so"
+        path = plugin_path(plugin)
         files[f"strongSwan plugin {plugin}"] = path if os.path.exists(path) else None
     return files
 
